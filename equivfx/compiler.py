@@ -1,0 +1,287 @@
+"""``equivfx.compile``: trace a model, run the pass pipeline, return an equivariant GraphModule."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from equivfx.errors import (
+    BatchMixingError,
+    EquivFXError,
+    GroupSpecError,
+    ModelTypeError,
+    NotYetSupportedError,
+    ReadoutError,
+    explain,
+)
+from equivfx.groups import Action, CallableAction, FiniteGroup, group as as_group
+from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.infra import Pipeline
+from equivfx.passes.lift import InsertLift
+from equivfx.passes.modules import POOLS, READOUTS
+from equivfx.passes.options import LiftOptions
+from equivfx.passes.projection import FuseProjection
+from equivfx.passes.rules import describe_node
+from equivfx.passes.to_map import ToMap
+from equivfx.trace import restore_unused_state, trace
+
+__all__ = ["compile", "CompileInfo", "as_action", "global_pipeline"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("global", "layerwise")
+
+
+@dataclass(frozen=True)
+class CompileInfo:
+    """What a compiled model knows about itself (``emodel.equivfx_info``).
+
+    Attributes:
+        group: the FiniteGroup.
+        mode: ``"global"`` or ``"layerwise"``.
+        readout, pool: the readout and its pool.
+        input_action, output_action: the actions (bound to ``group``); ``output_action`` is None
+            unless the readout is ``equivariant``.
+        acted_input: name of the input G acts on.
+        trace_path: ``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or ``"opaque"``.
+        leaves: qualified module name -> why it was traced as one node.
+        passes: the pipeline's pass names, in order.
+    """
+
+    group: FiniteGroup
+    mode: str
+    readout: str
+    pool: str
+    input_action: Action
+    output_action: Action | None
+    acted_input: str
+    trace_path: str
+    leaves: dict = field(default_factory=dict)
+    passes: tuple[str, ...] = ()
+
+
+def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
+    """Turn a user's action argument into an Action bound to ``group``.
+
+    Accepts None (the group's own action), an :class:`Action`, a group spec string (that group's
+    action, e.g. ``output_action="C4"``), or a callable ``fn(g, x)``.
+    """
+    if spec is None:
+        return group.action
+    if isinstance(spec, Action):
+        return spec if spec.group == group else spec.bind(group)
+    if isinstance(spec, (str, FiniteGroup)):
+        other = as_group(spec)
+        if other == group:
+            return group.action
+        return other.action.bind(group)
+    if callable(spec):
+        return CallableAction(fn=spec).bind(group)
+    raise GroupSpecError(
+        explain(f"{what} must be an Action, a group spec or a callable fn(g, x)", type(spec).__name__,
+                "e.g. 'C4', equivfx.groups.RollAction(8, axis=-1), or lambda g, x: ...",
+                f"pass one of those as {what}")
+    )
+
+
+def global_pipeline(options: LiftOptions, check: bool = False) -> Pipeline:
+    """The global construction: annotate-reps, insert-lift, to-map, fuse-projection."""
+    return Pipeline([AnnotateReps(options), InsertLift(options), ToMap(), FuseProjection(options)],
+                    check=check)
+
+
+def _as_tuple(example_inputs) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ModelTypeError(explain("example_inputs must be a tensor or a tuple of tensors",
+                                 type(example_inputs).__name__, "torch.Tensor or tuple"))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run in eval mode and without autograd, restoring every submodule's mode afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def compile(  # noqa: A001 - the public name is part of the API contract
+    model: nn.Module,
+    group: FiniteGroup | str,
+    mode: str = "global",
+    readout: str = "invariant",
+    pool: str = "mean",
+    input_action: Any = None,
+    output_action: Any = None,
+    example_inputs: Any = None,
+    mix: Callable | set | None = None,
+    chunk: int | str | None = None,
+    check: bool = False,
+) -> fx.GraphModule:
+    """Make ``model`` equivariant (or invariant) to the finite group ``group``.
+
+    Global mode lifts the whole network: slot g holds the unchanged model applied to g^-1 . x, all
+    slots computed in one pass with the slots folded into the batch axis.
+
+    Args:
+        model: any ``nn.Module``. It is not modified; the result shares its parameters.
+        group: a :class:`~equivfx.groups.FiniteGroup` or a spec string (``"C4"``, ``"D4"``, ...).
+        mode: ``"global"``; ``"layerwise"`` (the paper's mixing construction) is not available yet.
+        readout: ``"invariant"`` (pool over slots), ``"slots"`` (B, |G|, ...), ``"pose"`` (B, |G| K)
+            or ``"equivariant"`` (needs ``output_action``).
+        pool: ``"mean"``, ``"max"`` or ``"logsumexp"`` for the invariant readout.
+        input_action: how G acts on the model's first input; default: the group's own action.
+        output_action: how G acts on the output, for ``readout="equivariant"``.
+        example_inputs: optional tensor or tuple: enables shape-aware analysis (rewriting a literal
+            batch size) and a test run of the compiled graph.
+        mix: layer-wise mode only.
+        chunk: evaluate k slots at a time; not available yet (must be None).
+        check: lint the graph and check metadata after every pass (for tests and debugging).
+
+    Returns:
+        A ``torch.fx.GraphModule`` with attribute ``equivfx_info`` (:class:`CompileInfo`). In global
+        mode its ``state_dict()`` has exactly the keys and tensors of ``model.state_dict()``.
+
+    Raises:
+        ModelTypeError: ``model`` is not an nn.Module.
+        GroupSpecError: ``group`` is not a valid spec.
+        ReadoutError: unknown readout or pool, or ``equivariant`` without ``output_action``.
+        BatchMixingError: an op mixes samples of the batch axis.
+        MissingRuleError: an op on batch-carrying tensors has no rule.
+        NotYetSupportedError: ``mode="layerwise"`` or ``chunk`` (later releases).
+
+    Example:
+        >>> import torch, equivfx
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+        ...                           torch.nn.LazyLinear(10))
+        >>> _ = net(torch.zeros(1, 1, 8, 8))
+        >>> emodel = equivfx.compile(net, "C4")
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> torch.allclose(emodel(x), emodel(torch.rot90(x, 1, (-2, -1))), atol=1e-5)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(
+            explain("equivfx.compile needs a torch.nn.Module", type(model).__name__,
+                    "an instance of torch.nn.Module",
+                    "pass the model object (not its class, a function or a state_dict)")
+        )
+    G = as_group(group)
+    if mode not in MODES:
+        raise EquivFXError(explain("unknown mode", mode, f"one of {MODES}", "use mode='global'"))
+    if mode == "layerwise":
+        raise NotYetSupportedError(
+            explain("mode='layerwise' (the paper's mixing construction) is not available yet", mode,
+                    "mode='global'", "use mode='global' for now; it computes the same function as "
+                    "layer-wise conversion of a trained model")
+        )
+    if mix is not None:
+        raise EquivFXError(explain("mix= applies to mode='layerwise' only", mix, "mix=None",
+                                   "drop mix= in global mode"))
+    if chunk is not None:
+        raise NotYetSupportedError(explain("chunk= is not available yet", chunk, "chunk=None",
+                                           "drop chunk= (all slots are evaluated in one pass)"))
+    if readout not in READOUTS:
+        raise ReadoutError(explain("unknown readout", readout, f"one of {READOUTS}",
+                                   "e.g. readout='invariant'"))
+    if pool not in POOLS:
+        raise ReadoutError(explain("unknown pool", pool, f"one of {POOLS}", "e.g. pool='mean'"))
+    if readout == "equivariant" and output_action is None:
+        raise ReadoutError(
+            explain("readout='equivariant' needs to know how G acts on the output", None,
+                    "output_action", f"pass output_action (e.g. output_action={G.spec!r} for outputs "
+                    "acted on like the input, such as segmentation maps), or use readout='slots'")
+        )
+    if readout != "equivariant" and output_action is not None:
+        raise ReadoutError(explain(f"output_action is only used by readout='equivariant'", readout,
+                                   "readout='equivariant'", "drop output_action or change readout"))
+    in_action = as_action(input_action, G, "input_action")
+    out_action = as_action(output_action, G, "output_action") if output_action is not None else None
+    examples = _as_tuple(example_inputs)
+
+    result = trace(model)
+    gm = result.gm
+    if result.path != "opaque":
+        restore_unused_state(gm, model)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        raise ModelTypeError(explain("the model's forward takes no inputs", type(model).__name__,
+                                     "a forward(x, ...) with at least one tensor input"))
+    acted = placeholders[0].target
+    example_batch = None
+    if examples is not None:
+        first = examples[0]
+        if not isinstance(first, torch.Tensor):
+            raise ModelTypeError(explain("the first example input must be a tensor",
+                                         type(first).__name__, "torch.Tensor"))
+        in_action.check(first)
+        example_batch = int(first.shape[0]) if first.dim() else None
+        with eval_mode(gm):
+            try:
+                ShapeProp(gm).propagate(*examples)
+            except Exception as err:  # the user's model fails on its own example
+                raise ModelTypeError(
+                    explain("the model fails on its example inputs", f"{type(err).__name__}: {err}",
+                            "example_inputs the model itself runs on",
+                            "check the shapes of example_inputs")
+                ) from err
+    options = LiftOptions(group=G, input_action=in_action, acted_input=acted, readout=readout,
+                          pool=pool, output_action=out_action, example_batch=example_batch)
+    pipeline = global_pipeline(options, check=check)
+    gm = pipeline(gm).graph_module
+    gm.equivfx_info = CompileInfo(
+        group=G, mode=mode, readout=readout, pool=pool, input_action=in_action,
+        output_action=out_action, acted_input=acted, trace_path=result.path,
+        leaves=dict(result.leaves), passes=tuple(pipeline.names),
+    )
+    if examples is not None:
+        _test_run(gm, examples)
+    return gm
+
+
+def _test_run(gm: fx.GraphModule, examples: tuple) -> None:
+    """Run the compiled graph once on the examples; name the node where it fails."""
+    failed: list[fx.Node] = []
+
+    class _Locate(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception:
+                if not failed:
+                    failed.append(n)
+                raise
+
+    with eval_mode(gm):
+        try:
+            _Locate(gm).run(*examples)
+        except EquivFXError:
+            raise
+        except Exception as err:
+            node = failed[0] if failed else None
+            where = describe_node(node) if node is not None else ""
+            raise BatchMixingError(
+                f"the compiled model fails on the example inputs at node "
+                f"{node.name if node is not None else '?'} ({type(err).__name__}: {err}). With the "
+                "slots folded into the batch axis, the batch is |G| times larger: a tensor whose batch "
+                "size is baked in (a literal, or created with a fixed size) no longer lines up. Fix: "
+                "derive batch sizes from x.size(0).\n" + where
+            ) from err

@@ -1,0 +1,128 @@
+"""``annotate-reps``: decide how G acts on every node's value (the policy; it changes no node).
+
+Before::
+
+    x -> conv -> relu -> output
+
+After (``node.meta["equivfx.rep"]``)::
+
+    x: input(C4)  conv: map(G) folded in axis 0  relu: map(G) folded in axis 0  output: trivial
+
+The acted input carries the input action. Every node computed from it will, once the lift is inserted,
+hold a Map(G, .) value folded into its batch axis; the per-op rule table says where that axis goes and
+refuses ops that mix samples of the batch. Nodes that do not depend on the inputs are trivial. Python
+ints read off shapes are :class:`~equivfx.meta.BatchSize` values, so ``x.view(x.size(0), -1)`` keeps
+the batch where it belongs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+
+from equivfx.meta import REP, BatchSize, Folded, InputRep, Trivial, set_rep
+from equivfx.passes.infra import Pass, PassResult
+from equivfx.passes.options import LiftOptions
+from equivfx.passes.rules import BatchCtx, describe_node, lookup, missing_rule, rule_key
+
+__all__ = ["AnnotateReps", "BATCH_LITERAL", "OpaqueLeafWarning"]
+
+log = logging.getLogger(__name__)
+
+BATCH_LITERAL = "equivfx.batch_literal"
+"""``node.meta[BATCH_LITERAL] = (position, multiple)``: a literal batch size ``to-map`` rewrites."""
+
+
+class OpaqueLeafWarning(UserWarning):
+    """A leaf module with no rule is assumed to treat batch samples independently."""
+
+
+def _carries(rep) -> bool:
+    return isinstance(rep, (Folded, InputRep)) or (isinstance(rep, BatchSize))
+
+
+class AnnotateReps(Pass):
+    """Annotate every node with its representation under the global construction."""
+
+    name = "annotate-reps"
+    provides = frozenset({REP})
+
+    def __init__(self, options: LiftOptions):
+        self.options = options
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        reps: dict[fx.Node, object] = {}
+        modules = dict(gm.named_modules())
+        literals: dict[fx.Node, tuple[int, int]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                rep = self._placeholder_rep(node)
+                set_rep(node, rep)
+                reps[node] = rep
+                continue
+            if node.op == "get_attr":
+                set_rep(node, Trivial())
+                reps[node] = Trivial()
+                continue
+            if node.op == "output":
+                set_rep(node, Trivial())
+                continue
+            inputs = node.all_input_nodes
+            if not any(_carries(reps.get(a)) for a in inputs):
+                set_rep(node, Trivial())
+                reps[node] = Trivial()
+                continue
+            module = modules.get(node.target) if node.op == "call_module" else None
+            key = rule_key(node, module)
+            rule = lookup(key)
+            ctx = BatchCtx(node=node, reps=reps, module=module,
+                           example_batch=self.options.example_batch, literal_batch=literals)
+            if rule is None:
+                if node.op != "call_module":
+                    raise missing_rule(node, key)
+                rep = self._opaque_leaf(node, module, ctx)
+                set_rep(node, rep, "opaque-leaf")
+            else:
+                rep = rule.batch(ctx)
+                set_rep(node, rep, rule.name)
+            reps[node] = rep
+        for node, lit in literals.items():
+            node.meta[BATCH_LITERAL] = lit
+        return PassResult(gm, False)
+
+    def _placeholder_rep(self, node: fx.Node):
+        if node.target == self.options.acted_input:
+            return InputRep(self.options.input_action)
+        tm = node.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            b = self.options.example_batch
+            if len(tm.shape) >= 1 and b is not None and tm.shape[0] == b:
+                return Folded(0)
+            return Trivial()
+        return Folded(0)  # assumed batched; the lift repeats it once per slot
+
+    def _opaque_leaf(self, node: fx.Node, module, ctx: BatchCtx):
+        a = node.args[0] if node.args else None
+        ax = ctx.axis(a) if isinstance(a, fx.Node) else None
+        if ax is None:
+            ax = 0
+        warnings.warn(
+            f"equivfx: leaf module {node.target!r} ({type(module).__name__}) has no op rule; it is "
+            "assumed to treat batch samples independently. equivfx.verify checks this numerically; "
+            "register a rule with equivfx.passes.rules.register to make it explicit.",
+            OpaqueLeafWarning,
+            stacklevel=4,
+        )
+        log.info("equivfx: opaque leaf %s\n%s", node.target, describe_node(node))
+        out = node.meta.get("tensor_meta")
+        container = out is not None and not hasattr(out, "shape")
+        if out is None:
+            container = False
+        return Folded(ax, container=container)
+
+
+def tensor_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    return tuple(t for t in example_inputs if isinstance(t, torch.Tensor))

@@ -1,0 +1,59 @@
+"""``insert-lift``: the group-axis lift at the acted input, slot i = g_i^-1 . x, folded into the batch.
+
+Before::
+
+    x -> conv -> output
+
+After::
+
+    x -> equivfx_lift -> conv -> output        (equivfx_lift: (B, ...) -> (|G| B, ...))
+
+Other batched inputs, which G acts on trivially, are repeated once per slot (``equivfx_repeat_<name>``).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from equivfx.meta import REP, Folded, set_rep
+from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.modules import Broadcast, Lift
+from equivfx.passes.options import LiftOptions
+
+__all__ = ["InsertLift", "LIFT_NAME"]
+
+LIFT_NAME = "equivfx_lift"
+
+
+class InsertLift(Pass):
+    name = "insert-lift"
+    requires = frozenset({REP})
+    provides = frozenset({REP})
+
+    def __init__(self, options: LiftOptions):
+        self.options = options
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        opts = self.options
+        graph = gm.graph
+        gm.add_submodule(LIFT_NAME, Lift(opts.group, opts.input_action))
+        modified = False
+        for node in list(graph.nodes):
+            if node.op != "placeholder":
+                continue
+            if node.target == opts.acted_input:
+                target = LIFT_NAME
+            elif isinstance(node.meta.get(REP), Folded):
+                target = f"equivfx_repeat_{node.name}"
+                gm.add_submodule(target, Broadcast(opts.group.order))
+            else:
+                continue
+            users = list(node.users)
+            with graph.inserting_after(node):
+                new = graph.call_module(target, (node,))
+            new_node_origin(new, self.name)
+            set_rep(new, Folded(0), "lift" if target == LIFT_NAME else "repeat")
+            for u in users:
+                u.replace_input_with(node, new)
+            modified = True
+        return PassResult(gm, modified)

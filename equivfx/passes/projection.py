@@ -1,0 +1,69 @@
+"""``fuse-projection``: unfold the slots at the output and apply the readout.
+
+The projection p (evaluation at the identity) and the readout are fused into one module per output.
+
+Before::
+
+    x -> equivfx_lift -> conv -> output(conv)
+
+After::
+
+    x -> equivfx_lift -> conv -> equivfx_readout -> output(equivfx_readout)
+
+Outputs that carry no batch (constants) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from equivfx.meta import REP, Folded, OutputRep, Trivial, set_rep
+from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.modules import Readout, pose_action
+from equivfx.passes.options import LiftOptions
+
+__all__ = ["FuseProjection", "READOUT_NAME"]
+
+READOUT_NAME = "equivfx_readout"
+
+
+class FuseProjection(Pass):
+    name = "fuse-projection"
+    requires = frozenset({REP})
+    provides = frozenset({REP})
+
+    def __init__(self, options: LiftOptions):
+        self.options = options
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        opts = self.options
+        readout = Readout(opts.group, opts.readout, opts.pool, opts.output_action)
+        gm.add_submodule(READOUT_NAME, readout)
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+
+        def wrap(n: fx.Node) -> fx.Node:
+            r = n.meta.get(REP)
+            if not isinstance(r, Folded):
+                return n
+            with gm.graph.inserting_before(out_node):
+                kwargs = {"batch_axis": r.batch_axis} if r.batch_axis else {}
+                new = gm.graph.call_module(READOUT_NAME, (n,), kwargs)
+            new_node_origin(new, self.name)
+            set_rep(new, OutputRep(opts.readout, _readout_action(opts, r.batch_axis)), "readout")
+            return new
+
+        out_node.args = fx.node.map_arg(out_node.args, wrap)
+        set_rep(out_node, Trivial())
+        return PassResult(gm, True)
+
+
+def _readout_action(opts: LiftOptions, batch_axis: int = 0):
+    from equivfx.groups.actions import RegularAction, TrivialAction
+
+    if opts.readout == "invariant":
+        return TrivialAction().bind(opts.group)
+    if opts.readout == "equivariant":
+        return opts.output_action
+    if opts.readout == "pose":
+        return pose_action(opts.group)
+    return RegularAction(axis=batch_axis + 1).bind(opts.group)

@@ -1,0 +1,299 @@
+"""The front end: capture a model as a torch.fx graph, falling back step by step, never silently.
+
+The cascade:
+
+1. ``torch.fx.symbolic_trace`` with a leaf registry (:data:`LEAF_MODULES`, each entry with its reason).
+   torch.nn's own modules are leaves already (fx's default); the registry adds modules that trace but
+   should stay whole, and users add theirs with :func:`register_leaf`.
+2. When tracing fails inside a submodule (data-dependent control flow, say), that submodule is made a
+   leaf and tracing starts again; the submodule then runs whole, as an opaque call.
+3. When the model's own ``forward`` cannot be traced, the whole model becomes one opaque node.
+
+The :class:`TraceResult` records the path taken (``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or
+``"opaque"``) and every leaf discovered with its reason, and a :class:`FallbackWarning` tells the user
+whenever a fallback was used.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from equivfx.errors import ModelTypeError, TraceError, explain
+
+__all__ = [
+    "FallbackWarning",
+    "LEAF_MODULES",
+    "OPAQUE_ATTR",
+    "TraceResult",
+    "register_leaf",
+    "trace",
+]
+
+log = logging.getLogger(__name__)
+
+OPAQUE_ATTR = "equivfx_opaque"
+"""Attribute under which an opaque model is held by its graph module."""
+
+LEAF_MODULES: dict[type, str] = {
+    nn.MultiheadAttention: "its fast path branches on tensor properties; run whole",
+    nn.TransformerEncoderLayer: "its fast path branches on tensor properties; run whole",
+    nn.TransformerDecoderLayer: "its fast path branches on tensor properties; run whole",
+    nn.TransformerEncoder: "its nested-tensor fast path branches on the mask; run whole",
+    nn.TransformerDecoder: "branches on its arguments; run whole",
+    nn.Transformer: "branches on its arguments; run whole",
+}
+"""Module types traced as single nodes, each with the reason. Extend with :func:`register_leaf`."""
+
+_MAX_DISCOVERED_LEAVES = 64
+
+
+class FallbackWarning(UserWarning):
+    """The front end fell back from a full trace (leaves discovered, or the model made opaque)."""
+
+
+def register_leaf(module_type: type, reason: str) -> None:
+    """Trace every module of ``module_type`` as one node.
+
+    Args:
+        module_type: an ``nn.Module`` subclass.
+        reason: why it must stay whole (shown by ``equivfx inspect`` and in warnings).
+
+    Raises:
+        ModelTypeError: if ``module_type`` is not an nn.Module subclass.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ModelTypeError(
+            explain("register_leaf takes an nn.Module subclass", module_type,
+                    "a class such as torch.nn.LSTM", "pass the class, not an instance")
+        )
+    LEAF_MODULES[module_type] = reason
+
+
+@dataclass
+class TraceResult:
+    """What the front end captured and how.
+
+    Attributes:
+        gm: the captured graph module. In the opaque path its graph is one ``call_module`` node on
+            :data:`OPAQUE_ATTR`.
+        path: ``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or ``"opaque"``.
+        leaves: qualified module name -> reason, for the leaves discovered or taken from the registry.
+        error: the trace error that caused the opaque fallback, if any.
+    """
+
+    gm: fx.GraphModule
+    path: str
+    leaves: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that honours the leaf registry and remembers which module it was inside."""
+
+    def __init__(self, extra_leaves: dict[str, str]):
+        super().__init__()
+        self.extra_leaves = extra_leaves
+        self.registry_leaves: dict[str, str] = {}
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.extra_leaves:
+            return True
+        for typ, reason in LEAF_MODULES.items():
+            if isinstance(m, typ):
+                self.registry_leaves[qualname] = reason
+                return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.stack.append(qualname)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = qualname
+            raise
+        self.stack.pop()
+        return out
+
+
+def _is_trace_failure(err: Exception) -> bool:
+    # torch.fx.proxy.TraceError (control flow, iteration) and the TypeError/RuntimeError that
+    # Proxies raise when user code needs a concrete value.
+    return isinstance(err, (fx.proxy.TraceError, TypeError, RuntimeError, ValueError, AttributeError,
+                            NotImplementedError))
+
+
+def trace(model: nn.Module) -> TraceResult:
+    """Capture ``model`` as a torch.fx GraphModule through the cascade described in the module doc.
+
+    Args:
+        model: any ``nn.Module``. It is not modified; the graph module shares its submodules and
+            parameters.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Raises:
+        ModelTypeError: if ``model`` is not an nn.Module.
+
+    Example:
+        >>> r = trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> r.path
+        'symbolic_trace'
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelTypeError(
+            explain("equivfx needs a torch.nn.Module", type(model).__name__,
+                    "an instance of torch.nn.Module", "wrap the function in an nn.Module whose "
+                    "forward calls it")
+        )
+    discovered: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(discovered)
+        try:
+            graph = tracer.trace(model)
+        except Exception as err:  # noqa: BLE001 - classify below
+            if not _is_trace_failure(err):
+                raise
+            where = tracer.failed_in
+            if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
+                discovered[where] = f"could not be traced ({type(err).__name__}: {err}); run whole"
+                log.info("equivfx: making %s a leaf: %s", where, err)
+                continue
+            return _opaque(model, err, discovered)
+        break
+    leaves = {**tracer.registry_leaves, **discovered}
+    name = type(model).__name__
+    gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")
+    path = "symbolic_trace+leaves" if discovered else "symbolic_trace"
+    if discovered:
+        warnings.warn(
+            f"equivfx fallback: {len(discovered)} submodule(s) of {name} could not be traced and run "
+            f"whole as opaque leaves: {', '.join(discovered)}. Layer-wise passes treat them as black "
+            "boxes; the global lift is still exact. Run equivfx.verify to check the result.",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    return TraceResult(gm=gm, path=path, leaves=leaves)
+
+
+def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> TraceResult:
+    """The last resort: one graph node that calls the whole model.
+
+    The model is held as submodule :data:`OPAQUE_ATTR`; state-dict hooks strip and restore that prefix
+    so the graph module's ``state_dict()`` has exactly the model's keys.
+    """
+    name = type(model).__name__
+    root = nn.Module()
+    setattr(root, OPAQUE_ATTR, model)
+    graph = fx.Graph()
+    sig_params = _forward_params(model)
+    placeholders = [graph.placeholder(p) for p in sig_params]
+    out = graph.call_module(OPAQUE_ATTR, tuple(placeholders))
+    graph.output(out)
+    gm = fx.GraphModule(root, graph, class_name=f"Opaque{name}")
+    install_prefix_hooks(gm, OPAQUE_ATTR)
+    warnings.warn(
+        f"equivfx fallback: {name}.forward could not be traced ({type(err).__name__}: {err}); the whole "
+        "model runs as one opaque node. The global lift is still exact; layer-wise passes cannot look "
+        "inside. Run equivfx.verify to check the result.",
+        FallbackWarning,
+        stacklevel=3,
+    )
+    leaves = {**discovered, "": "the model's forward could not be traced"}
+    return TraceResult(gm=gm, path="opaque", leaves=leaves, error=f"{type(err).__name__}: {err}")
+
+
+def _forward_params(model: nn.Module) -> list[str]:
+    import inspect
+
+    sig = inspect.signature(model.forward)
+    names = []
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TraceError(
+                explain(f"{type(model).__name__}.forward could not be traced and takes *args/**kwargs",
+                        str(sig), "a forward with named positional parameters",
+                        "give forward explicit parameters, or make the untraceable part a "
+                        "submodule so only it runs opaque")
+            )
+        names.append(p.name)
+    return names
+
+
+def install_prefix_hooks(module: nn.Module, prefix: str) -> None:
+    """Hide ``prefix.`` in ``module``'s state-dict keys, on saving and on loading.
+
+    Used for the opaque path, so a compiled model's checkpoint keys are the original model's.
+    """
+    dotted = prefix + "."
+
+    def _strip(mod, state_dict, sd_prefix, local_metadata):
+        head = sd_prefix + dotted
+        items = list(state_dict.items())
+        state_dict.clear()  # re-insert in the original order, prefix removed
+        for key, value in items:
+            if key.startswith(head):
+                key = sd_prefix + key[len(head):]
+            state_dict[key] = value
+
+    def _add(mod, state_dict, sd_prefix, local_metadata, strict, missing, unexpected, errors):
+        head = sd_prefix + dotted
+        for key in list(state_dict.keys()):
+            if key.startswith(sd_prefix) and not key.startswith(head):
+                state_dict[head + key[len(sd_prefix):]] = state_dict.pop(key)
+
+    module.register_state_dict_post_hook(_strip)
+    module.register_load_state_dict_pre_hook(_add)
+
+
+def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Carry over parameters and buffers the graph does not reference (GraphModule drops them).
+
+    Afterwards ``gm.state_dict()`` has every key of ``model.state_dict()``, with the same tensors.
+    """
+    have = set(gm.state_dict().keys())
+    for key in model.state_dict().keys():
+        if key in have:
+            continue
+        modpath, _, attr = key.rpartition(".")
+        src = model.get_submodule(modpath) if modpath else model
+        dst = _ensure_submodule(gm, modpath)
+        if attr in src._parameters:
+            dst.register_parameter(attr, src._parameters[attr])
+        elif attr in src._buffers:
+            dst.register_buffer(attr, src._buffers[attr])
+        else:  # extra state or a custom state-dict hook: fall back to the owning module
+            _set_submodule(gm, modpath, src)
+        have = set(gm.state_dict().keys())
+
+
+def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    if not path:
+        return mod
+    for part in path.split("."):
+        if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    return mod
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    _ensure_submodule(root, parent_path).add_module(name, module)
+
+
+def ensure_tensor(x) -> torch.Tensor:  # small shared helper for error messages
+    if not isinstance(x, torch.Tensor):
+        raise ModelTypeError(explain("expected a tensor", type(x).__name__, "a torch.Tensor"))
+    return x

@@ -1,0 +1,58 @@
+"""Tolerances: one per-dtype table; errors computed in float64 and scaled.
+
+A pair of values passes when ``|a - b| <= atol + rtol * max(|a|, |b|)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TOLERANCES", "tolerance", "abs_error", "within"]
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    # dtype: (rtol, atol)
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+    torch.complex64: (1e-5, 1e-6),
+    torch.complex128: (1e-10, 1e-12),
+}
+"""(rtol, atol) by dtype. Exact groups on deterministic kernels give 0 or a few ulps, far inside."""
+
+
+def tolerance(dtype: torch.dtype, rtol: float | None = None, atol: float | None = None):
+    """(rtol, atol) for ``dtype``, overridden by explicit values; integer dtypes compare exactly."""
+    base = TOLERANCES.get(dtype, (0.0, 0.0))
+    return (base[0] if rtol is None else rtol, base[1] if atol is None else atol)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.to(torch.complex128) if t.is_complex() else t.to(torch.float64)
+
+
+def abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64 (0.0 for empty tensors; inf for NaN or a shape mismatch)."""
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    d = (_f64(a) - _f64(b)).abs()
+    if torch.isnan(d).any():
+        return float("inf") if not torch.equal(torch.isnan(_f64(a)), torch.isnan(_f64(b))) else float(
+            torch.nan_to_num(d, nan=0.0).max())
+    return float(d.max())
+
+
+def within(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
+    """Whether every pair passes ``|a-b| <= atol + rtol * max(|a|, |b|)`` (float64)."""
+    if a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    a64, b64 = _f64(a), _f64(b)
+    d = (a64 - b64).abs()
+    bound = atol + rtol * torch.maximum(a64.abs(), b64.abs())
+    both_nan = torch.isnan(a64) & torch.isnan(b64)
+    return bool(((d <= bound) | both_nan).all())

@@ -1,0 +1,170 @@
+"""Every registered op rule, checked against its own example, parametrised from the registry itself.
+
+For each rule: the annotate pass places the batch axis of the example's output, and that claim is
+checked numerically (the output for sample i equals the op on sample i alone); a rule claiming to be
+affine is checked on an affine combination of inputs; a rule claiming to commute with its example's
+group action is checked on every generator.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+import equivfx
+from equivfx.errors import BatchMixingError, MissingRuleError
+from equivfx.meta import REP, Folded
+from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.options import LiftOptions
+from equivfx.passes.rules import BatchCtx, OpRule, lookup, register, rule_key, unique_rules
+from equivfx.trace import trace
+
+RULES_WITH_EXAMPLES = [r for r in unique_rules() if r.example is not None]
+
+
+def _inputs(example, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if example.kind == "index":
+        return tuple(torch.randint(0, 10, s, generator=g) for s in example.shapes)
+    return tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in example.shapes)
+
+
+def _annotated(rule: OpRule):
+    ex = rule.example
+    module = ex.build().double()
+    xs = _inputs(ex)
+    gm = trace(module).gm
+    ShapeProp(gm).propagate(*xs)
+    G = equivfx.group(ex.group)
+    opts = LiftOptions(group=G, input_action=G.action, acted_input=next(
+        n.target for n in gm.graph.nodes if n.op == "placeholder"), example_batch=xs[0].shape[0])
+    AnnotateReps(opts)(gm)
+    return module, gm, xs, G
+
+
+def _node_of(gm, rule):
+    modules = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            mod = modules.get(n.target) if n.op == "call_module" else None
+            if lookup(rule_key(n, mod)) is rule:
+                return n, mod
+    raise AssertionError(f"rule {rule.name}: its example has no node the rule covers")
+
+
+def test_registry_is_large_and_every_layer_kind_has_examples():
+    kinds = {r.kind for r in RULES_WITH_EXAMPLES}
+    assert {"pointwise", "reduction", "shape", "module", "linalg", "join"} <= kinds
+    assert len(RULES_WITH_EXAMPLES) >= 60
+
+
+@pytest.mark.parametrize("rule", RULES_WITH_EXAMPLES, ids=lambda r: r.name)
+def test_batch_claim(rule):
+    module, gm, xs, G = _annotated(rule)
+    node, _ = _node_of(gm, rule)
+    assert isinstance(node.meta[REP], Folded), f"{rule.name}: example must be batch-carrying"
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    ax = out.meta[REP].batch_axis
+    with torch.no_grad():
+        full = module(*xs)
+        for i in range(xs[0].shape[0]):
+            one = module(*(x[i : i + 1] for x in xs))
+            torch.testing.assert_close(full.select(ax, i), one.select(ax, 0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES_WITH_EXAMPLES if r.linear], ids=lambda r: r.name)
+def test_affine_claim(rule):
+    module = rule.example.build().double()
+    xs, ys = _inputs(rule.example, 0), _inputs(rule.example, 1)
+    t = 0.3
+    with torch.no_grad():
+        lhs = module(*(t * x + (1 - t) * y for x, y in zip(xs, ys)))
+        rhs = t * module(*xs) + (1 - t) * module(*ys)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", RULES_WITH_EXAMPLES, ids=lambda r: r.name)
+def test_commutation_claim(rule):
+    module, gm, xs, G = _annotated(rule)
+    node, mod = _node_of(gm, rule)
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    ctx = BatchCtx(node=node, reps=reps, module=mod, example_batch=xs[0].shape[0])
+    if not rule.commutes(ctx, G.action):
+        pytest.skip(f"{rule.name} makes no commutation claim for {G.spec} on its example")
+    with torch.no_grad():
+        for g in G.generators:
+            lhs = module(*(G.act(g, x) for x in xs))
+            rhs = G.act(g, module(*xs))
+            torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["relu", "conv2d", "batch_norm", "linear", "layer_norm", "add",
+                                  "group_norm", "pool", "adaptive_pool"])
+def test_expected_rules_claim_commutation(name):
+    rule = next(r for r in RULES_WITH_EXAMPLES if r.name == name)
+    module, gm, xs, G = _annotated(rule)
+    node, mod = _node_of(gm, rule)
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    assert rule.commutes(BatchCtx(node=node, reps=reps, module=mod), G.action)
+
+
+def _my_op(x):
+    return x * 2
+
+
+torch.fx.wrap("_my_op")  # traced as one call_function node, which has no rule
+
+
+def test_missing_rule_names_the_op():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return _my_op(x)
+
+    gm = fx.symbolic_trace(M())
+    G = equivfx.group("C4")
+    with pytest.raises(MissingRuleError, match="_my_op"):
+        AnnotateReps(LiftOptions(G, G.action, "x"))(gm)
+
+
+def test_register_a_rule_for_a_user_op():
+    scale = _my_op
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return scale(x)
+
+    from equivfx.passes.rules import RULES, same_axis
+
+    register(scale, OpRule("scale", "pointwise", same_axis))
+    try:
+        gm = fx.symbolic_trace(M())
+        G = equivfx.group("C4")
+        AnnotateReps(LiftOptions(G, G.action, "x"))(gm)
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        assert node.meta[REP] == Folded(0)
+    finally:
+        del RULES[scale]
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (lambda x: x - x.mean(0, keepdim=True), "batch axis"),
+        (lambda x: x.sum(), "every axis"),
+        (lambda x: torch.cat([x, x], 0), "along the batch axis"),
+        (lambda x: x[0], "selects samples"),
+        (lambda x: x.flatten(1) @ x.flatten(1).t(), "matmul"),
+        (lambda x: torch.softmax(x, 0), "batch axis"),
+    ],
+    ids=["mean0", "sum-all", "cat0", "index0", "gram", "softmax0"],
+)
+def test_batch_mixing_is_refused(body, needle):
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return body(x)
+
+    with pytest.raises(BatchMixingError, match=needle) as info:
+        equivfx.compile(M(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
+    assert "node:" in str(info.value)
