@@ -23,7 +23,8 @@ from equivfx.errors import (
     ReadoutError,
     explain,
 )
-from equivfx.groups import Action, CallableAction, FiniteGroup, group as as_group
+from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
+from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.infra import Pipeline
 from equivfx.passes.lift import InsertLift
@@ -233,6 +234,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             raise ModelTypeError(explain("the first example input must be a tensor",
                                          type(first).__name__, "torch.Tensor"))
         in_action.check(first)
+        if input_action is not None:  # a user's action: its law is checked on the example
+            check_action_law(G, in_action, first.detach()[:1])
         example_batch = int(first.shape[0]) if first.dim() else None
         with eval_mode(gm):
             try:

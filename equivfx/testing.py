@@ -3,7 +3,10 @@
 Example:
     >>> import torch, equivfx
     >>> from equivfx.testing import assert_equivariant
-    >>> assert_equivariant(equivfx.compile(torch.nn.Conv2d(1, 2, 3), "D4"), torch.randn(2, 1, 5, 5))
+    >>> report = assert_equivariant(equivfx.compile(torch.nn.Conv2d(1, 2, 3), "D4"),
+    ...                             torch.randn(2, 1, 5, 5))
+    >>> report.ok
+    True
 """
 
 from __future__ import annotations

@@ -637,73 +637,81 @@ def _default_shapes(kind: str) -> st.SearchStrategy[tuple[int, ...]]:
     return feature_shapes()
 
 
-# Layer parameter strategies, built once: constructing and validating fresh one_of/builds strategies
-# for every layer made generation and shrinking an order of magnitude slower.
-_ACT_NAMES = list(ACTIVATIONS)
-_LAYER_PARTS = {
-    "act": st.sampled_from(_ACT_NAMES).map(Act),
-    "kernel": st.sampled_from(_KERNELS),
-    "pool": st.sampled_from(["max", "avg"]).map(Pool),
-    "dropout": st.sampled_from([0.5, 0.1]).map(Dropout),
-    "residual": st.sampled_from(_KERNELS).map(Residual),
-    "bool": st.booleans(),
-}
-# "One more layer?" with probability 3/4 while drawing; shrinks towards "no".
-_MORE = st.integers(0, 3).map(bool)
+def _layer_tokens(kind: str, max_width: int) -> st.SearchStrategy[LayerSpec]:
+    """Layer choices drawn without looking at the model's state (legalised later by _legalise).
 
-
-@st.composite
-def _maybe_layer(
-    draw: st.DrawFn, kind: str, width: int, spatial: tuple[int, ...], batch: int, max_width: int
-) -> LayerSpec | None:
-    """One more layer (valid for the current width and spatial size), or None to stop."""
-    P = _LAYER_PARTS
-    if not draw(_MORE):
-        return None
+    Drawing layers as a plain list of state-free tokens is what makes examples shrink well: the
+    shrinker deletes list elements and simplifies each one on its own. Options are listed in order of
+    simplicity, since ``one_of`` shrinks towards the first.
+    """
     widths = st.integers(1, max_width)
-    # BatchNorm in training mode needs more than one value per channel.
-    bn_ok = batch * math.prod(spatial) > 1 if kind != "mlp" else batch > 1 and not spatial
-    can_down = kind != "mlp" and min(spatial) >= 2
-    # Options in order of simplicity: sampled_from shrinks towards the first.
+    kernels = st.sampled_from(_KERNELS)
+    common_first = [st.sampled_from(list(ACTIVATIONS)).map(Act)]
+    dropout = st.sampled_from([0.5, 0.1]).map(Dropout)
     if kind == "mlp":
-        options = ["act", "linear", "layernorm", "bn", "dropout", "residual", "concat"]
+        options = [
+            *common_first,
+            st.builds(Linear, widths),
+            st.just(LayerNorm()),
+            st.just(BatchNorm()),
+            dropout,
+            st.just(Residual(None)),
+            st.builds(Concat, widths, st.none()),
+        ]
     else:
-        options = ["act", "conv", "bn", "pool", "dropout", "residual", "concat"]
-    if not bn_ok:
-        options.remove("bn")
-        if kind != "mlp":
-            options.remove("residual")  # its body has BatchNorm
-    if not can_down and kind != "mlp":
-        options.remove("pool")
-    choice = draw(st.sampled_from(options))
-    layer: LayerSpec
-    if choice == "act":
-        layer = draw(P["act"])
-    elif choice == "conv":
-        # The same draws whatever the state, so that shrinking an earlier layer keeps this one.
-        depthwise, double, strided = draw(P["bool"]), draw(P["bool"]), draw(P["bool"])
-        out = draw(widths)
-        if depthwise:
-            out = 2 * width if double and 2 * width <= max_width else width
-        kernel = draw(P["kernel"])
-        layer = Conv(out, kernel, 2 if strided and can_down else 1, depthwise)
-    elif choice == "linear":
-        layer = Linear(draw(widths))
-    elif choice == "layernorm":
-        layer = LayerNorm()
-    elif choice == "bn":
-        layer = BatchNorm()
-    elif choice == "pool":
-        layer = draw(P["pool"])
-    elif choice == "dropout":
-        layer = draw(P["dropout"])
-    elif choice == "residual":
-        layer = Residual(None) if kind == "mlp" else draw(P["residual"])
+        options = [
+            *common_first,
+            st.builds(Conv, widths, kernels, st.sampled_from([1, 2]), st.booleans()),
+            st.just(BatchNorm()),
+            st.sampled_from(["max", "avg"]).map(Pool),
+            dropout,
+            kernels.map(Residual),
+            st.builds(Concat, widths, st.tuples(kernels, kernels)),
+        ]
+    return st.one_of(options)
+
+
+def _legalise(
+    kind: str, shape: tuple[int, ...], tokens: Sequence[LayerSpec], max_width: int
+) -> tuple[tuple[LayerSpec, ...], tuple[int, ...]]:
+    """Make drawn layer tokens valid for ``shape``; return the layers and the final spatial size.
+
+    A layer that cannot run where it stands is dropped (pooling below size 2, BatchNorm with one
+    value per channel, which fails in training mode) or adjusted (stride 2 below size 2 becomes 1; a
+    depthwise conv outputs 1x or 2x its input channels). The state is tracked exactly as ``build()``
+    does.
+    """
+    batch = shape[0]
+    if kind == "mlp":
+        width, spatial = shape[-1], tuple(shape[1:-1])
     else:
-        out = draw(widths)
-        kernels = None if kind == "mlp" else (draw(P["kernel"]), draw(P["kernel"]))
-        layer = Concat(out, kernels)
-    return layer
+        width, spatial = shape[1], tuple(shape[2:])
+    layers: list[LayerSpec] = []
+    for layer in tokens:
+        bn_ok = batch * math.prod(spatial) > 1 if kind != "mlp" else batch > 1 and not spatial
+        can_down = kind != "mlp" and min(spatial) >= 2
+        if isinstance(layer, BatchNorm) and not bn_ok:
+            continue
+        if isinstance(layer, Residual) and kind != "mlp" and not bn_ok:  # its body has BatchNorm
+            continue
+        if isinstance(layer, Pool):
+            if not can_down:
+                continue
+            spatial = tuple(s // 2 for s in spatial)
+        if isinstance(layer, Conv):
+            out = layer.out_channels
+            if layer.depthwise:
+                out = 2 * width if out > width and 2 * width <= max_width else width
+            stride = layer.stride if can_down else 1
+            layer = Conv(out, layer.kernel, stride, layer.depthwise)
+            width = out
+            spatial = tuple((s - 1) // stride + 1 for s in spatial)
+        elif isinstance(layer, Linear):
+            width = layer.out_features
+        elif isinstance(layer, Concat):
+            width = 2 * layer.out_channels
+        layers.append(layer)
+    return tuple(layers), spatial
 
 
 @st.composite
@@ -711,45 +719,24 @@ def _draw_arch(
     draw: st.DrawFn,
     kind: str,
     shapes: st.SearchStrategy[tuple[int, ...]],
-    max_layers: int,
+    tokens: st.SearchStrategy[list[LayerSpec]],
     max_width: int,
     num_classes: Range,
 ) -> ArchSpec:
-    shape = tuple(draw(shapes))
-    batch = shape[0]
-    if kind == "mlp":
-        width, spatial = shape[-1], list(shape[1:-1])
-    else:
-        width, spatial = shape[1], list(shape[2:])
-    layers: list[LayerSpec] = []
-    for _ in range(max_layers):
-        # One span per layer, which also holds the "one more layer?" flag: the shrinker deletes a
-        # layer by deleting its span, the way it deletes list elements.
-        layer = draw(_maybe_layer(kind, width, tuple(spatial), batch, max_width))
-        if layer is None:
-            break
-        layers.append(layer)
-        # Track the state exactly as _Builder does.
-        if isinstance(layer, Conv):
-            width = layer.out_channels
-            spatial = [(s - 1) // layer.stride + 1 for s in spatial]
-        elif isinstance(layer, Linear):
-            width = layer.out_features
-        elif isinstance(layer, Concat):
-            width = 2 * layer.out_channels
-        elif isinstance(layer, Pool):
-            spatial = [s // 2 for s in spatial]
+    shape = tuple(draw(shapes, label="input_shape"))
+    layers, spatial = _legalise(kind, shape, draw(tokens, label="layers"), max_width)
     heads = ["avg", "max", "flatten"] if (kind != "mlp" or spatial) else ["flatten"]
-    head = draw(st.sampled_from(heads))
-    classes = draw(st.integers(*num_classes))
-    seed = draw(seeds())
-    return ArchSpec(kind, shape, tuple(layers), head, classes, seed)  # type: ignore[arg-type]
+    head = draw(st.sampled_from(heads), label="head")
+    classes = draw(st.integers(*num_classes), label="num_classes")
+    seed = draw(seeds(), label="seed")
+    return ArchSpec(kind, shape, layers, head, classes, seed)  # type: ignore[arg-type]
 
 
 def architectures(
     kind: Literal["cnn", "seq", "mlp"] = "cnn",
     *,
     shapes: st.SearchStrategy[tuple[int, ...]] | None = None,
+    min_layers: int = 1,
     max_layers: int = 4,
     max_width: int = 8,
     num_classes: Range = (2, 5),
@@ -769,6 +756,8 @@ def architectures(
             or ``(B, N, F)`` set inputs when given ``shapes=set_shapes()``: layers act per member).
         shapes: strategy for the input shape; defaults to :func:`image_shapes`, :func:`sequence_shapes`
             or :func:`feature_shapes`.
+        min_layers: fewest body layers drawn. A drawn layer that cannot run where it stands (e.g.
+            BatchNorm on a single value per channel) is dropped, so a body can still be shorter.
         max_layers: most body layers.
         max_width: most channels/features a drawn layer outputs.
         num_classes: inclusive bounds of the head width.
@@ -787,11 +776,12 @@ def architectures(
     """
     if kind not in _ARCH_KINDS:
         raise ValueError(f"architectures: got kind={kind!r}; expected one of {_ARCH_KINDS!r}")
-    if max_layers < 0 or max_width < 1:
+    if not 0 <= min_layers <= max_layers or max_width < 1:
         raise ValueError(
-            f"architectures: got max_layers={max_layers!r}, max_width={max_width!r}; expected "
-            "max_layers >= 0 and max_width >= 1"
+            f"architectures: got min_layers={min_layers!r}, max_layers={max_layers!r}, "
+            f"max_width={max_width!r}; expected 0 <= min_layers <= max_layers and max_width >= 1"
         )
     _ints(num_classes, "num_classes")
     shapes = _default_shapes(kind) if shapes is None else shapes
-    return _draw_arch(kind, shapes, max_layers, max_width, tuple(num_classes))
+    tokens = st.lists(_layer_tokens(kind, max_width), min_size=min_layers, max_size=max_layers)
+    return _draw_arch(kind, shapes, tokens, max_width, tuple(num_classes))

@@ -1,0 +1,249 @@
+"""equivfx.compile: the API contract, bad input, state dicts, modes, dtypes, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.errors import (
+    EquivFXError,
+    GroupSpecError,
+    InputShapeError,
+    ModelTypeError,
+    NotYetSupportedError,
+    ReadoutError,
+)
+from equivfx.meta import REP, Folded, InputRep, OutputRep, check_meta
+
+
+def small_cnn(classes: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, classes),
+    )
+
+
+X = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def oracle_slots(model, G, x):
+    return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
+
+
+@pytest.mark.parametrize("spec", ["C1", "C2", "C4", "D1", "D2", "D4"])
+def test_slots_equal_the_explicit_loop_bitwise(spec):
+    model = small_cnn().eval()
+    G = equivfx.group(spec)
+    emodel = equivfx.compile(model, spec, readout="slots", check=True)
+    with torch.no_grad():
+        got, want = emodel(X), oracle_slots(model, G, X)
+    assert got.shape == (3, G.order, 5)
+    assert torch.equal(got, want)
+
+
+def test_slot_i_is_the_model_on_g_inverse_x():
+    """Pins the convention: slot i holds F(g_i^-1 . x); for C4, slot 1 is F(rot90(x, -1))."""
+    model = small_cnn().eval()
+    emodel = equivfx.compile(model, "C4", readout="slots")
+    with torch.no_grad():
+        assert torch.equal(emodel(X)[:, 1], model(torch.rot90(X, -1, (-2, -1))))
+        assert torch.equal(emodel(X)[:, 0], model(X))
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "logsumexp"])
+def test_invariant_readout_pools_the_slots(pool):
+    model = small_cnn().eval()
+    G = equivfx.group("D4")
+    emodel = equivfx.compile(model, G, readout="invariant", pool=pool)
+    with torch.no_grad():
+        slots = oracle_slots(model, G, X)
+        want = {"mean": slots.mean(1), "max": slots.amax(1),
+                "logsumexp": torch.logsumexp(slots, 1) - torch.log(torch.tensor(8.0))}[pool]
+        torch.testing.assert_close(emodel(X), want)
+        for g in G.elements:
+            torch.testing.assert_close(emodel(G.act(g, X)), emodel(X), rtol=1e-6, atol=1e-6)
+
+
+def test_pose_readout_is_slot_major():
+    model = small_cnn().eval()
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, readout="pose")
+    with torch.no_grad():
+        pose = emodel(X)
+        slots = oracle_slots(model, G, X)
+    assert pose.shape == (3, 20)
+    assert torch.equal(pose[:, 2 * 5 + 3], slots[:, 2, 3])  # index i*K + k
+
+
+def test_state_dict_keys_and_values_are_the_originals():
+    model = small_cnn()
+    emodel = equivfx.compile(model, "C4")
+    sd, esd = model.state_dict(), emodel.state_dict()
+    assert list(sd.keys()) == list(esd.keys())
+    for k in sd:
+        assert torch.equal(sd[k], esd[k])
+    other = small_cnn(5)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    emodel.load_state_dict(other.state_dict())  # an original checkpoint loads as it is
+    assert torch.equal(emodel.state_dict()["0.weight"], other.state_dict()["0.weight"])
+
+
+def test_unused_parameters_are_kept_in_the_state_dict():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 2)
+            self.unused = nn.Linear(3, 3)
+            self.register_buffer("scale", torch.ones(1))
+
+        def forward(self, x):
+            return self.used(x)
+
+    m = M()
+    em = equivfx.compile(m, "Perm4@-2")
+    assert set(em.state_dict()) == set(m.state_dict())
+
+
+def test_train_mode_and_gradients():
+    model = small_cnn().train()
+    emodel = equivfx.compile(model, "C4")
+    emodel.train()
+    out = emodel(X)
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # batch norm in training mode normalises over the folded batch: still exactly invariant
+    y0 = emodel(X)
+    y1 = emodel(torch.rot90(X, 1, (-2, -1)))
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_follows_the_model(dtype):
+    model = small_cnn().eval().to(dtype)
+    emodel = equivfx.compile(model, "D4")
+    y = emodel(X.to(dtype))
+    assert y.dtype == dtype
+    assert equivfx.verify(emodel, X.to(dtype)).ok
+
+
+def test_compile_does_not_change_the_model():
+    model = small_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    equivfx.compile(model, "C4", example_inputs=X)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # shape propagation ran in eval mode
+
+
+def test_info_records_the_compilation():
+    emodel = equivfx.compile(small_cnn(), "D4", readout="slots")
+    info = emodel.equivfx_info
+    assert info.group == equivfx.group("D4") and info.mode == "global"
+    assert info.readout == "slots" and info.trace_path == "symbolic_trace"
+    assert info.passes == ("annotate-reps", "insert-lift", "to-map", "fuse-projection")
+
+
+def test_every_node_is_annotated_and_created_nodes_record_their_origin():
+    emodel = equivfx.compile(small_cnn(), "C4", readout="slots", check=True)
+    check_meta(emodel)
+    emodel.graph.lint()
+    nodes = {n.name: n for n in emodel.graph.nodes}
+    assert isinstance(nodes["input_1"].meta[REP], InputRep)
+    assert nodes["equivfx_lift"].meta[REP] == Folded(0)
+    assert nodes["equivfx_lift"].meta["equivfx.origin"] == "insert-lift"
+    assert isinstance(nodes["equivfx_readout"].meta[REP], OutputRep)
+    assert nodes["equivfx_readout"].meta["equivfx.origin"] == "fuse-projection"
+
+
+def test_batch_size_literal_is_rewritten_with_example_inputs():
+    class Baked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(2 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(3, -1))
+
+    model = Baked().eval()
+    emodel = equivfx.compile(model, "C4", readout="slots", example_inputs=X)
+    assert "size" in emodel.code
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
+    with pytest.raises(EquivFXError, match="literal 3"):
+        equivfx.compile(model, "C4")  # without examples equivfx cannot tell it is the batch size
+
+
+def test_second_input_is_repeated_per_slot():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x, bias):
+            return self.conv(x).mean((2, 3)) + bias
+
+    model = TwoInputs().eval()
+    bias = torch.randn(3, 2)
+    emodel = equivfx.compile(model, "C4", readout="slots")
+    G = equivfx.group("C4")
+    with torch.no_grad():
+        want = torch.stack([model(G.act(G.inverse(g), X), bias) for g in G.elements], 1)
+        torch.testing.assert_close(emodel(X, bias), want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(group="Q8"), GroupSpecError, "Q8"),
+        (dict(group="C4", readout="maybe"), ReadoutError, "readout"),
+        (dict(group="C4", pool="median"), ReadoutError, "pool"),
+        (dict(group="C4", readout="equivariant"), ReadoutError, "output_action"),
+        (dict(group="C4", mode="layerwise"), NotYetSupportedError, "layerwise"),
+        (dict(group="C4", mode="sideways"), EquivFXError, "mode"),
+        (dict(group="C4", chunk=2), NotYetSupportedError, "chunk"),
+        (dict(group="C4", output_action="C4"), ReadoutError, "equivariant"),
+    ],
+)
+def test_bad_arguments_raise_equivfx_errors_with_a_fix(kwargs, error, needle):
+    with pytest.raises(error, match=needle) as info:
+        equivfx.compile(small_cnn(), **kwargs)
+    assert "Fix" in str(info.value) or "fix" in str(info.value)
+
+
+@pytest.mark.parametrize("thing", ["not a module", small_cnn().state_dict(), nn.Conv2d])
+def test_something_that_is_not_a_module(thing):
+    with pytest.raises(ModelTypeError, match="nn.Module"):
+        equivfx.compile(thing, "C4")
+
+
+def test_non_square_input_under_c4_is_a_clear_error():
+    emodel = equivfx.compile(small_cnn(), "C4")
+    with pytest.raises(InputShapeError, match=r"\(3, 1, 8, 9\)"):
+        emodel(torch.randn(3, 1, 8, 9))
+
+
+def test_flips_accept_rectangles():
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    emodel = equivfx.compile(Pool(), "D2")
+    assert emodel(torch.randn(2, 3, 4, 7)).shape == (2, 3)
+
+
+def test_interpolated_group_compiles_and_reports_its_error():
+    model = small_cnn().eval()
+    emodel = equivfx.compile(model, "C8")
+    report = equivfx.verify(emodel, X)
+    assert not report.exact
+    assert report.first_bad_node == "equivfx_lift"  # the only approximate stage is the input
+    exact = {"r2", "r4", "r6"}  # multiples of 90 degrees are exact rotations
+    assert all(report.per_element[e] < 1e-5 for e in exact)
+    assert max(report.per_element.values()) > 1e-4
