@@ -1,0 +1,272 @@
+"""Fallbacks and refusals: what the compiler does with models it cannot handle the normal way.
+
+- data-dependent control flow in ``forward``: the whole model becomes one opaque node, with a
+  warning, and the global lift still holds;
+- a batch size baked into a reshape: rewritten so it runs correctly, or refused with
+  BatchMixingError;
+- an op that mixes the batch axis: refused with BatchMixingError naming the op;
+- bad inputs and options: InputShapeError, ModelTypeError, ReadoutError, GroupSpecError.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import equivfx
+from equivfx.errors import (
+    BatchMixingError,
+    EquivFXError,
+    GroupSpecError,
+    InputShapeError,
+    ModelTypeError,
+    ReadoutError,
+)
+
+try:
+    from tests.zoo import ZOO
+except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from zoo import ZOO
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def oracle_slots(model, G, x):
+    with torch.no_grad():
+        return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
+
+
+def _is_fallback_warning(w: warnings.WarningMessage) -> bool:
+    try:
+        from equivfx.trace import FallbackWarning
+    except ImportError:
+        FallbackWarning = None
+    if FallbackWarning is not None and issubclass(w.category, FallbackWarning):
+        return True
+    return issubclass(w.category, UserWarning) and "fallback" in str(w.message).lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# control flow -> opaque fallback
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("readout", ["slots", "invariant"])
+def test_control_flow_model_falls_back_to_opaque(readout):
+    model, x, spec = ZOO["control_flow"]()
+    G = equivfx.group(spec)
+    with pytest.raises(torch.fx.proxy.TraceError):  # precondition: plain fx really cannot trace it
+        torch.fx.symbolic_trace(model)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emodel = equivfx.compile(model, spec, readout=readout)
+    assert any(_is_fallback_warning(w) for w in caught), [str(w.message) for w in caught]
+    assert emodel.equivfx_info.trace_path == "opaque"
+    emodel.eval()
+
+    # both branches of the data-dependent `if` are exercised: mean(x) > 0 and mean(-x) < 0
+    for inp in (x, -x):
+        with torch.no_grad():
+            y = emodel(inp)
+            slots = oracle_slots(model, G, inp)
+            expected = slots if readout == "slots" else slots.mean(1)
+            torch.testing.assert_close(y, expected, **TOL)
+            if readout == "invariant":
+                for g in G.elements:
+                    torch.testing.assert_close(emodel(G.act(g, inp)), y, **TOL)
+    # the two branches really differ (so the check above covers two different graphs)
+    with torch.no_grad():
+        assert not torch.allclose(model.pos(x), 2.0 * model.neg(x), atol=1e-3)
+
+    report = equivfx.verify(emodel, x)
+    assert report.ok, report.to_json()
+
+
+def test_control_flow_model_keeps_state_dict():
+    model, x, spec = ZOO["control_flow"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, spec)
+    sd, esd = model.state_dict(), emodel.state_dict()
+    assert set(sd) == set(esd)
+    assert all(torch.equal(sd[k], esd[k]) for k in sd)
+
+
+def test_untraceable_submodule_becomes_a_leaf():
+    model, x, spec = ZOO["leafy"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emodel = equivfx.compile(model, spec, readout="slots")
+    fallback = [w for w in caught if _is_fallback_warning(w)]
+    assert fallback and "clamp" in str(fallback[0].message)
+    info = emodel.equivfx_info
+    assert info.trace_path == "symbolic_trace+leaves"
+    assert "clamp" in info.leaves
+    # the leaf really runs: an outlier input gets clamped inside, exactly as in the original
+    G = equivfx.group(spec)
+    x_big = x.clone()
+    x_big[0, 0, 0, 0] = 1e6
+    emodel.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x_big), oracle_slots(model, G, x_big), **TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# baked batch size
+# --------------------------------------------------------------------------------------------------
+
+
+def test_baked_batch_is_rewritten_or_refused():
+    model, x, spec = ZOO["baked_batch"]()
+    G = equivfx.group(spec)
+    try:
+        emodel = equivfx.compile(model, spec, readout="slots", example_inputs=x).eval()
+        with torch.no_grad():
+            y = emodel(x)
+    except BatchMixingError as err:
+        msg = str(err)
+        assert "view" in msg, msg  # the FX node name
+        assert "batch" in msg.lower(), msg
+        return
+    # rewritten: it must then compute the real lift
+    torch.testing.assert_close(y, oracle_slots(model, G, x), **TOL)
+    assert equivfx.verify(emodel, x).ok
+    # ... and the batch size is no longer baked in: batch 3 works too. Oracle for one sample: the
+    # original model only runs at batch 2, so run it on [x_i, x_i] and keep row 0.
+    x3 = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y3 = emodel(x3)
+        expected3 = torch.stack(
+            [
+                torch.stack(
+                    [model(torch.cat([G.act(G.inverse(g), xi[None])] * 2))[0] for g in G.elements]
+                )
+                for xi in x3
+            ]
+        )
+    torch.testing.assert_close(y3, expected3, **TOL)
+
+
+def test_baked_batch_without_example_inputs_is_refused():
+    """Without example inputs the literal 2 cannot be told apart from a feature size: refuse, naming
+    the node and saying how to fix it."""
+    model, x, spec = ZOO["baked_batch"]()
+    with pytest.raises(BatchMixingError) as info:
+        emodel = equivfx.compile(model, spec)
+        emodel(x)
+    msg = str(info.value)
+    assert "view" in msg and "batch" in msg.lower(), msg
+    assert "example_inputs" in msg, msg
+
+
+# --------------------------------------------------------------------------------------------------
+# batch-mixing op
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_batch_mixing_model_is_refused(with_example):
+    model, x, spec = ZOO["batch_mixing"]()
+    kwargs = {"example_inputs": x} if with_example else {}
+    with pytest.raises(BatchMixingError) as info:
+        emodel = equivfx.compile(model, spec, **kwargs)
+        emodel(x)  # a refusal at compile time is expected; never a silent wrong answer
+    msg = str(info.value)
+    assert "mean" in msg, msg  # names the offending node/op
+    assert isinstance(info.value, EquivFXError) and isinstance(info.value, ValueError)
+
+
+def test_batch_mixing_refusal_is_specific():
+    """Without the batch-axis reduction the model compiles: the refusal is about that op."""
+    model, x, spec = ZOO["batch_mixing"]()
+
+    class NoMix(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.conv, self.fc = inner.conv, inner.fc
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            h = h - h.mean(1, keepdim=True)  # over channels: per-sample, fine
+            return self.fc(h.mean(dim=(2, 3)))
+
+    emodel = equivfx.compile(NoMix(model), spec).eval()
+    assert equivfx.verify(emodel, x).ok
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs and options
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["C4", "D4"])
+def test_non_square_input_raises_input_shape_error(spec):
+    model, x, _ = ZOO["resnet"]()
+    emodel = equivfx.compile(model, spec).eval()
+    x_rect = torch.randn(2, 3, 16, 12)
+    model(x_rect)  # the plain model itself accepts it (adaptive pooling): the error is the action's
+    with pytest.raises(InputShapeError) as info:
+        emodel(x_rect)
+    assert "16" in str(info.value) and "12" in str(info.value), str(info.value)
+
+
+def test_non_square_input_is_fine_for_c2_and_d2():
+    model, _, _ = ZOO["resnet"]()
+    x_rect = torch.randn(2, 3, 16, 12)
+    for spec in ("C2", "D2"):
+        G = equivfx.group(spec)
+        emodel = equivfx.compile(model, spec).eval()
+        with torch.no_grad():
+            y = emodel(x_rect)
+            for g in G.elements:
+                torch.testing.assert_close(emodel(G.act(g, x_rect)), y, **TOL)
+
+
+def test_compile_rejects_non_module():
+    with pytest.raises(ModelTypeError):
+        equivfx.compile("not a module", "C4")
+    with pytest.raises(TypeError):  # ModelTypeError is also a TypeError
+        equivfx.compile(lambda x: x, "C4")
+
+
+def test_equivariant_readout_without_output_action():
+    model, x, spec = ZOO["segnet"]()
+    with pytest.raises(EquivFXError) as info:
+        equivfx.compile(model, spec, readout="equivariant")
+    assert isinstance(info.value, ReadoutError)
+    assert "output_action" in str(info.value)
+
+
+def test_unknown_readout_and_pool():
+    model, _, spec = ZOO["resnet"]()
+    with pytest.raises(ReadoutError):
+        equivfx.compile(model, spec, readout="bogus")
+    with pytest.raises(EquivFXError):
+        equivfx.compile(model, spec, readout="invariant", pool="median")
+
+
+def test_bad_group_spec():
+    model, _, _ = ZOO["resnet"]()
+    with pytest.raises(GroupSpecError):
+        equivfx.compile(model, "Q8")
+
+
+def test_shift_that_does_not_divide_the_axis():
+    model, x, _ = ZOO["seqconv"]()  # time axis of length 16
+    with pytest.raises(EquivFXError):
+        emodel = equivfx.compile(model, "Shift3", example_inputs=x)
+        emodel(x)
+
+
+def test_assert_equivariant():
+    from equivfx.testing import assert_equivariant
+
+    model, x, spec = ZOO["vit"]()
+    emodel = equivfx.compile(model, spec)
+    emodel.eval()
+    assert_equivariant(emodel, x)
+    with pytest.raises(AssertionError):
+        assert_equivariant(model, x, group=equivfx.group(spec))
