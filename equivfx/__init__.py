@@ -10,6 +10,7 @@ Example:
 from equivfx import errors
 from equivfx.compiler import CompileInfo, compile
 from equivfx.groups import FiniteGroup, group
+from equivfx.pose import decode_pose
 from equivfx.verify import Report, verify
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "FiniteGroup",
     "__version__",
     "compile",
+    "decode_pose",
     "errors",
     "group",
     "Report",

@@ -28,6 +28,7 @@ from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.infra import Pipeline
 from equivfx.passes.lift import InsertLift
+from equivfx.passes.mixing import MixLayers, MixOptions
 from equivfx.passes.modules import POOLS, READOUTS
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
@@ -35,7 +36,7 @@ from equivfx.passes.rules import describe_node
 from equivfx.passes.to_map import ToMap
 from equivfx.trace import restore_unused_state, trace
 
-__all__ = ["compile", "CompileInfo", "as_action", "global_pipeline"]
+__all__ = ["compile", "CompileInfo", "as_action", "global_pipeline", "layerwise_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class CompileInfo:
         trace_path: ``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or ``"opaque"``.
         leaves: qualified module name -> why it was traced as one node.
         passes: the pipeline's pass names, in order.
+        mixed: layer-wise mode: qualified names of the layers that became mixing layers.
     """
 
     group: FiniteGroup
@@ -68,6 +70,7 @@ class CompileInfo:
     trace_path: str
     leaves: dict = field(default_factory=dict)
     passes: tuple[str, ...] = ()
+    mixed: tuple[str, ...] = ()
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -98,6 +101,12 @@ def global_pipeline(options: LiftOptions, check: bool = False) -> Pipeline:
     """The global construction: annotate-reps, insert-lift, to-map, fuse-projection."""
     return Pipeline([AnnotateReps(options), InsertLift(options), ToMap(), FuseProjection(options)],
                     check=check)
+
+
+def layerwise_pipeline(options: LiftOptions, mix: MixOptions, check: bool = False) -> Pipeline:
+    """The layer-wise construction: the global passes with mix-layers before the readout."""
+    return Pipeline([AnnotateReps(options), InsertLift(options), ToMap(), MixLayers(mix),
+                     FuseProjection(options)], check=check)
 
 
 def _as_tuple(example_inputs) -> tuple | None:
@@ -135,6 +144,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     example_inputs: Any = None,
     mix: Callable | set | None = None,
     chunk: int | str | None = None,
+    twist: bool = False,
     check: bool = False,
 ) -> fx.GraphModule:
     """Make ``model`` equivariant (or invariant) to the finite group ``group``.
@@ -142,10 +152,15 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     Global mode lifts the whole network: slot g holds the unchanged model applied to g^-1 . x, all
     slots computed in one pass with the slots folded into the batch axis.
 
+    Layer-wise mode is the paper's construction: after the input stage, every Conv/Linear layer that
+    reads a Map(G, .) value becomes a mixing layer reading the concatenation over u of s(g u), with
+    |G| times the input width and one shared weight set. Its new input blocks start at zero, so the
+    converted model computes exactly what global mode computes, ready to fine-tune.
+
     Args:
         model: any ``nn.Module``. It is not modified; the result shares its parameters.
         group: a :class:`~equivfx.groups.FiniteGroup` or a spec string (``"C4"``, ``"D4"``, ...).
-        mode: ``"global"``; ``"layerwise"`` (the paper's mixing construction) is not available yet.
+        mode: ``"global"`` or ``"layerwise"``.
         readout: ``"invariant"`` (pool over slots), ``"slots"`` (B, |G|, ...), ``"pose"`` (B, |G| K)
             or ``"equivariant"`` (needs ``output_action``).
         pool: ``"mean"``, ``"max"`` or ``"logsumexp"`` for the invariant readout.
@@ -153,13 +168,19 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         output_action: how G acts on the output, for ``readout="equivariant"``.
         example_inputs: optional tensor or tuple: enables shape-aware analysis (rewriting a literal
             batch size) and a test run of the compiled graph.
-        mix: layer-wise mode only.
+        mix: layer-wise mode: which layers mix. None: every Conv/Linear after the input stage; a set
+            of qualified module names; or a predicate ``(name, module) -> bool`` asked about every
+            Conv/Linear that reads a lifted value.
         chunk: evaluate k slots at a time; not available yet (must be None).
+        twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
+            makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         check: lint the graph and check metadata after every pass (for tests and debugging).
 
     Returns:
         A ``torch.fx.GraphModule`` with attribute ``equivfx_info`` (:class:`CompileInfo`). In global
-        mode its ``state_dict()`` has exactly the keys and tensors of ``model.state_dict()``.
+        mode its ``state_dict()`` has exactly the keys and tensors of ``model.state_dict()``; in
+        layer-wise mode the keys are the same and mixing layers' weights are |G| times wider (new
+        tensors: the original model is not changed).
 
     Raises:
         ModelTypeError: ``model`` is not an nn.Module.
@@ -167,7 +188,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         ReadoutError: unknown readout or pool, or ``equivariant`` without ``output_action``.
         BatchMixingError: an op mixes samples of the batch axis.
         MissingRuleError: an op on batch-carrying tensors has no rule.
-        NotYetSupportedError: ``mode="layerwise"`` or ``chunk`` (later releases).
+        NotYetSupportedError: ``chunk`` (a later release).
 
     Example:
         >>> import torch, equivfx
@@ -188,15 +209,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     G = as_group(group)
     if mode not in MODES:
         raise EquivFXError(explain("unknown mode", mode, f"one of {MODES}", "use mode='global'"))
-    if mode == "layerwise":
-        raise NotYetSupportedError(
-            explain("mode='layerwise' (the paper's mixing construction) is not available yet", mode,
-                    "mode='global'", "use mode='global' for now; it computes the same function as "
-                    "layer-wise conversion of a trained model")
-        )
-    if mix is not None:
-        raise EquivFXError(explain("mix= applies to mode='layerwise' only", mix, "mix=None",
-                                   "drop mix= in global mode"))
+    if mode == "global" and (mix is not None or twist):
+        what = "mix=" if mix is not None else "twist="
+        raise EquivFXError(explain(f"{what} applies to mode='layerwise' only", mix or twist,
+                                   "mode='layerwise'", f"drop {what} or pass mode='layerwise'"))
     if chunk is not None:
         raise NotYetSupportedError(explain("chunk= is not available yet", chunk, "chunk=None",
                                            "drop chunk= (all slots are evaluated in one pass)"))
@@ -248,12 +264,26 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 ) from err
     options = LiftOptions(group=G, input_action=in_action, acted_input=acted, readout=readout,
                           pool=pool, output_action=out_action, example_batch=example_batch)
-    pipeline = global_pipeline(options, check=check)
+    if mode == "layerwise":
+        twist_action = None
+        if twist:
+            if not (in_action.exact and in_action.is_permutation):
+                raise EquivFXError(explain("twist=True needs an exact action that only moves entries",
+                                           in_action.describe(), "e.g. C4, D4 or a shift",
+                                           "drop twist= for interpolated groups"))
+            twist_action = in_action
+        pipeline = layerwise_pipeline(options, MixOptions(group=G, mix=mix, twist=twist_action),
+                                      check=check)
+        mixer = next(p for p in pipeline.passes if isinstance(p, MixLayers))
+    else:
+        mixer = None
+        pipeline = global_pipeline(options, check=check)
     gm = pipeline(gm).graph_module
     gm.equivfx_info = CompileInfo(
         group=G, mode=mode, readout=readout, pool=pool, input_action=in_action,
         output_action=out_action, acted_input=acted, trace_path=result.path,
         leaves=dict(result.leaves), passes=tuple(pipeline.names),
+        mixed=mixer.mixed if mixer is not None else (),
     )
     if examples is not None:
         _test_run(gm, examples)

@@ -1,12 +1,13 @@
 """Hypothesis strategies for testing equivariance: groups, elements, shapes and whole models.
 
-Users reuse these in their own test suites. They generate *structure* -- a group spec, an element, input
-sizes, a list of layer choices, a seed -- never large float tensors, so a failing example shrinks to a
-readable counterexample such as ``ArchSpec(kind='cnn', input_shape=(1, 1, 4, 4), layers=(Pool(kind='max'),),
-...)``. Float tensors are then made deterministically from a seed with :func:`inputs`.
+Users reuse these in their own test suites. They generate *structure* -- a group spec, an element,
+input sizes, a list of layer choices, a seed -- never large float tensors, so a failing example
+shrinks to a readable counterexample such as
+``ArchSpec(kind='cnn', input_shape=(1, 1, 4, 4), layers=(Pool(kind='max'),), ...)``. Float tensors
+are then made deterministically from a seed with :func:`inputs`.
 
-This module imports :mod:`hypothesis` at import time. hypothesis is an optional dependency of equivfx
-(``pip install equivfx[test]``); nothing else in equivfx imports this module.
+This module imports :mod:`hypothesis` at import time. hypothesis is an optional dependency of
+equivfx (``pip install equivfx[test]``); nothing else in equivfx imports this module.
 
 Example:
     >>> from hypothesis import given, settings
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from hypothesis import strategies as st
@@ -97,9 +98,11 @@ def group_specs(
         kinds: any of ``"image"`` (``C1 C2 C4 D1 D2 D4``, acting on the last two axes of square
             inputs), ``"sequence"`` (``Shift{n}``, ``Rev``, ``ShiftRev{n}``: rolls and reversal of a
             sequence axis of length ``n``) and ``"set"`` (``Perm{n}``, permutations of a set axis).
-        length: sequence length ``n`` for ``Shift{n}``/``ShiftRev{n}``; drawn from 2..8 when ``None``.
+        length: ``n`` of ``Shift{n}``/``ShiftRev{n}`` (shifts by multiples of 1/n of the axis
+            length, so ``n`` must divide it); drawn from 2..8 when ``None``.
         set_size: ``n`` for ``Perm{n}``; drawn from 2..4 when ``None`` (``Perm4`` has 24 elements).
-        axis: if given, appended as ``@axis`` to sequence and set specs (which axis the group acts on).
+        axis: if given, appended as ``@axis`` to sequence and set specs (the axis the group acts
+            on; defaults of the catalogue: -1 for sequences, -2 for sets).
 
     Returns:
         A strategy of spec strings.
@@ -155,7 +158,7 @@ def groups(
     set_size: int | None = None,
     axis: int | None = None,
 ) -> st.SearchStrategy[FiniteGroup]:
-    """Draw :class:`equivfx.groups.FiniteGroup` objects; the arguments are those of :func:`group_specs`.
+    """Draw :class:`equivfx.groups.FiniteGroup` objects; arguments as for :func:`group_specs`.
 
     Each drawn spec is parsed with :func:`equivfx.groups.group`, so ``repr(G)`` (the spec) is what a
     failing example shows.
@@ -168,9 +171,9 @@ def groups(
         ...     assert G.elements[0] == G.identity
         >>> test_identity_first()
     """
-    return group_specs(
-        exact_only, kinds, length=length, set_size=set_size, axis=axis
-    ).map(_parse_group)
+    return group_specs(exact_only, kinds, length=length, set_size=set_size, axis=axis).map(
+        _parse_group
+    )
 
 
 def elements(group: FiniteGroup, *, include_identity: bool = True) -> st.SearchStrategy[Any]:
@@ -198,8 +201,8 @@ def elements(group: FiniteGroup, *, include_identity: bool = True) -> st.SearchS
         elems = elems[1:]
         if not elems:
             raise ValueError(
-                f"elements: got the trivial group {group!r} with include_identity=False; expected a "
-                "group with a non-identity element. Fix: draw from a larger group"
+                f"elements: got the trivial group {group!r} with include_identity=False; "
+                "expected a group with a non-identity element. Fix: draw from a larger group"
             )
     return st.sampled_from(elems)
 
@@ -221,7 +224,9 @@ def _ints(bounds: Range | int, name: str) -> st.SearchStrategy[int]:
         bounds = (bounds, bounds)
     lo, hi = bounds
     if not 1 <= lo <= hi:
-        raise ValueError(f"{name}: got {bounds!r}; expected (lo, hi) with 1 <= lo <= hi, or an int >= 1")
+        raise ValueError(
+            f"{name}: got {bounds!r}; expected (lo, hi) with 1 <= lo <= hi, or an int >= 1"
+        )
     return st.integers(lo, hi)
 
 
@@ -272,7 +277,7 @@ def set_shapes(
     set_size: Range | int = (2, 4),
     features: Range | int = (1, 4),
 ) -> st.SearchStrategy[tuple[int, int, int]]:
-    """Draw set batch shapes ``(B, N, F)`` (``N`` set members of ``F`` features) for ``kind="mlp"``."""
+    """Draw set batch shapes ``(B, N, F)``: ``N`` members of ``F`` features (``kind="mlp"``)."""
     return st.tuples(
         _ints(batch, "batch"), _ints(set_size, "set_size"), _ints(features, "features")
     )
@@ -362,7 +367,7 @@ class Dropout:
 
 @dataclass(frozen=True)
 class Residual:
-    """``x + body(x)``; body is conv-bn-relu-conv-bn (cnn/seq) or linear-relu-linear (mlp, kernel None)."""
+    """``x + body(x)``: conv-bn-relu-conv-bn (cnn/seq) or linear-relu-linear (mlp, kernel None)."""
 
     kernel: int | None = 3
 
@@ -375,7 +380,8 @@ class Concat:
     kernels: tuple[int, int] | None = (1, 3)
 
 
-LayerSpec = Union[Act, Conv, Linear, BatchNorm, LayerNorm, Pool, Dropout, Residual, Concat]
+#: Any one layer of an :class:`ArchSpec` body.
+LayerSpec = Act | Conv | Linear | BatchNorm | LayerNorm | Pool | Dropout | Residual | Concat
 
 _HEADS = ("avg", "max", "flatten")
 _ARCH_KINDS = ("cnn", "seq", "mlp")
@@ -427,19 +433,20 @@ class ArchSpec:
     """A small model described by structure only; :meth:`build` makes it deterministically.
 
     Attributes:
-        kind: ``"cnn"`` (Conv2d on ``(B, C, H, W)``), ``"seq"`` (Conv1d on ``(B, C, L)``) or ``"mlp"``
-            (Linear on ``(B, F)``, or per set member on ``(B, N, F)``).
+        kind: ``"cnn"`` (Conv2d on ``(B, C, H, W)``), ``"seq"`` (Conv1d on ``(B, C, L)``) or
+            ``"mlp"`` (Linear on ``(B, F)``, or per set member on ``(B, N, F)``).
         input_shape: the input shape the model was drawn for (it runs on it).
         layers: the body, in order.
-        head: ``"avg"``/``"max"`` global pooling (over space, or over the set axis) or ``"flatten"``,
-            followed by a linear layer to ``num_classes``.
+        head: ``"avg"``/``"max"`` global pooling (over space, or over the set axis) or
+            ``"flatten"``, followed by a linear layer to ``num_classes``.
         num_classes: output width.
         seed: parameters (and BatchNorm running statistics) come from ``torch.manual_seed(seed)``.
 
     ``repr(spec)`` evaluates back to an equal spec given this module's names.
 
     Example:
-        >>> spec = ArchSpec("cnn", (2, 3, 8, 8), (Conv(4, kernel=3, stride=2), Act("relu")), "avg", 5, 0)
+        >>> layers = (Conv(4, kernel=3, stride=2), Act("relu"))
+        >>> spec = ArchSpec("cnn", (2, 3, 8, 8), layers, "avg", 5, 0)
         >>> spec.build().eval()(spec.example_input()).shape
         torch.Size([2, 5])
         >>> spec.describe()
@@ -478,7 +485,7 @@ class ArchSpec:
         return (self.input_shape[0], self.num_classes)
 
     def example_input(self, seed: int | None = None) -> torch.Tensor:
-        """A float32 input of :attr:`input_shape` from :func:`inputs` (default seed: ``self.seed``)."""
+        """A float32 input of :attr:`input_shape` made by :func:`inputs` (seed: ``self.seed``)."""
         return inputs(self.input_shape, self.seed if seed is None else seed)
 
     def describe(self) -> str:
@@ -492,8 +499,8 @@ class ArchSpec:
     def build(self) -> nn.Sequential:
         """Make the model: an ``nn.Sequential`` in training mode, deterministic in ``seed``.
 
-        The global RNG state is left unchanged. BatchNorm affine parameters and running statistics are
-        randomised (from the same seed) so that eval-mode BatchNorm is not the identity.
+        The global RNG state is left unchanged. BatchNorm affine parameters and running statistics
+        are randomised (from the same seed) so that eval-mode BatchNorm is not the identity.
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -612,9 +619,15 @@ class _Builder:
         if self.dim == 0:
             pool: list[nn.Module] = [SetPool(head)] if self.spatial else []
         elif self.dim == 2:
-            pool = [nn.AdaptiveAvgPool2d(1) if head == "avg" else nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+            pool = [
+                nn.AdaptiveAvgPool2d(1) if head == "avg" else nn.AdaptiveMaxPool2d(1),
+                nn.Flatten(),
+            ]
         else:
-            pool = [nn.AdaptiveAvgPool1d(1) if head == "avg" else nn.AdaptiveMaxPool1d(1), nn.Flatten()]
+            pool = [
+                nn.AdaptiveAvgPool1d(1) if head == "avg" else nn.AdaptiveMaxPool1d(1),
+                nn.Flatten(),
+            ]
         return [*pool, nn.Linear(self.width, self.spec.num_classes)]
 
     def build(self) -> nn.Sequential:
@@ -641,8 +654,9 @@ def _layer_tokens(kind: str, max_width: int) -> st.SearchStrategy[LayerSpec]:
     """Layer choices drawn without looking at the model's state (legalised later by _legalise).
 
     Drawing layers as a plain list of state-free tokens is what makes examples shrink well: the
-    shrinker deletes list elements and simplifies each one on its own. Options are listed in order of
-    simplicity, since ``one_of`` shrinks towards the first.
+    shrinker deletes list elements and simplifies each one on its own (drawing each layer from the
+    current state instead left it stuck in local minima). Options are listed in order of simplicity,
+    since ``one_of`` shrinks towards the first.
     """
     widths = st.integers(1, max_width)
     kernels = st.sampled_from(_KERNELS)
@@ -746,16 +760,18 @@ def architectures(
     The vocabulary: convolutions (kernel 1/3/5, "same" padding, stride 1 or 2, dense or depthwise),
     batch norm, activations (relu, gelu, silu, tanh, leaky_relu), max/avg pooling, a residual block
     (conv-bn-relu-conv-bn + identity), a concatenation branch (two convs concatenated on channels),
-    dropout; then global avg/max pooling or flatten, and a linear head. For ``kind="mlp"`` linear layers
-    and layer norm replace convolutions and pooling. Strides and pooling are only drawn while the spatial
-    size allows (it never drops below 1), and batch norm only where it has more than one value per
-    channel, so every model also runs in training mode. Examples shrink towards fewer, simpler layers.
+    dropout; then global avg/max pooling or flatten, and a linear head. For ``kind="mlp"`` linear
+    layers and layer norm replace convolutions and pooling. Strides and pooling are only kept while
+    the spatial size allows (it never drops below 1), and batch norm only where it has more than one
+    value per channel, so every model also runs in training mode. Examples shrink towards fewer,
+    simpler layers.
 
     Args:
-        kind: ``"cnn"`` (``(B, C, H, W)``), ``"seq"`` (Conv1d on ``(B, C, L)``), ``"mlp"`` (``(B, F)``,
-            or ``(B, N, F)`` set inputs when given ``shapes=set_shapes()``: layers act per member).
-        shapes: strategy for the input shape; defaults to :func:`image_shapes`, :func:`sequence_shapes`
-            or :func:`feature_shapes`.
+        kind: ``"cnn"`` (``(B, C, H, W)``), ``"seq"`` (Conv1d on ``(B, C, L)``), ``"mlp"``
+            (``(B, F)``, or ``(B, N, F)`` set inputs when given ``shapes=set_shapes()``: layers then
+            act per member).
+        shapes: strategy for the input shape; defaults to :func:`image_shapes`,
+            :func:`sequence_shapes` or :func:`feature_shapes`.
         min_layers: fewest body layers drawn. A drawn layer that cannot run where it stands (e.g.
             BatchNorm on a single value per channel) is dropped, so a body can still be shorter.
         max_layers: most body layers.
@@ -763,7 +779,7 @@ def architectures(
         num_classes: inclusive bounds of the head width.
 
     Raises:
-        ValueError: an unknown kind.
+        ValueError: an unknown kind, or bounds that are empty.
 
     Example:
         >>> from hypothesis import given, settings

@@ -1,0 +1,202 @@
+"""Layer-wise mode: mixing layers, function-preserving conversion, the paper's parameter counts."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.errors import EquivFXError
+from equivfx.passes.mixing import SlotGather, widen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import ZOO, clean_names  # noqa: E402
+
+
+class PaperMNIST(nn.Module):
+    """The authors' V1 network: three 3x3 convs (80, 80, 32), 4x4 max-pool, dense 1024, dense 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 80, 3, padding=1)
+        self.conv2 = nn.Conv2d(80, 80, 3, padding=1)
+        self.conv3 = nn.Conv2d(80, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(4, 4)
+        self.dense = nn.Linear(32 * 7 * 7, 1024)
+        self.logits = nn.Linear(1024, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        x = torch.relu(self.dense(self.pool(x).flatten(1)))
+        return self.logits(x)
+
+
+def counts(model: nn.Module) -> dict[str, int]:
+    return {name: sum(p.numel() for p in m.parameters())
+            for name, m in model.named_children() if not name.startswith("equivfx")}
+
+
+def test_paper_parameter_accounting():
+    emodel = equivfx.compile(PaperMNIST(), "C4", mode="layerwise", readout="pose")
+    assert counts(emodel) == {"conv1": 800, "conv2": 230_480, "conv3": 92_192, "pool": 0,
+                              "dense": 6_423_552, "logits": 40_970}
+    authors = equivfx.compile(PaperMNIST(), "C4", mode="layerwise", readout="pose",
+                              mix=lambda name, m: name in {"conv2", "conv3", "dense"})
+    assert counts(authors)["logits"] == 10_250
+    assert emodel(torch.randn(2, 1, 28, 28)).shape == (2, 40)  # R^40 = Map(C4, R^10)
+
+
+def test_decode_pose():
+    G = equivfx.group("C4")
+    logits = torch.zeros(3, 40)
+    logits[0, 0 * 10 + 3] = 1  # class 3, upright
+    logits[1, 1 * 10 + 9] = 1  # class 9, pose r
+    logits[2, 3 * 10 + 0] = 1  # class 0, pose r3
+    cls, pose = equivfx.decode_pose(logits, G)
+    assert cls.tolist() == [3, 9, 0]
+    assert [p.name for p in pose] == ["e", "r", "r3"]
+    assert equivfx.decode_pose(logits[1], "C4") == (9, G.element("r"))
+    with pytest.raises(equivfx.errors.ReadoutError, match="divisible"):
+        equivfx.decode_pose(torch.zeros(2, 41), G)
+
+
+def test_pose_of_a_rotated_digit_is_the_rotation():
+    """x = g . x_upright peaks at slot g: a model trained upright reads the pose off the argmax."""
+    model = PaperMNIST().eval()
+    emodel = equivfx.compile(model, "C4", mode="layerwise", readout="pose")
+    G = equivfx.group("C4")
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        base_cls, base_pose = equivfx.decode_pose(emodel(x)[0], G)
+        for g in G.elements:
+            cls, pose = equivfx.decode_pose(emodel(G.act(g, x))[0], G)
+            assert cls == base_cls and pose == G.compose(g, base_pose)
+
+
+def _reinit(model: nn.Module, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+CASES = [(n, spec) for n in clean_names() for spec in ZOO[n].groups]
+
+
+@pytest.mark.parametrize("name, spec", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_conversion_equals_global_mode_and_reinit_stays_equivariant(name, spec):
+    model, x, _ = ZOO[name]()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots", check=True)
+        gmodel = equivfx.compile(model, spec, readout="slots")
+    assert emodel.equivfx_info.mixed, "every zoo model has layers after the input stage"
+    with torch.no_grad():
+        assert torch.equal(emodel(x), gmodel(x))
+    _reinit(emodel)
+    G = equivfx.group(spec)
+    with torch.no_grad():
+        y = emodel(x)
+        for h in G.elements:
+            got = emodel(G.act(h, x))
+            want = y[:, list(G.regular_permutation(h))]  # out(h.x)[:, j] = out(x)[:, idx(h^-1 g_j)]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(emodel, x).ok
+
+
+def test_state_dict_keys_are_the_originals_with_wider_mixing_weights():
+    model = PaperMNIST()
+    emodel = equivfx.compile(model, "C4", mode="layerwise")
+    assert list(emodel.state_dict()) == list(model.state_dict())
+    assert emodel.state_dict()["conv2.weight"].shape == (80, 320, 3, 3)
+    assert model.conv2.weight.shape == (80, 80, 3, 3)  # the original is untouched
+
+
+def test_mix_by_names_and_errors():
+    emodel = equivfx.compile(PaperMNIST(), "C4", mode="layerwise", mix={"conv2"})
+    assert emodel.equivfx_info.mixed == ("conv2",)
+    with pytest.raises(EquivFXError, match="pool"):
+        equivfx.compile(PaperMNIST(), "C4", mode="layerwise", mix={"pool"})
+    with pytest.raises(EquivFXError, match="layerwise"):
+        equivfx.compile(PaperMNIST(), "C4", mix={"conv2"})
+
+
+def test_a_module_called_on_both_stages_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    with pytest.raises(EquivFXError, match="both"):
+        equivfx.compile(Shared(), "C4", mode="layerwise")
+
+
+def test_training_changes_the_function_and_keeps_equivariance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    emodel = equivfx.compile(model, "D4", mode="layerwise", readout="invariant")
+    x, target = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    before = emodel(x).detach()
+    opt = torch.optim.SGD(emodel.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(emodel(x), target).backward()
+        opt.step()
+    wide = emodel.get_submodule("2").weight
+    assert wide[:, 4:].abs().sum() > 0  # the zero-initialised blocks learned
+    assert not torch.allclose(emodel(x), before)
+    assert equivfx.verify(emodel, x).ok
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gather_matches_the_explicit_concatenation(groups):
+    G = equivfx.group("D4")
+    s = torch.randn(G.order * 3, 4, 5, 5)  # folded slots, B = 3
+    out = SlotGather(G, 1, groups)(s)
+    slots = s.unflatten(0, (G.order, 3))
+    for g in range(G.order):
+        blocks = [slots[G.table[g][u]] for u in range(G.order)]  # s(g u), u in slot order
+        if groups == 1:
+            want = torch.cat(blocks, 1)
+        else:  # each conv group sees its own channels from every slot
+            per = [b.unflatten(1, (groups, -1)) for b in blocks]
+            want = torch.cat(per, 2).flatten(1, 2)
+        assert torch.equal(out.unflatten(0, (G.order, 3))[g], want)
+
+
+def test_gather_on_linear_features():
+    G = equivfx.group("C4")
+    s = torch.randn(G.order * 2, 5, 3)  # (|G| B, tokens, features)
+    out = SlotGather(G, -1)(s).unflatten(0, (4, 2))
+    slots = s.unflatten(0, (4, 2))
+    for g in range(4):
+        want = torch.cat([slots[G.table[g][u]] for u in range(4)], -1)
+        assert torch.equal(out[g], want)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(3, 2), nn.Conv1d(2, 3, 3), nn.Conv2d(4, 4, 3, groups=2),
+                                   nn.Conv3d(2, 1, 1)])
+def test_widen_preserves_the_function_on_the_identity_block(layer):
+    wide = widen(layer, 4)
+    shape = (2, 3) if isinstance(layer, nn.Linear) else (2, layer.in_channels) + (5,) * (
+        layer.weight.dim() - 2)
+    x = torch.randn(shape)
+    if isinstance(layer, nn.Linear):
+        xw = torch.cat([x] + [torch.randn_like(x) for _ in range(3)], -1)
+    else:
+        gr = layer.groups
+        parts = [x] + [torch.randn_like(x) for _ in range(3)]
+        xw = torch.cat([p.unflatten(1, (gr, -1)) for p in parts], 2).flatten(1, 2)
+    torch.testing.assert_close(wide(xw), layer(x))
