@@ -200,3 +200,32 @@ def test_widen_preserves_the_function_on_the_identity_block(layer):
         parts = [x] + [torch.randn_like(x) for _ in range(3)]
         xw = torch.cat([p.unflatten(1, (gr, -1)) for p in parts], 2).flatten(1, 2)
     torch.testing.assert_close(wide(xw), layer(x))
+
+
+def test_norms_dropout_and_pooling_work_slot_wise():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True), nn.Dropout(0.2), nn.AvgPool2d(2), nn.Flatten(),
+        nn.LayerNorm(4 * 9), nn.Linear(4 * 9, 3),
+    ).eval()
+    x = torch.randn(3, 2, 6, 6)
+    emodel = equivfx.compile(model, "D4", mode="layerwise", readout="slots")
+    assert emodel.equivfx_info.mixed == ("3", "9")
+    with torch.no_grad():  # the wider layers sum zeros in another order: equal to rounding
+        want = equivfx.compile(model, "D4", readout="slots")(x)
+        torch.testing.assert_close(emodel(x), want, rtol=1e-6, atol=1e-6)
+    _reinit(emodel)
+    assert equivfx.verify(emodel, x).ok
+
+
+def test_localisation_names_a_broken_mixing_gather():
+    emodel = equivfx.compile(PaperMNIST().eval(), "C4", mode="layerwise", readout="slots")
+    _reinit(emodel)
+    gather = emodel.get_submodule("equivfx_gather_conv3")
+    # slots 0 and 1 read each other's inputs. (Permuting the columns, the order of the blocks u,
+    # would only re-index the weights W_u: still a lift, still equivariant.)
+    gather.table = gather.table[[1, 0, 2, 3]]
+    report = equivfx.verify(emodel, torch.randn(2, 1, 28, 28))
+    assert not report.ok
+    assert report.first_bad_node == "equivfx_gather_conv3"

@@ -1,0 +1,90 @@
+"""Mixing-layer layouts: one permuted gather then a wide convolution, against the block decomposition.
+
+Both compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop over slots:
+
+- gather: index the folded slots with the Cayley table T[g][u] into (|G| B, |G| C, H, W), then one
+  convolution with |G| C input channels (what equivfx ships);
+- blocks: one convolution of the unpermuted slots with the |G| blocks stacked as output channels
+  (|G| Cout), then a gather-and-sum of the diagonal Y[T[g][u], u].
+
+Run: python benchmarks/mixing_layout.py [--quick] [--json PATH]
+Threads are pinned (torch.set_num_threads) and named in the output; timings are medians of
+interleaved torch.utils.benchmark runs, ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+import equivfx
+from equivfx.passes.mixing import SlotGather
+
+
+def blocks_mix(s, weight_blocks, bias, table, n):
+    """out(g) = sum_u W_u * s(g u) as one conv with n*Cout outputs and a diagonal gather-sum."""
+    cout = weight_blocks.shape[0] // n
+    y = F.conv2d(s, weight_blocks, None, padding=1)  # (n B, n_u Cout, H, W): W_u * s(v)
+    y = y.unflatten(0, (n, -1)).unflatten(2, (n, cout))  # (n_v, B, n_u, Cout, H, W)
+    y = y.movedim(2, 1)  # (n_v, n_u, B, Cout, H, W)
+    u = torch.arange(n)
+    out = y[table, u[None, :]].sum(1)  # (n_g, B, Cout, H, W)
+    return (out + bias.view(1, 1, -1, 1, 1)).flatten(0, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    configs = [("C4", 8, 16, 16), ("D4", 8, 16, 16), ("C4", 32, 32, 16), ("D4", 8, 32, 16)]
+    if args.quick:
+        configs = configs[:2]
+    rows = []
+    for spec, batch, channels, size in configs:
+        G = equivfx.group(spec)
+        n = G.order
+        s = torch.randn(n * batch, channels, size, size)
+        w = torch.randn(channels, n * channels, 3, 3) * 0.05  # the widened weight, blocks on dim 1
+        b = torch.randn(channels)
+        gather = SlotGather(G, 1)
+        table = torch.tensor(G.table)
+        wb = w.unflatten(1, (n, channels)).transpose(0, 1).flatten(0, 1)  # (n Cout, C, 3, 3)
+        ref = F.conv2d(gather(s), w, b, padding=1)
+        got = blocks_mix(s, wb, b, table, n)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
+        b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
+        t_gather = benchmark.Timer("F.conv2d(gather(s), w, b, padding=1)", globals=g_,
+                                   num_threads=args.threads)
+        t_blocks = benchmark.Timer("blocks_mix(s, wb, b, table, n)", globals=b_,
+                                   num_threads=args.threads)
+        medians = {"gather": [], "blocks": []}
+        for _ in range(3 if args.quick else 7):  # interleaved
+            medians["gather"].append(t_gather.blocked_autorange(min_run_time=0.2).median)
+            medians["blocks"].append(t_blocks.blocked_autorange(min_run_time=0.2).median)
+        mg = sorted(medians["gather"])[len(medians["gather"]) // 2]
+        mb = sorted(medians["blocks"])[len(medians["blocks"]) // 2]
+        row = dict(group=spec, batch=batch, channels=channels, size=size,
+                   gather_ms=mg * 1e3, blocks_ms=mb * 1e3, blocks_over_gather=mb / mg)
+        rows.append(row)
+        print(f"{spec} B={batch} C={channels} {size}x{size}: gather {mg*1e3:.2f} ms, "
+              f"blocks {mb*1e3:.2f} ms, blocks/gather = {mb/mg:.2f}")
+    meta = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(),
+                processor=platform.processor() or platform.platform())
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
