@@ -97,7 +97,7 @@ def group_specs(
             ``C3``, ``C8``, ``D8``.
         kinds: any of ``"image"`` (``C1 C2 C4 D1 D2 D4``, acting on the last two axes of square
             inputs), ``"sequence"`` (``Shift{n}``, ``Rev``, ``ShiftRev{n}``: rolls and reversal of a
-            sequence axis of length ``n``) and ``"set"`` (``Perm{n}``, permutations of a set axis).
+            sequence axis) and ``"set"`` (``Perm{n}``, permutations of a set axis of length ``n``).
         length: ``n`` of ``Shift{n}``/``ShiftRev{n}`` (shifts by multiples of 1/n of the axis
             length, so ``n`` must divide it); drawn from 2..8 when ``None``.
         set_size: ``n`` for ``Perm{n}``; drawn from 2..4 when ``None`` (``Perm4`` has 24 elements).
