@@ -124,7 +124,8 @@ def _as_tuple(example_inputs) -> tuple | None:
 def eval_mode(model: nn.Module):
     """Run in eval mode and without autograd, restoring every submodule's mode afterwards."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    for m in modes:  # set the flag directly: exported modules refuse .eval() but ignore the flag
+        m.training = False
     try:
         with torch.no_grad():
             yield

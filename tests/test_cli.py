@@ -1,0 +1,292 @@
+"""The console script, run as a subprocess: every command, every bad input, exit codes 0/1/2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import equivfx
+from equivfx.checkpoints import sha256
+from equivfx.demo import make_cnn
+
+SCRIPT = Path(sys.executable).with_name("equivfx")
+CMD = [str(SCRIPT)] if SCRIPT.exists() else [shutil.which("equivfx") or "equivfx"]
+FACTORY = "equivfx.demo:make_cnn"
+SHAPE = "2,1,8,8"
+
+
+def run(*args, cwd=None, check_code=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*CMD, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+    if check_code is not None:
+        assert proc.returncode == check_code, (proc.stdout, proc.stderr)
+    return proc
+
+
+def one_error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("equivfx: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A trained-looking checkpoint of the demo CNN (seed 3, perturbed)."""
+    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
+    model = make_cnn(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.01)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def reference(weights: Path, **kwargs):
+    model = make_cnn()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return equivfx.compile(model.eval(), "C4", **kwargs).eval()
+
+
+def test_help_lists_the_commands():
+    proc = run("--help", check_code=0)
+    for cmd in ("compile", "verify", "inspect", "demo"):
+        assert cmd in proc.stdout
+
+
+def test_compile_to_pt2_loads_in_plain_torch_and_is_invariant(tmp_path, weights):
+    out = tmp_path / "cnn.pt2"
+    before = weights.read_bytes()
+    proc = run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out,
+               "--weights", weights, check_code=0)
+    assert "verified" in proc.stdout
+    assert weights.read_bytes() == before  # the input is never touched
+    meta = json.loads((tmp_path / "cnn.pt2.json").read_text())
+    assert meta["group"] == "C4" and meta["mode"] == "global" and meta["readout"] == "invariant"
+    assert meta["input_shape"] == [2, 1, 8, 8] and meta["verified"]["ok"] is True
+    assert meta["source_sha256"] == sha256(weights)
+    assert meta["equivfx_version"] == equivfx.__version__ and meta["torch_version"]
+    assert "rotates" in meta["input_action"]
+    x = torch.randn(5, 1, 8, 8)  # another batch size: the batch dimension is dynamic
+    torch.save(x, tmp_path / "x.pt")
+    script = (  # equivfx made unimportable: the artifact needs plain torch only
+        "import sys; sys.modules['equivfx'] = None\n"
+        "import torch\n"
+        f"m = torch.export.load({str(out)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save((m(x), m(torch.rot90(x, 1, (-2, -1)))), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    y, y_rot = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(y, reference(weights)(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_rot, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "cnn.onnx"
+    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--weights",
+        weights, "--mode", "layerwise", check_code=0)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = torch.randn(3, 1, 8, 8)
+    y = session.run(None, {name: x.numpy()})[0]
+    y_rot = session.run(None, {name: torch.rot90(x, 1, (-2, -1)).numpy()})[0]
+    with torch.no_grad():
+        want = reference(weights, mode="layerwise")(x).numpy()
+    assert abs(y - want).max() < 1e-4
+    assert abs(y - y_rot).max() < 1e-4
+    run("verify", out, check_code=0)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_state_dict_outputs_load_into_the_compiled_model(tmp_path, weights, suffix):
+    out = tmp_path / f"cnn{suffix}"
+    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--weights",
+        weights, "--readout", "slots", check_code=0)
+    if suffix == ".pt":
+        sd = torch.load(out, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(out))
+    emodel = reference(weights, readout="slots")
+    assert set(sd) == set(emodel.state_dict())
+    emodel.load_state_dict(sd)
+    run("verify", out, check_code=0)
+
+
+def test_verify_exit_codes_and_json(tmp_path):
+    bad = run("verify", FACTORY, "--group", "C4", "--input-shape", SHAPE, "--json")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["ok"] is False
+    out = tmp_path / "inv.pt2"
+    run("compile", FACTORY, "--group", "D4", "--input-shape", SHAPE, "-o", out, check_code=0)
+    good = run("verify", out, "--json", check_code=0)
+    report = json.loads(good.stdout)
+    assert report["ok"] is True and report["group"] == "D4"
+    assert run("verify", out, "--atol", "0", "--rtol", "0").returncode in (0, 1)
+
+
+def test_inspect_text_and_json():
+    text = run("inspect", FACTORY, "--group", "C4", "--input-shape", SHAPE, "--mode", "layerwise",
+               check_code=0).stdout
+    assert "equivfx_lift" in text and "mixing layer" in text and "18,464" in text
+    data = json.loads(run("inspect", FACTORY, "--group", "C4", "--input-shape", SHAPE,
+                          "--format", "json", check_code=0).stdout)
+    nodes = {n["node"]: n for n in data["nodes"]}
+    assert nodes["equivfx_lift"]["rep"].startswith("map(G) folded")
+    assert nodes["equivfx_lift"]["slot_axis"] == 0
+    assert data["passes"] == ["annotate-reps", "insert-lift", "to-map", "fuse-projection"]
+
+
+def test_demo_quick(tmp_path):
+    proc = run("demo", "--quick", "--out", tmp_path / "demo", check_code=0)
+    assert "equivfx global C4" in proc.stdout and "rotated" in proc.stdout
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert rows["equivfx global C4"]["invariant"] and rows["equivfx layer-wise C4"]["invariant"]
+    assert not rows["plain CNN"]["invariant"]
+    for name in ("equivfx-global-C4.pt2", "equivfx-layerwise-C4.pt2", "plain-cnn.pt"):
+        assert (tmp_path / "demo" / name).exists()
+    run("verify", tmp_path / "demo" / "equivfx-global-C4.pt2", check_code=0)
+
+
+def test_factory_from_the_current_directory_with_model_args(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def make(width=4):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(width * 36, 2))\n"
+    )
+    run("compile", "mymodels:make", "--model-arg", "width=3", "--group", "D4", "--input-shape",
+        SHAPE, "-o", "m.pt2", cwd=tmp_path, check_code=0)
+    meta = json.loads((tmp_path / "m.pt2.json").read_text())
+    assert meta["model_args"] == {"width": 3}
+
+
+# ------------------------------------------------------------------------------ bad input: exit 2
+def test_missing_weights(tmp_path):
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.pt2", "--weights", tmp_path / "nope.pt"))
+    assert "not found" in line and "nope.pt" in line
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.pt2", "--weights", bad))
+    assert "corrupt" in line
+
+
+def test_wrong_weights_format(tmp_path):
+    bad = tmp_path / "weights.txt"
+    bad.write_text("hello")
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.pt2", "--weights", bad))
+    assert "unknown weights format" in line and "Fix" in line
+
+
+def test_wrong_output_format(tmp_path):
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.h5"))
+    assert "unknown output format" in line
+
+
+def test_mismatched_keys_are_named(tmp_path):
+    ckpt = tmp_path / "other.pt"
+    sd = make_cnn(channels=8).state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, ckpt)
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.pt2", "--weights", ckpt))
+    assert "extra.weight" in line and "0.weight" in line
+
+
+def test_group_that_does_not_fit_the_input_shape(tmp_path):
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", "2,1,8,9",
+                              "-o", tmp_path / "o.pt2"))
+    assert "square" in line and "(2, 1, 8, 9)" in line
+
+
+def test_unknown_group_spec(tmp_path):
+    line = one_error_line(run("compile", FACTORY, "--group", "Q8", "--input-shape", SHAPE,
+                              "-o", tmp_path / "o.pt2"))
+    assert "Q8" in line
+
+
+def test_unwritable_output(tmp_path):
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "missing-folder" / "o.pt2"))
+    assert "folder does not exist" in line
+
+
+def test_pickled_module_needs_opt_in(tmp_path):
+    ckpt = tmp_path / "full.pt"
+    torch.save(make_cnn(), ckpt)
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              tmp_path / "o.pt2", "--weights", ckpt))
+    assert "--trust-pickle" in line
+    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", tmp_path / "o.pt2",
+        "--weights", ckpt, "--trust-pickle", check_code=0)
+
+
+def test_factory_that_does_not_import(tmp_path):
+    line = one_error_line(run("compile", "no_such_package.models:make", "--group", "C4",
+                              "--input-shape", SHAPE, "-o", tmp_path / "o.pt2"))
+    assert "cannot import" in line and "no_such_package" in line
+    line = one_error_line(run("compile", "equivfx.demo:nope", "--group", "C4", "--input-shape",
+                              SHAPE, "-o", tmp_path / "o.pt2"))
+    assert "no attribute" in line
+
+
+def test_existing_output_is_refused_unless_forced_and_inputs_never_overwritten(tmp_path, weights):
+    out = tmp_path / "o.pt2"
+    out.write_bytes(b"precious")
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              out))
+    assert "--force" in line
+    assert out.read_bytes() == b"precious"
+    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--force",
+        check_code=0)
+    assert out.read_bytes() != b"precious"
+    copy = tmp_path / "w.pt"
+    shutil.copy(weights, copy)
+    before = copy.read_bytes()
+    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
+                              copy, "--weights", copy, "--force"))
+    assert "overwrite an input" in line
+    assert copy.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temporary files left behind
+
+
+def test_verify_needs_group_for_a_factory_and_a_sidecar_for_files(tmp_path):
+    line = one_error_line(run("verify", FACTORY))
+    assert "--group" in line
+    lone = tmp_path / "lone.pt2"
+    lone.write_bytes(b"x")
+    line = one_error_line(run("verify", lone))
+    assert "sidecar" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("compile", FACTORY, "--group", "Q8", "--input-shape", SHAPE, "-o",
+               tmp_path / "o.pt2", "--debug")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "GroupSpecError" in proc.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run("compile").returncode == 2
+    assert run("nonsense-command").returncode == 2
