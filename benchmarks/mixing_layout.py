@@ -1,4 +1,5 @@
-"""Mixing-layer layouts: one permuted gather then a wide convolution, against the block decomposition.
+"""Mixing-layer layouts: one permuted gather then a wide convolution, against the block
+decomposition.
 
 Both compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop over slots:
 
@@ -63,23 +64,38 @@ def main() -> None:
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
         b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
-        t_gather = benchmark.Timer("F.conv2d(gather(s), w, b, padding=1)", globals=g_,
-                                   num_threads=args.threads)
-        t_blocks = benchmark.Timer("blocks_mix(s, wb, b, table, n)", globals=b_,
-                                   num_threads=args.threads)
+        t_gather = benchmark.Timer(
+            "F.conv2d(gather(s), w, b, padding=1)", globals=g_, num_threads=args.threads
+        )
+        t_blocks = benchmark.Timer(
+            "blocks_mix(s, wb, b, table, n)", globals=b_, num_threads=args.threads
+        )
         medians = {"gather": [], "blocks": []}
         for _ in range(3 if args.quick else 7):  # interleaved
             medians["gather"].append(t_gather.blocked_autorange(min_run_time=0.2).median)
             medians["blocks"].append(t_blocks.blocked_autorange(min_run_time=0.2).median)
         mg = sorted(medians["gather"])[len(medians["gather"]) // 2]
         mb = sorted(medians["blocks"])[len(medians["blocks"]) // 2]
-        row = dict(group=spec, batch=batch, channels=channels, size=size,
-                   gather_ms=mg * 1e3, blocks_ms=mb * 1e3, blocks_over_gather=mb / mg)
+        row = dict(
+            group=spec,
+            batch=batch,
+            channels=channels,
+            size=size,
+            gather_ms=mg * 1e3,
+            blocks_ms=mb * 1e3,
+            blocks_over_gather=mb / mg,
+        )
         rows.append(row)
-        print(f"{spec} B={batch} C={channels} {size}x{size}: gather {mg*1e3:.2f} ms, "
-              f"blocks {mb*1e3:.2f} ms, blocks/gather = {mb/mg:.2f}")
-    meta = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(),
-                processor=platform.processor() or platform.platform())
+        print(
+            f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms, "
+            f"blocks {mb * 1e3:.2f} ms, blocks/gather = {mb / mg:.2f}"
+        )
+    meta = dict(
+        torch=torch.__version__,
+        threads=args.threads,
+        machine=platform.machine(),
+        processor=platform.processor() or platform.platform(),
+    )
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:

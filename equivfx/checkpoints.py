@@ -5,7 +5,8 @@ Inputs: a model factory ``package.module:factory`` (the current directory is imp
 ``.safetensors``, or a ``.pt2`` exported program; a fully pickled module only with ``trust_pickle``.
 
 Outputs (chosen by the extension): ``.pt2`` (torch.export, dynamic batch; loads with plain
-``torch.export.load(path).module()``), ``.onnx`` (runs under onnxruntime), ``.pt`` / ``.safetensors``
+``torch.export.load(path).module()``), ``.onnx`` (runs under onnxruntime), ``.pt`` /
+``.safetensors``
 (the compiled module's state_dict). Beside every output goes ``OUT.json``. Files are written to a
 temporary file in the same folder and renamed into place, so a reader never sees half a file; an
 existing output is refused unless ``force``, and an input is never overwritten.
@@ -71,19 +72,27 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
-        raise CheckpointError(explain("bad --input-shape", text, "comma-separated positive ints",
-                                      "e.g. --input-shape 2,1,28,28 (batch first)"))
+        raise CheckpointError(
+            explain(
+                "bad --input-shape",
+                text,
+                "comma-separated positive ints",
+                "e.g. --input-shape 2,1,28,28 (batch first)",
+            )
+        )
     return shape
 
 
 def parse_model_args(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """``["width=64", "name=resnet"]`` -> ``{"width": 64, "name": "resnet"}`` (Python literals or text)."""
+    """``["width=64", "name=resnet"]`` -> ``{"width": 64, "name": "resnet"}`` (Python literals or
+    text)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
-            raise CheckpointError(explain("bad --model-arg", pair, "key=value",
-                                          "e.g. --model-arg width=64"))
+            raise CheckpointError(
+                explain("bad --model-arg", pair, "key=value", "e.g. --model-arg width=64")
+            )
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -104,36 +113,59 @@ def load_factory(spec: str, model_args: dict[str, Any] | None = None) -> nn.Modu
     """
     modname, sep, attr = spec.partition(":")
     if not sep or not modname or not attr:
-        raise CheckpointError(explain("MODEL must be package.module:factory or an equivfx artifact",
-                                      spec, "e.g. mypkg.models:make_net, or a path to a .pt2 "
-                                      "artifact with its .json sidecar",
-                                      "write the module path, a colon and the factory name"))
+        raise CheckpointError(
+            explain(
+                "MODEL must be package.module:factory or an equivfx artifact",
+                spec,
+                "e.g. mypkg.models:make_net, or a path to a .pt2 artifact with its .json sidecar",
+                "write the module path, a colon and the factory name",
+            )
+        )
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(modname)
     except Exception as err:  # noqa: BLE001 - report any import failure the same way
-        raise CheckpointError(explain(f"cannot import {modname!r} for MODEL {spec!r}",
-                                      f"{type(err).__name__}: {err}", "an importable module",
-                                      "run from the folder that contains the package, or install it")
-                              ) from err
+        raise CheckpointError(
+            explain(
+                f"cannot import {modname!r} for MODEL {spec!r}",
+                f"{type(err).__name__}: {err}",
+                "an importable module",
+                "run from the folder that contains the package, or install it",
+            )
+        ) from err
     try:
         factory = getattr(module, attr)
     except AttributeError as err:
-        raise CheckpointError(explain(f"module {modname!r} has no attribute {attr!r}", spec,
-                                      "a factory function or nn.Module class",
-                                      f"check the name after the colon ({attr})")) from err
+        raise CheckpointError(
+            explain(
+                f"module {modname!r} has no attribute {attr!r}",
+                spec,
+                "a factory function or nn.Module class",
+                f"check the name after the colon ({attr})",
+            )
+        ) from err
     try:
         model = factory(**(model_args or {}))
     except TypeError as err:
-        raise CheckpointError(explain(f"calling {spec} failed", str(err),
-                                      "arguments the factory accepts",
-                                      "pass them with --model-arg key=value")) from err
+        raise CheckpointError(
+            explain(
+                f"calling {spec} failed",
+                str(err),
+                "arguments the factory accepts",
+                "pass them with --model-arg key=value",
+            )
+        ) from err
     if not isinstance(model, nn.Module):
-        raise CheckpointError(explain(f"{spec} did not return a torch.nn.Module",
-                                      type(model).__name__, "an nn.Module",
-                                      "make the factory return the model"))
+        raise CheckpointError(
+            explain(
+                f"{spec} did not return a torch.nn.Module",
+                type(model).__name__,
+                "an nn.Module",
+                "make the factory return the model",
+            )
+        )
     return model
 
 
@@ -147,13 +179,16 @@ def sha256(path: str | Path) -> str:
 
 def _require_file(path: Path, what: str) -> None:
     if not path.exists():
-        raise CheckpointError(explain(f"{what} not found", str(path), "an existing file",
-                                      "check the path"))
+        raise CheckpointError(
+            explain(f"{what} not found", str(path), "an existing file", "check the path")
+        )
     if not path.is_file():
         raise CheckpointError(explain(f"{what} is not a file", str(path), "a file"))
 
 
-def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
+def load_weights(
+    path: str | Path, trust_pickle: bool = False
+) -> dict[str, torch.Tensor] | nn.Module:
     """Read a checkpoint: a state_dict (``.pt``/``.pth``/``.safetensors``/``.pt2``), or a pickled
     module when ``trust_pickle`` (unpickling runs code, so it is refused otherwise).
 
@@ -164,9 +199,14 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
     _require_file(path, "weights file")
     suffix = path.suffix.lower()
     if suffix not in WEIGHT_FORMATS:
-        raise CheckpointError(explain("unknown weights format", path.name,
-                                      f"one of {', '.join(WEIGHT_FORMATS)}",
-                                      "save a state_dict with torch.save(model.state_dict(), 'w.pt')"))
+        raise CheckpointError(
+            explain(
+                "unknown weights format",
+                path.name,
+                f"one of {', '.join(WEIGHT_FORMATS)}",
+                "save a state_dict with torch.save(model.state_dict(), 'w.pt')",
+            )
+        )
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -174,14 +214,24 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(explain("corrupt safetensors file", f"{path.name}: {err}",
-                                          "a file written by safetensors.torch.save_file")) from err
+            raise CheckpointError(
+                explain(
+                    "corrupt safetensors file",
+                    f"{path.name}: {err}",
+                    "a file written by safetensors.torch.save_file",
+                )
+            ) from err
     if suffix == ".pt2":
         try:
             ep = torch.export.load(str(path))
         except Exception as err:  # noqa: BLE001 - torch raises many kinds here
-            raise CheckpointError(explain("corrupt .pt2 file", f"{path.name}: {err}",
-                                          "a file written by torch.export.save")) from err
+            raise CheckpointError(
+                explain(
+                    "corrupt .pt2 file",
+                    f"{path.name}: {err}",
+                    "a file written by torch.export.save",
+                )
+            ) from err
         return dict(ep.state_dict)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -189,19 +239,28 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
         text = str(err)
         if "Unsupported global" in text:  # a pickled object (a module ...), not plain tensors
             if not trust_pickle:
-                raise CheckpointError(explain(
-                    "the checkpoint is a pickled object, not a plain state_dict; unpickling runs "
-                    "arbitrary code", path.name, "a state_dict (torch.save(model.state_dict(), ...))",
-                    "re-save the weights as a state_dict, or pass --trust-pickle if you trust the "
-                    "file's author")) from err
+                raise CheckpointError(
+                    explain(
+                        "the checkpoint is a pickled object, not a plain state_dict; unpickling "
+                        "runs "
+                        "arbitrary code",
+                        path.name,
+                        "a state_dict (torch.save(model.state_dict(), ...))",
+                        "re-save the weights as a state_dict, or pass --trust-pickle if you trust "
+                        "the "
+                        "file's author",
+                    )
+                ) from err
             try:
                 obj = torch.load(str(path), map_location="cpu", weights_only=False)
             except Exception as err2:  # noqa: BLE001
-                raise CheckpointError(explain("cannot unpickle the checkpoint", f"{err2}",
-                                              "a torch.save file")) from err2
+                raise CheckpointError(
+                    explain("cannot unpickle the checkpoint", f"{err2}", "a torch.save file")
+                ) from err2
         else:
-            raise CheckpointError(explain("corrupt checkpoint", f"{path.name}: {err}",
-                                          "a file written by torch.save")) from err
+            raise CheckpointError(
+                explain("corrupt checkpoint", f"{path.name}: {err}", "a file written by torch.save")
+            ) from err
     if isinstance(obj, nn.Module):
         if not trust_pickle:  # pragma: no cover - weights_only refuses modules before this
             raise CheckpointError(explain("a pickled module needs --trust-pickle", path.name))
@@ -209,9 +268,14 @@ def load_weights(path: str | Path, trust_pickle: bool = False) -> dict[str, torc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(explain("the checkpoint is not a state_dict", type(obj).__name__,
-                                      "a dict of tensor names to tensors",
-                                      "save model.state_dict()"))
+        raise CheckpointError(
+            explain(
+                "the checkpoint is not a state_dict",
+                type(obj).__name__,
+                "a dict of tensor names to tensors",
+                "save model.state_dict()",
+            )
+        )
     return obj
 
 
@@ -230,11 +294,18 @@ def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor] | nn.Module
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
         if wrong:
-            parts.append("shape mismatch " + _few(
-                [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
-        raise CheckpointError(explain("the weights do not match the model", "; ".join(parts),
-                                      "the keys and shapes of model.state_dict()",
-                                      "pass the checkpoint of this model (and its --model-arg)"))
+            parts.append(
+                "shape mismatch "
+                + _few([f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
+            )
+        raise CheckpointError(
+            explain(
+                "the weights do not match the model",
+                "; ".join(parts),
+                "the keys and shapes of model.state_dict()",
+                "pass the checkpoint of this model (and its --model-arg)",
+            )
+        )
     model.load_state_dict(weights)
     return model
 
@@ -262,21 +333,44 @@ def atomic_write(path: str | Path, force: bool = False, inputs: tuple = ()) -> I
     resolved = path.resolve()
     for inp in inputs:
         if inp is not None and Path(inp).resolve() == resolved:
-            raise CheckpointError(explain("the output would overwrite an input", str(path),
-                                          "a new file name", "choose another -o"))
+            raise CheckpointError(
+                explain(
+                    "the output would overwrite an input",
+                    str(path),
+                    "a new file name",
+                    "choose another -o",
+                )
+            )
     if path.exists() and not force:
-        raise CheckpointError(explain("the output exists", str(path), "a new path",
-                                      "pass --force to replace it, or choose another -o"))
+        raise CheckpointError(
+            explain(
+                "the output exists",
+                str(path),
+                "a new path",
+                "pass --force to replace it, or choose another -o",
+            )
+        )
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise CheckpointError(explain("the output folder does not exist", str(folder),
-                                      "an existing folder", f"mkdir -p {folder}"))
+        raise CheckpointError(
+            explain(
+                "the output folder does not exist",
+                str(folder),
+                "an existing folder",
+                f"mkdir -p {folder}",
+            )
+        )
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                                   dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=folder)
     except OSError as err:
-        raise CheckpointError(explain("cannot write to the output folder", f"{folder}: {err}",
-                                      "a writable folder", "choose another -o")) from err
+        raise CheckpointError(
+            explain(
+                "cannot write to the output folder",
+                f"{folder}: {err}",
+                "a writable folder",
+                "choose another -o",
+            )
+        ) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -289,8 +383,14 @@ def atomic_write(path: str | Path, force: bool = False, inputs: tuple = ()) -> I
             tmp_path.unlink()
 
 
-def save_artifact(emodel: nn.Module, out: str | Path, example: torch.Tensor, meta: dict,
-                  force: bool = False, inputs: tuple = ()) -> dict:
+def save_artifact(
+    emodel: nn.Module,
+    out: str | Path,
+    example: torch.Tensor,
+    meta: dict,
+    force: bool = False,
+    inputs: tuple = (),
+) -> dict:
     """Write ``emodel`` to ``out`` (format by extension) and its sidecar ``out.json``.
 
     Returns:
@@ -299,15 +399,33 @@ def save_artifact(emodel: nn.Module, out: str | Path, example: torch.Tensor, met
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        raise CheckpointError(explain("unknown output format", out.name,
-                                      f"one of {', '.join(OUTPUT_FORMATS)}", "e.g. -o model.pt2"))
+        raise CheckpointError(
+            explain(
+                "unknown output format",
+                out.name,
+                f"one of {', '.join(OUTPUT_FORMATS)}",
+                "e.g. -o model.pt2",
+            )
+        )
     side = sidecar_path(out)
     if out.exists() and not force:
-        raise CheckpointError(explain("the output exists", str(out), "a new path",
-                                      "pass --force to replace it, or choose another -o"))
+        raise CheckpointError(
+            explain(
+                "the output exists",
+                str(out),
+                "a new path",
+                "pass --force to replace it, or choose another -o",
+            )
+        )
     if side.exists() and not force:
-        raise CheckpointError(explain("the output's sidecar exists", str(side), "a new path",
-                                      "pass --force to replace it, or choose another -o"))
+        raise CheckpointError(
+            explain(
+                "the output's sidecar exists",
+                str(side),
+                "a new path",
+                "pass --force to replace it, or choose another -o",
+            )
+        )
     emodel = emodel.eval()
     with atomic_write(out, force=force, inputs=inputs) as tmp:
         if suffix == ".pt2":
@@ -340,19 +458,31 @@ def _export_onnx(emodel: nn.Module, example: torch.Tensor, path: Path) -> None:
     try:
         import onnxscript  # noqa: F401 - the exporter needs it
     except ImportError as err:
-        raise CheckpointError(explain("ONNX output needs the onnx extra", "onnxscript missing",
-                                      "pip install 'equivfx[onnx]'")) from err
+        raise CheckpointError(
+            explain(
+                "ONNX output needs the onnx extra",
+                "onnxscript missing",
+                "pip install 'equivfx[onnx]'",
+            )
+        ) from err
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            torch.onnx.export(emodel, (example,), str(path), input_names=["input"],
-                              output_names=["output"], dynamic_shapes=({0: _dynamic_batch()},),
-                              dynamo=True, verbose=False)
+            torch.onnx.export(
+                emodel,
+                (example,),
+                str(path),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: _dynamic_batch()},),
+                dynamo=True,
+                verbose=False,
+            )
     finally:
-        for lg, lv in zip(quiet, levels):
+        for lg, lv in zip(quiet, levels, strict=True):
             lg.setLevel(lv)
 
 
@@ -360,17 +490,23 @@ def _export_onnx(emodel: nn.Module, example: torch.Tensor, path: Path) -> None:
 def load_sidecar(path: str | Path) -> dict:
     side = sidecar_path(path)
     if not side.exists():
-        raise CheckpointError(explain("no sidecar beside the artifact", str(side),
-                                      f"{side.name}, written by equivfx compile",
-                                      "compile the model with equivfx compile, or give MODEL as "
-                                      "package.module:factory with --group"))
+        raise CheckpointError(
+            explain(
+                "no sidecar beside the artifact",
+                str(side),
+                f"{side.name}, written by equivfx compile",
+                "compile the model with equivfx compile, or give MODEL as "
+                "package.module:factory with --group",
+            )
+        )
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(explain("corrupt sidecar", f"{side.name}: {err}", "JSON")) from err
     if meta.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(explain("not an equivfx sidecar", side.name,
-                                      f"format {SIDECAR_FORMAT!r}"))
+        raise CheckpointError(
+            explain("not an equivfx sidecar", side.name, f"format {SIDECAR_FORMAT!r}")
+        )
     return meta
 
 
@@ -393,7 +529,8 @@ def load_artifact(path: str | Path, rebuild: Callable[[dict], nn.Module] | None 
     """Load an artifact this tool wrote: ``(module, sidecar)``.
 
     ``.pt2`` loads with ``torch.export.load``; ``.onnx`` runs under onnxruntime; ``.pt`` and
-    ``.safetensors`` hold the compiled module's state_dict, so ``rebuild(sidecar)`` must recompile the
+    ``.safetensors`` hold the compiled module's state_dict, so ``rebuild(sidecar)`` must recompile
+    the
     model (from the factory recorded in the sidecar) for the weights to load into.
     """
     path = Path(path)
@@ -401,21 +538,32 @@ def load_artifact(path: str | Path, rebuild: Callable[[dict], nn.Module] | None 
     meta = load_sidecar(path)
     digest = sha256(path)
     if meta.get("sha256") and meta["sha256"] != digest:
-        raise CheckpointError(explain("the artifact does not match its sidecar's sha256", path.name,
-                                      meta["sha256"][:16] + "...",
-                                      "recompile it; the file changed after equivfx wrote it"))
+        raise CheckpointError(
+            explain(
+                "the artifact does not match its sidecar's sha256",
+                path.name,
+                meta["sha256"][:16] + "...",
+                "recompile it; the file changed after equivfx wrote it",
+            )
+        )
     suffix = path.suffix.lower()
     if suffix == ".pt2":
         try:
             return torch.export.load(str(path)).module(), meta
         except Exception as err:  # noqa: BLE001
-            raise CheckpointError(explain("corrupt .pt2 artifact", f"{err}", "a torch.export file")
-                                  ) from err
+            raise CheckpointError(
+                explain("corrupt .pt2 artifact", f"{err}", "a torch.export file")
+            ) from err
     if suffix == ".onnx":
         return OnnxModule(path), meta
     if rebuild is None:
-        raise CheckpointError(explain("a state_dict artifact needs its model to verify", path.name,
-                                      "a sidecar naming the model factory"))
+        raise CheckpointError(
+            explain(
+                "a state_dict artifact needs its model to verify",
+                path.name,
+                "a sidecar naming the model factory",
+            )
+        )
     module = rebuild(meta)
     apply_weights(module, load_weights(path))
     return module, meta

@@ -62,12 +62,24 @@ def _command(fn):
 
 
 def _model_options(fn):
-    fn = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
-                      help="argument for the model factory (repeatable)")(fn)
-    fn = click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                      help="state_dict checkpoint: .pt/.pth (weights_only), .safetensors or .pt2")(fn)
-    fn = click.option("--trust-pickle", is_flag=True,
-                      help="allow a fully pickled module as --weights (unpickling runs code)")(fn)
+    fn = click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="argument for the model factory (repeatable)",
+    )(fn)
+    fn = click.option(
+        "--weights",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="state_dict checkpoint: .pt/.pth (weights_only), .safetensors or .pt2",
+    )(fn)
+    fn = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="allow a fully pickled module as --weights (unpickling runs code)",
+    )(fn)
     return fn
 
 
@@ -107,19 +119,42 @@ def main() -> None:
 @click.argument("model")
 @click.option("--group", "group_spec", required=True, help=GROUP_HELP)
 @click.option("--input-shape", required=True, help="example input shape, batch first: 2,1,28,28")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
-              help="output: .pt2 (torch.export), .onnx, .pt or .safetensors (state_dict)")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="output: .pt2 (torch.export), .onnx, .pt or .safetensors (state_dict)",
+)
 @_model_options
 @click.option("--mode", type=click.Choice(["global", "layerwise"]), default="global")
-@click.option("--readout", type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
-              default="invariant")
+@click.option(
+    "--readout",
+    type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
+    default="invariant",
+)
 @click.option("--pool", type=click.Choice(["mean", "max", "logsumexp"]), default="mean")
-@click.option("--output-action", default=None, help="group spec acting on the output "
-              "(readout=equivariant), e.g. C4 for segmentation maps")
+@click.option(
+    "--output-action",
+    default=None,
+    help="group spec acting on the output (readout=equivariant), e.g. C4 for segmentation maps",
+)
 @click.option("--force", is_flag=True, help="replace an existing OUT")
 @_command
-def compile_cmd(model, group_spec, input_shape, out, model_args, weights, trust_pickle, mode,
-                readout, pool, output_action, force):
+def compile_cmd(
+    model,
+    group_spec,
+    input_shape,
+    out,
+    model_args,
+    weights,
+    trust_pickle,
+    mode,
+    readout,
+    pool,
+    output_action,
+    force,
+):
     """Compile MODEL (package.module:factory) into an equivariant artifact OUT, verified.
 
     Example: equivfx compile equivfx.demo:make_cnn --group C4 --input-shape 2,1,8,8 -o cnn.pt2
@@ -133,24 +168,40 @@ def compile_cmd(model, group_spec, input_shape, out, model_args, weights, trust_
     net = _build_model(model, model_args, weights, trust_pickle)
     x = _example(shape)
     G = equivfx.group(group_spec)
-    emodel = equivfx.compile(net, G, mode=mode, readout=readout, pool=pool,
-                             output_action=output_action, example_inputs=x)
+    emodel = equivfx.compile(
+        net, G, mode=mode, readout=readout, pool=pool, output_action=output_action, example_inputs=x
+    )
     report = equivfx.verify(emodel, x)
     meta = {
-        "group": G.spec, "mode": mode, "readout": readout, "pool": pool,
+        "group": G.spec,
+        "mode": mode,
+        "readout": readout,
+        "pool": pool,
         "input_action": emodel.equivfx_info.input_action.describe(),
-        "output_action": output_action, "input_shape": list(shape), "model": model,
-        "model_args": dict(_parsed(model_args)), "weights": weights,
+        "output_action": output_action,
+        "input_shape": list(shape),
+        "model": model,
+        "model_args": dict(_parsed(model_args)),
+        "weights": weights,
         "source_sha256": sha256(weights) if weights else None,
-        "mixed": list(emodel.equivfx_info.mixed), "trace_path": emodel.equivfx_info.trace_path,
-        "equivfx_version": equivfx.__version__, "torch_version": torch.__version__,
-        "verified": {"ok": report.ok, "exact": report.exact, "max_error": report.max_error,
-                     "rtol": report.rtol, "atol": report.atol},
+        "mixed": list(emodel.equivfx_info.mixed),
+        "trace_path": emodel.equivfx_info.trace_path,
+        "equivfx_version": equivfx.__version__,
+        "torch_version": torch.__version__,
+        "verified": {
+            "ok": report.ok,
+            "exact": report.exact,
+            "max_error": report.max_error,
+            "rtol": report.rtol,
+            "atol": report.atol,
+        },
     }
     save_artifact(emodel, out, x, meta, force=force, inputs=(weights,))
     status = "verified" if report.ok else "NOT verified" + ("" if not report.exact else " (bug?)")
-    click.echo(f"wrote {out} and {Path(out).name}.json: {G.spec} {mode} {readout}, {status}, "
-               f"max error {report.max_error:.3g}")
+    click.echo(
+        f"wrote {out} and {Path(out).name}.json: {G.spec} {mode} {readout}, {status}, "
+        f"max error {report.max_error:.3g}"
+    )
     return EXIT_OK
 
 
@@ -166,15 +217,30 @@ def _parsed(model_args):
 @click.option("--group", "group_spec", default=None, help=GROUP_HELP + " (default: the artifact's)")
 @click.option("--input-shape", default=None, help="example input shape (default: the artifact's)")
 @_model_options
-@click.option("--output-action", default=None, help="group spec acting on the output "
-              "(default: trivial, i.e. an invariance check, or the artifact's readout)")
+@click.option(
+    "--output-action",
+    default=None,
+    help="group spec acting on the output "
+    "(default: trivial, i.e. an invariance check, or the artifact's readout)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--atol", type=float, default=None, help="absolute tolerance")
 @click.option("--rtol", type=float, default=None, help="relative tolerance")
 @click.option("--seed", type=int, default=0, help="seed of the random example input")
 @_command
-def verify_cmd(model_or_artifact, group_spec, input_shape, model_args, weights, trust_pickle,
-               output_action, as_json, atol, rtol, seed):
+def verify_cmd(
+    model_or_artifact,
+    group_spec,
+    input_shape,
+    model_args,
+    weights,
+    trust_pickle,
+    output_action,
+    as_json,
+    atol,
+    rtol,
+    seed,
+):
     """Check equivariance of a model or artifact: exit 0 if it holds, 1 if violated, 2 on bad input.
 
     Example: equivfx verify cnn.pt2 --json
@@ -191,13 +257,23 @@ def verify_cmd(model_or_artifact, group_spec, input_shape, model_args, weights, 
         out_action = output_action or _artifact_output_action(meta, G)
     else:
         if ":" not in model_or_artifact:
-            raise CheckpointError(explain("MODEL_OR_ARTIFACT is neither a file nor a factory",
-                                          model_or_artifact, "a path to an artifact, or "
-                                          "package.module:factory", "check the path"))
+            raise CheckpointError(
+                explain(
+                    "MODEL_OR_ARTIFACT is neither a file nor a factory",
+                    model_or_artifact,
+                    "a path to an artifact, or package.module:factory",
+                    "check the path",
+                )
+            )
         if not group_spec or not input_shape:
-            raise CheckpointError(explain("verifying a model factory needs --group and "
-                                          "--input-shape", model_or_artifact, "both options",
-                                          "e.g. --group C4 --input-shape 2,3,32,32"))
+            raise CheckpointError(
+                explain(
+                    "verifying a model factory needs --group and --input-shape",
+                    model_or_artifact,
+                    "both options",
+                    "e.g. --group C4 --input-shape 2,3,32,32",
+                )
+            )
         module = _build_model(model_or_artifact, model_args, weights, trust_pickle)
         G = equivfx.group(group_spec)
         shape = parse_shape(input_shape)
@@ -232,9 +308,15 @@ def _rebuild(meta: dict):
 
     net = load_factory(meta["model"], meta.get("model_args") or {}).eval()
     x = _example(tuple(meta["input_shape"]))
-    return equivfx.compile(net, meta["group"], mode=meta["mode"], readout=meta["readout"],
-                           pool=meta.get("pool", "mean"), output_action=meta.get("output_action"),
-                           example_inputs=x)
+    return equivfx.compile(
+        net,
+        meta["group"],
+        mode=meta["mode"],
+        readout=meta["readout"],
+        pool=meta.get("pool", "mean"),
+        output_action=meta.get("output_action"),
+        example_inputs=x,
+    )
 
 
 # ------------------------------------------------------------------------------------ inspect
@@ -244,13 +326,26 @@ def _rebuild(meta: dict):
 @click.option("--input-shape", required=True, help="example input shape, batch first")
 @_model_options
 @click.option("--mode", type=click.Choice(["global", "layerwise"]), default="global")
-@click.option("--readout", type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
-              default="invariant")
+@click.option(
+    "--readout",
+    type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
+    default="invariant",
+)
 @click.option("--output-action", default=None, help="for readout=equivariant")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @_command
-def inspect_cmd(model, group_spec, input_shape, model_args, weights, trust_pickle, mode, readout,
-                output_action, fmt):
+def inspect_cmd(
+    model,
+    group_spec,
+    input_shape,
+    model_args,
+    weights,
+    trust_pickle,
+    mode,
+    readout,
+    output_action,
+    fmt,
+):
     """Show each graph node with its representation, slot axis, rule and parameter count."""
     import equivfx
     from equivfx.checkpoints import parse_shape
@@ -258,27 +353,47 @@ def inspect_cmd(model, group_spec, input_shape, model_args, weights, trust_pickl
 
     net = _build_model(model, model_args, weights, trust_pickle)
     x = _example(parse_shape(input_shape))
-    emodel = equivfx.compile(net, group_spec, mode=mode, readout=readout,
-                             output_action=output_action, example_inputs=x)
+    emodel = equivfx.compile(
+        net, group_spec, mode=mode, readout=readout, output_action=output_action, example_inputs=x
+    )
     rows = describe_graph(emodel)
     info = emodel.equivfx_info
     if fmt == "json":
-        click.echo(json.dumps({"group": info.group.spec, "mode": info.mode, "readout": info.readout,
-                               "trace_path": info.trace_path, "passes": list(info.passes),
-                               "mixed": list(info.mixed), "leaves": info.leaves, "nodes": rows},
-                              indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "group": info.group.spec,
+                    "mode": info.mode,
+                    "readout": info.readout,
+                    "trace_path": info.trace_path,
+                    "passes": list(info.passes),
+                    "mixed": list(info.mixed),
+                    "leaves": info.leaves,
+                    "nodes": rows,
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{type(net).__name__} under {info.group.spec}, {info.mode} mode, "
-                        f"{info.readout} readout (trace: {info.trace_path})")
+    table = Table(
+        title=f"{type(net).__name__} under {info.group.spec}, {info.mode} mode, "
+        f"{info.readout} readout (trace: {info.trace_path})"
+    )
     for col in ("node", "op", "target", "representation", "slot axis", "rule", "params"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["node"], r["op"], r["target"], r["rep"],
-                      "" if r["slot_axis"] is None else str(r["slot_axis"]), r["rule"] or "",
-                      "" if r["params"] is None else f"{r['params']:,}")
+        table.add_row(
+            r["node"],
+            r["op"],
+            r["target"],
+            r["rep"],
+            "" if r["slot_axis"] is None else str(r["slot_axis"]),
+            r["rule"] or "",
+            "" if r["params"] is None else f"{r['params']:,}",
+        )
     Console(width=160).print(table)
     click.echo(f"passes: {' -> '.join(info.passes)}")
     return EXIT_OK
@@ -286,8 +401,13 @@ def inspect_cmd(model, group_spec, input_shape, model_args, weights, trust_pickl
 
 # ------------------------------------------------------------------------------------ demo
 @main.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="folder for the artifacts (default: a new folder in the current directory)")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="folder for the artifacts (default: a new folder in the current directory)",
+)
 @click.option("--quick", is_flag=True, help="a few epochs only (a smoke test)")
 @click.option("--epochs", type=int, default=None, help="training epochs (default 30, quick 3)")
 @click.option("--seed", type=int, default=0)
@@ -304,30 +424,66 @@ def demo_cmd(out_dir, quick, epochs, seed):
     folder = _demo_folder(out_dir)
     epochs = epochs or (3 if quick else 30)
     console = Console(width=max(110, Console().width))
-    console.print(f"equivfx demo: scikit-learn digits (1,797 real 8x8 images), trained upright only, "
-                  f"{epochs} epochs per model; artifacts in {folder}/")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=False) as prog:
+    console.print(
+        f"equivfx demo: scikit-learn digits (1,797 real 8x8 images), trained upright only, "
+        f"{epochs} epochs per model; artifacts in {folder}/"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as prog:
         result = run_demo(epochs=epochs, seed=seed, out_dir=folder, progress=prog)
     table = Table(title="test accuracy (trained on upright digits only)")
-    for col in ("model", "upright", "rot90", "rot180", "rot270", "rotated (mean)", "invariant",
-                "params", "train s"):
+    for col in (
+        "model",
+        "upright",
+        "rot90",
+        "rot180",
+        "rot270",
+        "rotated (mean)",
+        "invariant",
+        "params",
+        "train s",
+    ):
         table.add_column(col, justify="right" if col != "model" else "left")
     for r in result.rows:
-        table.add_row(r["model"], f"{r['upright']:.3f}", f"{r['rot90']:.3f}", f"{r['rot180']:.3f}",
-                      f"{r['rot270']:.3f}", f"{r['rotated']:.3f}",
-                      "yes" if r["invariant"] else f"no ({r['max_error']:.2g})",
-                      f"{r['parameters']:,}", f"{r['train_seconds']:.1f}")
+        table.add_row(
+            r["model"],
+            f"{r['upright']:.3f}",
+            f"{r['rot90']:.3f}",
+            f"{r['rot180']:.3f}",
+            f"{r['rot270']:.3f}",
+            f"{r['rotated']:.3f}",
+            "yes" if r["invariant"] else f"no ({r['max_error']:.2g})",
+            f"{r['parameters']:,}",
+            f"{r['train_seconds']:.1f}",
+        )
     console.print(table)
     results = folder / "results.json"
     from equivfx.checkpoints import atomic_write
 
     with atomic_write(results) as tmp:
-        tmp.write_text(json.dumps({"epochs": epochs, "seed": seed, "rows": result.rows,
-                                   "artifacts": result.artifacts}, indent=2) + "\n")
-    console.print(f"wrote {', '.join(Path(a).name for a in result.artifacts)} and results.json to "
-                  f"{folder}/ in {result.seconds:.0f} s. C4-invariant models cannot tell a 6 from "
-                  "a 9 rotated by 180 degrees; the pose readout keeps that information.")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "epochs": epochs,
+                    "seed": seed,
+                    "rows": result.rows,
+                    "artifacts": result.artifacts,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    console.print(
+        f"wrote {', '.join(Path(a).name for a in result.artifacts)} and results.json to "
+        f"{folder}/ in {result.seconds:.0f} s. C4-invariant models cannot tell a 6 from "
+        "a 9 rotated by 180 degrees; the pose readout keeps that information."
+    )
     console.print(f"try: equivfx verify {folder}/equivfx-global-C4.pt2")
     return EXIT_OK
 
@@ -339,8 +495,14 @@ def _demo_folder(out_dir) -> Path:
     if out_dir is not None:
         folder = Path(out_dir)
         if folder.exists() and any(folder.iterdir()):
-            raise CheckpointError(explain("the demo folder is not empty", str(folder),
-                                          "a new or empty folder", "choose another --out"))
+            raise CheckpointError(
+                explain(
+                    "the demo folder is not empty",
+                    str(folder),
+                    "a new or empty folder",
+                    "choose another --out",
+                )
+            )
     else:
         base = Path("equivfx-demo")
         folder, i = base, 1
@@ -350,8 +512,14 @@ def _demo_folder(out_dir) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CheckpointError(explain("cannot create the demo folder", f"{folder}: {err}",
-                                      "a writable location", "choose another --out")) from err
+        raise CheckpointError(
+            explain(
+                "cannot create the demo folder",
+                f"{folder}: {err}",
+                "a writable location",
+                "choose another --out",
+            )
+        ) from err
     return folder
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,22 +90,34 @@ def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Acti
     if callable(spec):
         return CallableAction(fn=spec).bind(group)
     raise GroupSpecError(
-        explain(f"{what} must be an Action, a group spec or a callable fn(g, x)", type(spec).__name__,
-                "e.g. 'C4', equivfx.groups.RollAction(8, axis=-1), or lambda g, x: ...",
-                f"pass one of those as {what}")
+        explain(
+            f"{what} must be an Action, a group spec or a callable fn(g, x)",
+            type(spec).__name__,
+            "e.g. 'C4', equivfx.groups.RollAction(8, axis=-1), or lambda g, x: ...",
+            f"pass one of those as {what}",
+        )
     )
 
 
 def global_pipeline(options: LiftOptions, check: bool = False) -> Pipeline:
     """The global construction: annotate-reps, insert-lift, to-map, fuse-projection."""
-    return Pipeline([AnnotateReps(options), InsertLift(options), ToMap(), FuseProjection(options)],
-                    check=check)
+    return Pipeline(
+        [AnnotateReps(options), InsertLift(options), ToMap(), FuseProjection(options)], check=check
+    )
 
 
 def layerwise_pipeline(options: LiftOptions, mix: MixOptions, check: bool = False) -> Pipeline:
     """The layer-wise construction: the global passes with mix-layers before the readout."""
-    return Pipeline([AnnotateReps(options), InsertLift(options), ToMap(), MixLayers(mix),
-                     FuseProjection(options)], check=check)
+    return Pipeline(
+        [
+            AnnotateReps(options),
+            InsertLift(options),
+            ToMap(),
+            MixLayers(mix),
+            FuseProjection(options),
+        ],
+        check=check,
+    )
 
 
 def _as_tuple(example_inputs) -> tuple | None:
@@ -116,8 +127,13 @@ def _as_tuple(example_inputs) -> tuple | None:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
-    raise ModelTypeError(explain("example_inputs must be a tensor or a tuple of tensors",
-                                 type(example_inputs).__name__, "torch.Tensor or tuple"))
+    raise ModelTypeError(
+        explain(
+            "example_inputs must be a tensor or a tuple of tensors",
+            type(example_inputs).__name__,
+            "torch.Tensor or tuple",
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -203,34 +219,60 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(
-            explain("equivfx.compile needs a torch.nn.Module", type(model).__name__,
-                    "an instance of torch.nn.Module",
-                    "pass the model object (not its class, a function or a state_dict)")
+            explain(
+                "equivfx.compile needs a torch.nn.Module",
+                type(model).__name__,
+                "an instance of torch.nn.Module",
+                "pass the model object (not its class, a function or a state_dict)",
+            )
         )
     G = as_group(group)
     if mode not in MODES:
         raise EquivFXError(explain("unknown mode", mode, f"one of {MODES}", "use mode='global'"))
     if mode == "global" and (mix is not None or twist):
         what = "mix=" if mix is not None else "twist="
-        raise EquivFXError(explain(f"{what} applies to mode='layerwise' only", mix or twist,
-                                   "mode='layerwise'", f"drop {what} or pass mode='layerwise'"))
+        raise EquivFXError(
+            explain(
+                f"{what} applies to mode='layerwise' only",
+                mix or twist,
+                "mode='layerwise'",
+                f"drop {what} or pass mode='layerwise'",
+            )
+        )
     if chunk is not None:
-        raise NotYetSupportedError(explain("chunk= is not available yet", chunk, "chunk=None",
-                                           "drop chunk= (all slots are evaluated in one pass)"))
+        raise NotYetSupportedError(
+            explain(
+                "chunk= is not available yet",
+                chunk,
+                "chunk=None",
+                "drop chunk= (all slots are evaluated in one pass)",
+            )
+        )
     if readout not in READOUTS:
-        raise ReadoutError(explain("unknown readout", readout, f"one of {READOUTS}",
-                                   "e.g. readout='invariant'"))
+        raise ReadoutError(
+            explain("unknown readout", readout, f"one of {READOUTS}", "e.g. readout='invariant'")
+        )
     if pool not in POOLS:
         raise ReadoutError(explain("unknown pool", pool, f"one of {POOLS}", "e.g. pool='mean'"))
     if readout == "equivariant" and output_action is None:
         raise ReadoutError(
-            explain("readout='equivariant' needs to know how G acts on the output", None,
-                    "output_action", f"pass output_action (e.g. output_action={G.spec!r} for outputs "
-                    "acted on like the input, such as segmentation maps), or use readout='slots'")
+            explain(
+                "readout='equivariant' needs to know how G acts on the output",
+                None,
+                "output_action",
+                f"pass output_action (e.g. output_action={G.spec!r} for outputs "
+                "acted on like the input, such as segmentation maps), or use readout='slots'",
+            )
         )
     if readout != "equivariant" and output_action is not None:
-        raise ReadoutError(explain(f"output_action is only used by readout='equivariant'", readout,
-                                   "readout='equivariant'", "drop output_action or change readout"))
+        raise ReadoutError(
+            explain(
+                "output_action is only used by readout='equivariant'",
+                readout,
+                "readout='equivariant'",
+                "drop output_action or change readout",
+            )
+        )
     in_action = as_action(input_action, G, "input_action")
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = _as_tuple(example_inputs)
@@ -241,15 +283,23 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         restore_unused_state(gm, model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
-        raise ModelTypeError(explain("the model's forward takes no inputs", type(model).__name__,
-                                     "a forward(x, ...) with at least one tensor input"))
+        raise ModelTypeError(
+            explain(
+                "the model's forward takes no inputs",
+                type(model).__name__,
+                "a forward(x, ...) with at least one tensor input",
+            )
+        )
     acted = placeholders[0].target
     example_batch = None
     if examples is not None:
         first = examples[0]
         if not isinstance(first, torch.Tensor):
-            raise ModelTypeError(explain("the first example input must be a tensor",
-                                         type(first).__name__, "torch.Tensor"))
+            raise ModelTypeError(
+                explain(
+                    "the first example input must be a tensor", type(first).__name__, "torch.Tensor"
+                )
+            )
         in_action.check(first)
         if input_action is not None:  # a user's action: its law is checked on the example
             check_action_law(G, in_action, first.detach()[:1])
@@ -259,31 +309,54 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 ShapeProp(gm).propagate(*examples)
             except Exception as err:  # the user's model fails on its own example
                 raise ModelTypeError(
-                    explain("the model fails on its example inputs", f"{type(err).__name__}: {err}",
-                            "example_inputs the model itself runs on",
-                            "check the shapes of example_inputs")
+                    explain(
+                        "the model fails on its example inputs",
+                        f"{type(err).__name__}: {err}",
+                        "example_inputs the model itself runs on",
+                        "check the shapes of example_inputs",
+                    )
                 ) from err
-    options = LiftOptions(group=G, input_action=in_action, acted_input=acted, readout=readout,
-                          pool=pool, output_action=out_action, example_batch=example_batch)
+    options = LiftOptions(
+        group=G,
+        input_action=in_action,
+        acted_input=acted,
+        readout=readout,
+        pool=pool,
+        output_action=out_action,
+        example_batch=example_batch,
+    )
     if mode == "layerwise":
         twist_action = None
         if twist:
             if not (in_action.exact and in_action.is_permutation):
-                raise EquivFXError(explain("twist=True needs an exact action that only moves entries",
-                                           in_action.describe(), "e.g. C4, D4 or a shift",
-                                           "drop twist= for interpolated groups"))
+                raise EquivFXError(
+                    explain(
+                        "twist=True needs an exact action that only moves entries",
+                        in_action.describe(),
+                        "e.g. C4, D4 or a shift",
+                        "drop twist= for interpolated groups",
+                    )
+                )
             twist_action = in_action
-        pipeline = layerwise_pipeline(options, MixOptions(group=G, mix=mix, twist=twist_action),
-                                      check=check)
+        pipeline = layerwise_pipeline(
+            options, MixOptions(group=G, mix=mix, twist=twist_action), check=check
+        )
         mixer = next(p for p in pipeline.passes if isinstance(p, MixLayers))
     else:
         mixer = None
         pipeline = global_pipeline(options, check=check)
     gm = pipeline(gm).graph_module
     gm.equivfx_info = CompileInfo(
-        group=G, mode=mode, readout=readout, pool=pool, input_action=in_action,
-        output_action=out_action, acted_input=acted, trace_path=result.path,
-        leaves=dict(result.leaves), passes=tuple(pipeline.names),
+        group=G,
+        mode=mode,
+        readout=readout,
+        pool=pool,
+        input_action=in_action,
+        output_action=out_action,
+        acted_input=acted,
+        trace_path=result.path,
+        leaves=dict(result.leaves),
+        passes=tuple(pipeline.names),
         mixed=mixer.mixed if mixer is not None else (),
     )
     if examples is not None:
@@ -315,7 +388,9 @@ def _test_run(gm: fx.GraphModule, examples: tuple) -> None:
             raise BatchMixingError(
                 f"the compiled model fails on the example inputs at node "
                 f"{node.name if node is not None else '?'} ({type(err).__name__}: {err}). With the "
-                "slots folded into the batch axis, the batch is |G| times larger: a tensor whose batch "
-                "size is baked in (a literal, or created with a fixed size) no longer lines up. Fix: "
+                "slots folded into the batch axis, the batch is |G| times larger: a tensor whose "
+                "batch "
+                "size is baked in (a literal, or created with a fixed size) no longer lines up. "
+                "Fix: "
                 "derive batch sizes from x.size(0).\n" + where
             ) from err

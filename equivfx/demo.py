@@ -1,8 +1,11 @@
 """The main job on an embedded default: scikit-learn's handwritten digits, trained upright only.
 
-A small CNN, the same CNN compiled for C4 in global mode and in layer-wise mode, each trained briefly on
-upright digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, shipped with the package), then
-evaluated on upright and on rotated test digits. Rotations by multiples of 90 degrees are exact on the
+A small CNN, the same CNN compiled for C4 in global mode and in layer-wise mode, each trained
+briefly on
+upright digits (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, shipped with the package),
+then
+evaluated on upright and on rotated test digits. Rotations by multiples of 90 degrees are exact on
+the
 pixel grid, so the compiled models keep their accuracy on rotated digits by construction, while the
 plain CNN collapses: the paper's experiment (MNIST, C4, trained upright) in miniature.
 """
@@ -23,9 +26,13 @@ def make_cnn(channels: int = 16, classes: int = 10, seed: int = 0) -> nn.Module:
     """The demo's CNN for 8x8 digits: two 3x3 convs, a 2x2 max-pool and a linear head."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * channels * 4 * 4, classes),
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * channels * 4 * 4, classes),
     )
 
 
@@ -43,8 +50,16 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.3):
     return x[tr], y[tr], x[te], y[te]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0,
-          lr: float = 3e-3, batch: int = 64, on_step: Callable[[], None] | None = None) -> float:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 3e-3,
+    batch: int = 64,
+    on_step: Callable[[], None] | None = None,
+) -> float:
     """Adam on cross-entropy; returns the training time in seconds."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -109,19 +124,32 @@ def run_demo(epochs: int = 12, seed: int = 0, out_dir=None, progress=None) -> De
     example = xte[:2]
     for label, mode, name in specs:
         base = make_cnn(seed=seed)
-        model = base if mode is None else equivfx.compile(base, "C4", mode=mode, example_inputs=example)
+        model = (
+            base if mode is None else equivfx.compile(base, "C4", mode=mode, example_inputs=example)
+        )
         task = progress.add_task(f"train {label}", total=steps) if progress else None
-        seconds = train(model, xtr, ytr, epochs, seed=seed,
-                        on_step=(lambda t=task: progress.advance(t)) if progress else None)
+        seconds = train(
+            model,
+            xtr,
+            ytr,
+            epochs,
+            seed=seed,
+            on_step=(lambda t=task: progress.advance(t)) if progress else None,
+        )
         acc = rotation_accuracies(model, xte, yte)
         if progress:
             vtask = progress.add_task(f"verify {label}", total=1)
         report = equivfx.verify(model, xte[:16], group="C4")
         if progress:
             progress.advance(vtask)
-        row = {"model": label, **acc, "train_seconds": seconds, "invariant": report.ok,
-               "max_error": report.max_error,
-               "parameters": sum(p.numel() for p in model.parameters())}
+        row = {
+            "model": label,
+            **acc,
+            "train_seconds": seconds,
+            "invariant": report.ok,
+            "max_error": report.max_error,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
         result.rows.append(row)
         if out_dir is not None:
             if mode is None:
@@ -132,15 +160,30 @@ def run_demo(epochs: int = 12, seed: int = 0, out_dir=None, progress=None) -> De
                     torch.save(model.state_dict(), tmp)
             else:
                 path = out_dir / f"{name}.pt2"
-                save_artifact(model, path, example, {
-                    "group": "C4", "mode": mode, "readout": "invariant", "pool": "mean",
-                    "output_action": None, "input_shape": list(example.shape),
-                    "model": "equivfx.demo:make_cnn", "model_args": {"seed": seed},
-                    "source_sha256": None, "equivfx_version": equivfx.__version__,
-                    "torch_version": torch.__version__,
-                    "verified": {"ok": report.ok, "max_error": report.max_error,
-                                 "rtol": report.rtol, "atol": report.atol},
-                })
+                save_artifact(
+                    model,
+                    path,
+                    example,
+                    {
+                        "group": "C4",
+                        "mode": mode,
+                        "readout": "invariant",
+                        "pool": "mean",
+                        "output_action": None,
+                        "input_shape": list(example.shape),
+                        "model": "equivfx.demo:make_cnn",
+                        "model_args": {"seed": seed},
+                        "source_sha256": None,
+                        "equivfx_version": equivfx.__version__,
+                        "torch_version": torch.__version__,
+                        "verified": {
+                            "ok": report.ok,
+                            "max_error": report.max_error,
+                            "rtol": report.rtol,
+                            "atol": report.atol,
+                        },
+                    },
+                )
             result.artifacts.append(str(path))
     result.seconds = time.perf_counter() - start
     return result

@@ -1,7 +1,8 @@
 """The equivfx exception hierarchy.
 
 Every error equivfx raises on bad input is a subclass of :class:`EquivFXError`. Each subclass also
-inherits the builtin exception that matches it (``ValueError``, ``TypeError`` ...), so code that already
+inherits the builtin exception that matches it (``ValueError``, ``TypeError`` ...), so code that
+already
 catches the builtin keeps working.
 
 Messages follow one shape: what failed, the offending value, what was expected, and how to fix it.
@@ -28,7 +29,9 @@ __all__ = [
 ]
 
 
-def explain(what: str, got: object = None, expected: str | None = None, fix: str | None = None) -> str:
+def explain(
+    what: str, got: object = None, expected: str | None = None, fix: str | None = None
+) -> str:
     """Format an error message as: what failed; got ...; expected ...; how to fix it.
 
     Example:
@@ -59,7 +62,8 @@ class GroupLawError(EquivFXError, ValueError):
 
 
 class ActionLawError(EquivFXError, ValueError):
-    """An action breaks e.x = x or (gh).x = g.(h.x) on the generators, or factors that must commute do not."""
+    """An action breaks e.x = x or (gh).x = g.(h.x) on the generators, or factors that must commute
+    do not."""
 
 
 class InputShapeError(EquivFXError, ValueError):
@@ -79,11 +83,13 @@ class MissingRuleError(EquivFXError, NotImplementedError):
 
 
 class BatchMixingError(EquivFXError, ValueError):
-    """An op mixes samples of the batch axis, or bakes the batch size in, so slots cannot be folded."""
+    """An op mixes samples of the batch axis, or bakes the batch size in, so slots cannot be
+    folded."""
 
 
 class ReadoutError(EquivFXError, ValueError):
-    """A readout option is unknown or misses what it needs (e.g. ``equivariant`` without an output action)."""
+    """A readout option is unknown or misses what it needs (e.g. ``equivariant`` without an output
+    action)."""
 
 
 class NotYetSupportedError(EquivFXError, NotImplementedError):

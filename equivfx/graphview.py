@@ -26,18 +26,28 @@ def describe_graph(gm: fx.GraphModule) -> list[dict]:
         params = None
         if node.op == "call_module" and node.target in modules:
             params = sum(p.numel() for p in modules[node.target].parameters())
-        target = node.target if isinstance(node.target, str) else getattr(
-            node.target, "__name__", str(node.target))
+        target = (
+            node.target
+            if isinstance(node.target, str)
+            else getattr(node.target, "__name__", str(node.target))
+        )
         rule = node.meta.get(RULE)
         if node.meta.get("equivfx.mixing"):
             rule = "mixing layer"
         elif isinstance(rep, InputRep):
             rule = "input"
         trace = (node.stack_trace or "").strip().splitlines()
-        rows.append({
-            "node": node.name, "op": node.op, "target": str(target),
-            "rep": rep.describe() if rep is not None else "-", "slot_axis": slot_axis,
-            "rule": rule, "origin": node.meta.get(ORIGIN), "params": params,
-            "source": trace[-1].strip() if trace else None,
-        })
+        rows.append(
+            {
+                "node": node.name,
+                "op": node.op,
+                "target": str(target),
+                "rep": rep.describe() if rep is not None else "-",
+                "slot_axis": slot_axis,
+                "rule": rule,
+                "origin": node.meta.get(ORIGIN),
+                "params": params,
+                "source": trace[-1].strip() if trace else None,
+            }
+        )
     return rows

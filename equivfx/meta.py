@@ -1,17 +1,21 @@
 """Node metadata: the ``equivfx.*`` keys of ``node.meta`` and their frozen values, defined once.
 
-Representation types say how G acts on the value a node computes. They are plain frozen dataclasses so
+Representation types say how G acts on the value a node computes. They are plain frozen dataclasses
+so
 passes can compare them, tests can construct them, and ``equivfx inspect`` can print them.
 
 - :class:`Trivial`: G acts trivially (parameters, constants, invariant values, shape arithmetic that
   does not involve the batch size).
 - :class:`InputRep`: the value carries the input action (the model's input before the lift).
 - :class:`Folded`: a Map(G, .) value whose slots are folded into a batch axis, slot-major: along
-  ``batch_axis`` the tensor holds |G| blocks of the original batch, block i being slot g_i. G acts by
+  ``batch_axis`` the tensor holds |G| blocks of the original batch, block i being slot g_i. G acts
+  by
   the regular action, which permutes the blocks.
-- :class:`BatchSize`: a Python int (or tuple of ints) read off a folded tensor's shape; ``batch_dims``
+- :class:`BatchSize`: a Python int (or tuple of ints) read off a folded tensor's shape;
+``batch_dims``
   lists which entries hold the (folded) batch size.
-- :class:`OutputRep`: a readout's value, with the action G has on it (regular on a slot axis, trivial,
+- :class:`OutputRep`: a readout's value, with the action G has on it (regular on a slot axis,
+trivial,
   or the user's output action).
 """
 
@@ -38,7 +42,8 @@ __all__ = [
 REP = "equivfx.rep"
 """``node.meta[REP]``: a :class:`Rep`, how G acts on the node's value."""
 ORIGIN = "equivfx.origin"
-"""``node.meta[ORIGIN]``: the name of the pass that created the node (absent on the user's nodes)."""
+"""``node.meta[ORIGIN]``: the name of the pass that created the node (absent on the user's
+nodes)."""
 RULE = "equivfx.rule"
 """``node.meta[RULE]``: the name of the op rule that justified the node's representation."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from equivfx.errors import ReadoutError, explain
-from equivfx.groups import FiniteGroup, group as as_group
+from equivfx.groups import FiniteGroup
+from equivfx.groups import group as as_group
 
 __all__ = ["decode_pose"]
 
@@ -36,9 +37,12 @@ def decode_pose(logits: torch.Tensor, group: FiniteGroup | str):
     n = logits.shape[-1]
     if logits.dim() not in (1, 2) or n % G.order:
         raise ReadoutError(
-            explain("pose logits must be (|G| K,) or (B, |G| K)", tuple(logits.shape),
-                    f"a last axis divisible by |G| = {G.order}",
-                    "pass the output of readout='pose'")
+            explain(
+                "pose logits must be (|G| K,) or (B, |G| K)",
+                tuple(logits.shape),
+                f"a last axis divisible by |G| = {G.order}",
+                "pass the output of readout='pose'",
+            )
         )
     k = n // G.order
     idx = logits.argmax(-1)

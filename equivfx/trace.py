@@ -2,15 +2,20 @@
 
 The cascade:
 
-1. ``torch.fx.symbolic_trace`` with a leaf registry (:data:`LEAF_MODULES`, each entry with its reason).
-   torch.nn's own modules are leaves already (fx's default); the registry adds modules that trace but
+1. ``torch.fx.symbolic_trace`` with a leaf registry (:data:`LEAF_MODULES`, each entry with its
+reason).
+   torch.nn's own modules are leaves already (fx's default); the registry adds modules that trace
+   but
    should stay whole, and users add theirs with :func:`register_leaf`.
-2. When tracing fails inside a submodule (data-dependent control flow, say), that submodule is made a
+2. When tracing fails inside a submodule (data-dependent control flow, say), that submodule is made
+a
    leaf and tracing starts again; the submodule then runs whole, as an opaque call.
 3. When the model's own ``forward`` cannot be traced, the whole model becomes one opaque node.
 
-The :class:`TraceResult` records the path taken (``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or
-``"opaque"``) and every leaf discovered with its reason, and a :class:`FallbackWarning` tells the user
+The :class:`TraceResult` records the path taken (``"symbolic_trace"``, ``"symbolic_trace+leaves"``
+or
+``"opaque"``) and every leaf discovered with its reason, and a :class:`FallbackWarning` tells the
+user
 whenever a fallback was used.
 """
 
@@ -69,8 +74,12 @@ def register_leaf(module_type: type, reason: str) -> None:
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ModelTypeError(
-            explain("register_leaf takes an nn.Module subclass", module_type,
-                    "a class such as torch.nn.LSTM", "pass the class, not an instance")
+            explain(
+                "register_leaf takes an nn.Module subclass",
+                module_type,
+                "a class such as torch.nn.LSTM",
+                "pass the class, not an instance",
+            )
         )
     LEAF_MODULES[module_type] = reason
 
@@ -83,7 +92,8 @@ class TraceResult:
         gm: the captured graph module. In the opaque path its graph is one ``call_module`` node on
             :data:`OPAQUE_ATTR`.
         path: ``"symbolic_trace"``, ``"symbolic_trace+leaves"`` or ``"opaque"``.
-        leaves: qualified module name -> reason, for the leaves discovered or taken from the registry.
+        leaves: qualified module name -> reason, for the leaves discovered or taken from the
+        registry.
         error: the trace error that caused the opaque fallback, if any.
     """
 
@@ -128,8 +138,17 @@ class _Tracer(fx.Tracer):
 def _is_trace_failure(err: Exception) -> bool:
     # torch.fx.proxy.TraceError (control flow, iteration) and the TypeError/RuntimeError that
     # Proxies raise when user code needs a concrete value.
-    return isinstance(err, (fx.proxy.TraceError, TypeError, RuntimeError, ValueError, AttributeError,
-                            NotImplementedError))
+    return isinstance(
+        err,
+        (
+            fx.proxy.TraceError,
+            TypeError,
+            RuntimeError,
+            ValueError,
+            AttributeError,
+            NotImplementedError,
+        ),
+    )
 
 
 def trace(model: nn.Module) -> TraceResult:
@@ -152,9 +171,12 @@ def trace(model: nn.Module) -> TraceResult:
     """
     if not isinstance(model, nn.Module):
         raise ModelTypeError(
-            explain("equivfx needs a torch.nn.Module", type(model).__name__,
-                    "an instance of torch.nn.Module", "wrap the function in an nn.Module whose "
-                    "forward calls it")
+            explain(
+                "equivfx needs a torch.nn.Module",
+                type(model).__name__,
+                "an instance of torch.nn.Module",
+                "wrap the function in an nn.Module whose forward calls it",
+            )
         )
     discovered: dict[str, str] = {}
     while True:
@@ -177,8 +199,10 @@ def trace(model: nn.Module) -> TraceResult:
     path = "symbolic_trace+leaves" if discovered else "symbolic_trace"
     if discovered:
         warnings.warn(
-            f"equivfx fallback: {len(discovered)} submodule(s) of {name} could not be traced and run "
-            f"whole as opaque leaves: {', '.join(discovered)}. Layer-wise passes treat them as black "
+            f"equivfx fallback: {len(discovered)} submodule(s) of {name} could not be traced and "
+            "run "
+            f"whole as opaque leaves: {', '.join(discovered)}. Layer-wise passes treat them as "
+            "black "
             "boxes; the global lift is still exact. Run equivfx.verify to check the result.",
             FallbackWarning,
             stacklevel=2,
@@ -189,7 +213,8 @@ def trace(model: nn.Module) -> TraceResult:
 def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> TraceResult:
     """The last resort: one graph node that calls the whole model.
 
-    The model is held as submodule :data:`OPAQUE_ATTR`; state-dict hooks strip and restore that prefix
+    The model is held as submodule :data:`OPAQUE_ATTR`; state-dict hooks strip and restore that
+    prefix
     so the graph module's ``state_dict()`` has exactly the model's keys.
     """
     name = type(model).__name__
@@ -203,8 +228,10 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
     gm = fx.GraphModule(root, graph, class_name=f"Opaque{name}")
     install_prefix_hooks(gm, OPAQUE_ATTR)
     warnings.warn(
-        f"equivfx fallback: {name}.forward could not be traced ({type(err).__name__}: {err}); the whole "
-        "model runs as one opaque node. The global lift is still exact; layer-wise passes cannot look "
+        f"equivfx fallback: {name}.forward could not be traced ({type(err).__name__}: {err}); the "
+        "whole "
+        "model runs as one opaque node. The global lift is still exact; layer-wise passes cannot "
+        "look "
         "inside. Run equivfx.verify to check the result.",
         FallbackWarning,
         stacklevel=3,
@@ -221,10 +248,13 @@ def _forward_params(model: nn.Module) -> list[str]:
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TraceError(
-                explain(f"{type(model).__name__}.forward could not be traced and takes *args/**kwargs",
-                        str(sig), "a forward with named positional parameters",
-                        "give forward explicit parameters, or make the untraceable part a "
-                        "submodule so only it runs opaque")
+                explain(
+                    f"{type(model).__name__}.forward could not be traced and takes *args/**kwargs",
+                    str(sig),
+                    "a forward with named positional parameters",
+                    "give forward explicit parameters, or make the untraceable part a "
+                    "submodule so only it runs opaque",
+                )
             )
         names.append(p.name)
     return names
@@ -243,14 +273,14 @@ def install_prefix_hooks(module: nn.Module, prefix: str) -> None:
         state_dict.clear()  # re-insert in the original order, prefix removed
         for key, value in items:
             if key.startswith(head):
-                key = sd_prefix + key[len(head):]
+                key = sd_prefix + key[len(head) :]
             state_dict[key] = value
 
     def _add(mod, state_dict, sd_prefix, local_metadata, strict, missing, unexpected, errors):
         head = sd_prefix + dotted
         for key in list(state_dict.keys()):
             if key.startswith(sd_prefix) and not key.startswith(head):
-                state_dict[head + key[len(sd_prefix):]] = state_dict.pop(key)
+                state_dict[head + key[len(sd_prefix) :]] = state_dict.pop(key)
 
     module.register_state_dict_post_hook(_strip)
     module.register_load_state_dict_pre_hook(_add)

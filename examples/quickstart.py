@@ -14,8 +14,14 @@ import equivfx
 def main() -> None:
     torch.manual_seed(0)
     cnn = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
     ).eval()
     x = torch.randn(4, 1, 8, 8)
     rotated = torch.rot90(x, 1, (-2, -1))
@@ -31,8 +37,10 @@ def main() -> None:
 
     c8 = equivfx.compile(cnn, "C8")
     report = equivfx.verify(c8, x)
-    print(f"equivfx C8 (interpolated): max error {report.max_error:.3g}, "
-          f"first approximate node: {report.first_bad_node}")
+    print(
+        f"equivfx C8 (interpolated): max error {report.max_error:.3g}, "
+        f"first approximate node: {report.first_bad_node}"
+    )
 
 
 if __name__ == "__main__":

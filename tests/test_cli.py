@@ -24,8 +24,9 @@ SHAPE = "2,1,8,8"
 
 def run(*args, cwd=None, check_code=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([*CMD, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [*CMD, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
     if check_code is not None:
         assert proc.returncode == check_code, (proc.stdout, proc.stderr)
     return proc
@@ -66,8 +67,19 @@ def test_help_lists_the_commands():
 def test_compile_to_pt2_loads_in_plain_torch_and_is_invariant(tmp_path, weights):
     out = tmp_path / "cnn.pt2"
     before = weights.read_bytes()
-    proc = run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out,
-               "--weights", weights, check_code=0)
+    proc = run(
+        "compile",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        out,
+        "--weights",
+        weights,
+        check_code=0,
+    )
     assert "verified" in proc.stdout
     assert weights.read_bytes() == before  # the input is never touched
     meta = json.loads((tmp_path / "cnn.pt2.json").read_text())
@@ -95,8 +107,21 @@ def test_compile_to_pt2_loads_in_plain_torch_and_is_invariant(tmp_path, weights)
 def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "cnn.onnx"
-    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--weights",
-        weights, "--mode", "layerwise", check_code=0)
+    run(
+        "compile",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        out,
+        "--weights",
+        weights,
+        "--mode",
+        "layerwise",
+        check_code=0,
+    )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     x = torch.randn(3, 1, 8, 8)
@@ -112,8 +137,21 @@ def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dict_outputs_load_into_the_compiled_model(tmp_path, weights, suffix):
     out = tmp_path / f"cnn{suffix}"
-    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--weights",
-        weights, "--readout", "slots", check_code=0)
+    run(
+        "compile",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        out,
+        "--weights",
+        weights,
+        "--readout",
+        "slots",
+        check_code=0,
+    )
     if suffix == ".pt":
         sd = torch.load(out, weights_only=True)
     else:
@@ -139,11 +177,31 @@ def test_verify_exit_codes_and_json(tmp_path):
 
 
 def test_inspect_text_and_json():
-    text = run("inspect", FACTORY, "--group", "C4", "--input-shape", SHAPE, "--mode", "layerwise",
-               check_code=0).stdout
+    text = run(
+        "inspect",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "--mode",
+        "layerwise",
+        check_code=0,
+    ).stdout
     assert "equivfx_lift" in text and "mixing layer" in text and "18,464" in text
-    data = json.loads(run("inspect", FACTORY, "--group", "C4", "--input-shape", SHAPE,
-                          "--format", "json", check_code=0).stdout)
+    data = json.loads(
+        run(
+            "inspect",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "--format",
+            "json",
+            check_code=0,
+        ).stdout
+    )
     nodes = {n["node"]: n for n in data["nodes"]}
     assert nodes["equivfx_lift"]["rep"].startswith("map(G) folded")
     assert nodes["equivfx_lift"]["slot_axis"] == 0
@@ -169,38 +227,87 @@ def test_factory_from_the_current_directory_with_model_args(tmp_path):
         "    return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3), torch.nn.Flatten(),\n"
         "                               torch.nn.Linear(width * 36, 2))\n"
     )
-    run("compile", "mymodels:make", "--model-arg", "width=3", "--group", "D4", "--input-shape",
-        SHAPE, "-o", "m.pt2", cwd=tmp_path, check_code=0)
+    run(
+        "compile",
+        "mymodels:make",
+        "--model-arg",
+        "width=3",
+        "--group",
+        "D4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        "m.pt2",
+        cwd=tmp_path,
+        check_code=0,
+    )
     meta = json.loads((tmp_path / "m.pt2.json").read_text())
     assert meta["model_args"] == {"width": 3}
 
 
 # ------------------------------------------------------------------------------ bad input: exit 2
 def test_missing_weights(tmp_path):
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.pt2", "--weights", tmp_path / "nope.pt"))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+            "--weights",
+            tmp_path / "nope.pt",
+        )
+    )
     assert "not found" in line and "nope.pt" in line
 
 
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.pt2", "--weights", bad))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+            "--weights",
+            bad,
+        )
+    )
     assert "corrupt" in line
 
 
 def test_wrong_weights_format(tmp_path):
     bad = tmp_path / "weights.txt"
     bad.write_text("hello")
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.pt2", "--weights", bad))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+            "--weights",
+            bad,
+        )
+    )
     assert "unknown weights format" in line and "Fix" in line
 
 
 def test_wrong_output_format(tmp_path):
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.h5"))
+    line = one_error_line(
+        run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", tmp_path / "o.h5")
+    )
     assert "unknown output format" in line
 
 
@@ -209,63 +316,164 @@ def test_mismatched_keys_are_named(tmp_path):
     sd = make_cnn(channels=8).state_dict()
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, ckpt)
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.pt2", "--weights", ckpt))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+            "--weights",
+            ckpt,
+        )
+    )
     assert "extra.weight" in line and "0.weight" in line
 
 
 def test_group_that_does_not_fit_the_input_shape(tmp_path):
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", "2,1,8,9",
-                              "-o", tmp_path / "o.pt2"))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            "2,1,8,9",
+            "-o",
+            tmp_path / "o.pt2",
+        )
+    )
     assert "square" in line and "(2, 1, 8, 9)" in line
 
 
 def test_unknown_group_spec(tmp_path):
-    line = one_error_line(run("compile", FACTORY, "--group", "Q8", "--input-shape", SHAPE,
-                              "-o", tmp_path / "o.pt2"))
+    line = one_error_line(
+        run("compile", FACTORY, "--group", "Q8", "--input-shape", SHAPE, "-o", tmp_path / "o.pt2")
+    )
     assert "Q8" in line
 
 
 def test_unwritable_output(tmp_path):
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "missing-folder" / "o.pt2"))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "missing-folder" / "o.pt2",
+        )
+    )
     assert "folder does not exist" in line
 
 
 def test_pickled_module_needs_opt_in(tmp_path):
     ckpt = tmp_path / "full.pt"
     torch.save(make_cnn(), ckpt)
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              tmp_path / "o.pt2", "--weights", ckpt))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+            "--weights",
+            ckpt,
+        )
+    )
     assert "--trust-pickle" in line
-    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", tmp_path / "o.pt2",
-        "--weights", ckpt, "--trust-pickle", check_code=0)
+    run(
+        "compile",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        tmp_path / "o.pt2",
+        "--weights",
+        ckpt,
+        "--trust-pickle",
+        check_code=0,
+    )
 
 
 def test_factory_that_does_not_import(tmp_path):
-    line = one_error_line(run("compile", "no_such_package.models:make", "--group", "C4",
-                              "--input-shape", SHAPE, "-o", tmp_path / "o.pt2"))
+    line = one_error_line(
+        run(
+            "compile",
+            "no_such_package.models:make",
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+        )
+    )
     assert "cannot import" in line and "no_such_package" in line
-    line = one_error_line(run("compile", "equivfx.demo:nope", "--group", "C4", "--input-shape",
-                              SHAPE, "-o", tmp_path / "o.pt2"))
+    line = one_error_line(
+        run(
+            "compile",
+            "equivfx.demo:nope",
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            tmp_path / "o.pt2",
+        )
+    )
     assert "no attribute" in line
 
 
 def test_existing_output_is_refused_unless_forced_and_inputs_never_overwritten(tmp_path, weights):
     out = tmp_path / "o.pt2"
     out.write_bytes(b"precious")
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              out))
+    line = one_error_line(
+        run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out)
+    )
     assert "--force" in line
     assert out.read_bytes() == b"precious"
-    run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, "--force",
-        check_code=0)
+    run(
+        "compile",
+        FACTORY,
+        "--group",
+        "C4",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        out,
+        "--force",
+        check_code=0,
+    )
     assert out.read_bytes() != b"precious"
     copy = tmp_path / "w.pt"
     shutil.copy(weights, copy)
     before = copy.read_bytes()
-    line = one_error_line(run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o",
-                              copy, "--weights", copy, "--force"))
+    line = one_error_line(
+        run(
+            "compile",
+            FACTORY,
+            "--group",
+            "C4",
+            "--input-shape",
+            SHAPE,
+            "-o",
+            copy,
+            "--weights",
+            copy,
+            "--force",
+        )
+    )
     assert "overwrite an input" in line
     assert copy.read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp*"))  # no temporary files left behind
@@ -281,8 +489,17 @@ def test_verify_needs_group_for_a_factory_and_a_sidecar_for_files(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = run("compile", FACTORY, "--group", "Q8", "--input-shape", SHAPE, "-o",
-               tmp_path / "o.pt2", "--debug")
+    proc = run(
+        "compile",
+        FACTORY,
+        "--group",
+        "Q8",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        tmp_path / "o.pt2",
+        "--debug",
+    )
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "GroupSpecError" in proc.stderr
 

@@ -21,8 +21,13 @@ from equivfx.meta import REP, Folded, InputRep, OutputRep, check_meta
 def small_cnn(classes: int = 5) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, classes),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, classes),
     )
 
 
@@ -60,8 +65,11 @@ def test_invariant_readout_pools_the_slots(pool):
     emodel = equivfx.compile(model, G, readout="invariant", pool=pool)
     with torch.no_grad():
         slots = oracle_slots(model, G, X)
-        want = {"mean": slots.mean(1), "max": slots.amax(1),
-                "logsumexp": torch.logsumexp(slots, 1) - torch.log(torch.tensor(8.0))}[pool]
+        want = {
+            "mean": slots.mean(1),
+            "max": slots.amax(1),
+            "logsumexp": torch.logsumexp(slots, 1) - torch.log(torch.tensor(8.0)),
+        }[pool]
         torch.testing.assert_close(emodel(X), want)
         for g in G.elements:
             torch.testing.assert_close(emodel(G.act(g, X)), emodel(X), rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
-"""G-CNNs as a special case: equivfx's layer-wise network, read through Phi(s)(h) = h . s(h), equals an
+"""G-CNNs as a special case: equivfx's layer-wise network, read through Phi(s)(h) = h . s(h),
+equals an
 independent reference of the Cohen-Welling lifting convolution and group convolution (C4 and D4).
 
 The reference below is written from the G-CNN formulas alone (its own rotations, flips and group
@@ -46,8 +47,9 @@ def ref_act(a, t):
 
 
 def lifting_conv(x, psi, bias, elements):
-    return torch.stack([F.conv2d(x, ref_act(g, psi), bias, padding=psi.shape[-1] // 2)
-                        for g in elements], 1)
+    return torch.stack(
+        [F.conv2d(x, ref_act(g, psi), bias, padding=psi.shape[-1] // 2) for g in elements], 1
+    )
 
 
 def group_conv(f, psi, bias, elements):
@@ -90,7 +92,9 @@ def test_layerwise_with_phi_is_a_gcnn(spec):
 
     with torch.no_grad():
         slots = emodel(x)  # (B, |G|, c2, H, W), slot representation
-        phi = torch.stack([G.act(g, slots[:, g.index]) for g in G.elements], 1)  # Phi(s)(g) = g.s(g)
+        phi = torch.stack(
+            [G.act(g, slots[:, g.index]) for g in G.elements], 1
+        )  # Phi(s)(g) = g.s(g)
 
         w1, b1 = emodel.get_submodule("0").weight, emodel.get_submodule("0").bias
         wide, b2 = emodel.get_submodule("2").weight, emodel.get_submodule("2").bias

@@ -8,9 +8,12 @@ After (``node.meta["equivfx.rep"]``)::
 
     x: input(C4)  conv: map(G) folded in axis 0  relu: map(G) folded in axis 0  output: trivial
 
-The acted input carries the input action. Every node computed from it will, once the lift is inserted,
-hold a Map(G, .) value folded into its batch axis; the per-op rule table says where that axis goes and
-refuses ops that mix samples of the batch. Nodes that do not depend on the inputs are trivial. Python
+The acted input carries the input action. Every node computed from it will, once the lift is
+inserted,
+hold a Map(G, .) value folded into its batch axis; the per-op rule table says where that axis goes
+and
+refuses ops that mix samples of the batch. Nodes that do not depend on the inputs are trivial.
+Python
 ints read off shapes are :class:`~equivfx.meta.BatchSize` values, so ``x.view(x.size(0), -1)`` keeps
 the batch where it belongs.
 """
@@ -78,8 +81,13 @@ class AnnotateReps(Pass):
             module = modules.get(node.target) if node.op == "call_module" else None
             key = rule_key(node, module)
             rule = lookup(key)
-            ctx = BatchCtx(node=node, reps=reps, module=module,
-                           example_batch=self.options.example_batch, literal_batch=literals)
+            ctx = BatchCtx(
+                node=node,
+                reps=reps,
+                module=module,
+                example_batch=self.options.example_batch,
+                literal_batch=literals,
+            )
             if rule is None:
                 if node.op != "call_module":
                     raise missing_rule(node, key)

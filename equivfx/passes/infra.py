@@ -1,8 +1,11 @@
 """Pass infrastructure: a pass is a small object; a pipeline is an ordered list checked when built.
 
-A pass has a kebab-case ``name`` (shown by ``equivfx inspect``), the metadata keys it ``requires`` and
-``provides``, and ``__call__(gm) -> PassResult`` (torch.fx's own result type). :class:`Pipeline` checks,
-when it is built, that each pass's requirements are provided by an earlier pass (or by the input), and
+A pass has a kebab-case ``name`` (shown by ``equivfx inspect``), the metadata keys it ``requires``
+and
+``provides``, and ``__call__(gm) -> PassResult`` (torch.fx's own result type). :class:`Pipeline`
+checks,
+when it is built, that each pass's requirements are provided by an earlier pass (or by the input),
+and
 after each pass in debug mode it lints the graph and checks the equivfx metadata.
 """
 
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 class Pass:
     """Base class of equivfx passes.
 
-    Subclasses set ``name``, ``requires`` and ``provides`` and implement ``__call__``. Options live in a
+    Subclasses set ``name``, ``requires`` and ``provides`` and implement ``__call__``. Options live
+    in a
     frozen dataclass given to ``__init__``; a pass keeps no other state between calls.
     """
 
@@ -58,7 +62,8 @@ class Pipeline:
         check: lint the graph and check metadata after every pass (tests turn this on).
 
     Raises:
-        PipelineError: if a pass requires a key that neither ``initial`` nor an earlier pass provides.
+        PipelineError: if a pass requires a key that neither ``initial`` nor an earlier pass
+        provides.
     """
 
     passes: tuple[Pass, ...]
@@ -75,9 +80,12 @@ class Pipeline:
             if missing:
                 order = [q.name for q in self.passes]
                 raise PipelineError(
-                    explain(f"pass {p.name!r} requires metadata no earlier pass provides",
-                            sorted(missing), f"one of the passes before it in {order} to provide them",
-                            "reorder the pipeline or add the analysis pass that provides them")
+                    explain(
+                        f"pass {p.name!r} requires metadata no earlier pass provides",
+                        sorted(missing),
+                        f"one of the passes before it in {order} to provide them",
+                        "reorder the pipeline or add the analysis pass that provides them",
+                    )
                 )
             have |= set(p.provides)
 

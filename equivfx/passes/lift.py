@@ -1,4 +1,5 @@
-"""``insert-lift``: the group-axis lift at the acted input, slot i = g_i^-1 . x, folded into the batch.
+"""``insert-lift``: the group-axis lift at the acted input, slot i = g_i^-1 . x, folded into the
+batch.
 
 Before::
 
@@ -8,7 +9,8 @@ After::
 
     x -> equivfx_lift -> conv -> output        (equivfx_lift: (B, ...) -> (|G| B, ...))
 
-Other batched inputs, which G acts on trivially, are repeated once per slot (``equivfx_repeat_<name>``).
+Other batched inputs, which G acts on trivially, are repeated once per slot
+(``equivfx_repeat_<name>``).
 """
 
 from __future__ import annotations

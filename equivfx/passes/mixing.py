@@ -18,11 +18,14 @@ After::
     m = equivfx_gather_conv2(relu)        (|G| B, 80, H, W) -> (|G| B, |G| 80, H, W)
     h = conv2(m)                          conv2: Conv2d(|G| 80, 80, 3)
 
-The gather is one indexing with the precomputed Cayley table T[g][u] = index(g u): no Python loop over
+The gather is one indexing with the precomputed Cayley table T[g][u] = index(g u): no Python loop
+over
 slots at run time.
 
-With ``twist=True`` the gather reads the slots through Phi(s)(u) = u . s(u) (the group's action on the
-hidden feature maps): the mixing layers are then exactly G-CNN group convolutions (see docs/gcnn.md).
+With ``twist=True`` the gather reads the slots through Phi(s)(u) = u . s(u) (the group's action on
+the
+hidden feature maps): the mixing layers are then exactly G-CNN group convolutions (see
+docs/gcnn.md).
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ class SlotGather(nn.Module):
 
     def extra_repr(self) -> str:
         twist = ", twist=Phi" if self.twist is not None else ""
-        return f"group={self.group!r}, feature_axis={self.feature_axis}, groups={self.groups}{twist}"
+        return (
+            f"group={self.group!r}, feature_axis={self.feature_axis}, groups={self.groups}{twist}"
+        )
 
 
 def widen(module: nn.Module, order: int) -> nn.Module:
@@ -99,15 +104,29 @@ def widen(module: nn.Module, order: int) -> nn.Module:
     """
     w = module.weight.detach()
     if isinstance(module, nn.Linear):
-        new = nn.Linear(module.in_features * order, module.out_features, bias=module.bias is not None,
-                        device=w.device, dtype=w.dtype)
+        new = nn.Linear(
+            module.in_features * order,
+            module.out_features,
+            bias=module.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         per_block = module.in_features
     else:
         cls = type(module)
-        new = cls(module.in_channels * order, module.out_channels, module.kernel_size,
-                  stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=module.bias is not None,
-                  padding_mode=module.padding_mode, device=w.device, dtype=w.dtype)
+        new = cls(
+            module.in_channels * order,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
         per_block = module.in_channels // module.groups
     with torch.no_grad():
         new.weight.zero_()
@@ -165,10 +184,14 @@ class MixLayers(Pass):
             first = arg in stage
             if node.target in candidates and candidates[node.target] != first:
                 raise EquivFXError(
-                    explain(f"module {node.target!r} is called both on the input stage and on "
-                            "lifted features", node.target, "each mixing candidate called on one "
-                            "kind of value", f"pass mix= without {node.target!r}, or use separate "
-                            "modules for the two calls")
+                    explain(
+                        f"module {node.target!r} is called both on the input stage and on "
+                        "lifted features",
+                        node.target,
+                        "each mixing candidate called on one kind of value",
+                        f"pass mix= without {node.target!r}, or use separate "
+                        "modules for the two calls",
+                    )
                 )
             candidates[node.target] = first
         chosen = self._choose(candidates, modules)
@@ -205,9 +228,12 @@ class MixLayers(Pass):
         if unknown:
             known = ", ".join(sorted(candidates)) or "none"
             raise EquivFXError(
-                explain("mix= names modules that are not Conv/Linear layers reading lifted values",
-                        unknown, f"names among: {known}",
-                        "use qualified names as in model.named_modules()")
+                explain(
+                    "mix= names modules that are not Conv/Linear layers reading lifted values",
+                    unknown,
+                    f"names among: {known}",
+                    "use qualified names as in model.named_modules()",
+                )
             )
         return [n for n in candidates if n in names]
 

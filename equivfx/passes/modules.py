@@ -1,6 +1,8 @@
-"""The runtime modules the global passes insert: the lift at the input and the readout at the output.
+"""The runtime modules the global passes insert: the lift at the input and the readout at the
+output.
 
-They hold no parameters and no persistent buffers, so a compiled model's ``state_dict()`` keeps exactly
+They hold no parameters and no persistent buffers, so a compiled model's ``state_dict()`` keeps
+exactly
 the original keys.
 """
 
@@ -12,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from equivfx.groups.actions import Action
-
 from equivfx.errors import ReadoutError, explain
+from equivfx.groups.actions import Action
 
 __all__ = ["Lift", "Broadcast", "Readout", "READOUTS", "POOLS", "PoseAction", "pose_action"]
 
@@ -26,7 +27,8 @@ class Lift(nn.Module):
     """The group-axis lift F^(x)(g) = F(g^-1 . x), folded slot-major into the batch axis.
 
     ``forward(x)`` checks ``x`` against the action (a non-square image under C4 raises
-    :class:`~equivfx.errors.InputShapeError`) and returns ``cat([g_0^-1 . x, ..., g_{n-1}^-1 . x], 0)``
+    :class:`~equivfx.errors.InputShapeError`) and returns ``cat([g_0^-1 . x, ..., g_{n-1}^-1 . x],
+    0)``
     of shape ``(|G| * B, ...)``: block i holds slot g_i.
     """
 
@@ -67,7 +69,8 @@ class Readout(nn.Module):
 
     - ``slots``: shape ``(B, |G|, ...)`` (batch axis, then the slot axis);
     - ``pose``: ``(B, |G| * K)``, flattened slot-major (index i*K + k), the paper's R^(|G| K);
-    - ``invariant``: pooled over slots: ``mean``, ``max`` or ``logsumexp`` (minus log|G|, so a constant
+    - ``invariant``: pooled over slots: ``mean``, ``max`` or ``logsumexp`` (minus log|G|, so a
+    constant
       slot value comes out unchanged);
     - ``equivariant``: (1/|G|) sum_i rho_out(g_i) y_i, for outputs with their own action rho_out.
     """

@@ -1,11 +1,15 @@
-"""The per-op rule table: what equivfx knows about each op, in one place (like JAX's per-primitive rules).
+"""The per-op rule table: what equivfx knows about each op, in one place (like JAX's per-primitive
+rules).
 
 A rule answers three questions about one op:
 
-- **batch**: given where the batch axis sits in the op's inputs, where is it in the output? This is what
-  makes folding the |G| slots into the batch axis legal. A rule raises :class:`BatchMixingError` when the
+- **batch**: given where the batch axis sits in the op's inputs, where is it in the output? This is
+what
+  makes folding the |G| slots into the batch axis legal. A rule raises :class:`BatchMixingError`
+  when the
   op mixes samples (a reduction over the batch axis, a concatenation along it, a sample index ...).
-- **commutes**: does ``op(g . x) == g . op(x)`` hold for a given input action (pointwise ops under any
+- **commutes**: does ``op(g . x) == g . op(x)`` hold for a given input action (pointwise ops under
+any
   permutation of entries, 1x1 convolutions under spatial actions, ...)? Used by cost passes.
 - **linear**: is the op linear in its tensor inputs?
 
@@ -49,7 +53,8 @@ __all__ = [
 
 
 def describe_node(node: fx.Node, neighbours: int = 2) -> str:
-    """A node for an error message: its ``format_node()``, the user's source line, nodes around it."""
+    """A node for an error message: its ``format_node()``, the user's source line, nodes around
+    it."""
     lines = [f"  node: {node.format_node()}"]
     trace = (node.stack_trace or "").strip().splitlines()
     if trace:
@@ -95,7 +100,8 @@ class BatchCtx:
 
     # -- reading the node ---------------------------------------------------------------------
     def arg(self, pos: int, name: str, default=None):
-        """Argument ``pos`` (or keyword ``name``) of the node (positions count the tensor for methods)."""
+        """Argument ``pos`` (or keyword ``name``) of the node (positions count the tensor for
+        methods)."""
         if len(self.node.args) > pos:
             return self.node.args[pos]
         return self.node.kwargs.get(name, default)
@@ -210,8 +216,10 @@ def lookup(key) -> OpRule | None:
         return RULES[key]
     if isinstance(key, type) and issubclass(key, nn.Module):
         for base in key.__mro__[1:]:
-            if base in RULES and base.__module__.startswith("torch.nn") and (
-                key.forward is base.forward
+            if (
+                base in RULES
+                and base.__module__.startswith("torch.nn")
+                and (key.forward is base.forward)
             ):
                 return RULES[base]
     return None
@@ -239,8 +247,10 @@ def missing_rule(node: fx.Node, key) -> MissingRuleError:
             f"equivfx has no rule for op {name!r}, which consumes a batch-carrying tensor",
             node.name,
             "an op in equivfx.passes.rules.RULES",
-            "register one with equivfx.passes.rules.register(op, OpRule(...)) stating where the batch "
-            "axis goes, or wrap the code in a submodule registered with equivfx.trace.register_leaf",
+            "register one with equivfx.passes.rules.register(op, OpRule(...)) stating where the "
+            "batch "
+            "axis goes, or wrap the code in a submodule registered with "
+            "equivfx.trace.register_leaf",
         )
         + "\n"
         + describe_node(node)
@@ -335,7 +345,9 @@ def _dims(d) -> list[int] | None:
     return [d]
 
 
-def reduction(dim_pos: int = 1, dim_name: str = "dim", keepdim_pos: int = 2, full_ok=False) -> BatchFn:
+def reduction(
+    dim_pos: int = 1, dim_name: str = "dim", keepdim_pos: int = 2, full_ok=False
+) -> BatchFn:
     """Reductions (sum, mean, amax ...): refused over the batch axis or over everything."""
 
     def fn(ctx: BatchCtx) -> Rep:
@@ -349,7 +361,8 @@ def reduction(dim_pos: int = 1, dim_name: str = "dim", keepdim_pos: int = 2, ful
         if dims is None or dims == []:
             raise ctx.mixing(
                 f"{_op_name(ctx)} reduces over every axis, the batch axis included",
-                f"reduce over the sample axes only, e.g. {_op_name(ctx)}(dim=tuple(range(1, x.dim())))",
+                f"reduce over the sample axes only, e.g. {_op_name(ctx)}(dim=tuple(range(1, "
+                "x.dim())))",
             )
         keepdim = bool(ctx.arg(keepdim_pos, "keepdim", False))
         norm = [ctx.norm_dim(d, x) for d in dims]
@@ -365,8 +378,9 @@ def reduction(dim_pos: int = 1, dim_name: str = "dim", keepdim_pos: int = 2, ful
     return fn
 
 
-def along_dim(dim_pos: int = 1, dim_name: str = "dim", default: int | None = None,
-              drops_dim: bool = False) -> BatchFn:
+def along_dim(
+    dim_pos: int = 1, dim_name: str = "dim", default: int | None = None, drops_dim: bool = False
+) -> BatchFn:
     """Ops that act along one dim (softmax, cumsum, flip ...): refused along the batch axis."""
 
     def fn(ctx: BatchCtx) -> Rep:
@@ -376,12 +390,15 @@ def along_dim(dim_pos: int = 1, dim_name: str = "dim", default: int | None = Non
             return same_axis(ctx) if ctx.folded_inputs() else Trivial()
         dims = _dims(ctx.arg(dim_pos, dim_name, default))
         if dims is None:
-            raise ctx.mixing(f"{_op_name(ctx)} without a dim may act along the batch axis",
-                             "pass dim= explicitly")
+            raise ctx.mixing(
+                f"{_op_name(ctx)} without a dim may act along the batch axis",
+                "pass dim= explicitly",
+            )
         norm = [ctx.norm_dim(d, x) for d in dims]
         if ax in norm:
-            raise ctx.mixing(f"{_op_name(ctx)} acts along the batch axis {ax}",
-                             "apply it along a sample axis")
+            raise ctx.mixing(
+                f"{_op_name(ctx)} acts along the batch axis {ax}", "apply it along a sample axis"
+            )
         if drops_dim:
             return Folded(ax - sum(1 for d in norm if d is not None and d < ax))
         return Folded(ax)
@@ -401,8 +418,9 @@ def cat_like(stack: bool = False) -> BatchFn:
             return Trivial()
         axes = {a for _, a in folded}
         if len(axes) != 1:
-            raise ctx.mixing("joined tensors carry the batch on different axes",
-                             "align their batch axes first")
+            raise ctx.mixing(
+                "joined tensors carry the batch on different axes", "align their batch axes first"
+            )
         if len(folded) != len(tensors):
             raise ctx.mixing(
                 f"{_op_name(ctx)} joins batch-carrying tensors with ones that carry no batch",
@@ -419,8 +437,10 @@ def cat_like(stack: bool = False) -> BatchFn:
         if stack:
             return Folded(ax + 1 if d <= ax else ax)
         if d == ax:
-            raise ctx.mixing(f"{_op_name(ctx)} joins tensors along the batch axis {ax}",
-                             "join along a sample axis instead")
+            raise ctx.mixing(
+                f"{_op_name(ctx)} joins tensors along the batch axis {ax}",
+                "join along a sample axis instead",
+            )
         return Folded(ax)
 
     return fn
@@ -445,7 +465,8 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
     """view / reshape / expand / repeat / factories: find where the batch size sits in the target.
 
     An entry that is the folded batch size (read off a folded tensor with ``x.size(0)``) marks the
-    output's batch axis. A leading ``-1`` keeps the batch on axis 0. A literal int equal to (a multiple
+    output's batch axis. A leading ``-1`` keeps the batch on axis 0. A literal int equal to (a
+    multiple
     of) the example batch size is recorded for the ``to-map`` pass to rewrite; any other literal
     in the batch position is refused, because the compiled model runs on |G| times the batch.
     """
@@ -460,7 +481,9 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
             rep = ctx.rep(entries[0])
             if isinstance(rep, BatchSize) and rep.batch_dims:
                 return Folded(rep.batch_dims[0])
-        positions = [i for i, e in enumerate(entries) if isinstance(e, fx.Node) and ctx.is_batch_int(e)]
+        positions = [
+            i for i, e in enumerate(entries) if isinstance(e, fx.Node) and ctx.is_batch_int(e)
+        ]
         if positions:
             return Folded(positions[0])
         if ax is None:
@@ -472,14 +495,18 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
             lead = len(entries) - (ctx.rank(src) or len(entries))
             pos = ax + lead
             e = entries[pos] if 0 <= pos < len(entries) else None
-            if (ctx.node.target == "expand" and e == -1) or (ctx.node.target == "repeat" and e == 1):
+            if (ctx.node.target == "expand" and e == -1) or (
+                ctx.node.target == "repeat" and e == 1
+            ):
                 return Folded(pos)
             first, ax_pos = e, pos
         else:
             ax_pos = 0
             if ax != 0:
-                raise ctx.mixing(f"{name} reshapes a tensor whose batch is on axis {ax}",
-                                 "move the batch to axis 0 before reshaping")
+                raise ctx.mixing(
+                    f"{name} reshapes a tensor whose batch is on axis {ax}",
+                    "move the batch to axis 0 before reshaping",
+                )
         if first == -1 and ctx.node.target not in ("repeat",):
             return Folded(ax_pos)
         if isinstance(first, int) and not isinstance(first, bool):
@@ -489,9 +516,11 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
                 return Folded(ax_pos)
             if b is None:
                 raise ctx.mixing(
-                    f"{name} has the literal {first} where the batch size goes; equivfx cannot tell "
+                    f"{name} has the literal {first} where the batch size goes; equivfx cannot "
+                    "tell "
                     "whether it is the batch size",
-                    "use x.size(0) (or -1) instead of a literal, or pass example_inputs (batch >= 2) "
+                    "use x.size(0) (or -1) instead of a literal, or pass example_inputs (batch >= "
+                    "2) "
                     "so equivfx can rewrite it",
                 )
             raise ctx.mixing(
@@ -499,8 +528,10 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
                 f"size is {b}: this op mixes samples of the batch",
                 "keep the batch axis intact (x.size(0) or -1 in that position)",
             )
-        raise ctx.mixing(f"{name} has {first!r} where the batch size goes",
-                         "use x.size(0) or -1 in the batch position")
+        raise ctx.mixing(
+            f"{name} has {first!r} where the batch size goes",
+            "use x.size(0) or -1 in the batch position",
+        )
 
     return fn
 
@@ -527,8 +558,10 @@ def flatten_rule(start_pos=1, end_pos=2, start_default=0, end_default=-1) -> Bat
         if ax == s:
             return Folded(ax)  # batch becomes the outer factor: slot-major order is kept
         if ax <= e:
-            raise ctx.mixing(f"flatten(start_dim={start}) puts the batch inside another axis",
-                             "flatten from the batch axis or after it")
+            raise ctx.mixing(
+                f"flatten(start_dim={start}) puts the batch inside another axis",
+                "flatten from the batch axis or after it",
+            )
         return Folded(ax - (e - s))
 
     return fn
@@ -559,8 +592,10 @@ def transpose_rule(ctx: BatchCtx) -> Rep:
         r0, r1 = ctx.arg(1, "dim0"), ctx.arg(2, "dim1")
         if ax not in (r0, r1):
             return Folded(ax)
-        raise ctx.mixing("transpose with negative dims on a tensor of unknown rank",
-                         "pass example_inputs or use non-negative dims")
+        raise ctx.mixing(
+            "transpose with negative dims on a tensor of unknown rank",
+            "pass example_inputs or use non-negative dims",
+        )
     if ax == d0:
         return Folded(d1)
     if ax == d1:
@@ -577,11 +612,13 @@ def movedim_rule(ctx: BatchCtx) -> Rep:
     r = ctx.rank(x)
     if r is None:
         if any(d < 0 for d in src + dst):
-            raise ctx.mixing("movedim with negative dims on a tensor of unknown rank",
-                             "pass example_inputs")
+            raise ctx.mixing(
+                "movedim with negative dims on a tensor of unknown rank", "pass example_inputs"
+            )
         r = max(src + dst + [ax]) + 1
     order = [d for d in range(r) if d not in [s % r for s in src]]
-    for s, d in sorted(zip([s % r for s in src], [d % r for d in dst]), key=lambda p: p[1]):
+    pairs = zip([s % r for s in src], [d % r for d in dst], strict=True)
+    for s, d in sorted(pairs, key=lambda p: p[1]):
         order.insert(d, s)
     return Folded(order.index(ax))
 
@@ -611,8 +648,10 @@ def squeeze_rule(ctx: BatchCtx) -> Rep:
         if shape is None:
             return Folded(ax)
         if ctx.example_batch == 1:
-            raise ctx.mixing("squeeze() on a batch of size 1 would squeeze the batch axis",
-                             "pass example_inputs with batch >= 2, or squeeze named dims")
+            raise ctx.mixing(
+                "squeeze() on a batch of size 1 would squeeze the batch axis",
+                "pass example_inputs with batch >= 2, or squeeze named dims",
+            )
         return Folded(ax - sum(1 for i, s in enumerate(shape) if s == 1 and i < ax))
     norm = [ctx.norm_dim(d, x) for d in dims]
     if ax in norm:
@@ -630,11 +669,18 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
     if isinstance(rep, BatchSize):
         # indexing a shape tuple
         if isinstance(idx, int):
-            return BatchSize((0,)) if idx in rep.batch_dims or (
-                idx < 0 and ctx.shape(src) is None and False) else BatchSize(())
+            return (
+                BatchSize((0,))
+                if idx in rep.batch_dims or (idx < 0 and ctx.shape(src) is None and False)
+                else BatchSize(())
+            )
         if isinstance(idx, slice):
             start = idx.start or 0
-            kept = [d - start for d in rep.batch_dims if d >= start and (idx.stop is None or d < idx.stop)]
+            kept = [
+                d - start
+                for d in rep.batch_dims
+                if d >= start and (idx.stop is None or d < idx.stop)
+            ]
             return BatchSize(tuple(kept))
         return BatchSize(())
     if isinstance(rep, Folded) and rep.container:
@@ -655,8 +701,9 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
             if r is None:
                 # the batch (at axis 0) comes before an ellipsis that starts the index
                 if pos <= ax and ax != 0:
-                    raise ctx.mixing("indexing with ... on a tensor of unknown rank",
-                                     "pass example_inputs")
+                    raise ctx.mixing(
+                        "indexing with ... on a tensor of unknown rank", "pass example_inputs"
+                    )
                 ellipsis_seen = True
                 break
             skip = r - n_real
@@ -671,8 +718,10 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         if pos == ax:
             if isinstance(e, slice) and e == slice(None):
                 return Folded(out)
-            raise ctx.mixing(f"indexing {e!r} on the batch axis selects samples",
-                             "index sample axes only (x[:, ...])")
+            raise ctx.mixing(
+                f"indexing {e!r} on the batch axis selects samples",
+                "index sample axes only (x[:, ...])",
+            )
         if isinstance(e, int):
             pos += 1
             continue
@@ -708,8 +757,10 @@ def getattr_rule(ctx: BatchCtx) -> Rep:
         r = ctx.rank(x)
         if attr in ("T", "H"):
             if r is None:
-                raise ctx.mixing(".T on a batch-carrying tensor of unknown rank",
-                                 "use transpose(...) with explicit dims")
+                raise ctx.mixing(
+                    ".T on a batch-carrying tensor of unknown rank",
+                    "use transpose(...) with explicit dims",
+                )
             return Folded(r - 1 - ax)
         if r is not None and ax >= r - 2:
             raise ctx.mixing(".mT moves the batch axis", "transpose sample axes only")
@@ -743,15 +794,22 @@ def matmul_rule(ctx: BatchCtx) -> Rep:
     if aa is None and ab is None:
         return Trivial()
     if aa is not None and ra is not None and aa == ra - 1 and ra >= 1:
-        raise ctx.mixing("matmul contracts the batch axis of its first operand",
-                         "keep the batch on a leading axis")
+        raise ctx.mixing(
+            "matmul contracts the batch axis of its first operand",
+            "keep the batch on a leading axis",
+        )
     if ab is not None:
         if rb is not None and rb <= 2:
-            raise ctx.mixing("matmul uses a batch-carrying 1-D/2-D tensor as the right operand, so "
-                             "samples are multiplied together", "use a batched (3-D or more) matmul")
+            raise ctx.mixing(
+                "matmul uses a batch-carrying 1-D/2-D tensor as the right operand, so "
+                "samples are multiplied together",
+                "use a batched (3-D or more) matmul",
+            )
         if rb is not None and ab >= rb - 2:
-            raise ctx.mixing("matmul contracts the batch axis of its second operand",
-                             "keep the batch on a leading axis")
+            raise ctx.mixing(
+                "matmul contracts the batch axis of its second operand",
+                "keep the batch on a leading axis",
+            )
     if aa is not None and ab is not None and aa != ab:
         raise ctx.mixing("matmul operands carry the batch on different axes", "align them")
     return Folded(aa if aa is not None else ab)
@@ -764,20 +822,24 @@ def einsum_rule(ctx: BatchCtx) -> Rep:
         ops = ops[0]
     if not isinstance(eq, str) or "..." in eq or "->" not in eq:
         if any(ctx.axis(o) is not None for o in ops):
-            raise ctx.mixing("einsum without an explicit '->' output or with '...'",
-                             "write the equation with explicit indices and output")
+            raise ctx.mixing(
+                "einsum without an explicit '->' output or with '...'",
+                "write the equation with explicit indices and output",
+            )
         return Trivial()
     ins, out = eq.replace(" ", "").split("->")
     letters = set()
-    for spec, o in zip(ins.split(","), ops):
+    for spec, o in zip(ins.split(","), ops, strict=False):
         ax = ctx.axis(o)
         if ax is not None:
             letters.add(spec[ax])
     if not letters:
         return Trivial()
     if len(letters) != 1 or next(iter(letters)) not in out:
-        raise ctx.mixing("einsum sums over or mixes the batch index",
-                         "keep the batch index in every batch-carrying operand and in the output")
+        raise ctx.mixing(
+            "einsum sums over or mixes the batch index",
+            "keep the batch index in every batch-carrying operand and in the output",
+        )
     return Folded(out.index(letters.pop()))
 
 
@@ -787,8 +849,10 @@ def sdpa_rule(ctx: BatchCtx) -> Rep:
     if axes == {None}:
         return Trivial()
     if len(axes) != 1:
-        raise ctx.mixing("attention inputs carry the batch on different axes (or some carry none)",
-                         "give query, key and value the same batch axis")
+        raise ctx.mixing(
+            "attention inputs carry the batch on different axes (or some carry none)",
+            "give query, key and value the same batch axis",
+        )
     ax = axes.pop()
     r = ctx.rank(qkv[0])
     if r is not None and ax >= r - 2:
@@ -805,8 +869,10 @@ def mha_rule(ctx: BatchCtx) -> Rep:
         return Trivial()
     if axes != {want}:
         raise ctx.mixing(
-            f"MultiheadAttention(batch_first={m.batch_first}) expects the batch on axis {want}, got "
-            f"{sorted(a for a in axes if a is not None)}", "match batch_first to the layout"
+            f"MultiheadAttention(batch_first={m.batch_first}) expects the batch on axis {want}, "
+            "got "
+            f"{sorted(a for a in axes if a is not None)}",
+            "match batch_first to the layout",
         )
     return Folded(want, container=True)
 
@@ -827,8 +893,11 @@ def transformer_layer_rule(ctx: BatchCtx) -> Rep:
     if ax is None:
         return Trivial()
     if ax != want:
-        raise ctx.mixing(f"{type(m).__name__}(batch_first={_batch_first(m)}) expects "
-                         f"the batch on axis {want}, got {ax}", "match batch_first to the layout")
+        raise ctx.mixing(
+            f"{type(m).__name__}(batch_first={_batch_first(m)}) expects "
+            f"the batch on axis {want}, got {ax}",
+            "match batch_first to the layout",
+        )
     return Folded(ax)
 
 
@@ -839,11 +908,17 @@ def rnn_rule(ctx: BatchCtx) -> Rep:
     if ax is None:
         return Trivial()
     if ax != want:
-        raise ctx.mixing(f"{type(m).__name__}(batch_first={m.batch_first}) expects the batch on axis "
-                         f"{want}, got {ax}", "match batch_first to the layout")
+        raise ctx.mixing(
+            f"{type(m).__name__}(batch_first={m.batch_first}) expects the batch on axis "
+            f"{want}, got {ax}",
+            "match batch_first to the layout",
+        )
     if len(ctx.node.args) > 1 and ctx.node.args[1] is not None:
-        raise ctx.mixing(f"{type(m).__name__} with an initial state: the state's batch is not on "
-                         "the folded axis", "start from the default zero state")
+        raise ctx.mixing(
+            f"{type(m).__name__} with an initial state: the state's batch is not on "
+            "the folded axis",
+            "start from the default zero state",
+        )
     return Folded(ax, container=True)
 
 
@@ -947,7 +1022,8 @@ def spatial_stats_commutes(ctx: BatchCtx, action) -> bool:
 
 
 def _dim_untouched_commutes(default_dim: int | None):
-    """Ops along one dim (softmax) commute with permutations that leave that dim and the batch alone."""
+    """Ops along one dim (softmax) commute with permutations that leave that dim and the batch
+    alone."""
 
     def fn(ctx: BatchCtx, action) -> bool:
         x = ctx.node.args[0]
@@ -1015,8 +1091,11 @@ def global_pool_commutes(ctx: BatchCtx, action) -> bool:
     m = ctx.module
     size = getattr(m, "output_size", None)
     sizes = size if isinstance(size, tuple) else (size, size)
-    return (bool(getattr(action, "is_permutation", False)) and all(s == 1 for s in sizes)
-            and type(action).__name__ == "RotFlipAction")
+    return (
+        bool(getattr(action, "is_permutation", False))
+        and all(s == 1 for s in sizes)
+        and type(action).__name__ == "RotFlipAction"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1038,18 +1117,21 @@ class _Apply(nn.Module):
 
 def _ex(fn, *shapes, group="C4", kind="float") -> Example:
     shapes = shapes or ((2, 3, 6, 6),)
-    return Example(build=lambda: _Apply(fn, len(shapes)), shapes=tuple(shapes), group=group,
-                   kind=kind)
+    return Example(
+        build=lambda: _Apply(fn, len(shapes)), shapes=tuple(shapes), group=group, kind=kind
+    )
 
 
 def _mod(factory, *shapes, group="C4", kind="float") -> Example:
     shapes = tuple(shapes or ((2, 3, 6, 6),))
-    return Example(build=lambda: _Child(factory(), len(shapes)), shapes=shapes, group=group,
-                   kind=kind)
+    return Example(
+        build=lambda: _Child(factory(), len(shapes)), shapes=shapes, group=group, kind=kind
+    )
 
 
 class _Child(nn.Module):
-    """Example wrapper: the module under test as a child, so it is traced as one call_module node."""
+    """Example wrapper: the module under test as a child, so it is traced as one call_module
+    node."""
 
     def __init__(self, m: nn.Module, n_inputs: int = 1):
         super().__init__()
@@ -1066,27 +1148,55 @@ SEQ = (2, 5, 8)  # batch, tokens, features
 
 def _pointwise(name, fn_keys, fn, linear=False):
     commute = linear_pointwise_commutes if linear else pointwise_commutes
-    register(fn_keys, OpRule(name, "pointwise", same_axis, linear=linear, commutes=commute,
-                             example=_ex(fn)))
+    register(
+        fn_keys,
+        OpRule(name, "pointwise", same_axis, linear=linear, commutes=commute, example=_ex(fn)),
+    )
 
 
 # unary pointwise: functions and Tensor methods
 _UNARY = {
-    "relu": (torch.relu, F.relu), "relu6": (F.relu6,), "gelu": (F.gelu,), "silu": (F.silu,),
-    "sigmoid": (torch.sigmoid, F.sigmoid), "tanh": (torch.tanh, F.tanh), "elu": (F.elu,),
-    "leaky_relu": (F.leaky_relu,), "hardswish": (F.hardswish,), "hardsigmoid": (F.hardsigmoid,),
-    "mish": (F.mish,), "softplus": (F.softplus,), "exp": (torch.exp,), "log": (torch.log,),
-    "abs": (torch.abs,), "sqrt": (torch.sqrt,), "rsqrt": (torch.rsqrt,), "sin": (torch.sin,),
-    "cos": (torch.cos,), "square": (torch.square,), "erf": (torch.erf,), "sign": (torch.sign,),
-    "clamp": (torch.clamp, torch.clip), "selu": (F.selu,), "celu": (F.celu,),
-    "hardtanh": (F.hardtanh,), "logsigmoid": (F.logsigmoid,), "tanhshrink": (F.tanhshrink,),
-    "softsign": (F.softsign,), "floor": (torch.floor,), "round": (torch.round,),
-    "reciprocal": (torch.reciprocal,), "pow": (torch.pow,),
+    "relu": (torch.relu, F.relu),
+    "relu6": (F.relu6,),
+    "gelu": (F.gelu,),
+    "silu": (F.silu,),
+    "sigmoid": (torch.sigmoid, F.sigmoid),
+    "tanh": (torch.tanh, F.tanh),
+    "elu": (F.elu,),
+    "leaky_relu": (F.leaky_relu,),
+    "hardswish": (F.hardswish,),
+    "hardsigmoid": (F.hardsigmoid,),
+    "mish": (F.mish,),
+    "softplus": (F.softplus,),
+    "exp": (torch.exp,),
+    "log": (torch.log,),
+    "abs": (torch.abs,),
+    "sqrt": (torch.sqrt,),
+    "rsqrt": (torch.rsqrt,),
+    "sin": (torch.sin,),
+    "cos": (torch.cos,),
+    "square": (torch.square,),
+    "erf": (torch.erf,),
+    "sign": (torch.sign,),
+    "clamp": (torch.clamp, torch.clip),
+    "selu": (F.selu,),
+    "celu": (F.celu,),
+    "hardtanh": (F.hardtanh,),
+    "logsigmoid": (F.logsigmoid,),
+    "tanhshrink": (F.tanhshrink,),
+    "softsign": (F.softsign,),
+    "floor": (torch.floor,),
+    "round": (torch.round,),
+    "reciprocal": (torch.reciprocal,),
+    "pow": (torch.pow,),
 }
 _UNARY_FN = {
-    "clamp": lambda x: torch.clamp(x, -0.5, 0.5), "pow": lambda x: torch.pow(x, 2),
-    "log": lambda x: torch.log(x.abs() + 1), "sqrt": lambda x: torch.sqrt(x.abs()),
-    "rsqrt": lambda x: torch.rsqrt(x.abs() + 1), "reciprocal": lambda x: torch.reciprocal(x.abs() + 1),
+    "clamp": lambda x: torch.clamp(x, -0.5, 0.5),
+    "pow": lambda x: torch.pow(x, 2),
+    "log": lambda x: torch.log(x.abs() + 1),
+    "sqrt": lambda x: torch.sqrt(x.abs()),
+    "rsqrt": lambda x: torch.rsqrt(x.abs() + 1),
+    "reciprocal": lambda x: torch.reciprocal(x.abs() + 1),
 }
 for _name, _fns in _UNARY.items():
     _f = _UNARY_FN.get(_name, _fns[0])
@@ -1097,44 +1207,104 @@ _LINEAR_UNARY = {
     "contiguous": (["Tensor.contiguous"], lambda x: x.contiguous()),
     "clone": ([torch.clone, "Tensor.clone"], lambda x: x.clone()),
     "detach": ([torch.detach, "Tensor.detach"], lambda x: x.detach()),
-    "float": (["Tensor.float", "Tensor.double", "Tensor.half", "Tensor.bfloat16", "Tensor.to",
-               "Tensor.type", "Tensor.type_as", "Tensor.cpu", "Tensor.cuda"], lambda x: x.to(x.dtype)),
-    "dropout": ([F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                 torch.dropout], lambda x: F.dropout(x, 0.5, training=False)),
+    "float": (
+        [
+            "Tensor.float",
+            "Tensor.double",
+            "Tensor.half",
+            "Tensor.bfloat16",
+            "Tensor.to",
+            "Tensor.type",
+            "Tensor.type_as",
+            "Tensor.cpu",
+            "Tensor.cuda",
+        ],
+        lambda x: x.to(x.dtype),
+    ),
+    "dropout": (
+        [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout],
+        lambda x: F.dropout(x, 0.5, training=False),
+    ),
 }
 for _name, (_keys, _f) in _LINEAR_UNARY.items():
-    register(_keys, OpRule(_name, "pointwise", same_axis, linear=True,
-                           commutes=linear_pointwise_commutes, example=_ex(_f),
-                           note="dropout: linear in eval mode; in training masks differ per slot"))
+    register(
+        _keys,
+        OpRule(
+            _name,
+            "pointwise",
+            same_axis,
+            linear=True,
+            commutes=linear_pointwise_commutes,
+            example=_ex(_f),
+            note="dropout: linear in eval mode; in training masks differ per slot",
+        ),
+    )
 
 # binary pointwise
 _BINARY = {
-    "add": ([operator.add, torch.add, "Tensor.add", "Tensor.add_", operator.iadd], True,
-            lambda x, y: x + y),
-    "sub": ([operator.sub, torch.sub, "Tensor.sub", "Tensor.sub_", operator.isub], True,
-            lambda x, y: x - y),
-    "mul": ([operator.mul, torch.mul, "Tensor.mul", "Tensor.mul_", operator.imul], False,
-            lambda x, y: x * y),
-    "div": ([operator.truediv, torch.div, "Tensor.div", "Tensor.div_", torch.true_divide], False,
-            lambda x, y: x / (y.abs() + 1)),
+    "add": (
+        [operator.add, torch.add, "Tensor.add", "Tensor.add_", operator.iadd],
+        True,
+        lambda x, y: x + y,
+    ),
+    "sub": (
+        [operator.sub, torch.sub, "Tensor.sub", "Tensor.sub_", operator.isub],
+        True,
+        lambda x, y: x - y,
+    ),
+    "mul": (
+        [operator.mul, torch.mul, "Tensor.mul", "Tensor.mul_", operator.imul],
+        False,
+        lambda x, y: x * y,
+    ),
+    "div": (
+        [operator.truediv, torch.div, "Tensor.div", "Tensor.div_", torch.true_divide],
+        False,
+        lambda x, y: x / (y.abs() + 1),
+    ),
     "maximum": ([torch.maximum, "Tensor.maximum"], False, lambda x, y: torch.maximum(x, y)),
     "minimum": ([torch.minimum, "Tensor.minimum"], False, lambda x, y: torch.minimum(x, y)),
     "where": ([torch.where], False, lambda x, y: torch.where(x > 0, x, y)),
-    "compare": ([operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
-                 torch.gt, torch.lt, torch.eq], False, lambda x, y: (x > y).to(x.dtype)),
-    "floordiv": ([operator.floordiv, operator.mod, operator.pow], False,
-                 lambda x, y: (x * 4) // (y.abs() + 1)),
+    "compare": (
+        [
+            operator.gt,
+            operator.lt,
+            operator.ge,
+            operator.le,
+            operator.eq,
+            operator.ne,
+            torch.gt,
+            torch.lt,
+            torch.eq,
+        ],
+        False,
+        lambda x, y: (x > y).to(x.dtype),
+    ),
+    "floordiv": (
+        [operator.floordiv, operator.mod, operator.pow],
+        False,
+        lambda x, y: (x * 4) // (y.abs() + 1),
+    ),
     "lerp": ([torch.lerp], False, lambda x, y: torch.lerp(x, y, 0.3)),
 }
 for _name, (_keys, _lin, _f) in _BINARY.items():
-    register(_keys, OpRule(
-        _name, "pointwise", int_arith if _name in ("add", "sub", "mul", "floordiv", "div") else same_axis,
-        linear=_lin, commutes=linear_pointwise_commutes if _lin else pointwise_commutes,
-        example=_ex(_f, IMG, IMG)))
+    register(
+        _keys,
+        OpRule(
+            _name,
+            "pointwise",
+            int_arith if _name in ("add", "sub", "mul", "floordiv", "div") else same_axis,
+            linear=_lin,
+            commutes=linear_pointwise_commutes if _lin else pointwise_commutes,
+            example=_ex(_f, IMG, IMG),
+        ),
+    )
 # the binary int arithmetic rule is also the pointwise rule for tensors (it defers to same_axis)
 
-register([torch.max, torch.min, "Tensor.max", "Tensor.min"], OpRule(
-    "max", "reduction", max_with_dim, example=_ex(lambda x: torch.max(x, 1)[0])))
+register(
+    [torch.max, torch.min, "Tensor.max", "Tensor.min"],
+    OpRule("max", "reduction", max_with_dim, example=_ex(lambda x: torch.max(x, 1)[0])),
+)
 
 # reductions
 for _name, _keys, _f in [
@@ -1147,29 +1317,61 @@ for _name, _keys, _f in [
     ("var", [torch.var, "Tensor.var"], lambda x: x.var(1)),
     ("norm", [torch.norm, "Tensor.norm", torch.linalg.vector_norm], lambda x: x.norm(dim=1)),
     ("logsumexp", [torch.logsumexp, "Tensor.logsumexp"], lambda x: torch.logsumexp(x, 1)),
-    ("argmax", [torch.argmax, "Tensor.argmax", torch.argmin, "Tensor.argmin"],
-     lambda x: x.argmax(1).to(x.dtype)),
-    ("all", [torch.all, "Tensor.all", torch.any, "Tensor.any"], lambda x: (x > 0).any(1).to(x.dtype)),
+    (
+        "argmax",
+        [torch.argmax, "Tensor.argmax", torch.argmin, "Tensor.argmin"],
+        lambda x: x.argmax(1).to(x.dtype),
+    ),
+    (
+        "all",
+        [torch.all, "Tensor.all", torch.any, "Tensor.any"],
+        lambda x: (x > 0).any(1).to(x.dtype),
+    ),
 ]:
-    register(_keys, OpRule(_name, "reduction", reduction(), linear=_name in ("sum", "mean"),
-                           example=_ex(_f)))
-register([F.normalize], OpRule("normalize", "along-dim", along_dim(2, "dim", 1),
-                               example=_ex(lambda x: F.normalize(x, dim=1))))
+    register(
+        _keys,
+        OpRule(_name, "reduction", reduction(), linear=_name in ("sum", "mean"), example=_ex(_f)),
+    )
+register(
+    [F.normalize],
+    OpRule(
+        "normalize",
+        "along-dim",
+        along_dim(2, "dim", 1),
+        example=_ex(lambda x: F.normalize(x, dim=1)),
+    ),
+)
 
 # ops along one dim
 for _name, _keys, _f, _drops in [
     ("softmax", [F.softmax, torch.softmax, "Tensor.softmax"], lambda x: F.softmax(x, dim=1), False),
-    ("log_softmax", [F.log_softmax, torch.log_softmax, "Tensor.log_softmax"],
-     lambda x: F.log_softmax(x, dim=-1), False),
-    ("cumsum", [torch.cumsum, "Tensor.cumsum", torch.cumprod, "Tensor.cumprod"],
-     lambda x: x.cumsum(1), False),
+    (
+        "log_softmax",
+        [F.log_softmax, torch.log_softmax, "Tensor.log_softmax"],
+        lambda x: F.log_softmax(x, dim=-1),
+        False,
+    ),
+    (
+        "cumsum",
+        [torch.cumsum, "Tensor.cumsum", torch.cumprod, "Tensor.cumprod"],
+        lambda x: x.cumsum(1),
+        False,
+    ),
     ("glu", [F.glu], lambda x: F.glu(torch.cat([x, x], 1), dim=1), False),
     ("select", [torch.select, "Tensor.select"], lambda x: x.select(1, 0), True),
     ("narrow", [torch.narrow, "Tensor.narrow"], lambda x: x.narrow(1, 0, 2), False),
-    ("index_select", [torch.index_select, "Tensor.index_select"],
-     lambda x: x.index_select(1, torch.tensor([2, 0])), False),
-    ("sort", [torch.sort, "Tensor.sort", torch.topk, "Tensor.topk"],
-     lambda x: torch.sort(x, 1)[0], False),
+    (
+        "index_select",
+        [torch.index_select, "Tensor.index_select"],
+        lambda x: x.index_select(1, torch.tensor([2, 0])),
+        False,
+    ),
+    (
+        "sort",
+        [torch.sort, "Tensor.sort", torch.topk, "Tensor.topk"],
+        lambda x: torch.sort(x, 1)[0],
+        False,
+    ),
 ]:
     if _name == "sort":
         _fn = along_dim(1, "dim", -1)
@@ -1178,120 +1380,331 @@ for _name, _keys, _f, _drops in [
             rep = _fn(ctx)
             return Folded(rep.batch_axis, container=True) if isinstance(rep, Folded) else rep
 
-        register(["Tensor.sort", torch.sort], OpRule(_name, "along-dim", _container, example=_ex(_f)))
-        register([torch.topk, "Tensor.topk"], OpRule(
-            "topk", "along-dim",
-            lambda ctx: (lambda r: Folded(r.batch_axis, container=True) if isinstance(r, Folded) else r)(
-                along_dim(2, "dim", -1)(ctx)),
-            example=_ex(lambda x: torch.topk(x, 2, dim=1)[0])))
+        register(
+            ["Tensor.sort", torch.sort], OpRule(_name, "along-dim", _container, example=_ex(_f))
+        )
+        register(
+            [torch.topk, "Tensor.topk"],
+            OpRule(
+                "topk",
+                "along-dim",
+                lambda ctx: (
+                    lambda r: Folded(r.batch_axis, container=True) if isinstance(r, Folded) else r
+                )(along_dim(2, "dim", -1)(ctx)),
+                example=_ex(lambda x: torch.topk(x, 2, dim=1)[0]),
+            ),
+        )
         continue
-    register(_keys, OpRule(_name, "along-dim",
-                           along_dim(1, "dim", None if _name != "log_softmax" else -1, _drops),
-                           linear=_name in ("cumsum", "select", "narrow", "index_select"),
-                           commutes=_dim_untouched_commutes(-1 if _name == "log_softmax" else None)
-                           if _name in ("softmax", "log_softmax") else (lambda ctx, a: False),
-                           example=_ex(_f)))
-register([torch.flip, "Tensor.flip", torch.roll, "Tensor.roll"], OpRule(
-    "flip", "along-dim", along_dim(1, "dims"), linear=True,
-    example=_ex(lambda x: torch.flip(x, (1,)))))
-register([torch.gather, "Tensor.gather"], OpRule(
-    "gather", "along-dim", along_dim(1, "dim"),
-    example=_ex(lambda x: x.gather(1, torch.zeros_like(x, dtype=torch.long)))))
+    register(
+        _keys,
+        OpRule(
+            _name,
+            "along-dim",
+            along_dim(1, "dim", None if _name != "log_softmax" else -1, _drops),
+            linear=_name in ("cumsum", "select", "narrow", "index_select"),
+            commutes=_dim_untouched_commutes(-1 if _name == "log_softmax" else None)
+            if _name in ("softmax", "log_softmax")
+            else (lambda ctx, a: False),
+            example=_ex(_f),
+        ),
+    )
+register(
+    [torch.flip, "Tensor.flip", torch.roll, "Tensor.roll"],
+    OpRule(
+        "flip",
+        "along-dim",
+        along_dim(1, "dims"),
+        linear=True,
+        example=_ex(lambda x: torch.flip(x, (1,))),
+    ),
+)
+register(
+    [torch.gather, "Tensor.gather"],
+    OpRule(
+        "gather",
+        "along-dim",
+        along_dim(1, "dim"),
+        example=_ex(lambda x: x.gather(1, torch.zeros_like(x, dtype=torch.long))),
+    ),
+)
 
 # shape ops
-register([torch.reshape, "Tensor.reshape", "Tensor.view"], OpRule(
-    "reshape", "shape", shaped(1), linear=True, example=_ex(lambda x: x.reshape(x.size(0), -1))))
-register(["Tensor.expand", "Tensor.repeat"], OpRule(
-    "expand", "shape", shaped(1), linear=True,
-    example=_ex(lambda x: x.unsqueeze(1).expand(-1, 2, -1, -1, -1))))
-register(["Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as"], OpRule(
-    "expand_as", "shape", same_axis, linear=True, example=_ex(lambda x, y: x.view_as(y), IMG, IMG)))
-register([torch.flatten, "Tensor.flatten"], OpRule(
-    "flatten", "shape", flatten_rule(), linear=True, example=_ex(lambda x: torch.flatten(x, 1))))
-register(["Tensor.unflatten", torch.unflatten], OpRule(
-    "unflatten", "shape", along_dim(1, "dim"), linear=True,
-    example=_ex(lambda x: x.unflatten(1, (3, 1)))))
-register([torch.permute, "Tensor.permute"], OpRule(
-    "permute", "shape", permute_rule, linear=True, example=_ex(lambda x: x.permute(0, 2, 3, 1))))
-register([torch.transpose, "Tensor.transpose", torch.swapaxes, "Tensor.swapaxes", "Tensor.t",
-          torch.t], OpRule("transpose", "shape", transpose_rule, linear=True,
-                           example=_ex(lambda x: x.transpose(1, 2))))
-register([torch.movedim, "Tensor.movedim", torch.moveaxis], OpRule(
-    "movedim", "shape", movedim_rule, linear=True, example=_ex(lambda x: x.movedim(1, -1))))
-register([torch.unsqueeze, "Tensor.unsqueeze"], OpRule(
-    "unsqueeze", "shape", unsqueeze_rule, linear=True, example=_ex(lambda x: x.unsqueeze(1))))
-register([torch.squeeze, "Tensor.squeeze"], OpRule(
-    "squeeze", "shape", squeeze_rule, linear=True, example=_ex(lambda x: x[:, :1].squeeze(1))))
-register([operator.getitem], OpRule(
-    "getitem", "indexing", getitem_rule, linear=True, example=_ex(lambda x: x[:, 1:, ::2])))
-register([torch.cat, torch.concat, torch.concatenate], OpRule(
-    "cat", "join", cat_like(), linear=True, example=_ex(lambda x, y: torch.cat([x, y], 1), IMG, IMG)))
-register([torch.stack], OpRule(
-    "stack", "join", cat_like(stack=True), linear=True,
-    example=_ex(lambda x, y: torch.stack([x, y], 1), IMG, IMG)))
-register([torch.split, "Tensor.split", torch.chunk, "Tensor.chunk", torch.unbind, "Tensor.unbind"],
-         OpRule("split", "shape", split_rule, linear=True,
-                example=_ex(lambda x: torch.split(x, 1, dim=1)[0])))
+register(
+    [torch.reshape, "Tensor.reshape", "Tensor.view"],
+    OpRule(
+        "reshape", "shape", shaped(1), linear=True, example=_ex(lambda x: x.reshape(x.size(0), -1))
+    ),
+)
+register(
+    ["Tensor.expand", "Tensor.repeat"],
+    OpRule(
+        "expand",
+        "shape",
+        shaped(1),
+        linear=True,
+        example=_ex(lambda x: x.unsqueeze(1).expand(-1, 2, -1, -1, -1)),
+    ),
+)
+register(
+    ["Tensor.expand_as", "Tensor.view_as", "Tensor.reshape_as"],
+    OpRule(
+        "expand_as",
+        "shape",
+        same_axis,
+        linear=True,
+        example=_ex(lambda x, y: x.view_as(y), IMG, IMG),
+    ),
+)
+register(
+    [torch.flatten, "Tensor.flatten"],
+    OpRule(
+        "flatten", "shape", flatten_rule(), linear=True, example=_ex(lambda x: torch.flatten(x, 1))
+    ),
+)
+register(
+    ["Tensor.unflatten", torch.unflatten],
+    OpRule(
+        "unflatten",
+        "shape",
+        along_dim(1, "dim"),
+        linear=True,
+        example=_ex(lambda x: x.unflatten(1, (3, 1))),
+    ),
+)
+register(
+    [torch.permute, "Tensor.permute"],
+    OpRule(
+        "permute", "shape", permute_rule, linear=True, example=_ex(lambda x: x.permute(0, 2, 3, 1))
+    ),
+)
+register(
+    [torch.transpose, "Tensor.transpose", torch.swapaxes, "Tensor.swapaxes", "Tensor.t", torch.t],
+    OpRule(
+        "transpose", "shape", transpose_rule, linear=True, example=_ex(lambda x: x.transpose(1, 2))
+    ),
+)
+register(
+    [torch.movedim, "Tensor.movedim", torch.moveaxis],
+    OpRule("movedim", "shape", movedim_rule, linear=True, example=_ex(lambda x: x.movedim(1, -1))),
+)
+register(
+    [torch.unsqueeze, "Tensor.unsqueeze"],
+    OpRule(
+        "unsqueeze", "shape", unsqueeze_rule, linear=True, example=_ex(lambda x: x.unsqueeze(1))
+    ),
+)
+register(
+    [torch.squeeze, "Tensor.squeeze"],
+    OpRule(
+        "squeeze", "shape", squeeze_rule, linear=True, example=_ex(lambda x: x[:, :1].squeeze(1))
+    ),
+)
+register(
+    [operator.getitem],
+    OpRule("getitem", "indexing", getitem_rule, linear=True, example=_ex(lambda x: x[:, 1:, ::2])),
+)
+register(
+    [torch.cat, torch.concat, torch.concatenate],
+    OpRule(
+        "cat",
+        "join",
+        cat_like(),
+        linear=True,
+        example=_ex(lambda x, y: torch.cat([x, y], 1), IMG, IMG),
+    ),
+)
+register(
+    [torch.stack],
+    OpRule(
+        "stack",
+        "join",
+        cat_like(stack=True),
+        linear=True,
+        example=_ex(lambda x, y: torch.stack([x, y], 1), IMG, IMG),
+    ),
+)
+register(
+    [torch.split, "Tensor.split", torch.chunk, "Tensor.chunk", torch.unbind, "Tensor.unbind"],
+    OpRule(
+        "split",
+        "shape",
+        split_rule,
+        linear=True,
+        example=_ex(lambda x: torch.split(x, 1, dim=1)[0]),
+    ),
+)
 register(["Tensor.size"], OpRule("size", "size", size_rule, example=None))
 register([getattr], OpRule("getattr", "size", getattr_rule, example=None))
 register([len], OpRule("len", "size", len_rule, example=None))
-register(["Tensor.dim", "Tensor.numel", "Tensor.element_size", "Tensor.is_contiguous"],
-         OpRule("dim", "size", lambda ctx: BatchSize(()), example=None))
+register(
+    ["Tensor.dim", "Tensor.numel", "Tensor.element_size", "Tensor.is_contiguous"],
+    OpRule("dim", "size", lambda ctx: BatchSize(()), example=None),
+)
 
 # linear algebra
-register([torch.matmul, operator.matmul, "Tensor.matmul", torch.bmm, "Tensor.bmm", torch.mm,
-          "Tensor.mm"], OpRule("matmul", "linalg", matmul_rule,
-                               example=_ex(lambda x, y: x @ y, (2, 3, 4, 5), (2, 3, 5, 4))))
-register([torch.einsum], OpRule("einsum", "linalg", einsum_rule,
-                                example=_ex(lambda x, y: torch.einsum("bcij,bcjk->bcik", x, y),
-                                            (2, 3, 4, 5), (2, 3, 5, 4))))
-register([F.scaled_dot_product_attention], OpRule(
-    "sdpa", "linalg", sdpa_rule,
-    example=_ex(lambda q, k: F.scaled_dot_product_attention(q, k, k), (2, 2, 5, 4), (2, 2, 5, 4))))
-register([F.linear], OpRule("F.linear", "layer", first_axis(None, not_last=True), linear=True,
-                            commutes=last_axis_commutes,
-                            example=_ex(lambda x: F.linear(x, x.new_ones(4, 8)), SEQ, group="Perm5@-2")))
+register(
+    [
+        torch.matmul,
+        operator.matmul,
+        "Tensor.matmul",
+        torch.bmm,
+        "Tensor.bmm",
+        torch.mm,
+        "Tensor.mm",
+    ],
+    OpRule(
+        "matmul", "linalg", matmul_rule, example=_ex(lambda x, y: x @ y, (2, 3, 4, 5), (2, 3, 5, 4))
+    ),
+)
+register(
+    [torch.einsum],
+    OpRule(
+        "einsum",
+        "linalg",
+        einsum_rule,
+        example=_ex(lambda x, y: torch.einsum("bcij,bcjk->bcik", x, y), (2, 3, 4, 5), (2, 3, 5, 4)),
+    ),
+)
+register(
+    [F.scaled_dot_product_attention],
+    OpRule(
+        "sdpa",
+        "linalg",
+        sdpa_rule,
+        example=_ex(
+            lambda q, k: F.scaled_dot_product_attention(q, k, k), (2, 2, 5, 4), (2, 2, 5, 4)
+        ),
+    ),
+)
+register(
+    [F.linear],
+    OpRule(
+        "F.linear",
+        "layer",
+        first_axis(None, not_last=True),
+        linear=True,
+        commutes=last_axis_commutes,
+        example=_ex(lambda x: F.linear(x, x.new_ones(4, 8)), SEQ, group="Perm5@-2"),
+    ),
+)
 
 # functional layers (batch first)
 for _name, _keys, _f, _comm in [
-    ("conv", [F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d],
-     lambda x: F.conv2d(x, x.new_ones(2, 3, 1, 1)), lambda ctx, a: False),
-    ("pool", [F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d,
-              torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d],
-     lambda x: F.max_pool2d(x, 2), lambda ctx, a: False),
+    (
+        "conv",
+        [F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d],
+        lambda x: F.conv2d(x, x.new_ones(2, 3, 1, 1)),
+        lambda ctx, a: False,
+    ),
+    (
+        "pool",
+        [
+            F.max_pool1d,
+            F.max_pool2d,
+            F.max_pool3d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_max_pool2d,
+            F.lp_pool2d,
+            torch.max_pool2d,
+            torch.avg_pool1d,
+            torch.adaptive_avg_pool1d,
+        ],
+        lambda x: F.max_pool2d(x, 2),
+        lambda ctx, a: False,
+    ),
     ("layer_norm", [F.layer_norm], lambda x: F.layer_norm(x, (6,)), lambda ctx, a: False),
     ("group_norm", [F.group_norm], lambda x: F.group_norm(x, 1), spatial_stats_commutes),
     ("instance_norm", [F.instance_norm], lambda x: F.instance_norm(x), spatial_stats_commutes),
-    ("interpolate", [F.interpolate, F.upsample, F.pixel_shuffle, F.pixel_unshuffle],
-     lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), lambda ctx, a: False),
+    (
+        "interpolate",
+        [F.interpolate, F.upsample, F.pixel_shuffle, F.pixel_unshuffle],
+        lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
+        lambda ctx, a: False,
+    ),
     ("embedding", [F.embedding], None, lambda ctx, a: False),
-    ("batch_norm", [F.batch_norm], lambda x: F.batch_norm(x, x.new_zeros(3), x.new_ones(3)),
-     lambda ctx, a: False),
+    (
+        "batch_norm",
+        [F.batch_norm],
+        lambda x: F.batch_norm(x, x.new_zeros(3), x.new_ones(3)),
+        lambda ctx, a: False,
+    ),
 ]:
-    register(_keys, OpRule(f"F.{_name}", "layer",
-                           first_axis(0) if _name != "embedding" else first_axis(None),
-                           linear=_name in ("conv", "interpolate"), commutes=_comm,
-                           example=_ex(_f) if _f is not None else None))
-register([F.pad], OpRule("F.pad", "layer", pad_rule, linear=True,
-                         example=_ex(lambda x: F.pad(x, (1, 1, 1, 1)))))
+    register(
+        _keys,
+        OpRule(
+            f"F.{_name}",
+            "layer",
+            first_axis(0) if _name != "embedding" else first_axis(None),
+            linear=_name in ("conv", "interpolate"),
+            commutes=_comm,
+            example=_ex(_f) if _f is not None else None,
+        ),
+    )
+register(
+    [F.pad],
+    OpRule("F.pad", "layer", pad_rule, linear=True, example=_ex(lambda x: F.pad(x, (1, 1, 1, 1)))),
+)
 
 # creation functions: trivial unless given the batch size read off a folded tensor
-for _keys, _start in [([torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn, torch.full],
-                       0)]:
-    register(_keys, OpRule("factory", "creation", shaped(_start, produces=True), example=None,
-                           note="a batch size read off a folded tensor gives a batch-carrying result"))
-register(["Tensor.new_zeros", "Tensor.new_ones", "Tensor.new_empty", "Tensor.new_full"],
-         OpRule("new_factory", "creation", shaped(1, produces=True), example=None))
-register([torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "Tensor.zero_"],
-         OpRule("like", "creation", same_axis, linear=True, commutes=pointwise_commutes,
-                example=_ex(lambda x: torch.zeros_like(x) + 1)))
-register([torch.rand_like, torch.randn_like], OpRule(
-    "random_like", "creation", same_axis, example=None,
-    note="random per element: not equivariant unless the result is unused in eval"))
-register([torch.arange, torch.linspace, torch.eye, torch.tensor, torch.as_tensor, math.sqrt,
-          math.log, math.ceil, math.floor, int, float, range],
-         OpRule("constant", "creation", trivial_only, example=None))
+for _keys, _start in [
+    ([torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn, torch.full], 0)
+]:
+    register(
+        _keys,
+        OpRule(
+            "factory",
+            "creation",
+            shaped(_start, produces=True),
+            example=None,
+            note="a batch size read off a folded tensor gives a batch-carrying result",
+        ),
+    )
+register(
+    ["Tensor.new_zeros", "Tensor.new_ones", "Tensor.new_empty", "Tensor.new_full"],
+    OpRule("new_factory", "creation", shaped(1, produces=True), example=None),
+)
+register(
+    [torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, "Tensor.zero_"],
+    OpRule(
+        "like",
+        "creation",
+        same_axis,
+        linear=True,
+        commutes=pointwise_commutes,
+        example=_ex(lambda x: torch.zeros_like(x) + 1),
+    ),
+)
+register(
+    [torch.rand_like, torch.randn_like],
+    OpRule(
+        "random_like",
+        "creation",
+        same_axis,
+        example=None,
+        note="random per element: not equivariant unless the result is unused in eval",
+    ),
+)
+register(
+    [
+        torch.arange,
+        torch.linspace,
+        torch.eye,
+        torch.tensor,
+        torch.as_tensor,
+        math.sqrt,
+        math.log,
+        math.ceil,
+        math.floor,
+        int,
+        float,
+        range,
+    ],
+    OpRule("constant", "creation", trivial_only, example=None),
+)
 
 # ----------------------------------------------------------------------------------------------
 # Modules
@@ -1299,72 +1712,219 @@ register([torch.arange, torch.linspace, torch.eye, torch.tensor, torch.as_tensor
 
 
 def _m(cls_list, name, batch, linear=False, commutes=lambda ctx, a: False, example=None, note=""):
-    register(cls_list, OpRule(name, "module", batch, linear=linear, commutes=commutes,
-                              example=example, note=note))
+    register(
+        cls_list,
+        OpRule(name, "module", batch, linear=linear, commutes=commutes, example=example, note=note),
+    )
 
 
-_m([nn.Conv1d, nn.ConvTranspose1d], "conv1d", first_axis(0), linear=True,
-   commutes=pointwise_conv_commutes,
-   example=_mod(lambda: nn.Conv1d(4, 3, 1), (2, 4, 8), group="Shift8"))
-_m([nn.Conv2d, nn.ConvTranspose2d, nn.LazyConv2d], "conv2d", first_axis(0), linear=True,
-   commutes=pointwise_conv_commutes, example=_mod(lambda: nn.Conv2d(3, 4, 1), IMG))
-_m([nn.Conv3d, nn.ConvTranspose3d], "conv3d", first_axis(0), linear=True,
-   commutes=pointwise_conv_commutes, example=_mod(lambda: nn.Conv3d(3, 2, 1), (2, 3, 4, 6, 6)))
-_m([nn.Linear, nn.LazyLinear], "linear", first_axis(None, not_last=True), linear=True,
-   commutes=last_axis_commutes, example=_mod(lambda: nn.Linear(8, 4), SEQ, group="Perm5@-2"))
-_m([nn.Bilinear], "bilinear", same_axis,
-   example=_mod(lambda: nn.Bilinear(8, 8, 2), SEQ, SEQ))
-_m([nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm], "batch_norm", first_axis(0),
-   commutes=per_channel_commutes,
-   example=_mod(lambda: _eval(nn.BatchNorm2d(3)), IMG),
-   note="training mode normalises over the folded batch: still exactly equivariant (the action "
-        "permutes that set), but not slot-wise equal to the original model's statistics")
-_m([nn.LayerNorm, nn.RMSNorm], "layer_norm", first_axis(None), commutes=last_axis_commutes,
-   example=_mod(lambda: nn.LayerNorm(8), SEQ, group="Perm5@-2"))
-_m([nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm],
-   "group_norm", first_axis(0), commutes=spatial_stats_commutes,
-   example=_mod(lambda: nn.GroupNorm(1, 3), IMG))
-for _cls in [nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-             nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.SELU, nn.CELU, nn.Hardtanh,
-             nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.PReLU, nn.Hardshrink,
-             nn.Softshrink]:
-    _m([_cls], _cls.__name__.lower(), same_axis,
-       commutes=pointwise_commutes if _cls is not nn.PReLU else per_channel_commutes,
-       example=_mod(_cls, IMG))
-_m([nn.Threshold], "threshold", same_axis, commutes=pointwise_commutes,
-   example=_mod(lambda: nn.Threshold(0.1, 0.0), IMG))
-_m([nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout],
-   "identity", same_axis, linear=True, commutes=linear_pointwise_commutes,
-   example=_mod(lambda: _eval(nn.Dropout(0.3)), IMG),
-   note="dropout in training mode draws different masks per slot: verify in eval mode")
-_m([nn.Softmax, nn.LogSoftmax, nn.Softmin], "softmax",
-   lambda ctx: along_dim(-1, "dim")(_ModuleDim(ctx)),
-   example=_mod(lambda: nn.Softmax(dim=1), IMG))
-_m([nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.LPPool2d], "pool", first_axis(0), commutes=tiling_pool_commutes,
-   example=_mod(lambda: nn.MaxPool2d(2), IMG))
-_m([nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d], "adaptive_pool", first_axis(0),
-   commutes=global_pool_commutes, example=_mod(lambda: nn.AdaptiveAvgPool2d(1), IMG))
+_m(
+    [nn.Conv1d, nn.ConvTranspose1d],
+    "conv1d",
+    first_axis(0),
+    linear=True,
+    commutes=pointwise_conv_commutes,
+    example=_mod(lambda: nn.Conv1d(4, 3, 1), (2, 4, 8), group="Shift8"),
+)
+_m(
+    [nn.Conv2d, nn.ConvTranspose2d, nn.LazyConv2d],
+    "conv2d",
+    first_axis(0),
+    linear=True,
+    commutes=pointwise_conv_commutes,
+    example=_mod(lambda: nn.Conv2d(3, 4, 1), IMG),
+)
+_m(
+    [nn.Conv3d, nn.ConvTranspose3d],
+    "conv3d",
+    first_axis(0),
+    linear=True,
+    commutes=pointwise_conv_commutes,
+    example=_mod(lambda: nn.Conv3d(3, 2, 1), (2, 3, 4, 6, 6)),
+)
+_m(
+    [nn.Linear, nn.LazyLinear],
+    "linear",
+    first_axis(None, not_last=True),
+    linear=True,
+    commutes=last_axis_commutes,
+    example=_mod(lambda: nn.Linear(8, 4), SEQ, group="Perm5@-2"),
+)
+_m([nn.Bilinear], "bilinear", same_axis, example=_mod(lambda: nn.Bilinear(8, 8, 2), SEQ, SEQ))
+_m(
+    [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm],
+    "batch_norm",
+    first_axis(0),
+    commutes=per_channel_commutes,
+    example=_mod(lambda: _eval(nn.BatchNorm2d(3)), IMG),
+    note="training mode normalises over the folded batch: still exactly equivariant (the action "
+    "permutes that set), but not slot-wise equal to the original model's statistics",
+)
+_m(
+    [nn.LayerNorm, nn.RMSNorm],
+    "layer_norm",
+    first_axis(None),
+    commutes=last_axis_commutes,
+    example=_mod(lambda: nn.LayerNorm(8), SEQ, group="Perm5@-2"),
+)
+_m(
+    [nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm],
+    "group_norm",
+    first_axis(0),
+    commutes=spatial_stats_commutes,
+    example=_mod(lambda: nn.GroupNorm(1, 3), IMG),
+)
+for _cls in [
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Softplus,
+    nn.SELU,
+    nn.CELU,
+    nn.Hardtanh,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.PReLU,
+    nn.Hardshrink,
+    nn.Softshrink,
+]:
+    _m(
+        [_cls],
+        _cls.__name__.lower(),
+        same_axis,
+        commutes=pointwise_commutes if _cls is not nn.PReLU else per_channel_commutes,
+        example=_mod(_cls, IMG),
+    )
+_m(
+    [nn.Threshold],
+    "threshold",
+    same_axis,
+    commutes=pointwise_commutes,
+    example=_mod(lambda: nn.Threshold(0.1, 0.0), IMG),
+)
+_m(
+    [nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout],
+    "identity",
+    same_axis,
+    linear=True,
+    commutes=linear_pointwise_commutes,
+    example=_mod(lambda: _eval(nn.Dropout(0.3)), IMG),
+    note="dropout in training mode draws different masks per slot: verify in eval mode",
+)
+_m(
+    [nn.Softmax, nn.LogSoftmax, nn.Softmin],
+    "softmax",
+    lambda ctx: along_dim(-1, "dim")(_ModuleDim(ctx)),
+    example=_mod(lambda: nn.Softmax(dim=1), IMG),
+)
+_m(
+    [
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+        nn.LPPool2d,
+    ],
+    "pool",
+    first_axis(0),
+    commutes=tiling_pool_commutes,
+    example=_mod(lambda: nn.MaxPool2d(2), IMG),
+)
+_m(
+    [
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d,
+        nn.AdaptiveMaxPool3d,
+    ],
+    "adaptive_pool",
+    first_axis(0),
+    commutes=global_pool_commutes,
+    example=_mod(lambda: nn.AdaptiveAvgPool2d(1), IMG),
+)
 _m([nn.Flatten], "flatten", flatten_rule(), linear=True, example=_mod(nn.Flatten, IMG))
-_m([nn.Unflatten], "unflatten", lambda ctx: along_dim(-1, "dim")(_ModuleDim(ctx)), linear=True,
-   example=_mod(lambda: nn.Unflatten(1, (3, 1)), IMG))
-_m([nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle,
-    nn.PixelUnshuffle], "upsample", first_axis(0), linear=True,
-   example=_mod(lambda: nn.Upsample(scale_factor=2), IMG))
-_m([nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
-    nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d,
-    nn.CircularPad2d], "pad", first_axis(0), linear=True, example=_mod(lambda: nn.ZeroPad2d(1), IMG))
-_m([nn.Embedding], "embedding", first_axis(None),
-   example=_mod(lambda: nn.Embedding(10, 4), (2, 5), kind="index", group="Shift5"))
-_m([nn.MultiheadAttention], "multihead_attention", mha_rule,
-   example=_mod(lambda: _First(nn.MultiheadAttention(8, 2, batch_first=True)), SEQ, group="Perm5@-2"))
-_m([nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer],
-   "transformer_layer", transformer_layer_rule, commutes=lambda ctx, a: False,
-   example=_mod(lambda: _eval(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)),
-                SEQ, group="Perm5@-2"))
-_m([nn.LSTM, nn.GRU, nn.RNN], "rnn", rnn_rule,
-   example=_mod(lambda: _First(nn.GRU(8, 4, batch_first=True)), SEQ, group="Shift5@-2"))
+_m(
+    [nn.Unflatten],
+    "unflatten",
+    lambda ctx: along_dim(-1, "dim")(_ModuleDim(ctx)),
+    linear=True,
+    example=_mod(lambda: nn.Unflatten(1, (3, 1)), IMG),
+)
+_m(
+    [
+        nn.Upsample,
+        nn.UpsamplingNearest2d,
+        nn.UpsamplingBilinear2d,
+        nn.PixelShuffle,
+        nn.PixelUnshuffle,
+    ],
+    "upsample",
+    first_axis(0),
+    linear=True,
+    example=_mod(lambda: nn.Upsample(scale_factor=2), IMG),
+)
+_m(
+    [
+        nn.ZeroPad2d,
+        nn.ConstantPad1d,
+        nn.ConstantPad2d,
+        nn.ConstantPad3d,
+        nn.ReflectionPad1d,
+        nn.ReflectionPad2d,
+        nn.ReplicationPad1d,
+        nn.ReplicationPad2d,
+        nn.CircularPad1d,
+        nn.CircularPad2d,
+    ],
+    "pad",
+    first_axis(0),
+    linear=True,
+    example=_mod(lambda: nn.ZeroPad2d(1), IMG),
+)
+_m(
+    [nn.Embedding],
+    "embedding",
+    first_axis(None),
+    example=_mod(lambda: nn.Embedding(10, 4), (2, 5), kind="index", group="Shift5"),
+)
+_m(
+    [nn.MultiheadAttention],
+    "multihead_attention",
+    mha_rule,
+    example=_mod(
+        lambda: _First(nn.MultiheadAttention(8, 2, batch_first=True)), SEQ, group="Perm5@-2"
+    ),
+)
+_m(
+    [nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer],
+    "transformer_layer",
+    transformer_layer_rule,
+    commutes=lambda ctx, a: False,
+    example=_mod(
+        lambda: _eval(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)),
+        SEQ,
+        group="Perm5@-2",
+    ),
+)
+_m(
+    [nn.LSTM, nn.GRU, nn.RNN],
+    "rnn",
+    rnn_rule,
+    example=_mod(lambda: _First(nn.GRU(8, 4, batch_first=True)), SEQ, group="Shift5@-2"),
+)
 
 
 class _ModuleDim:
@@ -1423,4 +1983,3 @@ def key_name(key) -> str:
         return f"nn.{key.__name__}"
     mod = getattr(key, "__module__", "") or ""
     return f"{mod}.{getattr(key, '__name__', repr(key))}".lstrip(".")
-

@@ -2,7 +2,8 @@
 
 After ``insert-lift`` every batch-carrying node computes on |G| B samples, which is the slot-wise
 application of each op (the lift of F o p). What breaks that is a literal batch size baked into the
-model. ``annotate-reps`` found each such literal (with example inputs); this pass rewrites it in terms
+model. ``annotate-reps`` found each such literal (with example inputs); this pass rewrites it in
+terms
 of the folded tensor's own size.
 
 Before (example batch 2)::

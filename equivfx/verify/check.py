@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from equivfx.errors import GroupSpecError, ModelTypeError, explain
-from equivfx.groups import FiniteGroup, TrivialAction, group as as_group
+from equivfx.groups import FiniteGroup, TrivialAction
+from equivfx.groups import group as as_group
 from equivfx.meta import REP, Folded, InputRep, OutputRep
 from equivfx.verify.report import Report
 from equivfx.verify.tolerance import abs_error, tolerance, within
@@ -44,18 +45,28 @@ def _as_inputs(example_inputs) -> tuple:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         if not example_inputs or not isinstance(example_inputs[0], torch.Tensor):
-            raise ModelTypeError(explain("the first example input must be a tensor",
-                                         type(example_inputs[0]).__name__ if example_inputs else None,
-                                         "a tensor G acts on"))
+            raise ModelTypeError(
+                explain(
+                    "the first example input must be a tensor",
+                    type(example_inputs[0]).__name__ if example_inputs else None,
+                    "a tensor G acts on",
+                )
+            )
         return tuple(example_inputs)
-    raise ModelTypeError(explain("example_inputs must be a tensor or a tuple of tensors",
-                                 type(example_inputs).__name__, "torch.Tensor or tuple"))
+    raise ModelTypeError(
+        explain(
+            "example_inputs must be a tensor or a tuple of tensors",
+            type(example_inputs).__name__,
+            "torch.Tensor or tuple",
+        )
+    )
 
 
 def _act_tree(action, g, tree):
     leaves, spec = pytree.tree_flatten(tree)
-    return pytree.tree_unflatten([action.apply(g, t) if isinstance(t, torch.Tensor) else t
-                                  for t in leaves], spec)
+    return pytree.tree_unflatten(
+        [action.apply(g, t) if isinstance(t, torch.Tensor) else t for t in leaves], spec
+    )
 
 
 def _leaves(tree) -> list[torch.Tensor]:
@@ -90,7 +101,8 @@ def verify(
         samples, seed: elements sampled beyond the generators when |G| > 64.
         eval_mode: run in eval mode (dropout would otherwise draw different masks); the model's
             modes are restored afterwards.
-        localize: on failure of a compiled model, find the first node that breaks its representation.
+        localize: on failure of a compiled model, find the first node that breaks its
+        representation.
 
     Returns:
         A :class:`~equivfx.verify.report.Report`.
@@ -107,18 +119,29 @@ def verify(
         >>> equivfx.verify(net, torch.randn(2, 1, 6, 6), group="C4").ok
         False
     """
-    from equivfx.compiler import as_action, eval_mode as _eval_mode
+    from equivfx.compiler import as_action
+    from equivfx.compiler import eval_mode as _eval_mode
 
     if not isinstance(model, nn.Module):
-        raise ModelTypeError(explain("equivfx.verify needs a torch.nn.Module", type(model).__name__,
-                                     "a model", "pass the model object"))
+        raise ModelTypeError(
+            explain(
+                "equivfx.verify needs a torch.nn.Module",
+                type(model).__name__,
+                "a model",
+                "pass the model object",
+            )
+        )
     inputs = _as_inputs(example_inputs)
     info = getattr(model, "equivfx_info", None)
     if group is None:
         if info is None:
             raise GroupSpecError(
-                explain("verify needs a group for a model equivfx did not compile", None,
-                        "group=...", "pass group='C4' (or the group the model should respect)")
+                explain(
+                    "verify needs a group for a model equivfx did not compile",
+                    None,
+                    "group=...",
+                    "pass group='C4' (or the group the model should respect)",
+                )
             )
         G = info.group
     else:
@@ -155,7 +178,7 @@ def verify(
             got_l, exp_l = _leaves(y_h), _leaves(expected)
             err = 0.0
             ok_h = len(got_l) == len(exp_l)
-            for a, b in zip(got_l, exp_l):
+            for a, b in zip(got_l, exp_l, strict=False):
                 err = max(err, abs_error(a, b))
                 ok_h = ok_h and within(a, b, rtol_, atol_)
             per[h.name] = err
@@ -168,14 +191,25 @@ def verify(
             bad_node, detail = _first_bad_node(model, G, in_action, inputs, worst, rtol_, atol_)
     notes = []
     if not G.action.exact or not in_action.exact:
-        notes.append("the input action is interpolated: equivariance is approximate by construction; "
-                     "compare max_error with the interpolation error of the action itself")
+        notes.append(
+            "the input action is interpolated: equivariance is approximate by construction; "
+            "compare max_error with the interpolation error of the action itself"
+        )
     return Report(
-        ok=passed, max_error=max(per.values(), default=0.0), per_element=per,
-        first_bad_node=bad_node, first_bad_node_detail=detail, group=G.spec,
-        exact=bool(in_action.exact), rtol=rtol_, atol=atol_, dtype=str(dtype).replace("torch.", ""),
-        checked=tuple(g.name for g in elems), input_action=in_action.describe(),
-        output_action=out_action.describe(), notes=tuple(notes),
+        ok=passed,
+        max_error=max(per.values(), default=0.0),
+        per_element=per,
+        first_bad_node=bad_node,
+        first_bad_node_detail=detail,
+        group=G.spec,
+        exact=bool(in_action.exact),
+        rtol=rtol_,
+        atol=atol_,
+        dtype=str(dtype).replace("torch.", ""),
+        checked=tuple(g.name for g in elems),
+        input_action=in_action.describe(),
+        output_action=out_action.describe(),
+        notes=tuple(notes),
     )
 
 
@@ -188,7 +222,8 @@ def _output_action_of(model: fx.GraphModule, info):
 
 
 def _first_bad_node(gm: fx.GraphModule, G, in_action, inputs: Sequence, h, rtol, atol):
-    """Run the graph on x and on h.x; return the first node whose values break its representation."""
+    """Run the graph on x and on h.x; return the first node whose values break its
+    representation."""
     env_x = _record(gm, inputs)
     env_h = _record(gm, (in_action.apply(h, inputs[0]), *inputs[1:]))
     perm = torch.tensor(G.regular_permutation(h))
@@ -203,13 +238,15 @@ def _first_bad_node(gm: fx.GraphModule, G, in_action, inputs: Sequence, h, rtol,
         got_l, exp_l = _leaves(vh), _leaves(expected)
         if len(got_l) != len(exp_l):
             continue
-        for a, b in zip(got_l, exp_l):
+        for a, b in zip(got_l, exp_l, strict=True):
             if not within(a, b, rtol, atol):
                 from equivfx.passes.rules import describe_node
 
                 err = abs_error(a, b)
-                detail = (f"value of node {node.name} breaks its representation {rep.describe()} "
-                          f"under {h.name}: max error {err:.3g}\n{describe_node(node)}")
+                detail = (
+                    f"value of node {node.name} breaks its representation {rep.describe()} "
+                    f"under {h.name}: max error {err:.3g}\n{describe_node(node)}"
+                )
                 return node.name, detail
     return None, None
 
@@ -220,6 +257,7 @@ def _expected(rep, G, h, vx, perm):
     if isinstance(rep, OutputRep):
         return _act_tree(rep.action, h, vx)
     if isinstance(rep, Folded):
+
         def permute(t):
             if not isinstance(t, torch.Tensor) or t.dim() <= rep.batch_axis:
                 return t

@@ -16,7 +16,8 @@ class Report:
         ok: every checked element passed within tolerance.
         max_error: the largest absolute error, float64, over all checked elements and outputs.
         per_element: element name -> its largest absolute error.
-        first_bad_node: for a compiled model that fails, the name of the first graph node whose value
+        first_bad_node: for a compiled model that fails, the name of the first graph node whose
+        value
             breaks its annotated representation (None when all pass or the model has no graph).
         first_bad_node_detail: that node's ``format_node()``, source line and error.
         group: the group's spec.
@@ -57,10 +58,12 @@ class Report:
         """One paragraph for humans and assertion messages."""
         status = "equivariant" if self.ok else "NOT equivariant"
         worst = max(self.per_element.items(), key=lambda kv: kv[1]) if self.per_element else None
-        s = (f"{status} under {self.group} (input: {self.input_action}; output: "
-             f"{self.output_action}): max error {self.max_error:.3g} "
-             f"(rtol={self.rtol:g}, atol={self.atol:g}, {self.dtype}) over {len(self.checked)} "
-             "elements")
+        s = (
+            f"{status} under {self.group} (input: {self.input_action}; output: "
+            f"{self.output_action}): max error {self.max_error:.3g} "
+            f"(rtol={self.rtol:g}, atol={self.atol:g}, {self.dtype}) over {len(self.checked)} "
+            "elements"
+        )
         if worst and not self.ok:
             s += f"; worst element {worst[0]} ({worst[1]:.3g})"
         if self.first_bad_node:

@@ -40,8 +40,11 @@ def abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
         return 0.0
     d = (_f64(a) - _f64(b)).abs()
     if torch.isnan(d).any():
-        return float("inf") if not torch.equal(torch.isnan(_f64(a)), torch.isnan(_f64(b))) else float(
-            torch.nan_to_num(d, nan=0.0).max())
+        return (
+            float("inf")
+            if not torch.equal(torch.isnan(_f64(a)), torch.isnan(_f64(b)))
+            else float(torch.nan_to_num(d, nan=0.0).max())
+        )
     return float(d.max())
 
 

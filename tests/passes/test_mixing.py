@@ -39,16 +39,30 @@ class PaperMNIST(nn.Module):
 
 
 def counts(model: nn.Module) -> dict[str, int]:
-    return {name: sum(p.numel() for p in m.parameters())
-            for name, m in model.named_children() if not name.startswith("equivfx")}
+    return {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in model.named_children()
+        if not name.startswith("equivfx")
+    }
 
 
 def test_paper_parameter_accounting():
     emodel = equivfx.compile(PaperMNIST(), "C4", mode="layerwise", readout="pose")
-    assert counts(emodel) == {"conv1": 800, "conv2": 230_480, "conv3": 92_192, "pool": 0,
-                              "dense": 6_423_552, "logits": 40_970}
-    authors = equivfx.compile(PaperMNIST(), "C4", mode="layerwise", readout="pose",
-                              mix=lambda name, m: name in {"conv2", "conv3", "dense"})
+    assert counts(emodel) == {
+        "conv1": 800,
+        "conv2": 230_480,
+        "conv3": 92_192,
+        "pool": 0,
+        "dense": 6_423_552,
+        "logits": 40_970,
+    }
+    authors = equivfx.compile(
+        PaperMNIST(),
+        "C4",
+        mode="layerwise",
+        readout="pose",
+        mix=lambda name, m: name in {"conv2", "conv3", "dense"},
+    )
     assert counts(authors)["logits"] == 10_250
     assert emodel(torch.randn(2, 1, 28, 28)).shape == (2, 40)  # R^40 = Map(C4, R^10)
 
@@ -144,8 +158,14 @@ def test_a_module_called_on_both_stages_is_refused():
 
 def test_training_changes_the_function_and_keeps_equivariance():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 3),
+    )
     emodel = equivfx.compile(model, "D4", mode="layerwise", readout="invariant")
     x, target = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
     before = emodel(x).detach()
@@ -186,12 +206,16 @@ def test_gather_on_linear_features():
         assert torch.equal(out[g], want)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(3, 2), nn.Conv1d(2, 3, 3), nn.Conv2d(4, 4, 3, groups=2),
-                                   nn.Conv3d(2, 1, 1)])
+@pytest.mark.parametrize(
+    "layer", [nn.Linear(3, 2), nn.Conv1d(2, 3, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv3d(2, 1, 1)]
+)
 def test_widen_preserves_the_function_on_the_identity_block(layer):
     wide = widen(layer, 4)
-    shape = (2, 3) if isinstance(layer, nn.Linear) else (2, layer.in_channels) + (5,) * (
-        layer.weight.dim() - 2)
+    shape = (
+        (2, 3)
+        if isinstance(layer, nn.Linear)
+        else (2, layer.in_channels) + (5,) * (layer.weight.dim() - 2)
+    )
     x = torch.randn(shape)
     if isinstance(layer, nn.Linear):
         xw = torch.cat([x] + [torch.randn_like(x) for _ in range(3)], -1)
@@ -205,9 +229,16 @@ def test_widen_preserves_the_function_on_the_identity_block(layer):
 def test_norms_dropout_and_pooling_work_slot_wise():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1),
-        nn.InstanceNorm2d(4, affine=True), nn.Dropout(0.2), nn.AvgPool2d(2), nn.Flatten(),
-        nn.LayerNorm(4 * 9), nn.Linear(4 * 9, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.GELU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.Dropout(0.2),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 9),
+        nn.Linear(4 * 9, 3),
     ).eval()
     x = torch.randn(3, 2, 6, 6)
     emodel = equivfx.compile(model, "D4", mode="layerwise", readout="slots")

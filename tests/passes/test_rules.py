@@ -38,8 +38,12 @@ def _annotated(rule: OpRule):
     gm = trace(module).gm
     ShapeProp(gm).propagate(*xs)
     G = equivfx.group(ex.group)
-    opts = LiftOptions(group=G, input_action=G.action, acted_input=next(
-        n.target for n in gm.graph.nodes if n.op == "placeholder"), example_batch=xs[0].shape[0])
+    opts = LiftOptions(
+        group=G,
+        input_action=G.action,
+        acted_input=next(n.target for n in gm.graph.nodes if n.op == "placeholder"),
+        example_batch=xs[0].shape[0],
+    )
     AnnotateReps(opts)(gm)
     return module, gm, xs, G
 
@@ -80,7 +84,7 @@ def test_affine_claim(rule):
     xs, ys = _inputs(rule.example, 0), _inputs(rule.example, 1)
     t = 0.3
     with torch.no_grad():
-        lhs = module(*(t * x + (1 - t) * y for x, y in zip(xs, ys)))
+        lhs = module(*(t * x + (1 - t) * y for x, y in zip(xs, ys, strict=True)))
         rhs = t * module(*xs) + (1 - t) * module(*ys)
     torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
 
@@ -100,8 +104,20 @@ def test_commutation_claim(rule):
             torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["relu", "conv2d", "batch_norm", "linear", "layer_norm", "add",
-                                  "group_norm", "pool", "adaptive_pool"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "relu",
+        "conv2d",
+        "batch_norm",
+        "linear",
+        "layer_norm",
+        "add",
+        "group_norm",
+        "pool",
+        "adaptive_pool",
+    ],
+)
 def test_expected_rules_claim_commutation(name):
     rule = next(r for r in RULES_WITH_EXAMPLES if r.name == name)
     module, gm, xs, G = _annotated(rule)

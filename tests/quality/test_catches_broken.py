@@ -1,4 +1,5 @@
-"""The quality tier: the verifier must catch deliberately broken models and name the breaking node."""
+"""The quality tier: the verifier must catch deliberately broken models and name the breaking
+node."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 64, 5),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, 5),
     ).eval()
 
 
 def insert_after(gm: fx.GraphModule, target: str, fn, *extra) -> str:
-    """Insert ``fn(node_value, *extra)`` after the node calling ``target``, annotated as slot-wise."""
+    """Insert ``fn(node_value, *extra)`` after the node calling ``target``, annotated as
+    slot-wise."""
     node = next(n for n in gm.graph.nodes if n.target == target)
     users = list(node.users)
     with gm.graph.inserting_after(node):

@@ -102,6 +102,7 @@ def test_sequence_groups():
     conv = nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular", bias=False)
     x = torch.randn(3, 2, 8)
     assert equivfx.verify(conv, x, group="Shift8", output_action="Shift8").ok
-    emodel = equivfx.compile(nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3)),
-                             "ShiftRev8")
+    emodel = equivfx.compile(
+        nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3)), "ShiftRev8"
+    )
     assert equivfx.verify(emodel, x).ok
