@@ -25,6 +25,8 @@ from equivfx.errors import (
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.defer import DeferLift
+from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
 from equivfx.passes.lift import InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions
@@ -99,25 +101,27 @@ def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Acti
     )
 
 
-def global_pipeline(options: LiftOptions, check: bool = False) -> Pipeline:
-    """The global construction: annotate-reps, insert-lift, to-map, fuse-projection."""
-    return Pipeline(
-        [AnnotateReps(options), InsertLift(options), ToMap(), FuseProjection(options)], check=check
-    )
+def global_pipeline(options: LiftOptions, check: bool = False, optimize: bool = True) -> Pipeline:
+    """The global construction: annotate-reps, insert-lift, to-map, fuse-projection, and with
+    ``optimize`` the cost passes defer-lift and hoist-projection."""
+    passes = [AnnotateReps(options), InsertLift(options), ToMap()]
+    passes += [DeferLift()] if optimize else []
+    passes += [FuseProjection(options)]
+    passes += [HoistProjection()] if optimize else []
+    return Pipeline(passes, check=check)
 
 
-def layerwise_pipeline(options: LiftOptions, mix: MixOptions, check: bool = False) -> Pipeline:
+def layerwise_pipeline(
+    options: LiftOptions, mix: MixOptions, check: bool = False, optimize: bool = True
+) -> Pipeline:
     """The layer-wise construction: the global passes with mix-layers before the readout."""
-    return Pipeline(
-        [
-            AnnotateReps(options),
-            InsertLift(options),
-            ToMap(),
-            MixLayers(mix),
-            FuseProjection(options),
-        ],
-        check=check,
-    )
+    # mix-layers decides on the unoptimised graph (which layers are past the input stage); the
+    # gathers it inserts do not commute with the action, so defer-lift never moves them
+    passes = [AnnotateReps(options), InsertLift(options), ToMap(), MixLayers(mix)]
+    passes += [DeferLift()] if optimize else []
+    passes += [FuseProjection(options)]
+    passes += [HoistProjection()] if optimize else []
+    return Pipeline(passes, check=check)
 
 
 def _as_tuple(example_inputs) -> tuple | None:
@@ -162,6 +166,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     mix: Callable | set | None = None,
     chunk: int | str | None = None,
     twist: bool = False,
+    optimize: bool = True,
     check: bool = False,
 ) -> fx.GraphModule:
     """Make ``model`` equivariant (or invariant) to the finite group ``group``.
@@ -191,6 +196,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         chunk: evaluate k slots at a time; not available yet (must be None).
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
+        optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action run
+            once, before the lift; needs example inputs for shapes) and ``hoist-projection`` (with
+            the mean readout, slots are pooled before trailing affine layers). Outputs are unchanged
+            up to float rounding; ``optimize=False`` gives the plain construction.
         check: lint the graph and check metadata after every pass (for tests and debugging).
 
     Returns:
@@ -339,12 +348,15 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 )
             twist_action = in_action
         pipeline = layerwise_pipeline(
-            options, MixOptions(group=G, mix=mix, twist=twist_action), check=check
+            options,
+            MixOptions(group=G, mix=mix, twist=twist_action),
+            check=check,
+            optimize=optimize,
         )
         mixer = next(p for p in pipeline.passes if isinstance(p, MixLayers))
     else:
         mixer = None
-        pipeline = global_pipeline(options, check=check)
+        pipeline = global_pipeline(options, check=check, optimize=optimize)
     gm = pipeline(gm).graph_module
     gm.equivfx_info = CompileInfo(
         group=G,

@@ -55,6 +55,8 @@ class InsertLift(Pass):
                 new = graph.call_module(target, (node,))
             new_node_origin(new, self.name)
             set_rep(new, Folded(0), "lift" if target == LIFT_NAME else "repeat")
+            if "tensor_meta" in node.meta:  # same per-sample shape; the batch is |G| times larger
+                new.meta["tensor_meta"] = node.meta["tensor_meta"]
             for u in users:
                 u.replace_input_with(node, new)
             modified = True

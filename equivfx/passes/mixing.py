@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from equivfx.errors import EquivFXError, explain
-from equivfx.meta import REP, Folded, InputRep, set_rep
+from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 
 __all__ = ["MixLayers", "MixOptions", "SlotGather", "widen", "MIXABLE"]
@@ -178,7 +178,7 @@ class MixLayers(Pass):
                 continue
             arg = node.args[0] if node.args else None
             rep = arg.meta.get(REP) if isinstance(arg, fx.Node) else None
-            if not isinstance(rep, (Folded, InputRep)) or getattr(rep, "container", False):
+            if not isinstance(rep, Folded) or rep.container:
                 continue
             calls.setdefault(node.target, []).append(node)
             first = arg in stage

@@ -17,7 +17,16 @@ from torch import nn
 from equivfx.errors import ReadoutError, explain
 from equivfx.groups.actions import Action
 
-__all__ = ["Lift", "Broadcast", "Readout", "READOUTS", "POOLS", "PoseAction", "pose_action"]
+__all__ = [
+    "CheckInput",
+    "Lift",
+    "Broadcast",
+    "Readout",
+    "READOUTS",
+    "POOLS",
+    "PoseAction",
+    "pose_action",
+]
 
 READOUTS = ("slots", "pose", "invariant", "equivariant")
 POOLS = ("mean", "max", "logsumexp")
@@ -44,6 +53,18 @@ class Lift(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group={self.group!r}, action={self.action.describe()}"
+
+
+class CheckInput(nn.Module):
+    """Checks the model's input against the action (kept at the input when the lift moves later)."""
+
+    def __init__(self, action):
+        super().__init__()
+        self.action = action
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.action.check(x)
+        return x
 
 
 class Broadcast(nn.Module):

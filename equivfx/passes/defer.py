@@ -1,0 +1,99 @@
+"""``defer-lift``: run the ops that commute with the input action once, before the lift.
+
+If op(g . x) = g . op(x) (per the rule table: pointwise ops under permutations of entries,
+per-channel
+affine maps, 1x1 convolutions under spatial actions, ...), then lifting after the op gives the same
+slots, g^-1 . op(x) = op(g^-1 . x), while the op runs on B samples instead of |G| B.
+
+Before::
+
+    x -> equivfx_lift -> normalise -> conv1x1 -> conv3x3 -> ...
+
+After::
+
+    x -> normalise -> conv1x1 -> equivfx_lift -> conv3x3 -> ...
+
+Only a chain of single-input, single-user nodes right after the lift moves, and only while each op's
+rule claims commutation with the input action on the shapes seen (so it needs example inputs).
+Dropout is never moved: its masks would be shared across slots in training. Outputs are unchanged up
+to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from equivfx.meta import REP, Folded, InputRep, set_rep
+from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.lift import LIFT_NAME
+from equivfx.passes.modules import CheckInput
+from equivfx.passes.rules import BatchCtx, lookup, rule_key
+
+__all__ = ["DeferLift", "CHECK_NAME"]
+
+CHECK_NAME = "equivfx_check_input"
+
+_BARRIERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+class DeferLift(Pass):
+    name = "defer-lift"
+    requires = frozenset({REP})
+    provides = frozenset({REP})
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        lift = next(
+            (n for n in gm.graph.nodes if n.op == "call_module" and n.target == LIFT_NAME), None
+        )
+        if lift is None:
+            return PassResult(gm, False)
+        action = gm.get_submodule(LIFT_NAME).action
+        modules = dict(gm.named_modules())
+        moved = []
+        while len(lift.users) == 1:
+            node = next(iter(lift.users))
+            if not self._commutes(node, lift, action, modules):
+                break
+            src = lift.args[0]
+            if not moved:  # the input is still checked where the user gives it
+                gm.add_submodule(CHECK_NAME, CheckInput(action))
+                with gm.graph.inserting_after(src):
+                    checked = gm.graph.call_module(CHECK_NAME, (src,))
+                new_node_origin(checked, self.name)
+                set_rep(checked, src.meta.get(REP), "check-input")
+                if "tensor_meta" in src.meta:
+                    checked.meta["tensor_meta"] = src.meta["tensor_meta"]
+                lift.replace_input_with(src, checked)
+                src = checked
+            # node now reads what the lift read; the lift reads node's output
+            node.replace_input_with(lift, src)
+            node.replace_all_uses_with(lift, delete_user_cb=lambda u: u is not lift)
+            lift.args = (node,)
+            node.append(lift)  # keep topological order: node, then the lift
+            if "tensor_meta" in node.meta:  # shapes for the next node's commutation check
+                lift.meta["tensor_meta"] = node.meta["tensor_meta"]
+            set_rep(node, InputRep(action), node.meta.get("equivfx.rule"))
+            moved.append(node)
+        return PassResult(gm, bool(moved))
+
+    @staticmethod
+    def _commutes(node: fx.Node, lift: fx.Node, action, modules) -> bool:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return False
+        folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
+        if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
+            return False
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, _BARRIERS):
+            return False
+        rule = lookup(rule_key(node, module))
+        rep = node.meta.get(REP)
+        if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+            return False
+        reps = {a: a.meta.get(REP) for a in node.all_input_nodes}
+        ctx = BatchCtx(node=node, reps=reps, module=module)
+        try:
+            return bool(rule.commutes(ctx, action))
+        except Exception:  # noqa: BLE001 - a rule that cannot decide does not commute
+            return False

@@ -1,0 +1,141 @@
+"""The cost passes (defer-lift, hoist-projection): outputs unchanged, and they fire where they
+should.
+
+Oracle: the unoptimised pipeline (``optimize=False``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.meta import REP, InputRep
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import ZOO, clean_names  # noqa: E402
+
+CASES = [(n, spec) for n in clean_names() for spec in ZOO[n].groups]
+
+
+class Stem(nn.Module):
+    """Input normalisation, batch norm and a 1x1 stem (commute with rotations), then a 3x3 conv,
+    global pooling and an affine head (commutes with the mean over slots)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm2d(3)
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = (x - 0.5) * 2
+        x = torch.relu(self.stem(self.bn(x)))
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc2(self.fc1(x.view(x.size(0), -1)))
+
+
+X = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def nodes_before_lift(gm) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.target == "equivfx_lift":
+            return out
+        if n.op != "placeholder":
+            out.append(str(n.target))
+    raise AssertionError("no lift")
+
+
+@pytest.mark.parametrize("readout", ["invariant", "slots", "pose"])
+@pytest.mark.parametrize("name, spec", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_outputs_unchanged_on_the_zoo(name, spec, readout):
+    model, x, _ = ZOO[name]()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = equivfx.compile(model, spec, readout=readout, example_inputs=x, check=True)
+        slow = equivfx.compile(model, spec, readout=readout, example_inputs=x, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+
+
+def test_defer_lift_fires_on_commuting_ops_and_keeps_the_input_check():
+    model = Stem().eval()
+    emodel = equivfx.compile(model, "D4", example_inputs=X, check=True)
+    before = nodes_before_lift(emodel)
+    assert before[0] == "equivfx_check_input"
+    assert {"bn", "stem"} <= set(before) and "conv" not in before
+    assert nodes_before_lift(equivfx.compile(model, "D4", example_inputs=X, optimize=False)) == []
+    moved = [n for n in emodel.graph.nodes if n.target in ("bn", "stem")]
+    assert all(isinstance(n.meta[REP], InputRep) for n in moved)
+    with torch.no_grad():
+        slow = equivfx.compile(model, "D4", example_inputs=X, optimize=False)
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
+    with pytest.raises(equivfx.errors.InputShapeError, match=r"\(3, 3, 8, 9\)"):
+        emodel(torch.randn(3, 3, 8, 9))  # the message quotes the user's input, not the stem's
+
+
+def test_defer_lift_is_exact_for_batch_norm_in_training_mode():
+    model = Stem().train()
+    fast = equivfx.compile(model, "C4", example_inputs=X)
+    slow = equivfx.compile(model, "C4", example_inputs=X, optimize=False)
+    fast.train()
+    slow.train()
+    torch.testing.assert_close(fast(X), slow(X), rtol=1e-4, atol=1e-5)
+
+
+def test_hoist_projection_runs_the_head_once_per_sample():
+    model = Stem().eval()
+    rows = []
+    handle = model.fc1.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            equivfx.compile(model, "D4", example_inputs=X)(X)
+            fast_rows = rows[-1]
+            equivfx.compile(model, "D4", example_inputs=X, optimize=False)(X)
+            slow_rows = rows[-1]
+    finally:
+        handle.remove()
+    assert (fast_rows, slow_rows) == (3, 3 * 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(pool="max"), dict(readout="slots"), dict(pool="logsumexp")]
+)
+def test_hoist_needs_the_mean_readout(kwargs):
+    emodel = equivfx.compile(Stem().eval(), "C4", example_inputs=X, **kwargs)
+    assert not hasattr(emodel, "equivfx_pool")
+
+
+def test_hoist_stops_at_dropout_and_mixing_layers():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * 36, 3)
+    ).eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=X)
+    pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
+    assert pool.args[0].target == "3"  # pooled after the dropout, before the linear head only
+    layerwise = equivfx.compile(Stem().eval(), "C4", mode="layerwise", example_inputs=X)
+    pool_users = [n for n in layerwise.graph.nodes if n.target == "equivfx_pool"]
+    for n in pool_users:  # the pool never moves in front of a mixing layer
+        assert not any(u.meta.get("equivfx.mixing") for u in n.users)
+    assert equivfx.verify(layerwise, X).ok
+
+
+def test_optimized_models_verify_and_localise():
+    emodel = equivfx.compile(Stem().eval(), "D4", readout="slots", example_inputs=X)
+    report = equivfx.verify(emodel, X)
+    assert report.ok
+    emodel.equivfx_lift.inverses = tuple(range(8))  # g instead of g^-1: the report names the lift
+    report = equivfx.verify(emodel, X)
+    assert not report.ok and report.first_bad_node == "equivfx_lift"
