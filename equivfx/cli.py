@@ -83,6 +83,15 @@ def _model_options(fn):
     return fn
 
 
+def _construction_options(fn):
+    fn = click.option(
+        "--readout",
+        type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
+        default="invariant",
+    )(fn)
+    return click.option("--mode", type=click.Choice(["global", "layerwise"]), default="global")(fn)
+
+
 def _build_model(model_spec: str, model_args, weights, trust_pickle):
     from equivfx.checkpoints import apply_weights, load_factory, load_weights, parse_model_args
 
@@ -127,12 +136,7 @@ def main() -> None:
     help="output: .pt2 (torch.export), .onnx, .pt or .safetensors (state_dict)",
 )
 @_model_options
-@click.option("--mode", type=click.Choice(["global", "layerwise"]), default="global")
-@click.option(
-    "--readout",
-    type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
-    default="invariant",
-)
+@_construction_options
 @click.option("--pool", type=click.Choice(["mean", "max", "logsumexp"]), default="mean")
 @click.option(
     "--output-action",
@@ -325,12 +329,7 @@ def _rebuild(meta: dict):
 @click.option("--group", "group_spec", required=True, help=GROUP_HELP)
 @click.option("--input-shape", required=True, help="example input shape, batch first")
 @_model_options
-@click.option("--mode", type=click.Choice(["global", "layerwise"]), default="global")
-@click.option(
-    "--readout",
-    type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
-    default="invariant",
-)
+@_construction_options
 @click.option("--output-action", default=None, help="for readout=equivariant")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @_command

@@ -32,6 +32,13 @@ def run(*args, cwd=None, check_code=None) -> subprocess.CompletedProcess:
     return proc
 
 
+def compile_c4(out, *extra, **kwargs) -> subprocess.CompletedProcess:
+    """``equivfx compile`` of the demo CNN under C4 on 2x1x8x8 inputs, to ``out``."""
+    return run(
+        "compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out, *extra, **kwargs
+    )
+
+
 def one_error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
@@ -67,14 +74,7 @@ def test_help_lists_the_commands():
 def test_compile_to_pt2_loads_in_plain_torch_and_is_invariant(tmp_path, weights):
     out = tmp_path / "cnn.pt2"
     before = weights.read_bytes()
-    proc = run(
-        "compile",
-        FACTORY,
-        "--group",
-        "C4",
-        "--input-shape",
-        SHAPE,
-        "-o",
+    proc = compile_c4(
         out,
         "--weights",
         weights,
@@ -107,14 +107,7 @@ def test_compile_to_pt2_loads_in_plain_torch_and_is_invariant(tmp_path, weights)
 def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "cnn.onnx"
-    run(
-        "compile",
-        FACTORY,
-        "--group",
-        "C4",
-        "--input-shape",
-        SHAPE,
-        "-o",
+    compile_c4(
         out,
         "--weights",
         weights,
@@ -137,14 +130,7 @@ def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dict_outputs_load_into_the_compiled_model(tmp_path, weights, suffix):
     out = tmp_path / f"cnn{suffix}"
-    run(
-        "compile",
-        FACTORY,
-        "--group",
-        "C4",
-        "--input-shape",
-        SHAPE,
-        "-o",
+    compile_c4(
         out,
         "--weights",
         weights,
@@ -205,7 +191,14 @@ def test_inspect_text_and_json():
     nodes = {n["node"]: n for n in data["nodes"]}
     assert nodes["equivfx_lift"]["rep"].startswith("map(G) folded")
     assert nodes["equivfx_lift"]["slot_axis"] == 0
-    assert data["passes"] == ["annotate-reps", "insert-lift", "to-map", "fuse-projection"]
+    assert data["passes"] == [
+        "annotate-reps",
+        "insert-lift",
+        "to-map",
+        "defer-lift",
+        "fuse-projection",
+        "hoist-projection",
+    ]
 
 
 def test_demo_quick(tmp_path):
@@ -248,14 +241,7 @@ def test_factory_from_the_current_directory_with_model_args(tmp_path):
 # ------------------------------------------------------------------------------ bad input: exit 2
 def test_missing_weights(tmp_path):
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "o.pt2",
             "--weights",
             tmp_path / "nope.pt",
@@ -268,14 +254,7 @@ def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "o.pt2",
             "--weights",
             bad,
@@ -288,14 +267,7 @@ def test_wrong_weights_format(tmp_path):
     bad = tmp_path / "weights.txt"
     bad.write_text("hello")
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "o.pt2",
             "--weights",
             bad,
@@ -305,9 +277,7 @@ def test_wrong_weights_format(tmp_path):
 
 
 def test_wrong_output_format(tmp_path):
-    line = one_error_line(
-        run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", tmp_path / "o.h5")
-    )
+    line = one_error_line(compile_c4(tmp_path / "o.h5"))
     assert "unknown output format" in line
 
 
@@ -317,14 +287,7 @@ def test_mismatched_keys_are_named(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, ckpt)
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "o.pt2",
             "--weights",
             ckpt,
@@ -358,14 +321,7 @@ def test_unknown_group_spec(tmp_path):
 
 def test_unwritable_output(tmp_path):
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "missing-folder" / "o.pt2",
         )
     )
@@ -376,28 +332,14 @@ def test_pickled_module_needs_opt_in(tmp_path):
     ckpt = tmp_path / "full.pt"
     torch.save(make_cnn(), ckpt)
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             tmp_path / "o.pt2",
             "--weights",
             ckpt,
         )
     )
     assert "--trust-pickle" in line
-    run(
-        "compile",
-        FACTORY,
-        "--group",
-        "C4",
-        "--input-shape",
-        SHAPE,
-        "-o",
+    compile_c4(
         tmp_path / "o.pt2",
         "--weights",
         ckpt,
@@ -438,19 +380,10 @@ def test_factory_that_does_not_import(tmp_path):
 def test_existing_output_is_refused_unless_forced_and_inputs_never_overwritten(tmp_path, weights):
     out = tmp_path / "o.pt2"
     out.write_bytes(b"precious")
-    line = one_error_line(
-        run("compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", out)
-    )
+    line = one_error_line(compile_c4(out))
     assert "--force" in line
     assert out.read_bytes() == b"precious"
-    run(
-        "compile",
-        FACTORY,
-        "--group",
-        "C4",
-        "--input-shape",
-        SHAPE,
-        "-o",
+    compile_c4(
         out,
         "--force",
         check_code=0,
@@ -460,14 +393,7 @@ def test_existing_output_is_refused_unless_forced_and_inputs_never_overwritten(t
     shutil.copy(weights, copy)
     before = copy.read_bytes()
     line = one_error_line(
-        run(
-            "compile",
-            FACTORY,
-            "--group",
-            "C4",
-            "--input-shape",
-            SHAPE,
-            "-o",
+        compile_c4(
             copy,
             "--weights",
             copy,

@@ -154,7 +154,16 @@ def test_info_records_the_compilation():
     info = emodel.equivfx_info
     assert info.group == equivfx.group("D4") and info.mode == "global"
     assert info.readout == "slots" and info.trace_path == "symbolic_trace"
-    assert info.passes == ("annotate-reps", "insert-lift", "to-map", "fuse-projection")
+    assert info.passes == (
+        "annotate-reps",
+        "insert-lift",
+        "to-map",
+        "defer-lift",
+        "fuse-projection",
+        "hoist-projection",
+    )
+    plain = equivfx.compile(small_cnn(), "D4", readout="slots", optimize=False).equivfx_info
+    assert plain.passes == ("annotate-reps", "insert-lift", "to-map", "fuse-projection")
 
 
 def test_every_node_is_annotated_and_created_nodes_record_their_origin():

@@ -22,19 +22,16 @@ to float rounding.
 from __future__ import annotations
 
 import torch.fx as fx
-from torch import nn
 
 from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import CheckInput
-from equivfx.passes.rules import BatchCtx, lookup, rule_key
+from equivfx.passes.rules import RANDOM_MODULES, BatchCtx, lookup, rule_key
 
 __all__ = ["DeferLift", "CHECK_NAME"]
 
 CHECK_NAME = "equivfx_check_input"
-
-_BARRIERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class DeferLift(Pass):
@@ -85,7 +82,7 @@ class DeferLift(Pass):
         if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
             return False
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, _BARRIERS):
+        if isinstance(module, RANDOM_MODULES):
             return False
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)

@@ -19,19 +19,16 @@ the chain. Outputs are unchanged up to float rounding.
 from __future__ import annotations
 
 import torch.fx as fx
-from torch import nn
 
 from equivfx.meta import REP, BatchSize, Folded, OutputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.modules import Readout
 from equivfx.passes.projection import READOUT_NAME
-from equivfx.passes.rules import lookup, rule_key
+from equivfx.passes.rules import RANDOM_MODULES, lookup, rule_key
 
 __all__ = ["HoistProjection", "POOL_NAME"]
 
 POOL_NAME = "equivfx_pool"
-
-_BARRIERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class HoistProjection(Pass):
@@ -64,7 +61,7 @@ class HoistProjection(Pass):
         if node.meta.get("equivfx.mixing") or node.meta.get("equivfx.rule") == "mix-gather":
             return False
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, _BARRIERS):
+        if isinstance(module, RANDOM_MODULES):
             return False
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)

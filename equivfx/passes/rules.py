@@ -198,6 +198,10 @@ class OpRule:
 
 RULES: dict[object, OpRule] = {}
 
+RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+"""Modules that draw random masks in training: cost passes never move them across the lift or the
+pool, where a mask would be shared between slots (or drawn once for all of them)."""
+
 
 def rule_key(node: fx.Node, module: nn.Module | None = None):
     """The registry key of a node's op."""

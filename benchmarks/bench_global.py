@@ -1,0 +1,285 @@
+"""What a compiled model costs, against what users would write instead.
+
+For each model (a ResNet-style CNN at 32x32, a small ViT, a 1D sequence model), each group (C4, D4)
+and each batch size B (1, 8, 64) it times, in the same run and interleaved:
+
+- ``base@B``: the unchanged model at batch B (the cost of one pass);
+- ``base@GB``: the base model at batch |G| B (the same |G| passes, folded into one batch);
+- ``loop``: the hand-written loop over g of the base model at batch B, stacked (equi-tuning style);
+- ``vmap``: ``torch.func.vmap`` of the base model over the |G| transformed inputs;
+- ``global``: ``equivfx.compile(model, G)`` (invariant readout, cost passes on);
+- ``global-noopt``: the same with ``optimize=False``;
+- ``layerwise``: ``equivfx.compile(model, G, mode="layerwise")``.
+
+Reported: medians (ms) of interleaved ``torch.utils.benchmark`` runs and the ratios
+``global / min(base@GB, loop)`` (the issue's 5 % target) and ``global / base@B`` (the |G| floor).
+Also: compile time against graph size (synthetic chains of 10 to 10,000 nodes), verification time
+of a ResNet-style model over all of D4, and ``torch.compile`` of the compiled module.
+
+Run: ``python benchmarks/bench_global.py [--quick] [--json PATH] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import equivfx  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ models
+class Block(nn.Module):
+    def __init__(self, c: int, stride: int = 1):
+        super().__init__()
+        out = c * stride
+        self.conv1 = nn.Conv2d(c, out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.short = (nn.Sequential(nn.Conv2d(c, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+                      if stride > 1 else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class ResNetish(nn.Module):
+    """A ResNet-style CNN for 3x32x32 inputs (about 0.2 M parameters)."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.layers = nn.Sequential(Block(width), Block(width, 2), Block(2 * width, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+
+
+class ViTish(nn.Module):
+    """A small ViT for 3x32x32 inputs: patch 4, dim 64, 2 blocks, 4 heads."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(t)).mean(1))
+
+
+class Seq1d(nn.Module):
+    """A 1D conv net for (B, 8, 128) sequences."""
+
+    def __init__(self, c: int = 32, classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(8, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
+            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
+            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
+        )
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.net(x).mean(-1))
+
+
+MODELS = {
+    "resnet": (ResNetish, (3, 32, 32), {"C4": "C4", "D4": "D4"}),
+    "vit": (ViTish, (3, 32, 32), {"C4": "C4", "D4": "D4"}),
+    "seq1d": (Seq1d, (8, 128), {"C4": "Shift4", "D4": "ShiftRev4"}),
+}
+
+
+# ------------------------------------------------------------------------------ timing
+def median_ms(timers: dict, rounds: int, min_run: float) -> dict:
+    samples = {k: [] for k in timers}
+    for _ in range(rounds):  # interleaved, so drifts hit every variant alike
+        for k, t in timers.items():
+            samples[k].append(t.blocked_autorange(min_run_time=min_run).median * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench_latency(quick: bool, threads: int) -> list[dict]:
+    rows = []
+    batches = [1, 8] if quick else [1, 8, 64]
+    names = ["resnet", "seq1d"] if quick else list(MODELS)
+    for name in names:
+        factory, shape, specs = MODELS[name]
+        torch.manual_seed(0)
+        model = factory().eval()
+        for label in (["C4"] if quick else ["C4", "D4"]):
+            G = equivfx.group(specs[label])
+            for B in batches:
+                x = torch.randn(B, *shape)
+                xs = torch.stack([G.act(G.inverse(g), x) for g in G.elements])  # (|G|, B, ...)
+                xg = xs.flatten(0, 1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    glob = equivfx.compile(model, G, example_inputs=x).eval()
+                    noopt = equivfx.compile(model, G, example_inputs=x, optimize=False).eval()
+                    layer = equivfx.compile(model, G, mode="layerwise", example_inputs=x).eval()
+
+                def loop(model=model, G=G, x=x):
+                    return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+
+                vmapped = torch.func.vmap(model)
+                env = dict(model=model, x=x, xg=xg, xs=xs, loop=loop, glob=glob, noopt=noopt,
+                           layer=layer, vmapped=vmapped)
+                stmts = {
+                    "base@B": "model(x)", "base@GB": "model(xg)", "loop": "loop()",
+                    "vmap": "vmapped(xs)", "global": "glob(x)", "global-noopt": "noopt(x)",
+                    "layerwise": "layer(x)",
+                }
+                timers = {k: benchmark.Timer(s, globals=env, num_threads=threads)
+                          for k, s in stmts.items()}
+                with torch.no_grad():
+                    try:
+                        vmapped(xs)
+                    except Exception:  # noqa: BLE001 - some modules refuse vmap; say so
+                        timers.pop("vmap")
+                    ms = median_ms(timers, 3 if quick else 5, 0.1 if quick else 0.3)
+                best_alt = min(ms["base@GB"], ms["loop"])
+                row = dict(model=name, group=G.spec, batch=B, ms=ms,
+                           global_over_best=ms["global"] / best_alt,
+                           global_over_base=ms["global"] / ms["base@B"],
+                           fold_over_loop=ms["base@GB"] / ms["loop"],
+                           layerwise_over_global=ms["layerwise"] / ms["global"])
+                rows.append(row)
+                print(f"{name:7s} {G.spec:9s} B={B:<3d} " + " ".join(
+                    f"{k}={v:.2f}" for k, v in ms.items()) +
+                      f" | global/best={row['global_over_best']:.2f} "
+                      f"global/base={row['global_over_base']:.2f}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ compile time
+class Chain(nn.Module):
+    """A synthetic model whose traced graph has about n nodes (alternating adds and relus)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        for i in range(self.n // 2):
+            x = torch.relu(x) + 0.5 if i % 2 else x * 1.0001
+        return x.mean((2, 3))
+
+
+def bench_compile_time(quick: bool) -> list[dict]:
+    rows = []
+    sizes = [10, 100, 1000] if quick else [10, 100, 1000, 3000, 10000]
+    x = torch.randn(2, 1, 6, 6)
+    for n in sizes:
+        model = Chain(n).eval()
+        times = []
+        for _ in range(3 if n <= 1000 else 1):
+            t = time.perf_counter()
+            em = equivfx.compile(model, "C4")
+            times.append(time.perf_counter() - t)
+        nodes = len(em.graph.nodes)
+        best = min(times)
+        t = time.perf_counter()
+        equivfx.compile(model, "C4", example_inputs=x)
+        with_examples = time.perf_counter() - t
+        rows.append(dict(nodes=nodes, seconds=best, ms_per_node=best * 1e3 / nodes,
+                         seconds_with_examples=with_examples,
+                         ms_per_node_with_examples=with_examples * 1e3 / nodes))
+        print(f"compile: {nodes:6d} nodes {best:.3f} s ({best * 1e3 / nodes:.3f} ms/node); with "
+              f"example inputs {with_examples:.3f} s ({with_examples * 1e3 / nodes:.3f} ms/node)",
+              flush=True)
+    return rows
+
+
+def bench_verify(quick: bool) -> dict:
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    x = torch.randn(2, 3, 32, 32)
+    emodel = equivfx.compile(model, "D4", example_inputs=x)
+    t = time.perf_counter()
+    report = equivfx.verify(emodel, x)
+    seconds = time.perf_counter() - t
+    base = benchmark.Timer("emodel(x)", globals=dict(emodel=emodel, x=x)).blocked_autorange(
+        min_run_time=0.2).median
+    row = dict(seconds=seconds, elements=len(report.checked), ok=report.ok,
+               forward_ms=base * 1e3, forwards_equivalent=seconds / base)
+    print(f"verify resnet over D4: {seconds:.3f} s for {len(report.checked)} elements "
+          f"(= {seconds / base:.1f} compiled forwards), ok={report.ok}", flush=True)
+    return row
+
+
+def bench_torch_compile(quick: bool, threads: int) -> dict | None:
+    torch.manual_seed(0)
+    model = ResNetish().eval()
+    x = torch.randn(8, 3, 32, 32)
+    emodel = equivfx.compile(model, "C4", example_inputs=x).eval()
+    try:
+        t = time.perf_counter()
+        compiled = torch.compile(emodel)
+        with torch.no_grad():
+            compiled(x)
+        warm = time.perf_counter() - t
+    except Exception as err:  # noqa: BLE001 - report, do not hide
+        print(f"torch.compile failed: {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {err}"}
+    env = dict(emodel=emodel, compiled=compiled, x=x)
+    timers = {"eager": benchmark.Timer("emodel(x)", globals=env, num_threads=threads),
+              "torch.compile": benchmark.Timer("compiled(x)", globals=env, num_threads=threads)}
+    with torch.no_grad():
+        ms = median_ms(timers, 3, 0.2)
+        diff = float((compiled(x) - emodel(x)).abs().max())
+    row = dict(ms=ms, speedup=ms["eager"] / ms["torch.compile"], first_call_seconds=warm,
+               max_abs_diff=diff)
+    print(f"torch.compile of the compiled resnet (C4, B=8): eager {ms['eager']:.2f} ms, compiled "
+          f"{ms['torch.compile']:.2f} ms, speed-up {row['speedup']:.2f}x (first call {warm:.0f} s)",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-torch-compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = dict(torch=torch.__version__, equivfx=equivfx.__version__, threads=args.threads,
+                machine=platform.machine(), platform=platform.platform(),
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                    time.gmtime()))
+    print(json.dumps(meta), flush=True)
+    result = dict(meta=meta, latency=bench_latency(args.quick, args.threads),
+                  compile_time=bench_compile_time(args.quick), verify=bench_verify(args.quick))
+    if not args.skip_torch_compile:
+        result["torch_compile"] = bench_torch_compile(args.quick, args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
