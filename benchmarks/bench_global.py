@@ -48,8 +48,11 @@ class Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(out)
         self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out)
-        self.short = (nn.Sequential(nn.Conv2d(c, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-                      if stride > 1 else nn.Identity())
+        self.short = (
+            nn.Sequential(nn.Conv2d(c, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            if stride > 1
+            else nn.Identity()
+        )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -61,8 +64,9 @@ class ResNetish(nn.Module):
 
     def __init__(self, width: int = 16, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.layers = nn.Sequential(Block(width), Block(width, 2), Block(2 * width, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, classes)
@@ -78,8 +82,9 @@ class ViTish(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(3, dim, 4, 4)
         self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
@@ -95,9 +100,12 @@ class Seq1d(nn.Module):
     def __init__(self, c: int = 32, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv1d(8, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
-            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
-            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"), nn.ReLU(),
+            nn.Conv1d(8, c, 5, padding=2, padding_mode="circular"),
+            nn.ReLU(),
+            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"),
+            nn.ReLU(),
+            nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(c, classes)
 
@@ -129,7 +137,7 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
         factory, shape, specs = MODELS[name]
         torch.manual_seed(0)
         model = factory().eval()
-        for label in (["C4"] if quick else ["C4", "D4"]):
+        for label in ["C4"] if quick else ["C4", "D4"]:
             G = equivfx.group(specs[label])
             for B in batches:
                 x = torch.randn(B, *shape)
@@ -145,15 +153,30 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                     return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
 
                 vmapped = torch.func.vmap(model)
-                env = dict(model=model, x=x, xg=xg, xs=xs, loop=loop, glob=glob, noopt=noopt,
-                           layer=layer, vmapped=vmapped)
+                env = dict(
+                    model=model,
+                    x=x,
+                    xg=xg,
+                    xs=xs,
+                    loop=loop,
+                    glob=glob,
+                    noopt=noopt,
+                    layer=layer,
+                    vmapped=vmapped,
+                )
                 stmts = {
-                    "base@B": "model(x)", "base@GB": "model(xg)", "loop": "loop()",
-                    "vmap": "vmapped(xs)", "global": "glob(x)", "global-noopt": "noopt(x)",
+                    "base@B": "model(x)",
+                    "base@GB": "model(xg)",
+                    "loop": "loop()",
+                    "vmap": "vmapped(xs)",
+                    "global": "glob(x)",
+                    "global-noopt": "noopt(x)",
                     "layerwise": "layer(x)",
                 }
-                timers = {k: benchmark.Timer(s, globals=env, num_threads=threads)
-                          for k, s in stmts.items()}
+                timers = {
+                    k: benchmark.Timer(s, globals=env, num_threads=threads)
+                    for k, s in stmts.items()
+                }
                 with torch.no_grad():
                     try:
                         vmapped(xs)
@@ -161,16 +184,24 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                         timers.pop("vmap")
                     ms = median_ms(timers, 3 if quick else 5, 0.1 if quick else 0.3)
                 best_alt = min(ms["base@GB"], ms["loop"])
-                row = dict(model=name, group=G.spec, batch=B, ms=ms,
-                           global_over_best=ms["global"] / best_alt,
-                           global_over_base=ms["global"] / ms["base@B"],
-                           fold_over_loop=ms["base@GB"] / ms["loop"],
-                           layerwise_over_global=ms["layerwise"] / ms["global"])
+                row = dict(
+                    model=name,
+                    group=G.spec,
+                    batch=B,
+                    ms=ms,
+                    global_over_best=ms["global"] / best_alt,
+                    global_over_base=ms["global"] / ms["base@B"],
+                    fold_over_loop=ms["base@GB"] / ms["loop"],
+                    layerwise_over_global=ms["layerwise"] / ms["global"],
+                )
                 rows.append(row)
-                print(f"{name:7s} {G.spec:9s} B={B:<3d} " + " ".join(
-                    f"{k}={v:.2f}" for k, v in ms.items()) +
-                      f" | global/best={row['global_over_best']:.2f} "
-                      f"global/base={row['global_over_base']:.2f}", flush=True)
+                print(
+                    f"{name:7s} {G.spec:9s} B={B:<3d} "
+                    + " ".join(f"{k}={v:.2f}" for k, v in ms.items())
+                    + f" | global/best={row['global_over_best']:.2f} "
+                    f"global/base={row['global_over_base']:.2f}",
+                    flush=True,
+                )
     return rows
 
 
@@ -206,12 +237,20 @@ def bench_compile_time(quick: bool) -> list[dict]:
         t = time.perf_counter()
         equivfx.compile(model, "C4", example_inputs=x)
         with_examples = time.perf_counter() - t
-        rows.append(dict(nodes=nodes, seconds=best, ms_per_node=best * 1e3 / nodes,
-                         seconds_with_examples=with_examples,
-                         ms_per_node_with_examples=with_examples * 1e3 / nodes))
-        print(f"compile: {nodes:6d} nodes {best:.3f} s ({best * 1e3 / nodes:.3f} ms/node); with "
-              f"example inputs {with_examples:.3f} s ({with_examples * 1e3 / nodes:.3f} ms/node)",
-              flush=True)
+        rows.append(
+            dict(
+                nodes=nodes,
+                seconds=best,
+                ms_per_node=best * 1e3 / nodes,
+                seconds_with_examples=with_examples,
+                ms_per_node_with_examples=with_examples * 1e3 / nodes,
+            )
+        )
+        print(
+            f"compile: {nodes:6d} nodes {best:.3f} s ({best * 1e3 / nodes:.3f} ms/node); with "
+            f"example inputs {with_examples:.3f} s ({with_examples * 1e3 / nodes:.3f} ms/node)",
+            flush=True,
+        )
     return rows
 
 
@@ -223,12 +262,23 @@ def bench_verify(quick: bool) -> dict:
     t = time.perf_counter()
     report = equivfx.verify(emodel, x)
     seconds = time.perf_counter() - t
-    base = benchmark.Timer("emodel(x)", globals=dict(emodel=emodel, x=x)).blocked_autorange(
-        min_run_time=0.2).median
-    row = dict(seconds=seconds, elements=len(report.checked), ok=report.ok,
-               forward_ms=base * 1e3, forwards_equivalent=seconds / base)
-    print(f"verify resnet over D4: {seconds:.3f} s for {len(report.checked)} elements "
-          f"(= {seconds / base:.1f} compiled forwards), ok={report.ok}", flush=True)
+    base = (
+        benchmark.Timer("emodel(x)", globals=dict(emodel=emodel, x=x))
+        .blocked_autorange(min_run_time=0.2)
+        .median
+    )
+    row = dict(
+        seconds=seconds,
+        elements=len(report.checked),
+        ok=report.ok,
+        forward_ms=base * 1e3,
+        forwards_equivalent=seconds / base,
+    )
+    print(
+        f"verify resnet over D4: {seconds:.3f} s for {len(report.checked)} elements "
+        f"(= {seconds / base:.1f} compiled forwards), ok={report.ok}",
+        flush=True,
+    )
     return row
 
 
@@ -247,17 +297,177 @@ def bench_torch_compile(quick: bool, threads: int) -> dict | None:
         print(f"torch.compile failed: {type(err).__name__}: {err}")
         return {"error": f"{type(err).__name__}: {err}"}
     env = dict(emodel=emodel, compiled=compiled, x=x)
-    timers = {"eager": benchmark.Timer("emodel(x)", globals=env, num_threads=threads),
-              "torch.compile": benchmark.Timer("compiled(x)", globals=env, num_threads=threads)}
+    timers = {
+        "eager": benchmark.Timer("emodel(x)", globals=env, num_threads=threads),
+        "torch.compile": benchmark.Timer("compiled(x)", globals=env, num_threads=threads),
+    }
     with torch.no_grad():
         ms = median_ms(timers, 3, 0.2)
         diff = float((compiled(x) - emodel(x)).abs().max())
-    row = dict(ms=ms, speedup=ms["eager"] / ms["torch.compile"], first_call_seconds=warm,
-               max_abs_diff=diff)
-    print(f"torch.compile of the compiled resnet (C4, B=8): eager {ms['eager']:.2f} ms, compiled "
-          f"{ms['torch.compile']:.2f} ms, speed-up {row['speedup']:.2f}x (first call {warm:.0f} s)",
-          flush=True)
+    row = dict(
+        ms=ms, speedup=ms["eager"] / ms["torch.compile"], first_call_seconds=warm, max_abs_diff=diff
+    )
+    print(
+        f"torch.compile of the compiled resnet (C4, B=8): eager {ms['eager']:.2f} ms, compiled "
+        f"{ms['torch.compile']:.2f} ms, speed-up {row['speedup']:.2f}x (first call {warm:.0f} s)",
+        flush=True,
+    )
     return row
+
+
+def bench_e2cnn(quick: bool, threads: int) -> dict | None:
+    """equivfx layer-wise C4 against an e2cnn regular-representation network of the same widths.
+
+    Both: 3 -> W -> W -> W channels per group element (e2cnn: W regular fields of C4), 3x3 convs
+    with ReLU, pooled over the group and space, a linear head; inputs 3x32x32.
+    """
+    try:
+        from e2cnn import gspaces
+        from e2cnn import nn as enn
+    except ImportError:
+        print("e2cnn not installed (pip install e2cnn): comparison skipped")
+        return None
+    width, classes = 16, 10
+    torch.manual_seed(0)
+    r2 = gspaces.Rot2dOnR2(N=4)
+    fin = enn.FieldType(r2, 3 * [r2.trivial_repr])
+    hid = enn.FieldType(r2, width * [r2.regular_repr])
+
+    class E2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = enn.SequentialModule(
+                enn.R2Conv(fin, hid, 3, padding=1),
+                enn.ReLU(hid),
+                enn.R2Conv(hid, hid, 3, padding=1),
+                enn.ReLU(hid),
+                enn.R2Conv(hid, hid, 3, padding=1),
+                enn.ReLU(hid),
+                enn.GroupPooling(hid),
+            )
+            self.fc = nn.Linear(width, classes)
+
+        def forward(self, x):
+            y = self.body(enn.GeometricTensor(x, fin)).tensor
+            return self.fc(y.mean((2, 3)))
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, width, 3, padding=1)
+            self.c2 = nn.Conv2d(width, width, 3, padding=1)
+            self.c3 = nn.Conv2d(width, width, 3, padding=1)
+            self.fc = nn.Linear(width, classes)
+
+        def forward(self, x):
+            x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+            return self.fc(x.mean((2, 3)))
+
+    e2 = E2().eval()
+    exported = nn.Sequential(e2.body.export()).eval()  # plain torch modules, as e2cnn exports
+
+    def e2_exported(x, exported=exported, fc=e2.fc):
+        return fc(exported(x).mean((2, 3)))
+
+    B = 8
+    x = torch.randn(B, 3, 32, 32)
+    ours = equivfx.compile(Plain().eval(), "C4", mode="layerwise", example_inputs=x).eval()
+    env = dict(e2=e2, e2x=e2_exported, ours=ours, x=x)
+    timers = {
+        k: benchmark.Timer(s, globals=env, num_threads=threads)
+        for k, s in {
+            "e2cnn": "e2(x)",
+            "e2cnn-exported": "e2x(x)",
+            "equivfx-layerwise": "ours(x)",
+        }.items()
+    }
+    with torch.no_grad():
+        ms = median_ms(timers, 3, 0.2)
+    params = {
+        "e2cnn": sum(p.numel() for p in e2.parameters()),
+        "equivfx-layerwise": sum(p.numel() for p in ours.parameters()),
+    }
+    row = dict(
+        batch=B,
+        width=width,
+        ms=ms,
+        params=params,
+        ours_over_e2cnn_exported=ms["equivfx-layerwise"] / ms["e2cnn-exported"],
+    )
+    print(
+        f"e2cnn C4 (B={B}, W={width}): "
+        + " ".join(f"{k}={v:.2f} ms" for k, v in ms.items())
+        + f"; params e2cnn={params['e2cnn']:,} equivfx={params['equivfx-layerwise']:,}",
+        flush=True,
+    )
+    return row
+
+
+def render_markdown(result: dict, command: str) -> str:
+    """The tables of docs/benchmarks.md from one run's JSON."""
+    m = result["meta"]
+    out = [
+        f"Measured {m['date']} with `{command}`: torch {m['torch']}, equivfx {m['equivfx']}, "
+        f"{m['threads']} threads pinned, {m['machine']} ({m['platform']}), Python "
+        f"{m['python']}. Medians of interleaved runs, in ms; ratios from the same run.",
+        "",
+    ]
+    out += [
+        "| model | group | B | base@B | base@GB | loop | vmap | global | global (no cost "
+        "passes) | layer-wise | global / min(base@GB, loop) | global / base@B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["latency"]:
+        ms = r["ms"]
+        vm = f"{ms['vmap']:.2f}" if "vmap" in ms else "n/a"
+        out.append(
+            f"| {r['model']} | {r['group']} | {r['batch']} | {ms['base@B']:.2f} | "
+            f"{ms['base@GB']:.2f} | {ms['loop']:.2f} | {vm} | {ms['global']:.2f} | "
+            f"{ms['global-noopt']:.2f} | {ms['layerwise']:.2f} | "
+            f"{r['global_over_best']:.2f} | {r['global_over_base']:.2f} |"
+        )
+    out += [
+        "",
+        "Compile time against graph size (synthetic chains):",
+        "",
+        "| nodes | compile (s) | ms / node | with example inputs (s) | ms / node |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["compile_time"]:
+        out.append(
+            f"| {r['nodes']} | {r['seconds']:.3f} | {r['ms_per_node']:.3f} | "
+            f"{r['seconds_with_examples']:.3f} | {r['ms_per_node_with_examples']:.3f} |"
+        )
+    v = result["verify"]
+    out += [
+        "",
+        f"Verification of the ResNet-style model over all of D4 (B=2): {v['seconds']:.2f} s "
+        f"for {v['elements']} elements, {v['forwards_equivalent']:.1f} compiled forwards "
+        f"(forward {v['forward_ms']:.1f} ms); ok={v['ok']}.",
+    ]
+    e2 = result.get("e2cnn")
+    if e2:
+        ms = e2["ms"]
+        out += [
+            "",
+            f"equivfx layer-wise C4 against e2cnn (regular fields, W={e2['width']}, "
+            f"B={e2['batch']}, 3x32x32): e2cnn {ms['e2cnn']:.2f} ms, e2cnn exported "
+            f"{ms['e2cnn-exported']:.2f} ms, equivfx {ms['equivfx-layerwise']:.2f} ms "
+            f"(equivfx / e2cnn exported = {e2['ours_over_e2cnn_exported']:.2f}); parameters "
+            f"e2cnn {e2['params']['e2cnn']:,}, equivfx {e2['params']['equivfx-layerwise']:,}.",
+        ]
+    tc = result.get("torch_compile")
+    if tc and "ms" in tc:
+        out += [
+            "",
+            f"torch.compile of the compiled ResNet-style model (C4, B=8): eager "
+            f"{tc['ms']['eager']:.2f} ms, compiled {tc['ms']['torch.compile']:.2f} ms, "
+            f"speed-up {tc['speedup']:.2f}x (first call {tc['first_call_seconds']:.0f} s, "
+            f"max |difference| {tc['max_abs_diff']:.2g}).",
+        ]
+    elif tc:
+        out += ["", f"torch.compile failed: {tc.get('error')}"]
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
@@ -266,19 +476,33 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-torch-compile", action="store_true")
+    ap.add_argument("--markdown", help="also write the tables as markdown to this path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    meta = dict(torch=torch.__version__, equivfx=equivfx.__version__, threads=args.threads,
-                machine=platform.machine(), platform=platform.platform(),
-                python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                    time.gmtime()))
+    meta = dict(
+        torch=torch.__version__,
+        equivfx=equivfx.__version__,
+        threads=args.threads,
+        machine=platform.machine(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     print(json.dumps(meta), flush=True)
-    result = dict(meta=meta, latency=bench_latency(args.quick, args.threads),
-                  compile_time=bench_compile_time(args.quick), verify=bench_verify(args.quick))
+    result = dict(
+        meta=meta,
+        latency=bench_latency(args.quick, args.threads),
+        compile_time=bench_compile_time(args.quick),
+        verify=bench_verify(args.quick),
+    )
+    result["e2cnn"] = bench_e2cnn(args.quick, args.threads)
     if not args.skip_torch_compile:
         result["torch_compile"] = bench_torch_compile(args.quick, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.markdown:
+        command = "python benchmarks/bench_global.py " + " ".join(sys.argv[1:])
+        Path(args.markdown).write_text(render_markdown(result, command))
 
 
 if __name__ == "__main__":
