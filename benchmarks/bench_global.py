@@ -182,7 +182,7 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                         vmapped(xs)
                     except Exception:  # noqa: BLE001 - some modules refuse vmap; say so
                         timers.pop("vmap")
-                    ms = median_ms(timers, 3 if quick else 5, 0.1 if quick else 0.3)
+                    ms = median_ms(timers, 3 if quick else 9, 0.1 if quick else 0.25)
                 best_alt = min(ms["base@GB"], ms["loop"])
                 row = dict(
                     model=name,

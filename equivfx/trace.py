@@ -25,7 +25,6 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -321,9 +320,3 @@ def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     _ensure_submodule(root, parent_path).add_module(name, module)
-
-
-def ensure_tensor(x) -> torch.Tensor:  # small shared helper for error messages
-    if not isinstance(x, torch.Tensor):
-        raise ModelTypeError(explain("expected a tensor", type(x).__name__, "a torch.Tensor"))
-    return x

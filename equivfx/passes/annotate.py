@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import torch
 import torch.fx as fx
 
 from equivfx.meta import REP, BatchSize, Folded, InputRep, Trivial, set_rep
@@ -130,7 +129,3 @@ class AnnotateReps(Pass):
         if out is None:
             container = False
         return Folded(ax, container=container)
-
-
-def tensor_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    return tuple(t for t in example_inputs if isinstance(t, torch.Tensor))

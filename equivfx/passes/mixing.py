@@ -30,7 +30,6 @@ docs/gcnn.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,11 +267,3 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)
-
-
-def default_mix(name: str, module: nn.Module) -> bool:  # pragma: no cover - documentation helper
-    """The default policy, as a predicate: every layer after the input stage mixes."""
-    return True
-
-
-MixPredicate = Callable[[str, nn.Module], bool]

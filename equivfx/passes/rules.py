@@ -673,11 +673,11 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
     if isinstance(rep, BatchSize):
         # indexing a shape tuple
         if isinstance(idx, int):
-            return (
-                BatchSize((0,))
-                if idx in rep.batch_dims or (idx < 0 and ctx.shape(src) is None and False)
-                else BatchSize(())
-            )
+            if idx < 0:  # x.shape[-k]: count from the end of the tensor the shape was read off
+                owner = src.args[0] if src.args else None
+                rank = ctx.rank(owner) if isinstance(owner, fx.Node) else None
+                idx = idx + rank if rank is not None else idx
+            return BatchSize((0,)) if idx in rep.batch_dims else BatchSize(())
         if isinstance(idx, slice):
             start = idx.start or 0
             kept = [
@@ -958,10 +958,6 @@ def pad_rule(ctx: BatchCtx) -> Rep:
     if r is not None and len(pads) // 2 > r - 1 - ax:
         raise ctx.mixing("F.pad pads the batch axis", "pad sample axes only")
     return Folded(ax)
-
-
-def batch_norm_fn(ctx: BatchCtx) -> Rep:
-    return first_axis(0)(ctx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1967,23 +1963,9 @@ def _eval(m: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def all_rules() -> list[tuple[object, OpRule]]:
-    """Every (key, rule) pair, for tests and ``equivfx inspect``."""
-    return list(RULES.items())
-
-
 def unique_rules() -> list[OpRule]:
     """Each distinct rule once (a rule usually serves several keys)."""
     seen: dict[int, OpRule] = {}
     for r in RULES.values():
         seen.setdefault(id(r), r)
     return list(seen.values())
-
-
-def key_name(key) -> str:
-    if isinstance(key, str):
-        return key
-    if isinstance(key, type):
-        return f"nn.{key.__name__}"
-    mod = getattr(key, "__module__", "") or ""
-    return f"{mod}.{getattr(key, '__name__', repr(key))}".lstrip(".")
