@@ -25,6 +25,7 @@ from equivfx.errors import (
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.chunks import chunked_module
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
@@ -193,7 +194,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mix: layer-wise mode: which layers mix. None: every Conv/Linear after the input stage; a set
             of qualified module names; or a predicate ``(name, module) -> bool`` asked about every
             Conv/Linear that reads a lifted value.
-        chunk: evaluate k slots at a time; not available yet (must be None).
+        chunk: global mode: evaluate k slots per pass (an int), or ``"auto"``: at the first call
+            for each input shape, measure every k dividing |G| and keep the fastest. Peak activation
+            memory is then about that of the base model at batch k B. In training mode all slots
+            run in one pass (batch statistics must see every slot). None (the default): one pass.
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action run
@@ -214,7 +218,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         ReadoutError: unknown readout or pool, or ``equivariant`` without ``output_action``.
         BatchMixingError: an op mixes samples of the batch axis.
         MissingRuleError: an op on batch-carrying tensors has no rule.
-        NotYetSupportedError: ``chunk`` (a later release).
+        NotYetSupportedError: ``chunk`` in layer-wise mode, or for a model with several batched
+            inputs or outputs.
 
     Example:
         >>> import torch, equivfx
@@ -248,13 +253,13 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 f"drop {what} or pass mode='layerwise'",
             )
         )
-    if chunk is not None:
+    if chunk is not None and mode == "layerwise":
         raise NotYetSupportedError(
             explain(
-                "chunk= is not available yet",
+                "chunk= applies to mode='global' only",
                 chunk,
-                "chunk=None",
-                "drop chunk= (all slots are evaluated in one pass)",
+                "chunk=None in layer-wise mode",
+                "drop chunk=: mixing layers read every slot at once",
             )
         )
     if readout not in READOUTS:
@@ -373,6 +378,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     )
     if examples is not None:
         _test_run(gm, examples)
+    if chunk is not None:
+        info = gm.equivfx_info
+        gm = chunked_module(gm, chunk)
+        gm.equivfx_info = info
     return gm
 
 

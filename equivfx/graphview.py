@@ -14,6 +14,7 @@ __all__ = ["describe_graph"]
 
 def describe_graph(gm: fx.GraphModule) -> list[dict]:
     """One dict per node: node, op, target, rep, slot_axis, rule, origin, params, source."""
+    gm = getattr(gm, "equivfx_flat", gm)  # a chunked model: its flat graph
     modules = dict(gm.named_modules())
     rows = []
     for node in gm.graph.nodes:

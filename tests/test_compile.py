@@ -225,7 +225,7 @@ def test_second_input_is_repeated_per_slot():
         (dict(group="C4", mix={"0"}), EquivFXError, "layerwise"),
         (dict(group="C4", mode="layerwise", mix={"nope"}), EquivFXError, "nope"),
         (dict(group="C4", mode="sideways"), EquivFXError, "mode"),
-        (dict(group="C4", chunk=2), NotYetSupportedError, "chunk"),
+        (dict(group="C4", chunk=0), NotYetSupportedError, "chunk"),
         (dict(group="C4", output_action="C4"), ReadoutError, "equivariant"),
     ],
 )

@@ -48,8 +48,12 @@ class Lift(nn.Module):
         self.inverses = tuple(group.inverse_table)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lift_slots(x, range(len(self.inverses)))
+
+    def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
+        """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
         self.action.check(x)
-        return torch.cat([self.action._apply(i, x) for i in self.inverses], 0)  # checked above
+        return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
     def extra_repr(self) -> str:
         return f"group={self.group!r}, action={self.action.describe()}"

@@ -155,7 +155,7 @@ def verify(
     if output_action is not None:
         out_action = as_action(output_action, G, "output_action")
     elif info is not None and info.group == G:
-        out_action = _output_action_of(model, info)
+        out_action = _output_action_of(getattr(model, "equivfx_flat", model), info)
     else:
         out_action = TrivialAction().bind(G)
     rtol_, atol_ = rtol, atol
@@ -187,8 +187,16 @@ def verify(
                 if worst is None or err > per[worst.name]:
                     worst = h
         bad_node, detail = None, None
-        if not passed and localize and isinstance(model, fx.GraphModule) and worst is not None:
-            bad_node, detail = _first_bad_node(model, G, in_action, inputs, worst, rtol_, atol_)
+        graph_model = getattr(model, "equivfx_flat", model)  # chunked models keep their flat graph
+        if (
+            not passed
+            and localize
+            and isinstance(graph_model, fx.GraphModule)
+            and worst is not None
+        ):
+            bad_node, detail = _first_bad_node(
+                graph_model, G, in_action, inputs, worst, rtol_, atol_
+            )
     notes = []
     if not G.action.exact or not in_action.exact:
         notes.append(

@@ -1,0 +1,234 @@
+"""Evaluating k slots at a time (``compile(..., chunk=k)`` or ``chunk="auto"``).
+
+Folding all |G| slots into the batch is fastest for small batches, but a folded batch of |G| B
+samples can fall out of cache (and needs |G| times the activation memory). :class:`SlotChunks` runs
+the part of the compiled graph between the lift and the readout k slots at a time and joins the
+results before
+the readout, so peak activation memory is about that of the base model at batch k B.
+
+The flat compiled graph is split into three parts that share its modules:
+
+- *pre*: everything that does not depend on the lift (inputs, parameters, deferred ops);
+- *body*: the lift and every node between it and the readout (or the hoisted pool), run per chunk;
+- *post*: the readout (or pool) and what follows it, run once on the joined slots.
+
+``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of each
+chunk size that divides |G| and keeps the fastest; in training mode, and while being traced or
+exported, all slots run in one pass (batch statistics must see every slot). "Training" means any of
+the model's own modules is in training mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from equivfx.errors import NotYetSupportedError, explain
+from equivfx.passes.hoist import POOL_NAME
+from equivfx.passes.lift import LIFT_NAME
+from equivfx.passes.projection import READOUT_NAME
+
+__all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
+
+log = logging.getLogger(__name__)
+
+CHUNKS_NAME = "equivfx_chunks"
+
+
+def _is_tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    exporting = getattr(compiler, "is_exporting", lambda: False)
+    return bool(compiler.is_compiling() or exporting())
+
+
+class SlotChunks(nn.Module):
+    """Runs a flat compiled graph k slots at a time. See the module docstring.
+
+    Args:
+        flat: the flat compiled GraphModule (held, not registered: its modules are registered on
+            the graph module that owns this one, so the state dict keeps the original keys).
+        chunk: slots per pass, or ``"auto"``.
+    """
+
+    def __init__(self, flat: fx.GraphModule, chunk: int | str):
+        super().__init__()
+        object.__setattr__(self, "flat", flat)  # shared, not a child: no duplicate state-dict keys
+        self.chunk = chunk
+        self.order = flat.equivfx_lift.group.order
+        self.chosen: dict[tuple, int] = {}
+        self.pre, self.body, self.post, self.lift, self.join = _split(flat)
+        object.__setattr__(self, "interp", fx.Interpreter(flat, garbage_collect_values=False))
+        object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
+        # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
+        self._user_modules = [
+            m
+            for name, m in flat.named_modules()
+            if name and not name.startswith("equivfx") and type(m) is not nn.Module
+        ]
+
+    # -------------------------------------------------------------------- running
+    def forward(self, *args):
+        if self.owner is not None:  # .to() replaced the owner's root-level buffers: share them
+            for name in self.flat._buffers:
+                self.flat._buffers[name] = self.owner._buffers[name]
+        interp = self.interp
+        interp.env = {}
+        args_iter = iter(args)
+        env = interp.env
+        for node in self.pre:
+            if node.op == "placeholder":
+                env[node] = next(args_iter)
+            else:
+                env[node] = interp.run_node(node)
+        k = self._chunk_size(interp, args)
+        lifted_input = env[self.lift.args[0]]
+        if k >= self.order:
+            parts = [self._run_body(interp, lifted_input, range(self.order))]
+        else:
+            parts = [
+                self._run_body(interp, lifted_input, range(s, min(s + k, self.order)))
+                for s in range(0, self.order, k)
+            ]
+        axis = self.join.kwargs.get("batch_axis", 0)
+        env[self.join.args[0]] = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+        for node in self.post:
+            if node.op == "output":
+                return interp.fetch_args_kwargs_from_env(node)[0][0]
+            env[node] = interp.run_node(node)
+        raise RuntimeError("equivfx: compiled graph has no output")  # pragma: no cover
+
+    def _run_body(self, interp: fx.Interpreter, x, slots) -> torch.Tensor:
+        env = interp.env
+        env[self.lift] = self.flat.equivfx_lift.lift_slots(x, list(slots))
+        for node in self.body:
+            env[node] = interp.run_node(node)
+        out = env[self.join.args[0]]
+        for node in self.body:  # free the chunk's activations before the next chunk
+            env.pop(node, None)
+        env.pop(self.lift, None)
+        return out
+
+    def _chunk_size(self, interp, args) -> int:
+        if _is_tracing() or any(m.training for m in self._user_modules):
+            return self.order  # training: batch statistics must see every slot
+        if self.chunk != "auto":
+            return int(self.chunk)
+        key = tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+        )
+        if key not in self.chosen:
+            with torch.no_grad():
+                self.chosen[key] = self._measure(interp)
+            log.info(
+                "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
+                self.chosen[key],
+                self.order,
+                key,
+            )
+        return self.chosen[key]
+
+    def _measure(self, interp) -> int:
+        x = interp.env[self.lift.args[0]]
+        best, best_t = self.order, float("inf")
+        for k in [d for d in range(1, self.order + 1) if self.order % d == 0]:
+            times = []
+            for _ in range(2):  # the first run warms caches and the allocator
+                t = time.perf_counter()
+                for s in range(0, self.order, k):
+                    self._run_body(interp, x, range(s, s + k))
+                times.append(time.perf_counter() - t)
+            if times[-1] < best_t:
+                best, best_t = k, times[-1]
+        return best
+
+    def extra_repr(self) -> str:
+        chosen = f", chosen={sorted(set(self.chosen.values()))}" if self.chosen else ""
+        return f"chunk={self.chunk!r}, slots={self.order}{chosen}"
+
+
+def _split(flat: fx.GraphModule):
+    nodes = list(flat.graph.nodes)
+    lifts = [n for n in nodes if n.op == "call_module" and n.target == LIFT_NAME]
+    joins = [n for n in nodes if n.op == "call_module" and n.target in (POOL_NAME, READOUT_NAME)]
+    repeats = [
+        n for n in nodes if n.op == "call_module" and str(n.target).startswith("equivfx_repeat_")
+    ]
+    gathers = [n for n in nodes if n.meta.get("equivfx.rule") == "mix-gather"]
+    why = None
+    if len(lifts) != 1:
+        why = "a single lifted input"
+    elif repeats:
+        why = "a model with one batched input (others are repeated per slot)"
+    elif gathers:
+        why = "global mode (mixing layers read every slot at once)"
+    else:
+        pools = [n for n in joins if n.target == POOL_NAME]
+        joins = pools or joins
+        if len(joins) != 1:
+            why = "a model with a single output tensor"
+    if why:
+        raise NotYetSupportedError(
+            explain("chunk= is supported for " + why + " only", why, why, "use chunk=None")
+        )
+    lift, join = lifts[0], joins[0]
+    body: list[fx.Node] = []
+    downstream = {lift}
+    for n in nodes[nodes.index(lift) + 1 : nodes.index(join)]:
+        if any(a in downstream for a in n.all_input_nodes):
+            downstream.add(n)
+            body.append(n)
+    body_set = set(body)
+    post = nodes[nodes.index(join) :]
+    pre = [n for n in nodes if n not in body_set and n is not lift and n not in post]
+    for n in post:
+        if any(a in body_set for a in n.all_input_nodes) and n is not join:
+            raise NotYetSupportedError(
+                explain(
+                    "chunk= needs the output to depend on the slots through the readout only",
+                    n.name,
+                    "one readout",
+                    "use chunk=None",
+                )
+            )
+    return pre, body, post, lift, join
+
+
+def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
+    """A graph module computing what ``flat`` computes, k slots at a time.
+
+    It registers ``flat``'s submodules, parameters and buffers under the same names (so the state
+    dict has the original keys) and keeps ``flat`` as ``equivfx_flat`` for localisation and
+    inspection.
+    """
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise NotYetSupportedError(
+            explain(
+                "chunk must be a positive int, 'auto' or None",
+                chunk,
+                "e.g. chunk=2",
+                "pass the number of slots per pass",
+            )
+        )
+    runner = SlotChunks(flat, chunk)
+    root = nn.Module()
+    root.add_module(CHUNKS_NAME, runner)
+    graph = fx.Graph()
+    placeholders = [graph.placeholder(n.target) for n in flat.graph.nodes if n.op == "placeholder"]
+    graph.output(graph.call_module(CHUNKS_NAME, tuple(placeholders)))
+    gm = fx.GraphModule(root, graph, class_name=type(flat).__name__)
+    # the same modules, parameters and buffers under the same names: the original state-dict keys
+    for name, child in flat.named_children():
+        gm.add_module(name, child)
+    for name, p in flat._parameters.items():
+        gm.register_parameter(name, p)
+    for name, b in flat._buffers.items():
+        gm.register_buffer(name, b, persistent=name not in flat._non_persistent_buffers_set)
+    object.__setattr__(runner, "owner", gm)
+    object.__setattr__(gm, "equivfx_flat", flat)
+    return gm

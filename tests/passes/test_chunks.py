@@ -1,0 +1,102 @@
+"""chunk=k and chunk="auto": the same outputs as one pass, the original state dict, full folds in
+training mode, and localisation through the flat graph."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.errors import NotYetSupportedError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import ZOO  # noqa: E402
+
+MODELS = ["resnet", "vgg", "mobilenet", "vit", "seqconv", "deepsets", "flatset", "segnet"]
+CASES = [(n, ZOO[n].groups[0]) for n in MODELS]
+
+
+def _compile(model, spec, x, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return equivfx.compile(model, spec, example_inputs=x, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, "auto"])
+@pytest.mark.parametrize("name, spec", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_chunks_equal_one_pass(name, spec, chunk):
+    model, x, _ = ZOO[name]()
+    model.eval()
+    kwargs = {"readout": "slots"}
+    if "dense_output" in ZOO[name].tags:
+        kwargs = {"readout": "equivariant", "output_action": spec}
+    whole = _compile(model, spec, x, **kwargs)
+    chunked = _compile(model, spec, x, chunk=chunk, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
+    assert set(chunked.state_dict()) == set(model.state_dict())
+    assert equivfx.verify(chunked, x).ok
+
+
+def test_auto_measures_once_per_input_shape_and_picks_a_divisor():
+    model, x, spec = ZOO["resnet"]()
+    emodel = _compile(model.eval(), spec, x, chunk="auto")
+    with torch.no_grad():
+        emodel(x)
+        emodel(x)
+        emodel(torch.cat([x, x]))
+    chosen = emodel.equivfx_chunks.chosen
+    assert len(chosen) == 2  # one measurement per input shape
+    assert all(equivfx.group(spec).order % k == 0 for k in chosen.values())
+
+
+def test_training_mode_runs_every_slot_in_one_pass():
+    model, x, spec = ZOO["resnet"]()  # batch norm: statistics over all slots
+    whole = _compile(model, spec, x)
+    chunked = _compile(model, spec, x, chunk=1)
+    whole.train()
+    chunked.train()
+    torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
+    chunked(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_state_dict_round_trip_and_dtype():
+    model, x, spec = ZOO["vgg"]()
+    chunked = _compile(model.eval(), spec, x, chunk=2)
+    chunked.load_state_dict(model.state_dict())
+    chunked.to(torch.float64)
+    y = chunked(x.double())
+    assert y.dtype == torch.float64
+
+
+def test_localisation_uses_the_flat_graph():
+    model, x, spec = ZOO["resnet"]()
+    chunked = _compile(model.eval(), spec, x, chunk=2, readout="slots")
+    chunked.equivfx_flat.equivfx_lift.inverses = tuple(range(equivfx.group(spec).order))
+    report = equivfx.verify(chunked, x)
+    assert not report.ok and report.first_bad_node == "equivfx_lift"
+
+
+def test_exported_chunked_model_agrees():
+    model, x, spec = ZOO["seqconv"]()
+    chunked = _compile(model.eval(), spec, x, chunk=4)
+    exported = torch.export.export(chunked, (x,)).module()
+    torch.testing.assert_close(exported(x), chunked(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True, "fast"])
+def test_bad_chunk_values(chunk):
+    model, x, spec = ZOO["vgg"]()
+    with pytest.raises(NotYetSupportedError, match="chunk"):
+        _compile(model, spec, x, chunk=chunk)
+
+
+def test_chunks_refused_in_layerwise_mode():
+    with pytest.raises(NotYetSupportedError, match="global"):
+        equivfx.compile(nn.Conv2d(1, 1, 3), "C4", mode="layerwise", chunk=2)
