@@ -63,6 +63,7 @@ class SlotChunks(nn.Module):
         self.order = flat.equivfx_lift.group.order
         self.chosen: dict[tuple, int] = {}
         self.pre, self.body, self.post, self.lift, self.join = _split(flat)
+        self._free_after = _last_uses(self.body, self.lift, keep=self.join.args[0])
         object.__setattr__(self, "interp", fx.Interpreter(flat, garbage_collect_values=False))
         object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
@@ -108,11 +109,9 @@ class SlotChunks(nn.Module):
         env[self.lift] = self.flat.equivfx_lift.lift_slots(x, list(slots))
         for node in self.body:
             env[node] = interp.run_node(node)
-        out = env[self.join.args[0]]
-        for node in self.body:  # free the chunk's activations before the next chunk
-            env.pop(node, None)
-        env.pop(self.lift, None)
-        return out
+            for done in self._free_after[node]:  # as generated code does: drop dead activations
+                del env[done]
+        return env.pop(self.join.args[0])
 
     def _chunk_size(self, interp, args) -> int:
         if _is_tracing() or any(m.training for m in self._user_modules):
@@ -134,22 +133,38 @@ class SlotChunks(nn.Module):
         return self.chosen[key]
 
     def _measure(self, interp) -> int:
+        """Time one pass over all slots for each k dividing |G|: a warm-up round, then the minimum
+        of three interleaved rounds (interleaving spreads machine noise over every candidate)."""
         x = interp.env[self.lift.args[0]]
-        best, best_t = self.order, float("inf")
-        for k in [d for d in range(1, self.order + 1) if self.order % d == 0]:
-            times = []
-            for _ in range(2):  # the first run warms caches and the allocator
+        sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
+        best = {k: float("inf") for k in sizes}
+        for round_ in range(4):
+            for k in sizes:
                 t = time.perf_counter()
                 for s in range(0, self.order, k):
                     self._run_body(interp, x, range(s, s + k))
-                times.append(time.perf_counter() - t)
-            if times[-1] < best_t:
-                best, best_t = k, times[-1]
-        return best
+                if round_:  # round 0 warms caches and the allocator
+                    best[k] = min(best[k], time.perf_counter() - t)
+        return min(sizes, key=lambda k: (best[k], -k))
 
     def extra_repr(self) -> str:
         chosen = f", chosen={sorted(set(self.chosen.values()))}" if self.chosen else ""
         return f"chunk={self.chunk!r}, slots={self.order}{chosen}"
+
+
+def _last_uses(body: list[fx.Node], lift: fx.Node, keep: fx.Node) -> dict:
+    """For each body node, the chunk values that are dead once it has run (never ``keep``)."""
+    scope = set(body) | {lift}
+    last: dict[fx.Node, fx.Node] = {}
+    for node in body:
+        for a in node.all_input_nodes:
+            if a in scope:
+                last[a] = node
+    free: dict[fx.Node, list] = {n: [] for n in body}
+    for value, user in last.items():
+        if value is not keep:
+            free[user].append(value)
+    return free
 
 
 def _split(flat: fx.GraphModule):

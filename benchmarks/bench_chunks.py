@@ -1,0 +1,113 @@
+"""Folding all slots against chunk=k and chunk="auto": time.
+
+Time: medians of interleaved ``torch.utils.benchmark`` runs, in the same process, for the
+ResNet-style CNN and the small ViT of ``bench_global.py`` at B = 8 and 64 under C4 and D4, against
+the
+hand-written loop over g and the base model folded at |G| B.
+Peak memory is not measured: on CPU, a process's peak resident set size (``ru_maxrss``) is set by
+importing torch, above any of these forward passes, and torch keeps no CPU allocator statistics.
+
+Run: ``python benchmarks/bench_chunks.py [--json PATH] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_global import MODELS  # noqa: E402
+
+import equivfx  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in ("resnet", "vit"):
+        factory, shape, specs = MODELS[name]
+        torch.manual_seed(0)
+        model = factory().eval()
+        for label in ("C4", "D4"):
+            G = equivfx.group(specs[label])
+            for batch in (8, 64):
+                x = torch.randn(batch, *shape)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    variants = {
+                        "fold all": equivfx.compile(model, G, example_inputs=x[:2]),
+                        "chunk=1": equivfx.compile(model, G, example_inputs=x[:2], chunk=1),
+                        "auto": equivfx.compile(model, G, example_inputs=x[:2], chunk="auto"),
+                    }
+                with torch.no_grad():
+                    variants["auto"](x)  # the first call measures
+                xg = torch.cat([G.act(G.inverse(g), x) for g in G.elements])
+
+                def loop(model=model, G=G, x=x):
+                    return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+
+                env = {
+                    **{k.replace("=", "").replace(" ", "_"): v for k, v in variants.items()},
+                    "x": x,
+                    "xg": xg,
+                    "model": model,
+                    "loop": loop,
+                }
+                stmts = {
+                    "fold all": "fold_all(x)",
+                    "chunk=1": "chunk1(x)",
+                    "auto": "auto(x)",
+                    "loop": "loop()",
+                    "base@GB": "model(xg)",
+                }
+                timers = {
+                    k: benchmark.Timer(s, globals=env, num_threads=args.threads)
+                    for k, s in stmts.items()
+                }
+                samples = {k: [] for k in timers}
+                with torch.no_grad():
+                    for _ in range(7):
+                        for k, t in timers.items():
+                            samples[k].append(t.blocked_autorange(min_run_time=0.25).median * 1e3)
+                ms = {k: statistics.median(v) for k, v in samples.items()}
+                chosen = sorted(set(variants["auto"].equivfx_chunks.chosen.values()))
+                best = min(ms["loop"], ms["base@GB"])
+                row = dict(
+                    model=name,
+                    group=G.spec,
+                    batch=batch,
+                    ms=ms,
+                    auto_chose=chosen,
+                    auto_over_best=ms["auto"] / best,
+                    fold_over_best=ms["fold all"] / best,
+                )
+                rows.append(row)
+                print(
+                    f"{name} {G.spec} B={batch}: "
+                    + " ".join(f"{k}={v:.2f}" for k, v in ms.items())
+                    + f" | auto chose {chosen}, auto/best={row['auto_over_best']:.2f}, "
+                    f"fold/best={row['fold_over_best']:.2f}",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"torch": torch.__version__, "threads": args.threads, "rows": rows}, indent=2
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
