@@ -164,7 +164,7 @@ def trace(model: nn.Module) -> TraceResult:
         ModelTypeError: if ``model`` is not an nn.Module.
 
     Example:
-        >>> r = trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> r = trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         >>> r.path
         'symbolic_trace'
     """
