@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import MODELS  # noqa: E402
+from bench_global import MODELS, median_ms  # noqa: E402
 
 import equivfx  # noqa: E402
 
@@ -76,12 +75,8 @@ def main() -> None:
                     k: benchmark.Timer(s, globals=env, num_threads=args.threads)
                     for k, s in stmts.items()
                 }
-                samples = {k: [] for k in timers}
                 with torch.no_grad():
-                    for _ in range(7):
-                        for k, t in timers.items():
-                            samples[k].append(t.blocked_autorange(min_run_time=0.25).median * 1e3)
-                ms = {k: statistics.median(v) for k, v in samples.items()}
+                    ms = median_ms(timers, 7, 0.25)
                 chosen = sorted(set(variants["auto"].equivfx_chunks.chosen.values()))
                 best = min(ms["loop"], ms["base@GB"])
                 row = dict(

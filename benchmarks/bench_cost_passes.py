@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 
-import equivfx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_global import median_ms  # noqa: E402
+
+import equivfx  # noqa: E402
 
 
 class StemHead(nn.Module):
@@ -60,13 +65,9 @@ def main() -> None:
                 k: benchmark.Timer(f"{k}(x)", globals=env, num_threads=args.threads)
                 for k in ("fast", "slow")
             }
-            samples = {k: [] for k in timers}
             with torch.no_grad():
-                for _ in range(7):
-                    for k, t in timers.items():
-                        samples[k].append(t.blocked_autorange(min_run_time=0.25).median * 1e3)
+                ms = median_ms(timers, 7, 0.25)
                 diff = float((fast(x) - slow(x)).abs().max())
-            ms = {k: statistics.median(v) for k, v in samples.items()}
             row = dict(
                 group=spec,
                 batch=batch,
