@@ -260,3 +260,25 @@ def test_localisation_names_a_broken_mixing_gather():
     report = equivfx.verify(emodel, torch.randn(2, 1, 28, 28))
     assert not report.ok
     assert report.first_bad_node == "equivfx_gather_conv3"
+
+
+@pytest.mark.parametrize("spec", ["D1", "D2"])
+def test_flip_groups_after_reinit(spec):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 7, 3),
+    ).eval()
+    x = torch.randn(3, 2, 5, 7)  # flips accept rectangles
+    emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots")
+    _reinit(emodel)
+    G = equivfx.group(spec)
+    with torch.no_grad():
+        y = emodel(x)
+        for h in G.elements:
+            want = y[:, list(G.regular_permutation(h))]
+            torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
