@@ -433,3 +433,13 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_usage_errors_exit_2():
     assert run("compile").returncode == 2
     assert run("nonsense-command").returncode == 2
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    out = tmp_path / "m.pt2"
+    compile_c4(out, check_code=0)
+    old = os.umask(0o022)
+    os.umask(old)
+    want = 0o666 & ~old
+    assert out.stat().st_mode & 0o777 == want
+    assert (tmp_path / "m.pt2.json").stat().st_mode & 0o777 == want

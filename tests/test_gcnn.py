@@ -120,3 +120,19 @@ def test_first_layer_read_through_phi_is_the_lifting_convolution():
 def test_twist_needs_an_exact_permutation_action():
     with pytest.raises(equivfx.errors.EquivFXError, match="twist"):
         equivfx.compile(nn.Conv2d(1, 1, 3), "C8", mode="layerwise", twist=True)
+
+
+def test_twist_on_non_square_feature_maps_is_a_clear_error():
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, (1, 3)),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    with pytest.raises(equivfx.errors.EquivFXError, match="twist=False"):
+        equivfx.compile(
+            net, "C4", mode="layerwise", twist=True, example_inputs=torch.randn(2, 1, 8, 8)
+        )

@@ -92,7 +92,7 @@ class HoistProjection(Pass):
     def _hoist(self, gm: fx.GraphModule, rnode: fx.Node, chain: list[fx.Node]) -> bool:
         first = chain[0]
         src = next(a for a in first.all_input_nodes if isinstance(a.meta.get(REP), Folded))
-        if src.meta.get(REP).batch_axis != 0:
+        if src.meta.get(REP).batch_axis != 0 or not _shapes_rereadable(chain, src):
             return False
         readout = gm.get_submodule(READOUT_NAME)
         if not hasattr(gm, POOL_NAME):
@@ -103,19 +103,85 @@ class HoistProjection(Pass):
         new_node_origin(pooled, self.name)
         set_rep(pooled, rep if isinstance(rep, OutputRep) else OutputRep("invariant", None), "pool")
         first.replace_input_with(src, pooled)
-        members = set(chain) | {pooled}
-
-        def only_feeds_chain(n: fx.Node) -> bool:  # a shape value used by the moved nodes alone
-            return isinstance(n.meta.get(REP), BatchSize) and all(
-                u in members or only_feeds_chain(u) for u in n.users
-            )
-
-        # batch sizes read off the folded source now read the pooled value
-        for user in list(src.users):
-            if user is not pooled and user not in members and only_feeds_chain(user):
-                user.replace_input_with(src, pooled)
+        _private_shapes(gm, chain, src, pooled)
         for n in chain:
             set_rep(n, pooled.meta[REP], n.meta.get("equivfx.rule"))
         rnode.replace_all_uses_with(chain[-1])
         gm.graph.erase_node(rnode)
         return True
+
+
+def _shape_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), BatchSize)]
+
+
+def _batch_read(node: fx.Node) -> bool:
+    """``t.size(0)`` or ``len(t)``: the batch size and nothing else read off a folded tensor."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == 0
+    return node.op == "call_function" and node.target is len
+
+
+def _read_off(node: fx.Node) -> fx.Node | None:
+    folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _shapes_rereadable(chain: list[fx.Node], src: fx.Node) -> bool:
+    """Every shape value the chain uses can be re-read off the pooled value: it is read off ``src``
+    itself (same sample shape), or it is the batch size read off any folded tensor on axis 0."""
+    stack = [a for n in chain for a in _shape_inputs(n)]
+    seen: set[fx.Node] = set()
+    while stack:
+        b = stack.pop()
+        if b in seen:
+            continue
+        seen.add(b)
+        t = _read_off(b)
+        if t is not None and t is not src:
+            if not (_batch_read(b) and t.meta[REP].batch_axis == 0):
+                return False
+        elif t is None and any(isinstance(a.meta.get(REP), Folded) for a in b.all_input_nodes):
+            return False
+        stack.extend(_shape_inputs(b))
+    return True
+
+
+def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, pooled: fx.Node):
+    """Give the moved nodes their own shape values, read off the pooled value (batch B, not |G| B).
+
+    Shape values computed for other nodes (``B = x.size(0)`` used before the pool as well) stay as
+    they are; the chain gets copies whose reads of folded tensors now read ``pooled``.
+    """
+    memo: dict[fx.Node, fx.Node] = {}
+
+    def private(b: fx.Node, before: fx.Node) -> fx.Node:
+        if b in memo:
+            return memo[b]
+        t = _read_off(b)
+        with gm.graph.inserting_before(before):
+            if t is not None and t is not src:  # the batch size of another folded tensor
+                new = gm.graph.call_method("size", (pooled, 0))
+            else:
+                new = gm.graph.node_copy(
+                    b,
+                    lambda a: (
+                        pooled
+                        if a is src
+                        else private(a, before)
+                        if isinstance(a.meta.get(REP), BatchSize)
+                        else a
+                    ),
+                )
+        new.meta.update({k: v for k, v in b.meta.items() if k.startswith("equivfx.")})
+        new_node_origin(new, HoistProjection.name)
+        memo[b] = new
+        return new
+
+    for n in chain:
+        for b in _shape_inputs(n):
+            n.replace_input_with(b, private(b, n))
+    for b in reversed(list(gm.graph.nodes)):  # originals only the chain used are dead now
+        if b in memo and not b.users:
+            gm.graph.erase_node(b)

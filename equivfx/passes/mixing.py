@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from equivfx.errors import EquivFXError, explain
+from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 
@@ -74,6 +74,7 @@ class SlotGather(nn.Module):
         s = x.unflatten(0, (n, -1))  # (n, B, ...)
         g = s[self.table]  # (n[g], n[u], B, ...): slot g's block u is s(g u)
         if self.twist is not None:  # read through Phi: block u becomes u . s(g u)
+            self._check_twist(s)
             g = torch.stack([self.twist._apply(u, g[:, u]) for u in range(n)], 1)
         # the feature axis of x, in g's coordinates (x's axis 0, the batch, is g's axis 2)
         axis = self.feature_axis + 2 if self.feature_axis >= 0 else g.dim() + self.feature_axis
@@ -84,6 +85,22 @@ class SlotGather(nn.Module):
             g = g.movedim(1, axis - 1).flatten(axis - 1, axis)
         out = g.flatten(0, 1)
         return out.movedim(0, batch_axis) if batch_axis else out
+
+    def _check_twist(self, s: torch.Tensor) -> None:
+        try:
+            self.twist.check(s[0])
+        except InputShapeError as err:
+            raise EquivFXError(
+                explain(
+                    "twist=True reads hidden feature maps through the group's action, which does "
+                    "not fit them",
+                    tuple(s[0].shape),
+                    "feature maps the action applies to (square for C4 and D4)",
+                    "keep the feature maps square, or use twist=False (plain mixing layers need "
+                    "no action on hidden features)",
+                )
+                + f" ({err})"
+            ) from err
 
     def extra_repr(self) -> str:
         twist = ", twist=Phi" if self.twist is not None else ""

@@ -139,3 +139,30 @@ def test_optimized_models_verify_and_localise():
     emodel.equivfx_lift.inverses = tuple(range(8))  # g instead of g^-1: the report names the lift
     report = equivfx.verify(emodel, X)
     assert not report.ok and report.first_bad_node == "equivfx_lift"
+
+
+class ViewHead(nn.Module):
+    """The common head ``h.view(x.size(0), -1)``: the batch size is read off the *input*."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 64, 5)
+
+    def forward(self, x):
+        batch = x.size(0)
+        h = torch.relu(self.conv(x)).reshape(batch, 4, 64)
+        return self.fc(h.reshape(batch, -1).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_hoist_reads_batch_sizes_off_the_pooled_value(examples):
+    model = ViewHead().eval()
+    ex = X if examples else None
+    fast = equivfx.compile(model, "C4", example_inputs=ex, check=True)
+    slow = equivfx.compile(model, "C4", optimize=False)
+    assert hasattr(fast, "equivfx_pool")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
+        assert fast(X[:2]).shape == (2, 5)
