@@ -165,7 +165,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     output_action: Any = None,
     example_inputs: Any = None,
     mix: Callable | set | None = None,
-    chunk: int | str | None = None,
+    chunk: int | str | None = "auto",
     twist: bool = False,
     optimize: bool = True,
     check: bool = False,
@@ -194,10 +194,13 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mix: layer-wise mode: which layers mix. None: every Conv/Linear after the input stage; a set
             of qualified module names; or a predicate ``(name, module) -> bool`` asked about every
             Conv/Linear that reads a lifted value.
-        chunk: global mode: evaluate k slots per pass (an int), or ``"auto"``: at the first call
-            for each input shape, measure every k dividing |G| and keep the fastest. Peak activation
-            memory is then about that of the base model at batch k B. In training mode all slots
-            run in one pass (batch statistics must see every slot). None (the default): one pass.
+        chunk: global mode: evaluate k slots per pass (an int), or ``"auto"`` (the default): at
+            the first call in eval mode for each input shape, measure every k dividing |G| and keep
+            the fastest. Peak activation memory is about that of the base model at batch k B. In
+            training mode, and while traced or exported, all slots run in one pass (batch
+            statistics must see every slot). ``"auto"`` falls back to one pass where chunking does
+            not apply (layer-wise mode, several batched inputs or outputs). None: one flat graph,
+            always one pass. A chunked module keeps its flat graph as ``emodel.equivfx_flat``.
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action run
@@ -253,6 +256,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 f"drop {what} or pass mode='layerwise'",
             )
         )
+    if chunk == "auto" and mode == "layerwise":
+        chunk = None  # mixing layers read every slot at once: one pass
     if chunk is not None and mode == "layerwise":
         raise NotYetSupportedError(
             explain(
@@ -380,8 +385,14 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         _test_run(gm, examples)
     if chunk is not None:
         info = gm.equivfx_info
-        gm = chunked_module(gm, chunk)
-        gm.equivfx_info = info
+        try:
+            gm = chunked_module(gm, chunk)
+        except NotYetSupportedError:
+            if chunk != "auto":
+                raise
+            log.info("equivfx: chunk='auto' does not apply to this graph; all slots in one pass")
+        else:
+            gm.equivfx_info = info
     return gm
 
 

@@ -31,6 +31,7 @@ from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.projection import READOUT_NAME
+from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
 __all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
 
@@ -244,6 +245,8 @@ def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
         gm.register_parameter(name, p)
     for name, b in flat._buffers.items():
         gm.register_buffer(name, b, persistent=name not in flat._non_persistent_buffers_set)
+    if hasattr(flat, OPAQUE_ATTR):  # the opaque path hides its prefix in state-dict keys
+        install_prefix_hooks(gm, OPAQUE_ATTR)
     object.__setattr__(runner, "owner", gm)
     object.__setattr__(gm, "equivfx_flat", flat)
     return gm

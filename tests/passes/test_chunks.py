@@ -100,3 +100,31 @@ def test_bad_chunk_values(chunk):
 def test_chunks_refused_in_layerwise_mode():
     with pytest.raises(NotYetSupportedError, match="global"):
         equivfx.compile(nn.Conv2d(1, 1, 3), "C4", mode="layerwise", chunk=2)
+
+
+def test_auto_is_the_default_and_falls_back_where_chunking_does_not_apply():
+    model, x, spec = ZOO["vgg"]()
+    emodel = _compile(model.eval(), spec, x)
+    assert emodel.equivfx_chunks.chunk == "auto"
+    layerwise = _compile(model, spec, x, mode="layerwise")
+    assert not hasattr(layerwise, "equivfx_chunks")  # mixing layers read every slot: one pass
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x, bias):
+            return self.conv(x).mean((2, 3)) + bias
+
+    two = equivfx.compile(TwoInputs(), "C4")  # the second input is repeated per slot: one pass
+    assert not hasattr(two, "equivfx_chunks")
+    with pytest.raises(NotYetSupportedError, match="one batched input"):
+        equivfx.compile(TwoInputs(), "C4", chunk=2)  # asked for explicitly: an error
+
+
+def test_opaque_models_keep_their_state_dict_keys_when_chunked():
+    model, x, spec = ZOO["control_flow"]()
+    emodel = _compile(model, spec, x, chunk=2)
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    emodel.load_state_dict(model.state_dict())

@@ -72,11 +72,12 @@ def test_outputs_unchanged_on_the_zoo(name, spec, readout):
 
 def test_defer_lift_fires_on_commuting_ops_and_keeps_the_input_check():
     model = Stem().eval()
-    emodel = equivfx.compile(model, "D4", example_inputs=X, check=True)
+    emodel = equivfx.compile(model, "D4", example_inputs=X, check=True, chunk=None)
     before = nodes_before_lift(emodel)
     assert before[0] == "equivfx_check_input"
     assert {"bn", "stem"} <= set(before) and "conv" not in before
-    assert nodes_before_lift(equivfx.compile(model, "D4", example_inputs=X, optimize=False)) == []
+    plain = equivfx.compile(model, "D4", example_inputs=X, optimize=False, chunk=None)
+    assert nodes_before_lift(plain) == []
     moved = [n for n in emodel.graph.nodes if n.target in ("bn", "stem")]
     assert all(isinstance(n.meta[REP], InputRep) for n in moved)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_hoist_stops_at_dropout_and_mixing_layers():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * 36, 3)
     ).eval()
-    emodel = equivfx.compile(model, "C4", example_inputs=X)
+    emodel = equivfx.compile(model, "C4", example_inputs=X, chunk=None)
     pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
     assert pool.args[0].target == "3"  # pooled after the dropout, before the linear head only
     layerwise = equivfx.compile(Stem().eval(), "C4", mode="layerwise", example_inputs=X)
