@@ -64,18 +64,25 @@ def main() -> None:
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
         b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
+        wide_input = gather(s).contiguous()  # a tensor of the mixing layer's input shape
+        g_["wide_input"] = wide_input
+        t_single = benchmark.Timer(
+            "F.conv2d(wide_input, w, b, padding=1)", globals=g_, num_threads=args.threads
+        )
         t_gather = benchmark.Timer(
             "F.conv2d(gather(s), w, b, padding=1)", globals=g_, num_threads=args.threads
         )
         t_blocks = benchmark.Timer(
             "blocks_mix(s, wb, b, table, n)", globals=b_, num_threads=args.threads
         )
-        medians = {"gather": [], "blocks": []}
+        medians = {"gather": [], "blocks": [], "single": []}
+        timers = {"gather": t_gather, "blocks": t_blocks, "single": t_single}
         for _ in range(3 if args.quick else 7):  # interleaved
-            medians["gather"].append(t_gather.blocked_autorange(min_run_time=0.2).median)
-            medians["blocks"].append(t_blocks.blocked_autorange(min_run_time=0.2).median)
-        mg = sorted(medians["gather"])[len(medians["gather"]) // 2]
-        mb = sorted(medians["blocks"])[len(medians["blocks"]) // 2]
+            for k, t in timers.items():
+                medians[k].append(t.blocked_autorange(min_run_time=0.2).median)
+        mg, mb, ms = (
+            sorted(medians[k])[len(medians[k]) // 2] for k in ("gather", "blocks", "single")
+        )
         row = dict(
             group=spec,
             batch=batch,
@@ -83,12 +90,15 @@ def main() -> None:
             size=size,
             gather_ms=mg * 1e3,
             blocks_ms=mb * 1e3,
+            single_conv_ms=ms * 1e3,
             blocks_over_gather=mb / mg,
+            gather_over_single_conv=mg / ms,
         )
         rows.append(row)
         print(
             f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms, "
-            f"blocks {mb * 1e3:.2f} ms, blocks/gather = {mb / mg:.2f}"
+            f"blocks {mb * 1e3:.2f} ms, one conv of the same shape {ms * 1e3:.2f} ms; "
+            f"blocks/gather = {mb / mg:.2f}, gather/single = {mg / ms:.2f}"
         )
     meta = dict(
         torch=torch.__version__,
