@@ -252,13 +252,16 @@ def verify_cmd(
     import equivfx
     from equivfx.checkpoints import CheckpointError, load_artifact, parse_shape
     from equivfx.errors import explain
+    from equivfx.passes.projection import readout_action
 
     path = Path(model_or_artifact)
     if path.exists():
         module, meta = load_artifact(path, rebuild=_rebuild)
         G = equivfx.group(group_spec or meta["group"])
         shape = parse_shape(input_shape) if input_shape else tuple(meta["input_shape"])
-        out_action = output_action or _artifact_output_action(meta, G)
+        out_action = output_action or readout_action(
+            G, meta.get("readout", "invariant"), meta.get("output_action")
+        )
     else:
         if ":" not in model_or_artifact:
             raise CheckpointError(
@@ -289,20 +292,6 @@ def verify_cmd(
     else:
         click.echo(report.summary())
     return EXIT_OK if report.ok else EXIT_VIOLATED
-
-
-def _artifact_output_action(meta: dict, G):
-    from equivfx.groups import RegularAction, TrivialAction
-    from equivfx.passes.modules import pose_action
-
-    readout = meta.get("readout", "invariant")
-    if readout == "slots":
-        return RegularAction(axis=1).bind(G)
-    if readout == "pose":
-        return pose_action(G)
-    if readout == "equivariant":
-        return meta.get("output_action")
-    return TrivialAction().bind(G)
 
 
 def _rebuild(meta: dict):

@@ -125,12 +125,23 @@ def layerwise_pipeline(
     return Pipeline(passes, check=check)
 
 
-def _as_tuple(example_inputs) -> tuple | None:
-    if example_inputs is None:
-        return None
+def as_example_inputs(example_inputs) -> tuple:
+    """A tensor or a sequence of inputs as a tuple whose first entry (the acted input) is a tensor.
+
+    Raises:
+        ModelTypeError: anything else.
+    """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
+        if not example_inputs or not isinstance(example_inputs[0], torch.Tensor):
+            raise ModelTypeError(
+                explain(
+                    "the first example input must be a tensor",
+                    type(example_inputs[0]).__name__ if example_inputs else None,
+                    "a tensor G acts on",
+                )
+            )
         return tuple(example_inputs)
     raise ModelTypeError(
         explain(
@@ -294,7 +305,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         )
     in_action = as_action(input_action, G, "input_action")
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
-    examples = _as_tuple(example_inputs)
+    examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
     result = trace(model)
     gm = result.gm
@@ -313,12 +324,6 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     example_batch = None
     if examples is not None:
         first = examples[0]
-        if not isinstance(first, torch.Tensor):
-            raise ModelTypeError(
-                explain(
-                    "the first example input must be a tensor", type(first).__name__, "torch.Tensor"
-                )
-            )
         in_action.check(first)
         if input_action is not None:  # a user's action: its law is checked on the example
             check_action_law(G, in_action, first.detach()[:1])

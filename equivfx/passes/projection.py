@@ -49,7 +49,8 @@ class FuseProjection(Pass):
                 kwargs = {"batch_axis": r.batch_axis} if r.batch_axis else {}
                 new = gm.graph.call_module(READOUT_NAME, (n,), kwargs)
             new_node_origin(new, self.name)
-            set_rep(new, OutputRep(opts.readout, _readout_action(opts, r.batch_axis)), "readout")
+            action = readout_action(opts.group, opts.readout, opts.output_action, r.batch_axis)
+            set_rep(new, OutputRep(opts.readout, action), "readout")
             return new
 
         out_node.args = fx.node.map_arg(out_node.args, wrap)
@@ -57,13 +58,15 @@ class FuseProjection(Pass):
         return PassResult(gm, True)
 
 
-def _readout_action(opts: LiftOptions, batch_axis: int = 0):
+def readout_action(group, readout: str, output_action=None, batch_axis: int = 0):
+    """How G acts on a readout's value: trivially (invariant), the user's output action
+    (equivariant), blocks of the pose axis, or the regular action on the slot axis (slots)."""
     from equivfx.groups.actions import RegularAction, TrivialAction
 
-    if opts.readout == "invariant":
-        return TrivialAction().bind(opts.group)
-    if opts.readout == "equivariant":
-        return opts.output_action
-    if opts.readout == "pose":
-        return pose_action(opts.group)
-    return RegularAction(axis=batch_axis + 1).bind(opts.group)
+    if readout == "invariant":
+        return TrivialAction().bind(group)
+    if readout == "equivariant":
+        return output_action
+    if readout == "pose":
+        return pose_action(group)
+    return RegularAction(axis=batch_axis + 1).bind(group)

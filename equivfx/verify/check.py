@@ -40,28 +40,6 @@ def elements_to_check(G: FiniteGroup, samples: int = 32, seed: int = 0) -> list:
     return chosen + rest
 
 
-def _as_inputs(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        if not example_inputs or not isinstance(example_inputs[0], torch.Tensor):
-            raise ModelTypeError(
-                explain(
-                    "the first example input must be a tensor",
-                    type(example_inputs[0]).__name__ if example_inputs else None,
-                    "a tensor G acts on",
-                )
-            )
-        return tuple(example_inputs)
-    raise ModelTypeError(
-        explain(
-            "example_inputs must be a tensor or a tuple of tensors",
-            type(example_inputs).__name__,
-            "torch.Tensor or tuple",
-        )
-    )
-
-
 def _act_tree(action, g, tree):
     leaves, spec = pytree.tree_flatten(tree)
     return pytree.tree_unflatten(
@@ -119,7 +97,7 @@ def verify(
         >>> equivfx.verify(net, torch.randn(2, 1, 6, 6), group="C4").ok
         False
     """
-    from equivfx.compiler import as_action
+    from equivfx.compiler import as_action, as_example_inputs
     from equivfx.compiler import eval_mode as _eval_mode
 
     if not isinstance(model, nn.Module):
@@ -131,7 +109,7 @@ def verify(
                 "pass the model object",
             )
         )
-    inputs = _as_inputs(example_inputs)
+    inputs = as_example_inputs(example_inputs)
     info = getattr(model, "equivfx_info", None)
     if group is None:
         if info is None:
