@@ -198,6 +198,7 @@ def test_inspect_text_and_json():
         "defer-lift",
         "fuse-projection",
         "hoist-projection",
+        "eliminate-dead-slots",
     ]
 
 

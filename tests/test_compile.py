@@ -161,6 +161,7 @@ def test_info_records_the_compilation():
         "defer-lift",
         "fuse-projection",
         "hoist-projection",
+        "eliminate-dead-slots",
     )
     plain = equivfx.compile(small_cnn(), "D4", readout="slots", optimize=False).equivfx_info
     assert plain.passes == ("annotate-reps", "insert-lift", "to-map", "fuse-projection")

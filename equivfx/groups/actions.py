@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +147,28 @@ class Action:
                         "add the missing axes (e.g. x.unsqueeze(0))",
                     )
                 )
+
+    def kernel(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Slot indices of the elements that act as the identity on every tensor of ``shape``.
+
+        Exact for actions that only move entries: each element is applied to a tensor of distinct
+        entries. Other actions report the identity alone. The kernel is a normal subgroup.
+
+        Example:
+            >>> from equivfx.groups import group
+            >>> G = group("D4")
+            >>> G.action.kernel((1, 3, 1, 1)) == tuple(range(8)), G.action.kernel((1, 3, 2, 2))
+            (True, (0,))
+        """
+        G = self._need_group()
+        if not self.is_permutation:
+            return (0,)
+        probe = torch.arange(math.prod(shape), dtype=torch.float64).reshape(tuple(shape))
+        try:
+            self.check(probe)
+        except InputShapeError:
+            return (0,)
+        return tuple(i for i in range(G.order) if torch.equal(self._apply(i, probe), probe))
 
     def apply(self, g: Element | int | str, x: torch.Tensor) -> torch.Tensor:
         """Return ``g . x``.

@@ -14,7 +14,11 @@ After::
     x -> normalise -> conv1x1 -> equivfx_lift -> conv3x3 -> ...
 
 Only a chain of single-input, single-user nodes right after the lift moves, and only while each op's
-rule claims commutation with the input action on the shapes seen (so it needs example inputs).
+rule claims commutation with the input action on the shapes seen (so it needs example inputs), or
+invariance (a symmetric reduction over every acted axis: sum, mean, amax ...). Past an invariant op,
+or once the action fixes the value's shape (a global pool to 1x1), G acts trivially: the lift's
+action becomes the trivial one, every later op that treats samples alone moves too, and
+``eliminate-dead-slots`` computes a single slot.
 Dropout is never moved: its masks would be shared across slots in training. Outputs are unchanged up
 to float rounding.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
@@ -48,9 +53,11 @@ class DeferLift(Pass):
         action = gm.get_submodule(LIFT_NAME).action
         modules = dict(gm.named_modules())
         moved = []
+        lift_module = gm.get_submodule(LIFT_NAME)
         while len(lift.users) == 1:
             node = next(iter(lift.users))
-            if not self._commutes(node, lift, action, modules):
+            how = self._moves(node, lift, action, modules)
+            if how is None:
                 break
             src = lift.args[0]
             if not moved:  # the input is still checked where the user gives it
@@ -70,27 +77,44 @@ class DeferLift(Pass):
             node.append(lift)  # keep topological order: node, then the lift
             if "tensor_meta" in node.meta:  # shapes for the next node's commutation check
                 lift.meta["tensor_meta"] = node.meta["tensor_meta"]
+            if how == "invariant" or _acts_trivially(action, node):
+                # every slot past this op holds the same value: G acts trivially from here on
+                action = TrivialAction().bind(action.group)
+                lift_module.action = action
             set_rep(node, InputRep(action), node.meta.get("equivfx.rule"))
             moved.append(node)
         return PassResult(gm, bool(moved))
 
     @staticmethod
-    def _commutes(node: fx.Node, lift: fx.Node, action, modules) -> bool:
+    def _moves(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
+        """``"commutes"`` (op(g.x) = g.op(x)), ``"invariant"`` (op(g.x) = op(x)) or None."""
         if node.op not in ("call_module", "call_function", "call_method"):
-            return False
+            return None
         folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
         if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
-            return False
+            return None
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, RANDOM_MODULES):
-            return False
+            return None
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)
         if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
-            return False
+            return None
+        if isinstance(action, TrivialAction):  # any op that treats samples alone commutes
+            return "commutes"
         reps = {a: a.meta.get(REP) for a in node.all_input_nodes}
         ctx = BatchCtx(node=node, reps=reps, module=module)
         try:
-            return bool(rule.commutes(ctx, action))
-        except Exception:  # noqa: BLE001 - a rule that cannot decide does not commute
-            return False
+            if rule.commutes(ctx, action):
+                return "commutes"
+            return "invariant" if rule.invariant(ctx, action) else None
+        except Exception:  # noqa: BLE001 - a rule that cannot decide does not move the op
+            return None
+
+
+def _acts_trivially(action, node: fx.Node) -> bool:
+    """Whether every element fixes every value of ``node``'s per-sample shape (a 1x1 grid)."""
+    tm = node.meta.get("tensor_meta")
+    if tm is None or not hasattr(tm, "shape") or isinstance(action, TrivialAction):
+        return False
+    return len(action.kernel((1, *tuple(tm.shape)[1:]))) == action.group.order

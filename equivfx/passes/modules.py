@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from equivfx.errors import ReadoutError, explain
+from equivfx.errors import InputShapeError, ReadoutError, explain
 from equivfx.groups.actions import Action
 
 __all__ = [
@@ -46,17 +46,57 @@ class Lift(nn.Module):
         self.group = group
         self.action = action
         self.inverses = tuple(group.inverse_table)
+        # which slots are computed (eliminate-dead-slots keeps one per coset of the kernel of the
+        # action) and the per-sample shape that kernel was found on (None: any shape)
+        self.slots: tuple[int, ...] = tuple(range(group.order))
+        self.kernel: tuple[int, ...] = (0,)
+        self.kernel_shape: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lift_slots(x, range(len(self.inverses)))
+        return self.lift_slots(x, self.slots)
 
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
         """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
         self.action.check(x)
+        if self.kernel_shape is not None and tuple(x.shape[1:]) != self.kernel_shape:
+            raise InputShapeError(
+                explain(
+                    "this model computes one slot per coset of the elements that act trivially "
+                    "on the lifted value's shape, found at compile time; a value of another "
+                    "shape reached the lift (per-sample shape)",
+                    tuple(x.shape[1:]),
+                    self.kernel_shape,
+                    "compile with example inputs of the shape you run, or optimize=False",
+                )
+            )
+        if len(slots) == 1 and self.inverses[slots[0]] == 0:
+            return x  # the identity slot alone
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
+    def slot_permutation(self, h: int) -> list[int]:
+        """The regular action of ``h`` on the computed slots: position j of ``h.s`` holds position
+        ``perm[j]`` of ``s``."""
+        where = slot_positions(self.group, self.slots, self.kernel)
+        regular = self.group.regular_permutation(h)
+        return [where[regular[i]] for i in self.slots]
+
     def extra_repr(self) -> str:
-        return f"group={self.group!r}, action={self.action.describe()}"
+        computed = ""
+        if len(self.slots) < self.group.order:
+            computed = f", slots={list(self.slots)} (one per coset of the kernel)"
+        return f"group={self.group!r}, action={self.action.describe()}{computed}"
+
+
+def slot_positions(group, slots, kernel) -> tuple[int, ...]:
+    """For each element g, the position in ``slots`` of the computed slot equal to slot g.
+
+    ``slots`` holds one element per coset of ``kernel``, a normal subgroup acting trivially where
+    the lift sits: slot g = slot r for the r in ``slots`` with r^-1 g in ``kernel``."""
+    table, inv, kernel = group.table, group.inverse_table, set(kernel)
+    return tuple(
+        next(j for j, r in enumerate(slots) if table[inv[r]][g] in kernel)
+        for g in range(group.order)
+    )
 
 
 class CheckInput(nn.Module):
@@ -111,6 +151,8 @@ class Readout(nn.Module):
         self.pool = pool
         self.output_action = output_action
         self.order = group.order
+        # eliminate-dead-slots: for each element, the position of the computed slot equal to it
+        self.slot_map: tuple[int, ...] | None = None
 
     def forward(self, y, batch_axis: int = 0):
         if isinstance(y, (tuple, list)):
@@ -119,22 +161,25 @@ class Readout(nn.Module):
             return y
         if batch_axis != 0:
             y = y.movedim(batch_axis, 0)
-        s = y.unflatten(0, (self.order, -1))  # (|G|, B, ...)
-        if self.readout == "slots":
-            out = s.transpose(0, 1)
-            return out.movedim((0, 1), (batch_axis, batch_axis + 1)) if batch_axis else out
-        if self.readout == "pose":
-            return s.transpose(0, 1).flatten(1)
-        if self.readout == "invariant":
+        computed = self.order if self.slot_map is None else max(self.slot_map) + 1
+        s = y.unflatten(0, (computed, -1))  # (slots computed, B, ...)
+        if self.readout == "invariant":  # every coset has |K| elements: pool the computed slots
             if self.pool == "mean":
                 out = s.mean(0)
             elif self.pool == "max":
                 out = s.amax(0)
             else:
-                out = torch.logsumexp(s, 0) - math.log(self.order)
-        else:
-            act = self.output_action
-            out = torch.stack([act.apply(i, s[i]) for i in range(self.order)], 0).mean(0)
+                out = torch.logsumexp(s, 0) - math.log(computed)
+            return out.movedim(0, batch_axis) if batch_axis else out
+        if self.slot_map is not None:  # (|G|, B, ...): slot g is a copy of its coset's slot
+            s = s.index_select(0, torch.tensor(self.slot_map, device=s.device))
+        if self.readout == "slots":
+            out = s.transpose(0, 1)
+            return out.movedim((0, 1), (batch_axis, batch_axis + 1)) if batch_axis else out
+        if self.readout == "pose":
+            return s.transpose(0, 1).flatten(1)
+        act = self.output_action
+        out = torch.stack([act.apply(i, s[i]) for i in range(self.order)], 0).mean(0)
         return out.movedim(0, batch_axis) if batch_axis else out
 
     def extra_repr(self) -> str:

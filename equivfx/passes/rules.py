@@ -11,6 +11,8 @@ what
 - **commutes**: does ``op(g . x) == g . op(x)`` hold for a given input action (pointwise ops under
 any
   permutation of entries, 1x1 convolutions under spatial actions, ...)? Used by cost passes.
+- **invariant**: does ``op(g . x) == op(x)`` hold (symmetric reductions over every acted axis)?
+  Used by cost passes: past such an op every slot holds the same value.
 - **linear**: is the op linear in its tensor inputs?
 
 Rules are keyed by the op: the function object for ``call_function`` nodes, ``"Tensor.<name>"`` for
@@ -194,6 +196,7 @@ class OpRule:
     commutes: CommuteFn = lambda ctx, action: False
     example: Example | None = None
     note: str = ""
+    invariant: CommuteFn = lambda ctx, action: False
 
 
 RULES: dict[object, OpRule] = {}
@@ -990,6 +993,23 @@ def _other_operands_broadcast(ctx: BatchCtx, action) -> bool:
     return True
 
 
+def symmetric_reduction_invariant(dim_pos: int = 1, dim_name: str = "dim"):
+    """A symmetric reduction (sum, mean, max, norm ...) over dims that include every acted axis is
+    invariant under actions that only permute entries along those axes: op(g . x) == op(x)."""
+
+    def fn(ctx: BatchCtx, action) -> bool:
+        x = ctx.node.args[0]
+        r = ctx.rank(x)
+        dims = _dims(ctx.arg(dim_pos, dim_name))
+        if r is None or not dims or not getattr(action, "is_permutation", False):
+            return False
+        acted = _acted_axes(action, r)
+        reduced = {d % r for d in dims if isinstance(d, int)}
+        return bool(acted) and 0 not in acted and acted <= reduced
+
+    return fn
+
+
 def pointwise_commutes(ctx: BatchCtx, action) -> bool:
     """Elementwise ops commute with any action that only moves entries, given constant operands."""
     return bool(getattr(action, "is_permutation", False)) and _other_operands_broadcast(ctx, action)
@@ -1306,31 +1326,58 @@ register(
     OpRule("max", "reduction", max_with_dim, example=_ex(lambda x: torch.max(x, 1)[0])),
 )
 
-# reductions
-for _name, _keys, _f in [
-    ("sum", [torch.sum, "Tensor.sum"], lambda x: x.sum((2, 3))),
-    ("mean", [torch.mean, "Tensor.mean"], lambda x: x.mean(dim=(2, 3))),
-    ("amax", [torch.amax, "Tensor.amax"], lambda x: x.amax(dim=(2, 3))),
-    ("amin", [torch.amin, "Tensor.amin"], lambda x: x.amin(dim=1)),
-    ("prod", [torch.prod, "Tensor.prod"], lambda x: x.prod(1)),
-    ("std", [torch.std, "Tensor.std"], lambda x: x.std(1)),
-    ("var", [torch.var, "Tensor.var"], lambda x: x.var(1)),
-    ("norm", [torch.norm, "Tensor.norm", torch.linalg.vector_norm], lambda x: x.norm(dim=1)),
-    ("logsumexp", [torch.logsumexp, "Tensor.logsumexp"], lambda x: torch.logsumexp(x, 1)),
+# reductions: (name, keys, example, dim position, keepdim position, symmetric)
+for _name, _keys, _f, _dpos, _kpos, _sym in [
+    ("sum", [torch.sum, "Tensor.sum"], lambda x: x.sum((2, 3)), 1, 2, True),
+    ("mean", [torch.mean, "Tensor.mean"], lambda x: x.mean(dim=(2, 3)), 1, 2, True),
+    ("amax", [torch.amax, "Tensor.amax"], lambda x: x.amax(dim=(2, 3)), 1, 2, True),
+    ("amin", [torch.amin, "Tensor.amin"], lambda x: x.amin(dim=1), 1, 2, True),
+    ("prod", [torch.prod, "Tensor.prod"], lambda x: x.prod(1), 1, 2, True),
+    ("std", [torch.std, "Tensor.std"], lambda x: x.std((2, 3)), 1, 3, True),
+    ("var", [torch.var, "Tensor.var"], lambda x: x.var(1), 1, 3, True),
+    (
+        "norm",
+        [torch.norm, "Tensor.norm", torch.linalg.vector_norm],
+        lambda x: x.norm(2, (2, 3)),
+        2,
+        3,
+        True,
+    ),
+    (
+        "logsumexp",
+        [torch.logsumexp, "Tensor.logsumexp"],
+        lambda x: torch.logsumexp(x, 1),
+        1,
+        2,
+        True,
+    ),
     (
         "argmax",
         [torch.argmax, "Tensor.argmax", torch.argmin, "Tensor.argmin"],
         lambda x: x.argmax(1).to(x.dtype),
+        1,
+        2,
+        False,  # the index of the maximum moves with the entries
     ),
     (
         "all",
         [torch.all, "Tensor.all", torch.any, "Tensor.any"],
         lambda x: (x > 0).any(1).to(x.dtype),
+        1,
+        2,
+        True,
     ),
 ]:
     register(
         _keys,
-        OpRule(_name, "reduction", reduction(), linear=_name in ("sum", "mean"), example=_ex(_f)),
+        OpRule(
+            _name,
+            "reduction",
+            reduction(dim_pos=_dpos, keepdim_pos=_kpos),
+            linear=_name in ("sum", "mean"),
+            example=_ex(_f),
+            invariant=symmetric_reduction_invariant(_dpos) if _sym else (lambda ctx, a: False),
+        ),
     )
 register(
     [F.normalize],

@@ -212,7 +212,11 @@ def _first_bad_node(gm: fx.GraphModule, G, in_action, inputs: Sequence, h, rtol,
     representation."""
     env_x = _record(gm, inputs)
     env_h = _record(gm, (in_action.apply(h, inputs[0]), *inputs[1:]))
-    perm = torch.tensor(G.regular_permutation(h))
+    lift = getattr(gm, "equivfx_lift", None)  # fewer slots computed after eliminate-dead-slots
+    h_index = G.element(h).index
+    perm = torch.tensor(
+        lift.slot_permutation(h_index) if lift is not None else G.regular_permutation(h)
+    )
     for node in gm.graph.nodes:
         rep = node.meta.get(REP)
         if node not in env_x or node not in env_h or rep is None:
@@ -247,10 +251,10 @@ def _expected(rep, G, h, vx, perm):
         def permute(t):
             if not isinstance(t, torch.Tensor) or t.dim() <= rep.batch_axis:
                 return t
-            n = t.shape[rep.batch_axis]
-            if n % G.order:
+            n, slots = t.shape[rep.batch_axis], len(perm)
+            if n % slots:
                 return t
-            s = t.unflatten(rep.batch_axis, (G.order, n // G.order))
+            s = t.unflatten(rep.batch_axis, (slots, n // slots))
             s = s.index_select(rep.batch_axis, perm.to(t.device))
             return s.flatten(rep.batch_axis, rep.batch_axis + 1)
 

@@ -104,6 +104,59 @@ def test_commutation_claim(rule):
             torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rule", RULES_WITH_EXAMPLES, ids=lambda r: r.name)
+def test_invariance_claim(rule):
+    module, gm, xs, G = _annotated(rule)
+    node, mod = _node_of(gm, rule)
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    ctx = BatchCtx(node=node, reps=reps, module=mod, example_batch=xs[0].shape[0])
+    if not rule.invariant(ctx, G.action):
+        pytest.skip(f"{rule.name} makes no invariance claim for {G.spec} on its example")
+    with torch.no_grad():
+        y = module(*xs)
+        for g in G.generators:
+            torch.testing.assert_close(module(*(G.act(g, x) for x in xs)), y, rtol=1e-9, atol=1e-9)
+
+
+def _claims_invariance(fn, group="C4", shape=(2, 3, 6, 6)):
+    x = torch.randn(shape, dtype=torch.float64)
+    gm = trace(_Wrap(fn)).gm
+    ShapeProp(gm).propagate(x)
+    G = equivfx.group(group)
+    opts = LiftOptions(G, G.action, "x", example_batch=shape[0])
+    AnnotateReps(opts)(gm)
+    node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    rule = lookup(rule_key(node))
+    return rule.invariant(BatchCtx(node=node, reps=reps, example_batch=shape[0]), G.action)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize(
+    "fn, claims",
+    [
+        (lambda x: x.sum((2, 3)), True),
+        (lambda x: x.mean(dim=(-2, -1), keepdim=True), True),
+        (lambda x: torch.amax(x, (1, 2, 3)), True),
+        (lambda x: x.norm(2, (2, 3)), True),  # the dim of norm is its third argument
+        (lambda x: x.std((2, 3), True, True), True),  # std(dim, unbiased, keepdim)
+        (lambda x: x.sum(2), False),  # the rotation moves entries between the two spatial axes
+        (lambda x: x.mean(1), False),
+        (lambda x: x.argmax(3), False),
+    ],
+)
+def test_reductions_claim_invariance_only_over_every_acted_axis(fn, claims):
+    assert _claims_invariance(fn) is claims
+
+
 @pytest.mark.parametrize(
     "name",
     [

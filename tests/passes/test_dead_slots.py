@@ -1,0 +1,213 @@
+"""eliminate-dead-slots (and the defer-lift moves that feed it): one slot per coset of the elements
+that act trivially where the lift sits; outputs unchanged, and the rest is not computed.
+
+Oracle: the unoptimised pipeline (``optimize=False``), which computes every slot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.errors import InputShapeError
+from equivfx.passes.dead_slots import coset_representatives
+from equivfx.passes.modules import slot_positions
+
+READOUTS = [
+    dict(readout="invariant"),
+    dict(readout="invariant", pool="max"),
+    dict(readout="invariant", pool="logsumexp"),
+    dict(readout="slots"),
+    dict(readout="pose"),
+]
+
+
+class DeepSets(nn.Module):
+    """phi per element, a sum over the set, rho: already permutation invariant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.phi = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.rho = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.rho(self.phi(x).sum(1))
+
+
+class PooledStem(nn.Module):
+    """A 1x1 stem and a global pool (both commute with D4), then a head on a 1x1 grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.stem(x))), 1))
+
+
+class Strip(nn.Module):
+    """Convolutions over a 1 x L strip: a reversal of the length-1 axis fixes every input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, (1, 3), padding=(0, 1))
+        self.b = nn.Conv2d(4, 2, (1, 3), padding=(0, 1))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class ScaledStrip(Strip):
+    """Strip with a second batched input (G acts on it trivially: repeated per slot)."""
+
+    def forward(self, x, scale):
+        return self.b(torch.relu(self.a(x)) * scale[:, :, None, None])
+
+
+STRIP_GROUP = "Rev@-1xRev@-2"  # (e,e), (e,v2), (v1,e), (v1,v2): (e, v2) fixes a 1 x L input
+X_SET = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+X_IMG = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+X_STRIP = torch.randn(3, 3, 1, 6, generator=torch.Generator().manual_seed(3))
+
+
+def both(model, spec, x, **kwargs):
+    fast = equivfx.compile(model, spec, example_inputs=x, check=True, **kwargs)
+    slow = equivfx.compile(model, spec, example_inputs=x, optimize=False, **kwargs)
+    return fast, slow
+
+
+def flat(emodel):
+    return getattr(emodel, "equivfx_flat", emodel)
+
+
+def rows_seen(module: nn.Module, run) -> int:
+    """Rows ``module`` sees in one run, over all its calls (chunks run it once per chunk)."""
+    rows = []
+    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return sum(rows)
+
+
+@pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
+def test_an_invariant_set_model_runs_once_instead_of_n_factorial_times(kwargs):
+    model = DeepSets().eval()
+    fast, slow = both(model, "Perm5", X_SET, **kwargs)
+    assert flat(fast).equivfx_lift.slots == (0,)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_SET), slow(X_SET), rtol=1e-5, atol=1e-5)
+    assert rows_seen(model.rho[0], lambda: fast(X_SET)) == 3
+    assert rows_seen(model.rho[0], lambda: slow(X_SET)) == 3 * 120
+    assert equivfx.verify(fast, X_SET).ok
+
+
+def test_defer_lift_moves_past_a_symmetric_reduction_and_everything_after_it():
+    fast = equivfx.compile(DeepSets().eval(), "Perm5", example_inputs=X_SET, chunk=None)
+    order = [str(n.target) for n in fast.graph.nodes if n.op != "placeholder"]
+    lift = order.index("equivfx_lift")
+    assert {"phi.0", "phi.2", "sum", "rho.0", "rho.2"} <= set(order[:lift])
+    assert type(fast.equivfx_lift.action).__name__ == "TrivialAction"
+
+
+@pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
+def test_a_head_past_a_global_pool_runs_once(kwargs):
+    model = PooledStem().eval()
+    fast, slow = both(model, "D4", X_IMG, **kwargs)
+    assert flat(fast).equivfx_lift.slots == (0,)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_IMG), slow(X_IMG), rtol=1e-5, atol=1e-6)
+    assert rows_seen(model.fc, lambda: fast(X_IMG)) == 3
+    assert rows_seen(model.stem, lambda: fast(X_IMG)) == 3  # deferred: the stem runs once too
+    assert equivfx.verify(fast, X_IMG).ok
+
+
+@pytest.mark.parametrize(
+    "kwargs", READOUTS + [dict(readout="equivariant")], ids=lambda k: "-".join(k.values())
+)
+@pytest.mark.parametrize("chunk", [None, 1, "auto"])
+def test_a_partial_kernel_computes_one_slot_per_coset(kwargs, chunk):
+    if kwargs["readout"] == "equivariant":
+        kwargs = dict(kwargs, output_action=equivfx.group(STRIP_GROUP).action)
+    model = Strip().eval()
+    fast, slow = both(model, STRIP_GROUP, X_STRIP, chunk=chunk, **kwargs)
+    lift = flat(fast).equivfx_lift
+    assert (lift.slots, lift.kernel) == ((0, 2), (0, 1))
+    with torch.no_grad():
+        fast(X_STRIP)  # chunk="auto" measures at the first call
+    assert rows_seen(model.a, lambda: fast(X_STRIP)) == 3 * 2  # of 3 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_STRIP), slow(X_STRIP), rtol=1e-5, atol=1e-6)
+    assert equivfx.verify(fast, X_STRIP).ok
+
+
+def test_inputs_repeated_per_slot_are_repeated_per_computed_slot():
+    model = ScaledStrip().eval()
+    scale = torch.rand(3, 4, generator=torch.Generator().manual_seed(4))
+    fast, slow = both(model, STRIP_GROUP, (X_STRIP, scale), readout="slots", chunk=None)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_STRIP, scale), slow(X_STRIP, scale))
+    repeats = [m for n, m in fast.named_modules() if n.startswith("equivfx_repeat_")]
+    assert repeats and all(m.order == 2 for m in repeats)
+
+
+def test_a_kernel_found_on_the_example_shape_is_checked_at_run_time():
+    fast = equivfx.compile(Strip().eval(), STRIP_GROUP, example_inputs=X_STRIP)
+    with pytest.raises(InputShapeError, match=r"got \(3, 2, 6\); expected \(3, 1, 6\)"):
+        fast(torch.randn(3, 3, 2, 6))
+    plain = equivfx.compile(Strip().eval(), STRIP_GROUP, example_inputs=X_STRIP, optimize=False)
+    assert plain(torch.randn(3, 3, 2, 6)).shape == (3, 2, 2, 6)
+
+
+def test_a_trivial_action_needs_no_shape_check():
+    fast = equivfx.compile(PooledStem().eval(), "D4", example_inputs=X_IMG)
+    assert fast(torch.randn(2, 3, 10, 10)).shape == (2, 5)  # any square size
+
+
+def test_nothing_is_eliminated_where_every_slot_differs():
+    fast = equivfx.compile(Strip().eval(), "Rev", example_inputs=X_STRIP, chunk=None)
+    assert fast.equivfx_lift.slots == (0, 1)
+    layerwise = equivfx.compile(
+        Strip().eval(), STRIP_GROUP, mode="layerwise", example_inputs=X_STRIP
+    )
+    assert flat(layerwise).equivfx_lift.slots == (0, 1, 2, 3)  # mixing layers read every slot
+
+
+def test_localisation_reads_the_computed_slots():
+    fast = equivfx.compile(Strip().eval(), STRIP_GROUP, readout="slots", example_inputs=X_STRIP)
+    assert equivfx.verify(fast, X_STRIP).ok
+    flat(fast).equivfx_readout.slot_map = (0, 0, 0, 0)  # copies the wrong slot back
+    report = equivfx.verify(fast, X_STRIP)
+    assert not report.ok and report.first_bad_node == "equivfx_readout"
+
+
+@pytest.mark.parametrize("spec", ["D4", "Perm4", "C4xRev@1", "ShiftRev6"])
+def test_cosets_of_every_normal_subgroup_found_by_a_kernel(spec):
+    G = equivfx.group(spec)
+    for kernel in _normal_subgroups(G):
+        reps = coset_representatives(G, kernel)
+        assert reps[0] == 0 and len(reps) * len(kernel) == G.order
+        where = slot_positions(G, reps, kernel)
+        for g in range(G.order):  # g and its representative differ by an element of the kernel
+            r = reps[where[g]]
+            assert G.table[G.inverse_table[r]][g] in kernel
+
+
+def _normal_subgroups(G):
+    """The trivial group, G, and the kernels of the default action on a few small shapes."""
+    out = {(0,), tuple(range(G.order))}
+    for shape in [(1, 2, 1, 1), (1, 1, 1, 3), (1, 2, 1, 4), (1, 1, 4, 1)]:
+        try:
+            out.add(G.action.kernel(shape))
+        except Exception:  # noqa: BLE001 - a shape the action does not fit
+            continue
+    return sorted(out)
