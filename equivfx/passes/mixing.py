@@ -40,7 +40,18 @@ from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 
-__all__ = ["MixLayers", "MixOptions", "SlotGather", "widen", "MIXABLE"]
+__all__ = [
+    "MixLayers",
+    "MixOptions",
+    "MixingLayer",
+    "MixingConv1d",
+    "MixingConv2d",
+    "MixingConv3d",
+    "MixingLinear",
+    "SlotGather",
+    "widen",
+    "MIXABLE",
+]
 
 MIXABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layer types that become mixing layers."""
@@ -71,6 +82,13 @@ class SlotGather(nn.Module):
         n = self.order
         if batch_axis:
             x = x.movedim(batch_axis, 0)
+        if self.twist is None and self.groups == 1 and self.feature_axis % x.dim() == 1:
+            # one row gather: row (g, b, u) of the result is sample b of slot g u, so the rows
+            # read as (n B, n C, ...) with no further copy
+            batch = x.shape[0] // n
+            rows = self.table[:, None, :] * batch + torch.arange(batch, device=x.device)[:, None]
+            out = x.flatten(1).index_select(0, rows.flatten()).view(n * batch, -1, *x.shape[2:])
+            return out.movedim(0, batch_axis) if batch_axis else out
         s = x.unflatten(0, (n, -1))  # (n, B, ...)
         g = s[self.table]  # (n[g], n[u], B, ...): slot g's block u is s(g u)
         if self.twist is not None:  # read through Phi: block u becomes u . s(g u)
@@ -109,9 +127,95 @@ class SlotGather(nn.Module):
         )
 
 
-def widen(module: nn.Module, order: int) -> nn.Module:
+class MixingLayer:
+    """A widened Conv/Linear that reads the folded slots directly (no gathered copy).
+
+    For slot g the mixing layer computes out(g) = sum_u W_u s(g u) = sum_v W_(g^-1 v) s(v). So
+    instead of copying |G| permuted slot blocks per slot (|G|^2 B blocks), the slots are moved onto
+    the feature axis once, (|G| B, C, ...) -> (B, |G| C, ...), and one layer with the |G| x |G|
+    block weight [W_(g^-1 v)]_(g, v) (built from the |G| blocks of ``weight`` at every call, so
+    gradients reach the one shared weight set) computes every slot; its output (B, |G| Cout, ...)
+    is moved back. Same arithmetic as the gather, |G| times less copying. Parameters and
+    state-dict keys are those of the widened layer; ``slot_index[g][v] = index(g^-1 v)`` is a
+    non-persistent buffer.
+
+    Subclasses: :class:`MixingConv1d`, :class:`MixingConv2d`, :class:`MixingConv3d`,
+    :class:`MixingLinear`. Build them with :func:`widen` and ``fused=True``.
+    """
+
+    order: int
+    slot_index: torch.Tensor
+
+    def _set_group(self, group) -> None:
+        table = torch.tensor(group.table, dtype=torch.long)
+        inverse = torch.tensor(group.inverse_table, dtype=torch.long)
+        self.order = group.order
+        self.register_buffer("slot_index", table[inverse], persistent=False)
+
+    def _block_weight(self) -> torch.Tensor:
+        n = self.order
+        w = self.weight  # (Cout, n C, *k): block u on dim 1
+        blocks = w.unflatten(1, (n, -1)).transpose(0, 1)  # (n_u, Cout, C, *k)
+        big = blocks[self.slot_index]  # (n_g, n_v, Cout, C, *k): W_(g^-1 v)
+        return big.transpose(1, 2).flatten(2, 3).flatten(0, 1)  # (n Cout, n C, *k)
+
+    def _block_bias(self):
+        return None if self.bias is None else self.bias.repeat(self.order)
+
+
+class _MixingConv(MixingLayer):
+    def forward(self, x: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+        n = self.order
+        if batch_axis:
+            x = x.movedim(batch_axis, 0)
+        t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
+        y = self._conv_forward(t, self._block_weight(), self._block_bias())
+        # (n B, Cout, *spatial): a cat of the slot blocks (a permute-then-flatten makes exporters
+        # guard on the batch size being 1)
+        out = torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
+        return out.movedim(0, batch_axis) if batch_axis else out
+
+
+class MixingConv1d(_MixingConv, nn.Conv1d):
+    """A Conv1d mixing layer: see :class:`MixingLayer`."""
+
+
+class MixingConv2d(_MixingConv, nn.Conv2d):
+    """A Conv2d mixing layer: see :class:`MixingLayer`."""
+
+
+class MixingConv3d(_MixingConv, nn.Conv3d):
+    """A Conv3d mixing layer: see :class:`MixingLayer`."""
+
+
+class MixingLinear(MixingLayer, nn.Linear):
+    """A Linear mixing layer on the last axis: see :class:`MixingLayer`."""
+
+    def forward(self, x: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+        n = self.order
+        if batch_axis:
+            x = x.movedim(batch_axis, 0)
+        t = x.unflatten(0, (n, -1)).movedim(0, -2).flatten(-2)  # (B, ..., n C)
+        y = nn.functional.linear(t, self._block_weight(), self._block_bias())
+        out = torch.cat(y.unflatten(-1, (n, -1)).unbind(-2), 0)  # (n B, ..., Cout)
+        return out.movedim(0, batch_axis) if batch_axis else out
+
+
+_MIXING = {
+    nn.Conv1d: MixingConv1d,
+    nn.Conv2d: MixingConv2d,
+    nn.Conv3d: MixingConv3d,
+    nn.Linear: MixingLinear,
+}
+
+
+def widen(module: nn.Module, order: int, group=None) -> nn.Module:
     """A copy of ``module`` with ``order`` times the input width, computing the same function on the
     identity block: the new input blocks are zero.
+
+    With ``group`` (of that order) the copy is the fused :class:`MixingLayer` of the same kind
+    (same parameters and state-dict keys), which reads folded slots; ``groups > 1`` convolutions
+    stay plain (their channels interleave per group: they take the :class:`SlotGather` path).
 
     Example:
         >>> lin = widen(nn.Linear(3, 2), 4)
@@ -119,8 +223,10 @@ def widen(module: nn.Module, order: int) -> nn.Module:
         torch.Size([2, 12])
     """
     w = module.weight.detach()
+    base = next(b for b in MIXABLE if isinstance(module, b))
+    cls = _MIXING[base] if group is not None and getattr(module, "groups", 1) == 1 else base
     if isinstance(module, nn.Linear):
-        new = nn.Linear(
+        new = cls(
             module.in_features * order,
             module.out_features,
             bias=module.bias is not None,
@@ -129,7 +235,6 @@ def widen(module: nn.Module, order: int) -> nn.Module:
         )
         per_block = module.in_features
     else:
-        cls = type(module)
         new = cls(
             module.in_channels * order,
             module.out_channels,
@@ -150,6 +255,8 @@ def widen(module: nn.Module, order: int) -> nn.Module:
         if module.bias is not None:
             new.bias.copy_(module.bias.detach())
     new.train(module.training)
+    if isinstance(new, MixingLayer):
+        new._set_group(group)
     return new
 
 
@@ -163,11 +270,16 @@ class MixOptions:
             qualified module names, or a predicate ``(name, module) -> bool`` asked about every
             Conv/Linear that reads a lifted value (the input stage included).
         twist: an action on hidden feature maps for G-CNN mode (reading the slots through Phi).
+        layout: ``"gather"`` (copy the permuted slots, then the wide layer: bitwise equivariant)
+            or ``"fused"`` (:class:`MixingLayer`: no permuted copy, about the cost of one layer of
+            the same shape, equivariant up to float rounding since each slot sums its blocks in
+            another order).
     """
 
     group: object
     mix: object = None
     twist: object = None
+    layout: str = "gather"
 
 
 class MixLayers(Pass):
@@ -213,8 +325,16 @@ class MixLayers(Pass):
         chosen = self._choose(candidates, modules)
         for name in chosen:
             m = modules[name]
-            wide = widen(m, G.order)
+            fused = opts.layout == "fused" and opts.twist is None
+            wide = widen(m, G.order, group=G if fused else None)
             _set_submodule(gm, name, wide)
+            if isinstance(wide, MixingLayer):  # reads the folded slots itself
+                for node in calls[name]:
+                    rep = node.args[0].meta.get(REP)
+                    if isinstance(rep, Folded) and rep.batch_axis:
+                        node.kwargs = {**node.kwargs, "batch_axis": rep.batch_axis}
+                    node.meta["equivfx.mixing"] = True
+                continue
             axis = 1 if not isinstance(m, nn.Linear) else -1
             groups = getattr(m, "groups", 1)
             gather_name = "equivfx_gather_" + name.replace(".", "_")

@@ -12,7 +12,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import EquivFXError
-from equivfx.passes.mixing import SlotGather, widen
+from equivfx.passes.mixing import MixingLayer, SlotGather, widen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import ZOO, clean_names  # noqa: E402
@@ -113,8 +113,8 @@ def test_conversion_equals_global_mode_and_reinit_stays_equivariant(name, spec):
         emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots", check=True)
         gmodel = equivfx.compile(model, spec, readout="slots")
     assert emodel.equivfx_info.mixed, "every zoo model has layers after the input stage"
-    with torch.no_grad():
-        assert torch.equal(emodel(x), gmodel(x))
+    with torch.no_grad():  # the zero blocks join the sums: equal up to float rounding
+        torch.testing.assert_close(emodel(x), gmodel(x), rtol=1e-6, atol=1e-6)
     _reinit(emodel)
     G = equivfx.group(spec)
     with torch.no_grad():
@@ -250,16 +250,75 @@ def test_norms_dropout_and_pooling_work_slot_wise():
     assert equivfx.verify(emodel, x).ok
 
 
-def test_localisation_names_a_broken_mixing_gather():
-    emodel = equivfx.compile(PaperMNIST().eval(), "C4", mode="layerwise", readout="slots")
+def test_localisation_names_a_broken_mixing_layer():
+    emodel = equivfx.compile(
+        PaperMNIST().eval(), "C4", mode="layerwise", readout="slots", mix_layout="fused"
+    )
     _reinit(emodel)
-    gather = emodel.get_submodule("equivfx_gather_conv3")
+    layer = emodel.get_submodule("conv3")
+    assert isinstance(layer, MixingLayer)
+    # slots 0 and 1 swap their block weights: slot g no longer computes sum_v W_(g^-1 v) s(v)
+    layer.slot_index = layer.slot_index[[1, 0, 2, 3]]
+    report = equivfx.verify(emodel, torch.randn(2, 1, 28, 28), rtol=1e-3, atol=1e-4)
+    assert not report.ok
+    assert report.first_bad_node == "conv3"
+
+
+def test_localisation_names_a_broken_mixing_gather():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)).eval()
+    emodel = equivfx.compile(model, "C4", mode="layerwise", readout="slots")
+    _reinit(emodel)
+    gather = emodel.get_submodule("equivfx_gather_2")  # groups > 1: the gather path
     # slots 0 and 1 read each other's inputs. (Permuting the columns, the order of the blocks u,
     # would only re-index the weights W_u: still a lift, still equivariant.)
     gather.table = gather.table[[1, 0, 2, 3]]
-    report = equivfx.verify(emodel, torch.randn(2, 1, 28, 28))
+    report = equivfx.verify(emodel, torch.randn(2, 1, 10, 10))
     assert not report.ok
-    assert report.first_bad_node == "equivfx_gather_conv3"
+    assert report.first_bad_node == "equivfx_gather_2"
+
+
+@pytest.mark.parametrize("spec", ["C4", "D4"])
+@pytest.mark.parametrize(
+    "layer, shape, batch_axis",
+    [
+        (nn.Conv1d(3, 5, 3, padding=1), (3, 7), 0),
+        (nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"), (3, 6, 6), 0),
+        (nn.Conv3d(3, 2, 1), (3, 2, 3, 4), 0),
+        (nn.Linear(3, 5), (3,), 0),
+        (nn.Linear(3, 5), (4, 3), 0),
+        (nn.Linear(3, 5), (4, 3), 1),  # sequence-first: the folded batch on axis 1
+    ],
+)
+def test_fused_mixing_layer_equals_gather_then_wide_layer(spec, layer, shape, batch_axis):
+    G = equivfx.group(spec)
+    torch.manual_seed(0)
+    fused = widen(layer, G.order, group=G)
+    plain = widen(layer, G.order)
+    assert isinstance(fused, type(layer)) and isinstance(fused, MixingLayer)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.weight.copy_(torch.randn_like(m.weight))  # every block non-zero, equal in both
+        plain.weight.copy_(fused.weight)
+        if layer.bias is not None:
+            plain.bias.copy_(fused.bias)
+    s = torch.randn(G.order * 2, *shape, dtype=torch.float64)  # folded slots, B = 2
+    fused, plain = fused.double(), plain.double()
+    if batch_axis:
+        s = s.movedim(0, batch_axis)
+    gather = SlotGather(G, 1 if not isinstance(layer, nn.Linear) else -1)
+    want = plain(gather(s, batch_axis))
+    torch.testing.assert_close(fused(s, batch_axis), want, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_mixing_layer_trains_its_one_weight_set():
+    G = equivfx.group("C4")
+    fused = widen(nn.Conv2d(2, 3, 3), G.order, group=G)
+    with torch.no_grad():
+        fused.weight.normal_()
+    fused(torch.randn(8, 2, 5, 5)).square().sum().backward()
+    assert fused.weight.grad.shape == fused.weight.shape and fused.weight.grad.abs().sum() > 0
+    assert "slot_index" not in fused.state_dict()
 
 
 @pytest.mark.parametrize("spec", ["D1", "D2"])
@@ -282,3 +341,44 @@ def test_flip_groups_after_reinit(spec):
         for h in G.elements:
             want = y[:, list(G.regular_permutation(h))]
             torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["C4", "D4"])
+def test_fused_layout_computes_the_gather_layout_up_to_rounding(spec):
+    model = PaperMNIST().eval()
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fused = equivfx.compile(model, spec, mode="layerwise", readout="pose", mix_layout="fused")
+    gather = equivfx.compile(model, spec, mode="layerwise", readout="pose")
+    assert isinstance(fused.get_submodule("conv3"), MixingLayer)
+    assert not isinstance(gather.get_submodule("conv3"), MixingLayer)
+    assert fused.state_dict().keys() == gather.state_dict().keys()
+    _reinit(fused)
+    gather.load_state_dict(fused.state_dict())
+    with torch.no_grad():  # float32 sums of |G| 32 9 terms of large random weights, reordered
+        torch.testing.assert_close(fused(x), gather(x), rtol=1e-3, atol=1e-4)
+    assert equivfx.verify(fused, x, rtol=1e-3, atol=1e-4).ok
+    assert equivfx.verify(gather, x).ok  # the gather layout is exact at the default tolerance
+
+
+def test_fused_layout_exports_with_a_dynamic_batch():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    emodel = equivfx.compile(model, "C4", mode="layerwise", mix_layout="fused")
+    batch = torch.export.Dim("batch", max=1024)
+    ep = torch.export.export(emodel, (x,), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        for n in (1, 5):
+            xs = torch.randn(n, 1, 8, 8)
+            torch.testing.assert_close(ep.module()(xs), emodel(xs))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="layerwise", mix_layout="blocks"), "unknown mix_layout"),
+        (dict(mix_layout="fused"), "mode='layerwise' only"),
+    ],
+)
+def test_mix_layout_is_checked(kwargs, match):
+    with pytest.raises(equivfx.errors.EquivFXError, match=match):
+        equivfx.compile(nn.Sequential(nn.Conv2d(1, 2, 3)), "C4", **kwargs)
