@@ -26,6 +26,7 @@ from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
+from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
@@ -104,11 +105,11 @@ def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Acti
 
 def global_pipeline(options: LiftOptions, check: bool = False, optimize: bool = True) -> Pipeline:
     """The global construction: annotate-reps, insert-lift, to-map, fuse-projection, and with
-    ``optimize`` the cost passes defer-lift and hoist-projection."""
+    ``optimize`` the cost passes defer-lift, hoist-projection and eliminate-dead-slots."""
     passes = [AnnotateReps(options), InsertLift(options), ToMap()]
     passes += [DeferLift()] if optimize else []
     passes += [FuseProjection(options)]
-    passes += [HoistProjection()] if optimize else []
+    passes += [HoistProjection(), EliminateDeadSlots()] if optimize else []
     return Pipeline(passes, check=check)
 
 
@@ -178,6 +179,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     mix: Callable | set | None = None,
     chunk: int | str | None = "auto",
     twist: bool = False,
+    mix_layout: str = "gather",
     optimize: bool = True,
     check: bool = False,
 ) -> fx.GraphModule:
@@ -214,10 +216,18 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             always one pass. A chunked module keeps its flat graph as ``emodel.equivfx_flat``.
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
-        optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action run
-            once, before the lift; needs example inputs for shapes) and ``hoist-projection`` (with
-            the mean readout, slots are pooled before trailing affine layers). Outputs are unchanged
-            up to float rounding; ``optimize=False`` gives the plain construction.
+        mix_layout: layer-wise mode: ``"gather"`` (copy the |G| permuted slot blocks, then one wide
+            layer: bitwise equivariant) or ``"fused"`` (one layer with a |G| x |G| block weight on
+            the slots moved onto the feature axis: |G| times less copying, about the cost of one
+            layer of the same shape, equivariant up to float rounding; verify such models with a
+            looser ``rtol``). ``groups > 1`` convolutions and ``twist=True`` always gather.
+        optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action,
+            or are invariant under it like a sum over a set axis, run once, before the lift; needs
+            example inputs for shapes), ``hoist-projection`` (with the mean readout, slots are
+            pooled before trailing affine layers) and ``eliminate-dead-slots`` (where elements of
+            G act trivially on the value the lift reads, one slot per coset is computed: an
+            already invariant DeepSets model under Perm5 runs once, not 120 times). Outputs are
+            unchanged up to float rounding; ``optimize=False`` gives the plain construction.
         check: lint the graph and check metadata after every pass (for tests and debugging).
 
     Returns:
@@ -257,12 +267,16 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     G = as_group(group)
     if mode not in MODES:
         raise EquivFXError(explain("unknown mode", mode, f"one of {MODES}", "use mode='global'"))
-    if mode == "global" and (mix is not None or twist):
-        what = "mix=" if mix is not None else "twist="
+    if mix_layout not in ("gather", "fused"):
+        raise EquivFXError(
+            explain("unknown mix_layout", mix_layout, "'gather' or 'fused'", "use 'gather'")
+        )
+    if mode == "global" and (mix is not None or twist or mix_layout != "gather"):
+        what = "mix=" if mix is not None else "twist=" if twist else "mix_layout="
         raise EquivFXError(
             explain(
                 f"{what} applies to mode='layerwise' only",
-                mix or twist,
+                mix or twist or mix_layout,
                 "mode='layerwise'",
                 f"drop {what} or pass mode='layerwise'",
             )
@@ -364,7 +378,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             twist_action = in_action
         pipeline = layerwise_pipeline(
             options,
-            MixOptions(group=G, mix=mix, twist=twist_action),
+            MixOptions(group=G, mix=mix, twist=twist_action, layout=mix_layout),
             check=check,
             optimize=optimize,
         )

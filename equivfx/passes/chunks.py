@@ -61,7 +61,8 @@ class SlotChunks(nn.Module):
         super().__init__()
         object.__setattr__(self, "flat", flat)  # shared, not a child: no duplicate state-dict keys
         self.chunk = chunk
-        self.order = flat.equivfx_lift.group.order
+        self.slots = tuple(flat.equivfx_lift.slots)  # fewer than |G| after eliminate-dead-slots
+        self.order = len(self.slots)
         self.chosen: dict[tuple, int] = {}
         self.pre, self.body, self.post, self.lift, self.join = _split(flat)
         self._free_after = _last_uses(self.body, self.lift, keep=self.join.args[0])
@@ -79,6 +80,15 @@ class SlotChunks(nn.Module):
         if self.owner is not None:  # .to() replaced the owner's root-level buffers: share them
             for name in self.flat._buffers:
                 self.flat._buffers[name] = self.owner._buffers[name]
+        k = self._decided(args)
+        if k is None:  # chunk="auto", first call for this input: measure
+            k = self._measured(args)
+        return self._run(args, k)
+
+    def _run(self, args, k: int):
+        """One forward, k slots per pass."""
+        if k >= self.order:  # one pass: the flat graph's generated code, no interpreter
+            return self.flat(*args)
         interp = self.interp
         interp.env = {}
         args_iter = iter(args)
@@ -88,20 +98,18 @@ class SlotChunks(nn.Module):
                 env[node] = next(args_iter)
             else:
                 env[node] = interp.run_node(node)
-        k = self._chunk_size(interp, args)
         lifted_input = env[self.lift.args[0]]
-        if k >= self.order:
-            parts = [self._run_body(interp, lifted_input, range(self.order))]
-        else:
-            parts = [
-                self._run_body(interp, lifted_input, range(s, min(s + k, self.order)))
-                for s in range(0, self.order, k)
-            ]
+        parts = [
+            self._run_body(interp, lifted_input, self.slots[s : s + k])
+            for s in range(0, self.order, k)
+        ]
         axis = self.join.kwargs.get("batch_axis", 0)
         env[self.join.args[0]] = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
         for node in self.post:
             if node.op == "output":
-                return interp.fetch_args_kwargs_from_env(node)[0][0]
+                out = interp.fetch_args_kwargs_from_env(node)[0][0]
+                interp.env = {}
+                return out
             env[node] = interp.run_node(node)
         raise RuntimeError("equivfx: compiled graph has no output")  # pragma: no cover
 
@@ -114,36 +122,44 @@ class SlotChunks(nn.Module):
                 del env[done]
         return env.pop(self.join.args[0])
 
-    def _chunk_size(self, interp, args) -> int:
+    @staticmethod
+    def _key(args) -> tuple:
+        return tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+        )
+
+    def _decided(self, args) -> int | None:
+        """Slots per pass, or None where chunk="auto" has not measured this input yet."""
         if _is_tracing() or any(m.training for m in self._user_modules):
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":
             return int(self.chunk)
-        key = tuple(
-            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+        if self.order == 1:  # one slot computed: nothing to choose
+            return 1
+        return self.chosen.get(self._key(args))
+
+    def _measured(self, args) -> int:
+        key = self._key(args)
+        with torch.no_grad():
+            self.chosen[key] = self._measure(args)
+        log.info(
+            "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
+            self.chosen[key],
+            self.order,
+            key,
         )
-        if key not in self.chosen:
-            with torch.no_grad():
-                self.chosen[key] = self._measure(interp)
-            log.info(
-                "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
-                self.chosen[key],
-                self.order,
-                key,
-            )
         return self.chosen[key]
 
-    def _measure(self, interp) -> int:
-        """Time one pass over all slots for each k dividing |G|: a warm-up round, then the minimum
-        of three interleaved rounds (interleaving spreads machine noise over every candidate)."""
-        x = interp.env[self.lift.args[0]]
+    def _measure(self, args) -> int:
+        """Time a whole forward for each k dividing the number of slots: a warm-up round, then
+        the minimum of three interleaved rounds (interleaving spreads machine noise over every
+        candidate)."""
         sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
         best = {k: float("inf") for k in sizes}
         for round_ in range(4):
             for k in sizes:
                 t = time.perf_counter()
-                for s in range(0, self.order, k):
-                    self._run_body(interp, x, range(s, s + k))
+                self._run(args, k)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
         return min(sizes, key=lambda k: (best[k], -k))
@@ -175,7 +191,7 @@ def _split(flat: fx.GraphModule):
     repeats = [
         n for n in nodes if n.op == "call_module" and str(n.target).startswith("equivfx_repeat_")
     ]
-    gathers = [n for n in nodes if n.meta.get("equivfx.rule") == "mix-gather"]
+    gathers = [n for n in nodes if n.meta.get("equivfx.mixing")]
     why = None
     if len(lifts) != 1:
         why = "a single lifted input"
