@@ -7,7 +7,7 @@ hand-written loop over g and the base model folded at |G| B.
 Peak memory is not measured: on CPU, a process's peak resident set size (``ru_maxrss``) is set by
 importing torch, above any of these forward passes, and torch keeps no CPU allocator statistics.
 
-Run: ``python benchmarks/bench_chunks.py [--json PATH] [--threads 2]``
+Run: ``python benchmarks/bench_chunks.py [--quick] [--json PATH] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -30,23 +30,24 @@ import equivfx  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for name in ("resnet", "vit"):
+    for name in ("resnet",) if args.quick else ("resnet", "vit"):
         factory, shape, specs = MODELS[name]
         torch.manual_seed(0)
         model = factory().eval()
-        for label in ("C4", "D4"):
+        for label in ("C4",) if args.quick else ("C4", "D4"):
             G = equivfx.group(specs[label])
             for batch in (8, 64):
                 x = torch.randn(batch, *shape)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     variants = {
-                        "fold all": equivfx.compile(model, G, example_inputs=x[:2]),
+                        "fold all": equivfx.compile(model, G, example_inputs=x[:2], chunk=None),
                         "chunk=1": equivfx.compile(model, G, example_inputs=x[:2], chunk=1),
                         "auto": equivfx.compile(model, G, example_inputs=x[:2], chunk="auto"),
                     }
@@ -76,7 +77,7 @@ def main() -> None:
                     for k, s in stmts.items()
                 }
                 with torch.no_grad():
-                    ms = median_ms(timers, 7, 0.25)
+                    ms = median_ms(timers, 3 if args.quick else 7, 0.1 if args.quick else 0.25)
                 chosen = sorted(set(variants["auto"].equivfx_chunks.chosen.values()))
                 best = min(ms["loop"], ms["base@GB"])
                 row = dict(

@@ -7,9 +7,12 @@ and each batch size B (1, 8, 64) it times, in the same run and interleaved:
 - ``base@GB``: the base model at batch |G| B (the same |G| passes, folded into one batch);
 - ``loop``: the hand-written loop over g of the base model at batch B, stacked (equi-tuning style);
 - ``vmap``: ``torch.func.vmap`` of the base model over the |G| transformed inputs;
-- ``global``: ``equivfx.compile(model, G)`` (invariant readout, cost passes on);
-- ``global-noopt``: the same with ``optimize=False``;
-- ``layerwise``: ``equivfx.compile(model, G, mode="layerwise")``.
+- ``global``: ``equivfx.compile(model, G)`` (invariant readout, cost passes on, ``chunk="auto"``:
+  warmed up once, so its choice of slots per pass is made before timing);
+- ``global-fold``: the same with ``chunk=None`` (every slot folded into one batch);
+- ``global-noopt``: ``optimize=False``;
+- ``layerwise``: ``equivfx.compile(model, G, mode="layerwise")`` (gather layout);
+- ``layerwise-fused``: the same with ``mix_layout="fused"``.
 
 Reported: medians (ms) of interleaved ``torch.utils.benchmark`` runs and the ratios
 ``global / min(base@GB, loop)`` (the issue's 5 % target) and ``global / base@B`` (the |G| floor).
@@ -146,8 +149,16 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     glob = equivfx.compile(model, G, example_inputs=x).eval()
+                    fold = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
                     noopt = equivfx.compile(model, G, example_inputs=x, optimize=False).eval()
                     layer = equivfx.compile(model, G, mode="layerwise", example_inputs=x).eval()
+                    fused = equivfx.compile(
+                        model, G, mode="layerwise", mix_layout="fused", example_inputs=x
+                    ).eval()
+                with torch.no_grad():
+                    glob(x), noopt(x)  # chunk="auto" measures at the first call per shape
+                chunks = getattr(glob, "equivfx_chunks", None)
+                chose = sorted(set(chunks.chosen.values())) if chunks is not None else None
 
                 def loop(model=model, G=G, x=x):
                     return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
@@ -160,8 +171,10 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                     xs=xs,
                     loop=loop,
                     glob=glob,
+                    fold=fold,
                     noopt=noopt,
                     layer=layer,
+                    fused=fused,
                     vmapped=vmapped,
                 )
                 stmts = {
@@ -170,8 +183,10 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                     "loop": "loop()",
                     "vmap": "vmapped(xs)",
                     "global": "glob(x)",
+                    "global-fold": "fold(x)",
                     "global-noopt": "noopt(x)",
                     "layerwise": "layer(x)",
+                    "layerwise-fused": "fused(x)",
                 }
                 timers = {
                     k: benchmark.Timer(s, globals=env, num_threads=threads)
@@ -182,17 +197,20 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                         vmapped(xs)
                     except Exception:  # noqa: BLE001 - some modules refuse vmap; say so
                         timers.pop("vmap")
-                    ms = median_ms(timers, 3 if quick else 9, 0.1 if quick else 0.25)
+                    ms = median_ms(timers, 3 if quick else 7, 0.1 if quick else 0.25)
                 best_alt = min(ms["base@GB"], ms["loop"])
                 row = dict(
                     model=name,
                     group=G.spec,
                     batch=B,
                     ms=ms,
+                    auto_chose=chose,
                     global_over_best=ms["global"] / best_alt,
+                    fold_over_best=ms["global-fold"] / best_alt,
                     global_over_base=ms["global"] / ms["base@B"],
                     fold_over_loop=ms["base@GB"] / ms["loop"],
                     layerwise_over_global=ms["layerwise"] / ms["global"],
+                    fused_over_global=ms["layerwise-fused"] / ms["global"],
                 )
                 rows.append(row)
                 print(
@@ -232,7 +250,7 @@ def bench_compile_time(quick: bool) -> list[dict]:
             t = time.perf_counter()
             em = equivfx.compile(model, "C4")
             times.append(time.perf_counter() - t)
-        nodes = len(em.graph.nodes)
+        nodes = len(getattr(em, "equivfx_flat", em).graph.nodes)  # not the chunk wrapper's
         best = min(times)
         t = time.perf_counter()
         equivfx.compile(model, "C4", example_inputs=x)
@@ -258,10 +276,16 @@ def bench_verify(quick: bool) -> dict:
     torch.manual_seed(0)
     model = ResNetish().eval()
     x = torch.randn(2, 3, 32, 32)
-    emodel = equivfx.compile(model, "D4", example_inputs=x)
+    # chunk=None: the verifier's own cost (a default chunk="auto" model also measures its fold
+    # size at its first call per input shape and dtype; timed separately below)
+    emodel = equivfx.compile(model, "D4", example_inputs=x, chunk=None)
     t = time.perf_counter()
     report = equivfx.verify(emodel, x)
     seconds = time.perf_counter() - t
+    fresh = equivfx.compile(model, "D4", example_inputs=x)
+    t = time.perf_counter()
+    equivfx.verify(fresh, x)
+    seconds_auto = time.perf_counter() - t
     base = (
         benchmark.Timer("emodel(x)", globals=dict(emodel=emodel, x=x))
         .blocked_autorange(min_run_time=0.2)
@@ -269,6 +293,7 @@ def bench_verify(quick: bool) -> dict:
     )
     row = dict(
         seconds=seconds,
+        seconds_fresh_auto_model=seconds_auto,
         elements=len(report.checked),
         ok=report.ok,
         forward_ms=base * 1e3,
@@ -276,7 +301,8 @@ def bench_verify(quick: bool) -> dict:
     )
     print(
         f"verify resnet over D4: {seconds:.3f} s for {len(report.checked)} elements "
-        f"(= {seconds / base:.1f} compiled forwards), ok={report.ok}",
+        f"(= {seconds / base:.1f} compiled forwards), ok={report.ok}; on a fresh chunk='auto' "
+        f"model {seconds_auto:.3f} s",
         flush=True,
     )
     return row
@@ -371,18 +397,25 @@ def bench_e2cnn(quick: bool, threads: int) -> dict | None:
 
     B = 8
     x = torch.randn(B, 3, 32, 32)
-    ours = equivfx.compile(Plain().eval(), "C4", mode="layerwise", example_inputs=x).eval()
-    env = dict(e2=e2, e2x=e2_exported, ours=ours, x=x)
+    plain = Plain().eval()
+    ours = equivfx.compile(plain, "C4", mode="layerwise", example_inputs=x).eval()
+    fused = equivfx.compile(
+        plain, "C4", mode="layerwise", mix_layout="fused", example_inputs=x
+    ).eval()
+    ours_exported = torch.export.export(ours, (x,)).module()
+    env = dict(e2=e2, e2x=e2_exported, ours=ours, fused=fused, ox=ours_exported, x=x)
     timers = {
         k: benchmark.Timer(s, globals=env, num_threads=threads)
         for k, s in {
             "e2cnn": "e2(x)",
             "e2cnn-exported": "e2x(x)",
             "equivfx-layerwise": "ours(x)",
+            "equivfx-layerwise-exported": "ox(x)",
+            "equivfx-layerwise-fused": "fused(x)",
         }.items()
     }
     with torch.no_grad():
-        ms = median_ms(timers, 3, 0.2)
+        ms = median_ms(timers, 3 if quick else 5, 0.2)
     params = {
         "e2cnn": sum(p.numel() for p in e2.parameters()),
         "equivfx-layerwise": sum(p.numel() for p in ours.parameters()),
@@ -393,6 +426,7 @@ def bench_e2cnn(quick: bool, threads: int) -> dict | None:
         ms=ms,
         params=params,
         ours_over_e2cnn_exported=ms["equivfx-layerwise"] / ms["e2cnn-exported"],
+        fused_over_e2cnn_exported=ms["equivfx-layerwise-fused"] / ms["e2cnn-exported"],
     )
     print(
         f"e2cnn C4 (B={B}, W={width}): "
@@ -413,18 +447,21 @@ def render_markdown(result: dict, command: str) -> str:
         "",
     ]
     out += [
-        "| model | group | B | base@B | base@GB | loop | vmap | global | global (no cost "
-        "passes) | layer-wise | global / min(base@GB, loop) | global / base@B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | group | B | base@B | base@GB | loop | vmap | global (auto chose) | global "
+        "(fold all) | global (no cost passes) | layer-wise | layer-wise (fused) | global / "
+        "min(base@GB, loop) | global / base@B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["latency"]:
         ms = r["ms"]
         vm = f"{ms['vmap']:.2f}" if "vmap" in ms else "n/a"
+        chose = ",".join(map(str, r.get("auto_chose") or [])) or "-"
         out.append(
             f"| {r['model']} | {r['group']} | {r['batch']} | {ms['base@B']:.2f} | "
-            f"{ms['base@GB']:.2f} | {ms['loop']:.2f} | {vm} | {ms['global']:.2f} | "
-            f"{ms['global-noopt']:.2f} | {ms['layerwise']:.2f} | "
-            f"{r['global_over_best']:.2f} | {r['global_over_base']:.2f} |"
+            f"{ms['base@GB']:.2f} | {ms['loop']:.2f} | {vm} | {ms['global']:.2f} ({chose}) | "
+            f"{ms['global-fold']:.2f} | {ms['global-noopt']:.2f} | {ms['layerwise']:.2f} | "
+            f"{ms['layerwise-fused']:.2f} | {r['global_over_best']:.2f} | "
+            f"{r['global_over_base']:.2f} |"
         )
     out += [
         "",
@@ -443,7 +480,9 @@ def render_markdown(result: dict, command: str) -> str:
         "",
         f"Verification of the ResNet-style model over all of D4 (B=2): {v['seconds']:.2f} s "
         f"for {v['elements']} elements, {v['forwards_equivalent']:.1f} compiled forwards "
-        f"(forward {v['forward_ms']:.1f} ms); ok={v['ok']}.",
+        f"(forward {v['forward_ms']:.1f} ms); ok={v['ok']}. On a freshly compiled "
+        f'`chunk="auto"` model, whose first call per input shape and dtype measures its fold '
+        f"size: {v['seconds_fresh_auto_model']:.2f} s.",
     ]
     e2 = result.get("e2cnn")
     if e2:
@@ -453,7 +492,10 @@ def render_markdown(result: dict, command: str) -> str:
             f"equivfx layer-wise C4 against e2cnn (regular fields, W={e2['width']}, "
             f"B={e2['batch']}, 3x32x32): e2cnn {ms['e2cnn']:.2f} ms, e2cnn exported "
             f"{ms['e2cnn-exported']:.2f} ms, equivfx {ms['equivfx-layerwise']:.2f} ms "
-            f"(equivfx / e2cnn exported = {e2['ours_over_e2cnn_exported']:.2f}); parameters "
+            f"(exported {ms['equivfx-layerwise-exported']:.2f} ms; fused layout "
+            f"{ms['equivfx-layerwise-fused']:.2f} ms), equivfx / e2cnn exported = "
+            f"{e2['ours_over_e2cnn_exported']:.2f} (fused "
+            f"{e2['fused_over_e2cnn_exported']:.2f}); parameters "
             f"e2cnn {e2['params']['e2cnn']:,}, equivfx {e2['params']['equivfx-layerwise']:,}.",
         ]
     tc = result.get("torch_compile")

@@ -85,11 +85,13 @@ def peak_mib(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = []
-    for name, label, batch in [("resnet", "C4", 64), ("resnet", "D4", 64), ("vit", "D4", 64)]:
+    configs = [("resnet", "C4", 64), ("resnet", "D4", 64), ("vit", "D4", 64)]
+    for name, label, batch in configs[:1] if args.quick else configs:
         factory, shape, specs = MODELS[name]
         torch.manual_seed(0)
         model = factory().eval()

@@ -1,12 +1,18 @@
-"""Mixing-layer layouts: one permuted gather then a wide convolution, against the block
-decomposition.
+"""Mixing-layer layouts against one convolution of the same shape on a ready-made input.
 
-Both compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop over slots:
+All compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop over slots:
 
-- gather: index the folded slots with the Cayley table T[g][u] into (|G| B, |G| C, H, W), then one
-  convolution with |G| C input channels (what equivfx ships);
+- gather (``mix_layout="gather"``, the default): index the folded slots with the Cayley table
+  T[g][u] into (|G| B, |G| C, H, W) in one copy, then one convolution with |G| C input channels;
+  bitwise equivariant (every slot sums its blocks in the order of u);
+- fused (``mix_layout="fused"``, :class:`equivfx.passes.mixing.MixingConv2d`): move the slots onto
+  the channel axis once, (B, |G| C, H, W), and convolve with the |G| x |G| block weight
+  [W_(g^-1 v)]: no permuted copy; equivariant up to float rounding;
 - blocks: one convolution of the unpermuted slots with the |G| blocks stacked as output channels
   (|G| Cout), then a gather-and-sum of the diagonal Y[T[g][u], u].
+
+The target (issue 6): a mixing layer within 10 % of one convolution of the same shape (the
+gathered input, (|G| B, |G| C, H, W) -> (|G| B, Cout, H, W), already in memory).
 
 Run: python benchmarks/mixing_layout.py [--quick] [--json PATH]
 Threads are pinned (torch.set_num_threads) and named in the output; timings are medians of
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import equivfx
-from equivfx.passes.mixing import SlotGather
+from equivfx.passes.mixing import SlotGather, widen
 
 
 def blocks_mix(s, weight_blocks, bias, table, n):
@@ -46,7 +52,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    configs = [("C4", 8, 16, 16), ("D4", 8, 16, 16), ("C4", 32, 32, 16), ("D4", 8, 32, 16)]
+    configs = [
+        ("C4", 8, 16, 16),
+        ("D4", 8, 16, 16),
+        ("C4", 32, 32, 16),
+        ("D4", 8, 32, 16),
+        ("C4", 8, 64, 16),
+        ("D4", 8, 64, 16),
+    ]
     if args.quick:
         configs = configs[:2]
     rows = []
@@ -62,6 +75,11 @@ def main() -> None:
         ref = F.conv2d(gather(s), w, b, padding=1)
         got = blocks_mix(s, wb, b, table, n)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        fused = widen(torch.nn.Conv2d(channels, channels, 3, padding=1), n, group=G)
+        with torch.no_grad():
+            fused.weight.copy_(w)
+            fused.bias.copy_(b)
+            torch.testing.assert_close(fused(s), ref, rtol=1e-4, atol=1e-4)
         g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
         b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
         wide_input = gather(s).contiguous()  # a tensor of the mixing layer's input shape
@@ -75,13 +93,18 @@ def main() -> None:
         t_blocks = benchmark.Timer(
             "blocks_mix(s, wb, b, table, n)", globals=b_, num_threads=args.threads
         )
-        medians = {"gather": [], "blocks": [], "single": []}
-        timers = {"gather": t_gather, "blocks": t_blocks, "single": t_single}
-        for _ in range(3 if args.quick else 7):  # interleaved
-            for k, t in timers.items():
-                medians[k].append(t.blocked_autorange(min_run_time=0.2).median)
-        mg, mb, ms = (
-            sorted(medians[k])[len(medians[k]) // 2] for k in ("gather", "blocks", "single")
+        t_fused = benchmark.Timer(
+            "fused(s)", globals={"fused": fused, "s": s}, num_threads=args.threads
+        )
+        medians = {"gather": [], "blocks": [], "single": [], "fused": []}
+        timers = {"gather": t_gather, "blocks": t_blocks, "single": t_single, "fused": t_fused}
+        with torch.no_grad():
+            for _ in range(3 if args.quick else 7):  # interleaved
+                for k, t in timers.items():
+                    medians[k].append(t.blocked_autorange(min_run_time=0.2).median)
+        mg, mb, ms, mf = (
+            sorted(medians[k])[len(medians[k]) // 2]
+            for k in ("gather", "blocks", "single", "fused")
         )
         row = dict(
             group=spec,
@@ -91,14 +114,17 @@ def main() -> None:
             gather_ms=mg * 1e3,
             blocks_ms=mb * 1e3,
             single_conv_ms=ms * 1e3,
+            fused_ms=mf * 1e3,
             blocks_over_gather=mb / mg,
             gather_over_single_conv=mg / ms,
+            fused_over_single_conv=mf / ms,
         )
         rows.append(row)
         print(
             f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms, "
-            f"blocks {mb * 1e3:.2f} ms, one conv of the same shape {ms * 1e3:.2f} ms; "
-            f"blocks/gather = {mb / mg:.2f}, gather/single = {mg / ms:.2f}"
+            f"fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, one conv of the same shape "
+            f"{ms * 1e3:.2f} ms; gather/single = {mg / ms:.2f}, fused/single = {mf / ms:.2f}",
+            flush=True,
         )
     meta = dict(
         torch=torch.__version__,

@@ -1,0 +1,273 @@
+"""Every benchmark in one run, and the issue-6 targets judged from that run's results.
+
+Runs, one after another in fresh processes on the same machine (so one run's figures can be read
+side by side):
+
+- ``bench_global.py`` (latency against base@B, base@GB, the loop and vmap; compile time; verify;
+  e2cnn; torch.compile), ``bench_cost_passes.py``, ``mixing_layout.py``, ``bench_chunks.py``,
+  ``bench_memory.py``, each writing ``<out>/<name>.json``;
+- ``mixing_layout.py`` and ``bench_chunks.py`` again with glibc's allocator told to keep freed
+  memory (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 1 GiB): by default glibc
+  returns every large block to the system and faults it back in at the next call, which is most of
+  what a fresh activation tensor costs on CPU (``<out>/<name>.tuned-malloc.json``).
+
+Then writes ``<out>/run.json`` (the commit, the machine, start and end, each script's command and
+wall time) and ``<out>/targets.md`` (each target of issue 6, the figure that judges it, met or not
+and by what margin), from those JSON files only.
+
+Run: ``python benchmarks/run_all.py [--quick] [--out docs/bench]``
+(``--summarize-only`` rewrites targets.md from the JSON files already in ``--out``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+SCRIPTS = [
+    # (name, script, extra arguments, allocator)
+    ("bench_global", "bench_global.py", ["--markdown", "{out}/bench_global.md"], "default"),
+    ("bench_cost_passes", "bench_cost_passes.py", [], "default"),
+    ("mixing_layout", "mixing_layout.py", [], "default"),
+    ("bench_chunks", "bench_chunks.py", [], "default"),
+    ("bench_memory", "bench_memory.py", [], "default"),
+    ("mixing_layout.tuned-malloc", "mixing_layout.py", [], "tuned"),
+    ("bench_chunks.tuned-malloc", "bench_chunks.py", [], "tuned"),
+]
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
+
+
+def run_all(out: Path, quick: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    run = dict(
+        started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        commit=_git("rev-parse", "HEAD"),
+        dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+        quick=quick,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        platform=platform.platform(),
+        cpus=os.cpu_count(),
+        scripts=[],
+    )
+    for name, script, extra, allocator in SCRIPTS:
+        json_path = out / f"{name}.json"
+        cmd = [sys.executable, str(HERE / script), "--json", str(json_path)]
+        cmd += [a.format(out=out) for a in extra] + (["--quick"] if quick else [])
+        env = {**os.environ, **(TUNED_MALLOC if allocator == "tuned" else {})}
+        print(f"== {name} ({allocator} allocator): {' '.join(cmd[1:])}", flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - t
+        run["scripts"].append(
+            dict(
+                name=name,
+                command=" ".join(["python", *(_relative(c) for c in cmd[1:])]),
+                allocator=allocator,
+                seconds=round(seconds, 1),
+                returncode=proc.returncode,
+            )
+        )
+        if proc.returncode:
+            print(f"   {name} failed with exit code {proc.returncode}", flush=True)
+    run["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return run
+
+
+# ------------------------------------------------------------------------------ the targets
+def _load(out: Path, name: str) -> dict | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def summarize(out: Path) -> str:
+    run = _load(out, "run") or {}
+    lines = ["# Issue 6 targets, judged from one run", ""]
+    if run:
+        lines += [
+            f"Run {run['started']} to {run['finished']} at commit `{run['commit'][:10]}`"
+            + (" (with uncommitted changes)" if run.get("dirty") else "")
+            + f"{' (--quick)' if run.get('quick') else ''}: {run['machine']}, {run['cpus']} CPUs, "
+            f"Python {run['python']}, torch {run['torch']}. Every figure below comes from the JSON "
+            f"files this run wrote next to this file. Scripts and wall times:",
+            "",
+        ]
+        for s in run["scripts"]:
+            rc = "" if s["returncode"] == 0 else f", exit code {s['returncode']}"
+            lines.append(
+                f"- `{s['command']}` ({s['allocator']} allocator): {s['seconds']:.0f} s{rc}"
+            )
+        lines.append("")
+    lines += ["| target | measured | verdict |", "|---|---|---|"]
+
+    g = _load(out, "bench_global")
+    if g:
+        lat = g["latency"]
+        ratios = [r["global_over_best"] for r in lat]
+        within5 = sum(x <= 1.05 for x in ratios)
+        within10 = sum(x <= 1.10 for x in ratios)
+        worst = max(lat, key=lambda r: r["global_over_best"])
+        by_batch = {}
+        for r in lat:
+            by_batch.setdefault(r["batch"], []).append(r["global_over_best"])
+        per_b = "; ".join(
+            f"B={b}: {min(v):.2f} to {max(v):.2f}" for b, v in sorted(by_batch.items())
+        )
+        lines.append(
+            '| compiled global model (default `chunk="auto"`) within 5 % of min(base@GB, loop), '
+            f"every batch size | global / min: {per_b}; <= 1.05 in {within5} of {len(ratios)}, "
+            f"<= 1.10 in {within10}; worst {worst['global_over_best']:.2f} ({worst['model']} "
+            f"{worst['group']} B={worst['batch']}) | {_verdict(within5 == len(ratios))} "
+            f"({within5}/{len(ratios)}) |"
+        )
+        ct = g["compile_time"]
+        worst_ms = max(r["ms_per_node_with_examples"] for r in ct)
+        big = [r for r in ct if r["nodes"] >= 100]
+        spread = max(r["ms_per_node"] for r in big) / min(r["ms_per_node"] for r in big)
+        lines.append(
+            "| compile time at most 1 ms per node, linear | "
+            + ", ".join(f"{r['nodes']} nodes {r['ms_per_node']:.3f}" for r in ct)
+            + f" ms/node (with example inputs at most {worst_ms:.3f}); ms/node varies "
+            f"{spread:.2f}x from {big[0]['nodes']} to {big[-1]['nodes']} nodes | "
+            f"{_verdict(worst_ms <= 1.0)} (margin {1 / worst_ms:.1f}x) |"
+        )
+        v = g["verify"]
+        lines.append(
+            f"| verification over all of D4 (ResNet-style, B=2) | {v['seconds']:.3f} s for "
+            f"{v['elements']} elements = {v['forwards_equivalent']:.1f} forwards "
+            f'(fresh `chunk="auto"` model: {v.get("seconds_fresh_auto_model", float("nan")):.3f}'
+            " s) | measured (no target) |"
+        )
+        tc = g.get("torch_compile")
+        if tc and "speedup" in tc:
+            lines.append(
+                f"| `torch.compile` of the compiled module | {tc['speedup']:.2f}x speed-up "
+                f"(eager {tc['ms']['eager']:.2f} ms, compiled {tc['ms']['torch.compile']:.2f} ms) "
+                "| measured (no target) |"
+            )
+        e2 = g.get("e2cnn")
+        if e2:
+            gather_ratio = e2["ours_over_e2cnn_exported"]
+            fused_ratio = e2.get("fused_over_e2cnn_exported", float("nan"))
+            lines.append(
+                f"| layer-wise C4 against e2cnn (same widths) | gather {gather_ratio:.2f}x, "
+                f"fused {fused_ratio:.2f}x e2cnn exported; parameters "
+                f"{e2['params']['equivfx-layerwise']:,} vs {e2['params']['e2cnn']:,} | "
+                "measured (no target) |"
+            )
+    for name, label in [
+        ("mixing_layout", "default allocator"),
+        ("mixing_layout.tuned-malloc", "allocator keeps freed memory"),
+    ]:
+        m = _load(out, name)
+        if not m:
+            continue
+        rows = m["rows"]
+        gs = [r["gather_over_single_conv"] for r in rows]
+        fs = [r["fused_over_single_conv"] for r in rows if "fused_over_single_conv" in r]
+        lines.append(
+            f"| mixing layer within 10 % of one convolution of the same shape ({label}) | "
+            f"gather (default, bitwise equivariant) {min(gs):.2f} to {max(gs):.2f}x, within 10 % "
+            f'in {sum(x <= 1.10 for x in gs)} of {len(gs)}; fused (`mix_layout="fused"`) '
+            f"{min(fs):.2f} to {max(fs):.2f}x, within 10 % in {sum(x <= 1.10 for x in fs)} of "
+            f"{len(fs)} | gather {_verdict(all(x <= 1.10 for x in gs))}, fused "
+            f"{_verdict(all(x <= 1.10 for x in fs))} |"
+        )
+    for name, label in [
+        ("bench_chunks", "default allocator"),
+        ("bench_chunks.tuned-malloc", "allocator keeps freed memory"),
+    ]:
+        c = _load(out, name)
+        if not c:
+            continue
+        rows = c["rows"]
+        auto = [r["auto_over_best"] for r in rows]
+        fold = [r["fold_over_best"] for r in rows]
+        lines.append(
+            f'| `chunk="auto"` picks the fold size by measurement ({label}) | auto / min(loop, '
+            f"base@GB) {min(auto):.2f} to {max(auto):.2f} (median "
+            f"{statistics.median(auto):.2f}), <= 1.05 in {sum(x <= 1.05 for x in auto)} of "
+            f"{len(auto)}; folding every slot {min(fold):.2f} to {max(fold):.2f} | "
+            f"{_verdict(all(x <= 1.05 for x in auto))} for 5 % |"
+        )
+    mem = _load(out, "bench_memory")
+    if mem:
+        parts = []
+        for r in mem["rows"]:
+            parts.append(
+                f"{r['model']} {r['group']} B={r['batch']}: fold all {r['chunk=None']:.1f}, "
+                f"chunk=1 {r['chunk=1']:.1f}, base@B {r['base@B']:.1f} MiB"
+            )
+        ok = all(r["chunk=1"] <= 1.25 * r["base@B"] for r in mem["rows"])
+        lines.append(
+            "| `chunk=k`: peak activation memory about that of the base model at batch k B | "
+            + "; ".join(parts)
+            + f" | {_verdict(ok)} for chunk=1 within 25 % of base@B |"
+        )
+    cp = _load(out, "bench_cost_passes")
+    if cp:
+        parts = [
+            f"{r.get('case', 'stem-head')} {r['group']} B={r['batch']} {r['speedup']:.2f}x"
+            + (
+                f" ({r['slots_computed']} of {r['slots']} slots)"
+                if r.get("slots_computed", r.get("slots")) != r.get("slots")
+                else ""
+            )
+            for r in cp["rows"]
+        ]
+        lines.append(
+            "| cost passes save where they apply (outputs equal: tested) | "
+            + "; ".join(parts)
+            + " | measured (no target) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--summarize-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    if not args.summarize_only:
+        run_all(out, args.quick)
+    text = summarize(out)
+    (out / "targets.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
