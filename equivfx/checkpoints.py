@@ -434,6 +434,8 @@ def save_artifact(
             )
         )
     emodel = emodel.eval()
+    # the sidecar is written (and renamed) inside the artifact's write: if either fails, neither
+    # file appears; an artifact never lands without its sidecar
     with atomic_write(out, force=force, inputs=inputs) as tmp:
         if suffix == ".pt2":
             _export_pt2(emodel, example, tmp)
@@ -445,9 +447,9 @@ def save_artifact(
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in emodel.state_dict().items()}, str(tmp))
-    meta = {"format": SIDECAR_FORMAT, "artifact": out.name, **meta, "sha256": sha256(out)}
-    with atomic_write(side, force=True, inputs=inputs) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        meta = {"format": SIDECAR_FORMAT, "artifact": out.name, **meta, "sha256": sha256(tmp)}
+        with atomic_write(side, force=True, inputs=inputs) as side_tmp:
+            side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return meta
 
 

@@ -444,3 +444,20 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     want = 0o666 & ~old
     assert out.stat().st_mode & 0o777 == want
     assert (tmp_path / "m.pt2.json").stat().st_mode & 0o777 == want
+
+
+def test_a_failing_sidecar_write_leaves_no_artifact(tmp_path, monkeypatch):
+    from equivfx import checkpoints
+
+    def broken_dumps(*args, **kwargs):
+        raise OSError("disk full")
+
+    out = tmp_path / "m.pt"
+    monkeypatch.setattr(checkpoints.json, "dumps", broken_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.save_artifact(make_cnn(), out, torch.randn(2, 1, 8, 8), {"group": "C4"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no artifact, no sidecar, no temp
+    monkeypatch.undo()
+    meta = checkpoints.save_artifact(make_cnn(), out, torch.randn(2, 1, 8, 8), {"group": "C4"})
+    assert meta["sha256"] == sha256(out)  # the digest of the renamed file, taken before renaming
+    assert json.loads((tmp_path / "m.pt.json").read_text())["sha256"] == sha256(out)
