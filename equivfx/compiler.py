@@ -211,9 +211,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             the first call in eval mode for each input shape, measure every k dividing |G| and keep
             the fastest. Peak activation memory is about that of the base model at batch k B. In
             training mode, and while traced or exported, all slots run in one pass (batch
-            statistics must see every slot). ``"auto"`` falls back to one pass where chunking does
-            not apply (layer-wise mode, several batched inputs or outputs). None: one flat graph,
-            always one pass. A chunked module keeps its flat graph as ``emodel.equivfx_flat``.
+            statistics must see every slot). Invariant readouts accumulate chunk by chunk.
+            ``"auto"`` falls back to one pass where chunking does not apply (layer-wise mode, whose
+            mixing layers read every slot). None: one flat graph, always one pass. A chunked
+            module keeps its flat graph as ``emodel.equivfx_flat``.
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         mix_layout: layer-wise mode: ``"gather"`` (copy the |G| permuted slot blocks, then one wide
@@ -242,8 +243,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         ReadoutError: unknown readout or pool, or ``equivariant`` without ``output_action``.
         BatchMixingError: an op mixes samples of the batch axis.
         MissingRuleError: an op on batch-carrying tensors has no rule.
-        NotYetSupportedError: ``chunk`` in layer-wise mode, or for a model with several batched
-            inputs or outputs.
+        NotYetSupportedError: ``chunk=k`` in layer-wise mode, or for a graph whose output reads
+            the slots other than through a readout.
 
     Example:
         >>> import torch, equivfx

@@ -2,25 +2,31 @@
 
 Folding all |G| slots into the batch is fastest for small batches, but a folded batch of |G| B
 samples can fall out of cache (and needs |G| times the activation memory). :class:`SlotChunks` runs
-the part of the compiled graph between the lift and the readout k slots at a time and joins the
-results before
-the readout, so peak activation memory is about that of the base model at batch k B.
+the part of the compiled graph between the lift and the readouts k slots at a time, so peak
+activation memory is about that of the base model at batch k B.
 
 The flat compiled graph is split into three parts that share its modules:
 
-- *pre*: everything that does not depend on the lift (inputs, parameters, deferred ops);
-- *body*: the lift and every node between it and the readout (or the hoisted pool), run per chunk;
-- *post*: the readout (or pool) and what follows it, run once on the joined slots.
+- *pre*: everything that does not depend on the lifted input (other inputs, deferred ops);
+- *body*: the lift, the inputs repeated per slot, and every node computed from them before a
+  readout (or a hoisted pool), run once per chunk of k slots;
+- *post*: the readouts (or pools) and what follows them, run once.
 
-``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of each
-chunk size that divides |G| and keeps the fastest; in training mode, and while being traced or
-exported, all slots run in one pass (batch statistics must see every slot). "Training" means any of
-the model's own modules is in training mode.
+Invariant readouts and hoisted pools *accumulate*: each chunk's slots are pooled as soon as they
+are computed (a running sum, max or logsumexp), so nothing of size |G| B is ever kept. Readouts that
+output every slot (``slots``, ``pose``, ``equivariant``) concatenate the chunks' values first.
+
+``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of a
+whole forward for each chunk size that divides the number of slots and keeps the fastest; in
+training mode, and while being traced or exported, all slots run in one pass (batch statistics must
+see every slot), through the flat graph's own generated code. "Training" means any of the model's
+own modules is in training mode.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -30,6 +36,7 @@ from torch import nn
 from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
+from equivfx.passes.modules import Broadcast
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -64,8 +71,17 @@ class SlotChunks(nn.Module):
         self.slots = tuple(flat.equivfx_lift.slots)  # fewer than |G| after eliminate-dead-slots
         self.order = len(self.slots)
         self.chosen: dict[tuple, int] = {}
-        self.pre, self.body, self.post, self.lift, self.join = _split(flat)
-        self._free_after = _last_uses(self.body, self.lift, keep=self.join.args[0])
+        self.pre, self.body, self.post, self.lift, self.repeats, self.joins = _split(flat)
+        # invariant readouts (and hoisted pools) accumulate chunk by chunk; other readouts need
+        # every slot: the values they read are concatenated (one cat per value, on its batch axis)
+        self._accumulated = [j for j in self.joins if _pool_of(flat, j) is not None]
+        self._joined: dict[fx.Node, int] = {}
+        for j in self.joins:
+            if j not in self._accumulated:
+                self._joined.setdefault(j.args[0], j.kwargs.get("batch_axis", 0))
+        self._read = {j.args[0] for j in self.joins}
+        sources = [self.lift, *self.repeats]
+        self._free_after = _last_uses(self.body, sources, keep=self._read)
         object.__setattr__(self, "interp", fx.Interpreter(flat, garbage_collect_values=False))
         object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
@@ -98,14 +114,25 @@ class SlotChunks(nn.Module):
                 env[node] = next(args_iter)
             else:
                 env[node] = interp.run_node(node)
-        lifted_input = env[self.lift.args[0]]
-        parts = [
-            self._run_body(interp, lifted_input, self.slots[s : s + k])
-            for s in range(0, self.order, k)
-        ]
-        axis = self.join.kwargs.get("batch_axis", 0)
-        env[self.join.args[0]] = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+        parts: dict[fx.Node, list] = {value: [] for value in self._joined}
+        acc: dict[fx.Node, object] = {}
+        for s in range(0, self.order, k):
+            chunk = self.slots[s : s + k]
+            values = self._run_body(interp, chunk)
+            for j in self._accumulated:  # fold this chunk into the running pool, then drop it
+                pool = _pool_of(self.flat, j)
+                part = _pool_chunk(pool, values[j.args[0]], len(chunk), _axis(j))
+                acc[j] = part if j not in acc else _combine(pool, acc[j], part)
+            for value in parts:
+                parts[value].append(values[value])
+            del values
+        for value, axis in self._joined.items():
+            env[value] = _join(parts.pop(value), axis)
+        for j in self._accumulated:
+            env[j] = _finish(_pool_of(self.flat, j), acc.pop(j), self.order, _axis(j))
         for node in self.post:
+            if node in env:  # an accumulated pool
+                continue
             if node.op == "output":
                 out = interp.fetch_args_kwargs_from_env(node)[0][0]
                 interp.env = {}
@@ -113,14 +140,20 @@ class SlotChunks(nn.Module):
             env[node] = interp.run_node(node)
         raise RuntimeError("equivfx: compiled graph has no output")  # pragma: no cover
 
-    def _run_body(self, interp: fx.Interpreter, x, slots) -> torch.Tensor:
+    def _run_body(self, interp: fx.Interpreter, slots) -> dict:
+        """Slots ``slots`` through the body: the values the joins read, folded."""
         env = interp.env
-        env[self.lift] = self.flat.equivfx_lift.lift_slots(x, list(slots))
+        env[self.lift] = self.flat.equivfx_lift.lift_slots(env[self.lift.args[0]], list(slots))
+        for r in self.repeats:  # inputs G acts on trivially: one copy per slot of this chunk
+            env[r] = Broadcast(len(slots))(env[r.args[0]])
         for node in self.body:
             env[node] = interp.run_node(node)
             for done in self._free_after[node]:  # as generated code does: drop dead activations
                 del env[done]
-        return env.pop(self.join.args[0])
+        out = {value: env[value] for value in self._read}
+        for node in (self.lift, *self.repeats, *self.body):
+            env.pop(node, None)
+        return out
 
     @staticmethod
     def _key(args) -> tuple:
@@ -169,9 +202,70 @@ class SlotChunks(nn.Module):
         return f"chunk={self.chunk!r}, slots={self.order}{chosen}"
 
 
-def _last_uses(body: list[fx.Node], lift: fx.Node, keep: fx.Node) -> dict:
+def _axis(join: fx.Node) -> int:
+    return join.kwargs.get("batch_axis", 0)
+
+
+def _pool_of(flat: fx.GraphModule, join: fx.Node) -> str | None:
+    """The pool of an invariant readout (or hoisted pool) node, else None."""
+    module = flat.get_submodule(join.target)
+    return module.pool if getattr(module, "readout", None) == "invariant" else None
+
+
+def _tree(fn, *values):
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_tree(fn, *parts) for parts in zip(*values, strict=True))
+    return fn(*values) if isinstance(first, torch.Tensor) else first
+
+
+def _pool_chunk(pool: str, y, slots: int, axis: int):
+    """The pool's partial result over one chunk's slots (folded on ``axis``): a sum, a max or a
+    logsumexp over the chunk, on axis 0."""
+
+    def fn(t):
+        s = t.movedim(axis, 0).unflatten(0, (slots, -1))
+        if pool == "mean":
+            return s.sum(0)
+        return s.amax(0) if pool == "max" else torch.logsumexp(s, 0)
+
+    return _tree(fn, y)
+
+
+def _combine(pool: str, a, b):
+    op = {"mean": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}[pool]
+    return _tree(op, a, b)
+
+
+def _finish(pool: str, total, slots: int, axis: int):
+    """The readout's value from the accumulated pool over ``slots`` computed slots (the readout
+    subtracts log|G| after a logsumexp; with dead slots eliminated every coset counts once)."""
+
+    def fn(t):
+        if pool == "mean":
+            t = t / slots
+        elif pool == "logsumexp":
+            t = t - math.log(slots)
+        return t.movedim(0, axis) if axis else t
+
+    return _tree(fn, total)
+
+
+def _join(parts: list, axis: int):
+    """Concatenate the chunks' values of one folded value (tensors, or tuples of tensors)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([p[i] for p in parts], axis) for i in range(len(first)))
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, axis)
+    return first
+
+
+def _last_uses(body: list[fx.Node], sources: list[fx.Node], keep: set) -> dict:
     """For each body node, the chunk values that are dead once it has run (never ``keep``)."""
-    scope = set(body) | {lift}
+    scope = set(body) | set(sources)
     last: dict[fx.Node, fx.Node] = {}
     for node in body:
         for a in node.all_input_nodes:
@@ -179,56 +273,64 @@ def _last_uses(body: list[fx.Node], lift: fx.Node, keep: fx.Node) -> dict:
                 last[a] = node
     free: dict[fx.Node, list] = {n: [] for n in body}
     for value, user in last.items():
-        if value is not keep:
+        if value not in keep:
             free[user].append(value)
     return free
 
 
 def _split(flat: fx.GraphModule):
+    """pre (run once), body (per chunk: everything computed from the lifted or repeated inputs
+    before a readout), post (the readouts or hoisted pools, and what follows them), the lift, the
+    repeat nodes and the joins (readouts and pools)."""
     nodes = list(flat.graph.nodes)
     lifts = [n for n in nodes if n.op == "call_module" and n.target == LIFT_NAME]
     joins = [n for n in nodes if n.op == "call_module" and n.target in (POOL_NAME, READOUT_NAME)]
     repeats = [
         n for n in nodes if n.op == "call_module" and str(n.target).startswith("equivfx_repeat_")
     ]
-    gathers = [n for n in nodes if n.meta.get("equivfx.mixing")]
     why = None
     if len(lifts) != 1:
         why = "a single lifted input"
-    elif repeats:
-        why = "a model with one batched input (others are repeated per slot)"
-    elif gathers:
+    elif any(n.meta.get("equivfx.mixing") for n in nodes):
         why = "global mode (mixing layers read every slot at once)"
-    else:
-        pools = [n for n in joins if n.target == POOL_NAME]
-        joins = pools or joins
-        if len(joins) != 1:
-            why = "a model with a single output tensor"
+    elif not joins:
+        why = "a model whose output is read out"
     if why:
         raise NotYetSupportedError(
             explain("chunk= is supported for " + why + " only", why, why, "use chunk=None")
         )
-    lift, join = lifts[0], joins[0]
+    lift = lifts[0]
+    sources = {lift, *repeats}
+    join_set = set(joins)
+    from_slots: set[fx.Node] = set(sources)
+    after_join: set[fx.Node] = set(join_set)
     body: list[fx.Node] = []
-    downstream = {lift}
-    for n in nodes[nodes.index(lift) + 1 : nodes.index(join)]:
-        if any(a in downstream for a in n.all_input_nodes):
-            downstream.add(n)
+    post: list[fx.Node] = []
+    pre: list[fx.Node] = []
+    for n in nodes:
+        inputs = n.all_input_nodes
+        if n in join_set or any(a in after_join for a in inputs) or n.op == "output":
+            after_join.add(n)
+            post.append(n)
+        elif n in sources:
+            continue
+        elif any(a in from_slots for a in inputs):
+            from_slots.add(n)
             body.append(n)
-    body_set = set(body)
-    post = nodes[nodes.index(join) :]
-    pre = [n for n in nodes if n not in body_set and n is not lift and n not in post]
+        else:
+            pre.append(n)
+    body_set = set(body) | sources
     for n in post:
-        if any(a in body_set for a in n.all_input_nodes) and n is not join:
+        if n not in join_set and any(a in body_set for a in n.all_input_nodes):
             raise NotYetSupportedError(
                 explain(
-                    "chunk= needs the output to depend on the slots through the readout only",
+                    "chunk= needs every output to depend on the slots through a readout",
                     n.name,
-                    "one readout",
+                    "outputs computed from readouts (or pools) only",
                     "use chunk=None",
                 )
             )
-    return pre, body, post, lift, join
+    return pre, body, post, lift, repeats, joins
 
 
 def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:

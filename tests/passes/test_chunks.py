@@ -109,18 +109,73 @@ def test_auto_is_the_default_and_falls_back_where_chunking_does_not_apply():
     layerwise = _compile(model, spec, x, mode="layerwise")
     assert not hasattr(layerwise, "equivfx_chunks")  # mixing layers read every slot: one pass
 
-    class TwoInputs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 3, padding=1)
 
-        def forward(self, x, bias):
-            return self.conv(x).mean((2, 3)) + bias
+class TwoInputs(nn.Module):
+    """A second batched input that G acts on trivially (repeated per slot), used before and
+    after the two inputs meet."""
 
-    two = equivfx.compile(TwoInputs(), "C4")  # the second input is repeated per slot: one pass
-    assert not hasattr(two, "equivfx_chunks")
-    with pytest.raises(NotYetSupportedError, match="one batched input"):
-        equivfx.compile(TwoInputs(), "C4", chunk=2)  # asked for explicitly: an error
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.embed = nn.Linear(3, 2)
+
+    def forward(self, x, cond):
+        scale = torch.sigmoid(self.embed(cond))
+        return (self.conv(x) * scale[:, :, None, None]).amax((2, 3)) + cond[:, :2]
+
+
+class TwoOutputs(nn.Module):
+    """Logits and a feature map: two readouts joined per chunk."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.mean((2, 3))), h
+
+
+@pytest.mark.parametrize("chunk", [1, 2, "auto"])
+@pytest.mark.parametrize("readout", ["invariant", "slots"])
+def test_chunks_with_an_input_repeated_per_slot(chunk, readout):
+    x = torch.randn(3, 1, 6, 6)
+    cond = torch.randn(3, 3)
+    whole = equivfx.compile(TwoInputs().eval(), "D4", readout=readout, chunk=None)
+    chunked = equivfx.compile(TwoInputs().eval(), "D4", readout=readout, chunk=chunk)
+    assert hasattr(chunked, "equivfx_chunks")
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x, cond), whole(x, cond))
+        torch.testing.assert_close(chunked(x[:2], cond[:2]), whole(x[:2], cond[:2]))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, "auto"])
+@pytest.mark.parametrize("readout", ["invariant", "slots"])
+def test_chunks_with_several_outputs(chunk, readout):
+    x = torch.randn(3, 1, 6, 6)
+    whole = equivfx.compile(TwoOutputs().eval(), "C4", readout=readout, chunk=None)
+    chunked = equivfx.compile(TwoOutputs().eval(), "C4", readout=readout, chunk=chunk)
+    assert hasattr(chunked, "equivfx_chunks")
+    with torch.no_grad():
+        got, want = chunked(x), whole(x)
+    assert len(got) == 2
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    if readout == "slots":
+        assert got[0].shape == (3, 4, 4) and got[1].shape == (3, 4, 3, 6, 6)
+
+
+def test_chunks_refuse_an_output_read_off_the_slots_without_a_readout():
+    class Leaky(nn.Module):
+        def forward(self, x):
+            h = x * 2
+            return h.mean((1, 2, 3)), h.size(0)  # the folded batch size escapes to the output
+
+    with pytest.raises(NotYetSupportedError, match="through a readout"):
+        equivfx.compile(Leaky(), "C4", chunk=2)
 
 
 def test_opaque_models_keep_their_state_dict_keys_when_chunked():
@@ -128,3 +183,17 @@ def test_opaque_models_keep_their_state_dict_keys_when_chunked():
     emodel = _compile(model, spec, x, chunk=2)
     assert set(emodel.state_dict()) == set(model.state_dict())
     emodel.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "logsumexp"])
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+@pytest.mark.parametrize("name", ["vit", "resnet"])
+def test_invariant_readouts_accumulate_chunk_by_chunk(name, chunk, pool):
+    model, x, spec = ZOO[name]()
+    model.eval()
+    whole = _compile(model, spec, x, pool=pool, chunk=None)
+    chunked = _compile(model, spec, x, pool=pool, chunk=chunk)
+    runner = chunked.equivfx_chunks
+    assert runner._accumulated and not runner._joined  # nothing concatenated
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
