@@ -197,7 +197,7 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
                         vmapped(xs)
                     except Exception:  # noqa: BLE001 - some modules refuse vmap; say so
                         timers.pop("vmap")
-                    ms = median_ms(timers, 3 if quick else 7, 0.1 if quick else 0.25)
+                    ms = median_ms(timers, 3 if quick else 5, 0.1 if quick else 0.2)
                 best_alt = min(ms["base@GB"], ms["loop"])
                 row = dict(
                     model=name,
@@ -449,8 +449,8 @@ def render_markdown(result: dict, command: str) -> str:
     out += [
         "| model | group | B | base@B | base@GB | loop | vmap | global (auto chose) | global "
         "(fold all) | global (no cost passes) | layer-wise | layer-wise (fused) | global / "
-        "min(base@GB, loop) | global / base@B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "min(base@GB, loop) | global / base@B | global samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["latency"]:
         ms = r["ms"]
@@ -461,7 +461,7 @@ def render_markdown(result: dict, command: str) -> str:
             f"{ms['base@GB']:.2f} | {ms['loop']:.2f} | {vm} | {ms['global']:.2f} ({chose}) | "
             f"{ms['global-fold']:.2f} | {ms['global-noopt']:.2f} | {ms['layerwise']:.2f} | "
             f"{ms['layerwise-fused']:.2f} | {r['global_over_best']:.2f} | "
-            f"{r['global_over_base']:.2f} |"
+            f"{r['global_over_base']:.2f} | {r['batch'] * 1e3 / ms['global']:,.0f} |"
         )
     out += [
         "",

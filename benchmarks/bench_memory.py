@@ -1,4 +1,5 @@
-"""Peak tensor memory of a forward pass: folding every slot against chunk=k, and the base model.
+"""Peak tensor memory of a forward pass: folding every slot against chunk=k, the layer-wise model
+(both layouts), the base model at B and |G| B, and the hand-written loop over g.
 
 torch keeps no CPU allocator statistics and a process's peak resident set size is set by importing
 torch, so this script counts tensor storages itself: a ``TorchDispatchMode`` sees every op, adds the
@@ -9,7 +10,7 @@ total
 during ``model(x)`` is the forward's peak activation memory (parameters, which exist before, are not
 counted).
 
-Run: ``python benchmarks/bench_memory.py [--json PATH]``
+Run: ``python benchmarks/bench_memory.py [--quick] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -108,9 +109,19 @@ def main() -> None:
             for chunk in (None, 4, 2, 1):
                 em = equivfx.compile(model, G, example_inputs=x[:2], chunk=chunk)
                 row[f"chunk={chunk}"] = peak_mib(lambda em=em, x=x: em(x))
+            for label_, layout in (("layerwise", "gather"), ("layerwise-fused", "fused")):
+                lw = equivfx.compile(
+                    model, G, mode="layerwise", mix_layout=layout, example_inputs=x[:2]
+                )
+                row[label_] = peak_mib(lambda lw=lw, x=x: lw(x))
         xs = [G.act(G.inverse(g), x) for g in G.elements]
         xg = torch.cat(xs)
         row["base@GB"] = peak_mib(lambda m=model, xg=xg: m(xg))
+
+        def loop(model=model, G=G, x=x):  # the hand-written loop: each slot's output kept
+            return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+
+        row["loop"] = peak_mib(loop)
         rows.append(row)
         print(
             f"{name} {G.spec} B={batch}: "

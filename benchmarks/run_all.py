@@ -114,7 +114,7 @@ def _verdict(ok: bool) -> str:
 
 def summarize(out: Path) -> str:
     run = _load(out, "run") or {}
-    lines = ["# Issue 6 targets, judged from one run", ""]
+    lines = ["# Benchmarks: one run, and the issue-6 targets judged from it", ""]
     if run:
         lines += [
             f"Run {run['started']} to {run['finished']} at commit `{run['commit'][:10]}`"
@@ -252,7 +252,91 @@ def summarize(out: Path) -> str:
             + "; ".join(parts)
             + " | measured (no target) |"
         )
+    lines += ["", *tables(out)]
     return "\n".join(lines) + "\n"
+
+
+def tables(out: Path) -> list[str]:
+    """The per-benchmark tables of this run (bench_global's own are in bench_global.md)."""
+    lines: list[str] = []
+    cp = _load(out, "bench_cost_passes")
+    if cp:
+        lines += [
+            "## Cost passes (`bench_cost_passes.json`)",
+            "",
+            "| case | group | B | slots computed | no cost passes (ms) | cost passes (ms) | "
+            "speed-up | max abs difference |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cp["rows"]:
+            lines.append(
+                f"| {r.get('case', 'stem-head')} | {r['group']} | {r['batch']} | "
+                f"{r.get('slots_computed', '-')} of {r.get('slots', '-')} | {r['plain_ms']:.2f} | "
+                f"{r['optimized_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |"
+            )
+        lines.append("")
+    for name, label in [
+        ("mixing_layout", "default allocator"),
+        ("mixing_layout.tuned-malloc", "allocator keeps freed memory"),
+    ]:
+        m = _load(out, name)
+        if not m:
+            continue
+        lines += [
+            f"## Mixing-layer layouts, {label} (`{name}.json`), ms",
+            "",
+            "| group | B | C | size | one conv, same shape | gather (default) | fused | blocks | "
+            "gather / one conv | fused / one conv |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in m["rows"]:
+            lines.append(
+                f"| {r['group']} | {r['batch']} | {r['channels']} | {r['size']}x{r['size']} | "
+                f"{r['single_conv_ms']:.2f} | {r['gather_ms']:.2f} | {r['fused_ms']:.2f} | "
+                f"{r['blocks_ms']:.2f} | {r['gather_over_single_conv']:.2f} | "
+                f"{r['fused_over_single_conv']:.2f} |"
+            )
+        lines.append("")
+    for name, label in [
+        ("bench_chunks", "default allocator"),
+        ("bench_chunks.tuned-malloc", "allocator keeps freed memory"),
+    ]:
+        c = _load(out, name)
+        if not c:
+            continue
+        lines += [
+            f"## Slots per pass, {label} (`{name}.json`), ms",
+            "",
+            '| model | group | B | fold all (`chunk=None`) | `chunk=1` | `chunk="auto"` (chose) | '
+            "loop over g | base@GB | auto / min(loop, base@GB) | fold all / min |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in c["rows"]:
+            ms = r["ms"]
+            chose = ",".join(map(str, r["auto_chose"]))
+            lines.append(
+                f"| {r['model']} | {r['group']} | {r['batch']} | {ms['fold all']:.2f} | "
+                f"{ms['chunk=1']:.2f} | {ms['auto']:.2f} ({chose}) | {ms['loop']:.2f} | "
+                f"{ms['base@GB']:.2f} | {r['auto_over_best']:.2f} | {r['fold_over_best']:.2f} |"
+            )
+        lines.append("")
+    mem = _load(out, "bench_memory")
+    if mem:
+        keys = [k for k in mem["rows"][0] if k not in ("model", "group", "batch")]
+        lines += [
+            "## Peak tensor memory during one forward (`bench_memory.json`), MiB",
+            "",
+            "| model | group | B | " + " | ".join(keys) + " |",
+            "|---|---|---|" + "---|" * len(keys),
+        ]
+        for r in mem["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['group']} | {r['batch']} | "
+                + " | ".join(f"{r[k]:.1f}" for k in keys)
+                + " |"
+            )
+        lines.append("")
+    return lines
 
 
 def main() -> None:
@@ -266,6 +350,13 @@ def main() -> None:
         run_all(out, args.quick)
     text = summarize(out)
     (out / "targets.md").write_text(text)
+    g = _load(out, "bench_global")
+    if g:  # its tables, rendered again from the JSON (the same figures)
+        sys.path.insert(0, str(HERE))
+        from bench_global import render_markdown
+
+        command = "python benchmarks/run_all.py" + (" --quick" if g.get("quick") else "")
+        (out / "bench_global.md").write_text(render_markdown(g, command))
     print(text)
 
 
