@@ -71,18 +71,40 @@ class SlotChunks(nn.Module):
         self.slots = tuple(flat.equivfx_lift.slots)  # fewer than |G| after eliminate-dead-slots
         self.order = len(self.slots)
         self.chosen: dict[tuple, int] = {}
-        self.pre, self.body, self.post, self.lift, self.repeats, self.joins = _split(flat)
+        pre, body, post, self.lift, self.repeats, self.joins = _split(flat)
         # invariant readouts (and hoisted pools) accumulate chunk by chunk; other readouts need
         # every slot: the values they read are concatenated (one cat per value, on its batch axis)
         self._accumulated = [j for j in self.joins if _pool_of(flat, j) is not None]
-        self._joined: dict[fx.Node, int] = {}
+        self._pools = [_pool_of(flat, j) for j in self._accumulated]
+        joined: dict[fx.Node, int] = {}
         for j in self.joins:
             if j not in self._accumulated:
-                self._joined.setdefault(j.args[0], j.kwargs.get("batch_axis", 0))
-        self._read = {j.args[0] for j in self.joins}
+                joined.setdefault(j.args[0], _axis(j))
+        self._joined = list(joined.items())
+        self._read = list(dict.fromkeys(j.args[0] for j in self.joins))
+        # three graphs with generated code, sharing flat's modules: no per-node interpreter cost
         sources = [self.lift, *self.repeats]
-        self._free_after = _last_uses(self.body, sources, keep=self._read)
-        object.__setattr__(self, "interp", fx.Interpreter(flat, garbage_collect_values=False))
+        post_run = [n for n in post if n not in self._accumulated]
+        body_in = _reads(body, outside=set(body) | set(sources))
+        post_in = _reads(post_run, outside=set(post_run))
+        pre_out = list(
+            dict.fromkeys(
+                [*body_in, *(a for a in post_in if a in set(pre))]
+                + [n.args[0] for n in sources]
+            )
+        )
+        post_from_pre = [a for a in post_in if a in set(pre)]
+        post_from_chunks = [a for a in post_in if a not in set(pre)]
+        self._pre_out = pre_out
+        self._body_in = body_in
+        self._post_from_pre = post_from_pre
+        self._post_from_chunks = post_from_chunks
+        graphs = {
+            "pre": _subgraph(flat, pre, [], pre_out),
+            "body": _subgraph(flat, body, [*sources, *body_in], self._read),
+            "post": _subgraph(flat, post_run, [*post_from_pre, *post_from_chunks], None),
+        }
+        object.__setattr__(self, "graphs", graphs)
         object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
@@ -94,8 +116,9 @@ class SlotChunks(nn.Module):
     # -------------------------------------------------------------------- running
     def forward(self, *args):
         if self.owner is not None:  # .to() replaced the owner's root-level buffers: share them
-            for name in self.flat._buffers:
-                self.flat._buffers[name] = self.owner._buffers[name]
+            for gm in (self.flat, *self.graphs.values()):
+                for name in gm._buffers:
+                    gm._buffers[name] = self.owner._buffers[name]
         k = self._decided(args)
         if k is None:  # chunk="auto", first call for this input: measure
             k = self._measured(args)
@@ -103,57 +126,34 @@ class SlotChunks(nn.Module):
 
     def _run(self, args, k: int):
         """One forward, k slots per pass."""
-        if k >= self.order:  # one pass: the flat graph's generated code, no interpreter
+        if k >= self.order:  # one pass: the flat graph
             return self.flat(*args)
-        interp = self.interp
-        interp.env = {}
-        args_iter = iter(args)
-        env = interp.env
-        for node in self.pre:
-            if node.op == "placeholder":
-                env[node] = next(args_iter)
-            else:
-                env[node] = interp.run_node(node)
-        parts: dict[fx.Node, list] = {value: [] for value in self._joined}
-        acc: dict[fx.Node, object] = {}
+        env = dict(zip(self._pre_out, self.graphs["pre"](*args), strict=True))
+        lifted_input = env[self.lift.args[0]]
+        body_args = [env[n] for n in self._body_in]
+        parts: list[list] = [[] for _ in self._joined]
+        acc: list = [None] * len(self._accumulated)
         for s in range(0, self.order, k):
             chunk = self.slots[s : s + k]
-            values = self._run_body(interp, chunk)
-            for j in self._accumulated:  # fold this chunk into the running pool, then drop it
-                pool = _pool_of(self.flat, j)
+            lifted = self.flat.equivfx_lift.lift_slots(lifted_input, list(chunk))
+            repeated = [Broadcast(len(chunk))(env[r.args[0]]) for r in self.repeats]
+            values = dict(
+                zip(self._read, self.graphs["body"](lifted, *repeated, *body_args), strict=True)
+            )
+            del lifted, repeated
+            for i, (j, pool) in enumerate(zip(self._accumulated, self._pools, strict=True)):
                 part = _pool_chunk(pool, values[j.args[0]], len(chunk), _axis(j))
-                acc[j] = part if j not in acc else _combine(pool, acc[j], part)
-            for value in parts:
-                parts[value].append(values[value])
+                acc[i] = part if acc[i] is None else _combine(pool, acc[i], part)
+            for i, (value, _) in enumerate(self._joined):
+                parts[i].append(values[value])
             del values
-        for value, axis in self._joined.items():
-            env[value] = _join(parts.pop(value), axis)
-        for j in self._accumulated:
-            env[j] = _finish(_pool_of(self.flat, j), acc.pop(j), self.order, _axis(j))
-        for node in self.post:
-            if node in env:  # an accumulated pool
-                continue
-            if node.op == "output":
-                out = interp.fetch_args_kwargs_from_env(node)[0][0]
-                interp.env = {}
-                return out
-            env[node] = interp.run_node(node)
-        raise RuntimeError("equivfx: compiled graph has no output")  # pragma: no cover
-
-    def _run_body(self, interp: fx.Interpreter, slots) -> dict:
-        """Slots ``slots`` through the body: the values the joins read, folded."""
-        env = interp.env
-        env[self.lift] = self.flat.equivfx_lift.lift_slots(env[self.lift.args[0]], list(slots))
-        for r in self.repeats:  # inputs G acts on trivially: one copy per slot of this chunk
-            env[r] = Broadcast(len(slots))(env[r.args[0]])
-        for node in self.body:
-            env[node] = interp.run_node(node)
-            for done in self._free_after[node]:  # as generated code does: drop dead activations
-                del env[done]
-        out = {value: env[value] for value in self._read}
-        for node in (self.lift, *self.repeats, *self.body):
-            env.pop(node, None)
-        return out
+        for i, (value, axis) in enumerate(self._joined):
+            env[value] = _join(parts[i], axis)
+        for i, (j, pool) in enumerate(zip(self._accumulated, self._pools, strict=True)):
+            env[j] = _finish(pool, acc[i], self.order, _axis(j))
+        return self.graphs["post"](
+            *(env[n] for n in self._post_from_pre), *(env[n] for n in self._post_from_chunks)
+        )
 
     @staticmethod
     def _key(args) -> tuple:
@@ -184,18 +184,25 @@ class SlotChunks(nn.Module):
         return self.chosen[key]
 
     def _measure(self, args) -> int:
-        """Time a whole forward for each k dividing the number of slots: a warm-up round, then
-        the minimum of three interleaved rounds (interleaving spreads machine noise over every
-        candidate)."""
+        """Time a whole forward for each k dividing the number of slots, interleaved (machine
+        noise spreads over every candidate): a warm-up round, then at least 3 and at most 20
+        rounds, until the measurement has taken about 0.3 s; keep each candidate's minimum.
+
+        Folding every slot wins ties within 3 %: it runs one generated graph and has no chunk
+        bookkeeping, so a chunk size must be clearly faster to be chosen."""
         sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
         best = {k: float("inf") for k in sizes}
-        for round_ in range(4):
+        start = time.perf_counter()
+        for round_ in range(21):
             for k in sizes:
                 t = time.perf_counter()
                 self._run(args, k)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
-        return min(sizes, key=lambda k: (best[k], -k))
+            if round_ >= 3 and time.perf_counter() - start > 0.3:
+                break
+        fastest = min(sizes, key=lambda k: (best[k], -k))
+        return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
 
     def extra_repr(self) -> str:
         chosen = f", chosen={sorted(set(self.chosen.values()))}" if self.chosen else ""
@@ -263,19 +270,28 @@ def _join(parts: list, axis: int):
     return first
 
 
-def _last_uses(body: list[fx.Node], sources: list[fx.Node], keep: set) -> dict:
-    """For each body node, the chunk values that are dead once it has run (never ``keep``)."""
-    scope = set(body) | set(sources)
-    last: dict[fx.Node, fx.Node] = {}
-    for node in body:
-        for a in node.all_input_nodes:
-            if a in scope:
-                last[a] = node
-    free: dict[fx.Node, list] = {n: [] for n in body}
-    for value, user in last.items():
-        if value not in keep:
-            free[user].append(value)
-    return free
+def _reads(nodes: list[fx.Node], outside: set) -> list[fx.Node]:
+    """The nodes that ``nodes`` read and that are not in ``outside``, in first-use order."""
+    seen: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in outside:
+                seen.setdefault(a)
+    return list(seen)
+
+
+def _subgraph(flat: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
+    """A GraphModule running ``nodes`` of ``flat`` (sharing its modules): placeholders for
+    ``inputs``, a tuple of ``outputs`` (``None``: ``nodes`` end with flat's own output node)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(inputs):
+        env[n] = graph.placeholder(f"in{i}_{n.name}")
+    for n in nodes:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    if outputs is not None:
+        graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(flat, graph)
 
 
 def _split(flat: fx.GraphModule):
