@@ -152,6 +152,16 @@ def summarize(out: Path) -> str:
             f"{worst['group']} B={worst['batch']}) | {_verdict(within5 == len(ratios))} "
             f"({within5}/{len(ratios)}) |"
         )
+        fair = [r["global_over_by_hand"] for r in lat if "global_over_by_hand" in r]
+        if fair:
+            ok5 = sum(x <= 1.05 for x in fair)
+            lines.append(
+                "| the same, like for like: against min(fold by hand, loop), both building the "
+                f"transformed batch from x | {min(fair):.2f} to {max(fair):.2f} (median "
+                f"{statistics.median(fair):.2f}); <= 1.05 in {ok5} of {len(fair)}, <= 1.10 in "
+                f"{sum(x <= 1.10 for x in fair)} | {_verdict(ok5 == len(fair))} "
+                f"({ok5}/{len(fair)}) |"
+            )
         ct = g["compile_time"]
         worst_ms = max(r["ms_per_node_with_examples"] for r in ct)
         big = [r for r in ct if r["nodes"] >= 100]
