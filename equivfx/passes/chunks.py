@@ -89,8 +89,7 @@ class SlotChunks(nn.Module):
         post_in = _reads(post_run, outside=set(post_run))
         pre_out = list(
             dict.fromkeys(
-                [*body_in, *(a for a in post_in if a in set(pre))]
-                + [n.args[0] for n in sources]
+                [*body_in, *(a for a in post_in if a in set(pre))] + [n.args[0] for n in sources]
             )
         )
         post_from_pre = [a for a in post_in if a in set(pre)]
@@ -143,7 +142,11 @@ class SlotChunks(nn.Module):
             del lifted, repeated
             for i, (j, pool) in enumerate(zip(self._accumulated, self._pools, strict=True)):
                 part = _pool_chunk(pool, values[j.args[0]], len(chunk), _axis(j))
-                acc[i] = part if acc[i] is None else _combine(pool, acc[i], part)
+                # the first part is copied (it may be a view of a body value); later ones are
+                # folded in place, so the running pool needs one buffer
+                acc[i] = (
+                    _tree(torch.clone, part) if acc[i] is None else _combine(pool, acc[i], part)
+                )
             for i, (value, _) in enumerate(self._joined):
                 parts[i].append(values[value])
             del values
@@ -228,10 +231,12 @@ def _tree(fn, *values):
 
 def _pool_chunk(pool: str, y, slots: int, axis: int):
     """The pool's partial result over one chunk's slots (folded on ``axis``): a sum, a max or a
-    logsumexp over the chunk, on axis 0."""
+    logsumexp over the chunk, on axis 0 (a view of ``y`` for a single slot)."""
 
     def fn(t):
         s = t.movedim(axis, 0).unflatten(0, (slots, -1))
+        if slots == 1:
+            return s[0]
         if pool == "mean":
             return s.sum(0)
         return s.amax(0) if pool == "max" else torch.logsumexp(s, 0)
@@ -239,9 +244,17 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
     return _tree(fn, y)
 
 
-def _combine(pool: str, a, b):
-    op = {"mean": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}[pool]
-    return _tree(op, a, b)
+def _combine(pool: str, acc, part):
+    """Fold ``part`` into the running pool ``acc`` in place."""
+
+    def fn(a, b):
+        if pool == "mean":
+            return a.add_(b)
+        if pool == "max":
+            return torch.maximum(a, b, out=a)
+        return torch.logaddexp(a, b, out=a)
+
+    return _tree(fn, acc, part)
 
 
 def _finish(pool: str, total, slots: int, axis: int):

@@ -13,7 +13,9 @@ After::
 
 Only a chain of affine, slot-wise nodes with one batch-carrying input and one user each is moved;
 mixing layers, dropout (its masks differ per slot in training) and ops with batch statistics stop
-the chain. Outputs are unchanged up to float rounding.
+the chain. So do reductions (a mean over tokens or pixels): pooling after them pools, and with
+``chunk`` accumulates, a value that much smaller, for the same arithmetic. Outputs are unchanged up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class HoistProjection(Pass):
         return bool(
             rule is not None
             and rule.linear
+            and rule.kind != "reduction"  # pool after a sum or mean: a smaller value to pool
             and isinstance(rep, Folded)
             and not rep.container
             and rep.batch_axis == 0

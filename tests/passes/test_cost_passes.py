@@ -167,3 +167,36 @@ def test_hoist_reads_batch_sizes_off_the_pooled_value(examples):
     with torch.no_grad():
         torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
         assert fast(X[:2]).shape == (2, 5)
+
+
+class TokenHead(nn.Module):
+    """A transformer-style head: a mean over tokens, then a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, T, 8)
+        return self.fc(tokens.mean(1))
+
+
+def test_hoist_pools_after_a_reduction_not_before_it():
+    emodel = equivfx.compile(TokenHead().eval(), "C4", example_inputs=X, chunk=None)
+    pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
+    assert pool.args[0].target == "mean" and [u.target for u in pool.users] == ["fc"]
+    slow = equivfx.compile(TokenHead().eval(), "C4", example_inputs=X, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "logsumexp"])
+def test_accumulating_pools_leave_the_input_alone(pool):
+    x = X.clone()
+    emodel = equivfx.compile(nn.Identity(), "D4", pool=pool, chunk=1)
+    whole = equivfx.compile(nn.Identity(), "D4", pool=pool, chunk=None)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), whole(x))
+    assert torch.equal(x, X)  # slot e is x itself: it is copied before anything adds into it
