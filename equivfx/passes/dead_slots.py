@@ -20,6 +20,11 @@ mean, max and logsumexp - log|G| are unchanged) or copy them back into |G| slots
 ``pose``, ``equivariant``). Layer-wise models are left alone: their mixing layers read every slot.
 A kernel found on the example's shape (not a trivial action) is checked at run time: a lifted
 value of another shape raises :class:`~equivfx.errors.InputShapeError`.
+
+In training mode, batch statistics see each computed slot once instead of |K| copies of it: the
+normalisation is the same, but BatchNorm's running variance (which applies Bessel's correction to
+the number of samples) moves by a relative amount below 1 / (samples per channel). The same holds
+for ops ``defer-lift`` runs before the lift.
 """
 
 from __future__ import annotations
