@@ -434,8 +434,10 @@ def save_artifact(
             )
         )
     emodel = emodel.eval()
-    # the sidecar is written (and renamed) inside the artifact's write: if either fails, neither
-    # file appears; an artifact never lands without its sidecar
+    # the sidecar is written (and renamed) inside the artifact's write, so an artifact never lands
+    # without its sidecar and a failed write of either leaves neither. (Should the artifact's own
+    # final rename fail, a new sidecar would sit beside the old artifact: its sha256 then does
+    # not match, and verify refuses the pair.)
     with atomic_write(out, force=force, inputs=inputs) as tmp:
         if suffix == ".pt2":
             _export_pt2(emodel, example, tmp)

@@ -114,10 +114,12 @@ class SlotChunks(nn.Module):
 
     # -------------------------------------------------------------------- running
     def forward(self, *args):
-        if self.owner is not None:  # .to() replaced the owner's root-level buffers: share them
+        if self.owner is not None:  # .to() or assign=True replaced the owner's root-level tensors
             for gm in (self.flat, *self.graphs.values()):
                 for name in gm._buffers:
                     gm._buffers[name] = self.owner._buffers[name]
+                for name in gm._parameters:
+                    gm._parameters[name] = self.owner._parameters[name]
         k = self._decided(args)
         if k is None:  # chunk="auto", first call for this input: measure
             k = self._measured(args)
@@ -245,9 +247,13 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
 
 
 def _combine(pool: str, acc, part):
-    """Fold ``part`` into the running pool ``acc`` in place."""
+    """Fold ``part`` into the running pool ``acc``: in place, unless autograd records the forward
+    (``out=`` and in-place updates of recorded tensors do not differentiate)."""
 
     def fn(a, b):
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            op = {"mean": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}[pool]
+            return op(a, b)
         if pool == "mean":
             return a.add_(b)
         if pool == "max":
@@ -304,7 +310,13 @@ def _subgraph(flat: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
         env[n] = graph.node_copy(n, lambda a: env[a])
     if outputs is not None:
         graph.output(tuple(env[o] for o in outputs))
-    return fx.GraphModule(flat, graph)
+    sub = fx.GraphModule(flat, graph)
+    # fx copies dotted attributes into new containers; use flat's own children instead, so
+    # .to(), .double() and load_state_dict(assign=True) reach what this graph reads
+    for name in list(sub._modules):
+        if name in flat._modules:
+            sub._modules[name] = flat._modules[name]
+    return sub
 
 
 def _split(flat: fx.GraphModule):

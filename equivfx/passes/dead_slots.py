@@ -21,10 +21,11 @@ mean, max and logsumexp - log|G| are unchanged) or copy them back into |G| slots
 A kernel found on the example's shape (not a trivial action) is checked at run time: a lifted
 value of another shape raises :class:`~equivfx.errors.InputShapeError`.
 
-In training mode, batch statistics see each computed slot once instead of |K| copies of it: the
-normalisation is the same, but BatchNorm's running variance (which applies Bessel's correction to
-the number of samples) moves by a relative amount below 1 / (samples per channel). The same holds
-for ops ``defer-lift`` runs before the lift.
+Nothing is eliminated where an op computed from the lifted value draws random numbers (dropout)
+or uses batch statistics (BatchNorm): in training mode its slots are not copies of one another.
+(``defer-lift`` does move BatchNorm before a non-trivial lift, where the rotated copies it would
+have seen have the same statistics; only the running variance's Bessel correction then counts
+B H W instead of |G| B H W samples, a relative difference below 1 / (B H W).)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from equivfx.meta import REP
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
+from equivfx.passes.rules import training_sensitive
 
 __all__ = ["EliminateDeadSlots", "coset_representatives"]
 
@@ -51,6 +53,10 @@ class EliminateDeadSlots(Pass):
         )
         if lift is None or any(n.meta.get("equivfx.mixing") for n in gm.graph.nodes):
             return PassResult(gm, False)
+        modules = dict(gm.named_modules())
+        for n in _after(lift):  # in training, slots past these are not copies of one another
+            if training_sensitive(n, modules.get(n.target) if n.op == "call_module" else None):
+                return PassResult(gm, False)
         module: Lift = gm.get_submodule(LIFT_NAME)
         G = module.group
         shape = None
@@ -73,6 +79,18 @@ class EliminateDeadSlots(Pass):
             elif isinstance(m, Readout):
                 m.slot_map = slot_map
         return PassResult(gm, True)
+
+
+def _after(node: fx.Node) -> list[fx.Node]:
+    """Every node computed from ``node``."""
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    seen.discard(node)
+    return list(seen)
 
 
 def coset_representatives(G, kernel) -> tuple[int, ...]:

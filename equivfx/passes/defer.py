@@ -32,7 +32,14 @@ from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import CheckInput
-from equivfx.passes.rules import RANDOM_MODULES, BatchCtx, lookup, rule_key
+from equivfx.passes.rules import (
+    RANDOM_FUNCTIONS,
+    RANDOM_MODULES,
+    BatchCtx,
+    lookup,
+    rule_key,
+    training_sensitive,
+)
 
 __all__ = ["DeferLift", "CHECK_NAME"]
 
@@ -77,7 +84,7 @@ class DeferLift(Pass):
             node.append(lift)  # keep topological order: node, then the lift
             if "tensor_meta" in node.meta:  # shapes for the next node's commutation check
                 lift.meta["tensor_meta"] = node.meta["tensor_meta"]
-            if how == "invariant" or _acts_trivially(action, node):
+            if how == "invariant" or _acts_trivially(action, node, modules):
                 # every slot past this op holds the same value: G acts trivially from here on
                 action = TrivialAction().bind(action.group)
                 lift_module.action = action
@@ -94,14 +101,17 @@ class DeferLift(Pass):
         if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
             return None
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, RANDOM_MODULES):
+        if isinstance(module, RANDOM_MODULES) or (
+            node.op == "call_function" and node.target in RANDOM_FUNCTIONS
+        ):
             return None
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)
         if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
             return None
         if isinstance(action, TrivialAction):  # any op that treats samples alone commutes
-            return "commutes"
+            # ... except batch statistics in training, which would see B samples, not |G| B
+            return None if training_sensitive(node, module) else "commutes"
         reps = {a: a.meta.get(REP) for a in node.all_input_nodes}
         ctx = BatchCtx(node=node, reps=reps, module=module)
         try:
@@ -112,9 +122,15 @@ class DeferLift(Pass):
             return None
 
 
-def _acts_trivially(action, node: fx.Node) -> bool:
-    """Whether every element fixes every value of ``node``'s per-sample shape (a 1x1 grid)."""
+def _acts_trivially(action, node: fx.Node, modules) -> bool:
+    """Whether every element fixes every value ``node`` can output, whatever the input's size: an
+    adaptive pool to 1 (a 1x1 grid), checked exactly on its output shape. (A fixed-window pool can
+    also give 1x1 on the example, but not on larger inputs: it does not count.)"""
     tm = node.meta.get("tensor_meta")
     if tm is None or not hasattr(tm, "shape") or isinstance(action, TrivialAction):
+        return False
+    size = getattr(modules.get(node.target) if node.op == "call_module" else None, "output_size", 0)
+    sizes = size if isinstance(size, tuple) else (size,)
+    if not all(s == 1 for s in sizes):
         return False
     return len(action.kernel((1, *tuple(tm.shape)[1:]))) == action.group.order

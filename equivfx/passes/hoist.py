@@ -101,7 +101,8 @@ class HoistProjection(Pass):
         if not hasattr(gm, POOL_NAME):
             gm.add_submodule(POOL_NAME, Readout(readout.group, "invariant", "mean"))
         rep = rnode.meta.get(REP)
-        with gm.graph.inserting_after(src):
+        # right before the head, not right after src: ops between them may change src in place
+        with gm.graph.inserting_before(first):
             pooled = gm.graph.call_module(POOL_NAME, (src,))
         new_node_origin(pooled, self.name)
         set_rep(pooled, rep if isinstance(rep, OutputRep) else OutputRep("invariant", None), "pool")

@@ -51,6 +51,7 @@ class Lift(nn.Module):
         self.slots: tuple[int, ...] = tuple(range(group.order))
         self.kernel: tuple[int, ...] = (0,)
         self.kernel_shape: tuple[int, ...] | None = None
+        self._kernels: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lift_slots(x, self.slots)
@@ -58,19 +59,22 @@ class Lift(nn.Module):
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
         """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
         self.action.check(x)
-        if self.kernel_shape is not None and tuple(x.shape[1:]) != self.kernel_shape:
-            raise InputShapeError(
-                explain(
-                    "this model computes one slot per coset of the elements that act trivially "
-                    "on the lifted value's shape, found at compile time; a value of another "
-                    "shape reached the lift (per-sample shape)",
-                    tuple(x.shape[1:]),
-                    self.kernel_shape,
-                    "compile with example inputs of the shape you run, or optimize=False",
+        shape = tuple(x.shape[1:])
+        if self.kernel_shape is not None and shape != self.kernel_shape:
+            if shape not in self._kernels:  # the same kernel on this shape is fine too
+                self._kernels[shape] = self.action.kernel((1, *shape))
+            if self._kernels[shape] != self.kernel:
+                raise InputShapeError(
+                    explain(
+                        "this model computes one slot per coset of the elements that act "
+                        "trivially on the lifted value's shape, found at compile time; on a "
+                        "value of this shape other elements act trivially (per-sample shape)",
+                        shape,
+                        f"{self.kernel_shape}, or a shape with the same kernel",
+                        "compile with example inputs of the shape you run, or optimize=False",
+                    )
                 )
-            )
-        if len(slots) == 1 and self.inverses[slots[0]] == 0:
-            return x  # the identity slot alone
+        # always a new tensor (cat copies even one block): ops after the lift may work in place
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
     def slot_permutation(self, h: int) -> list[int]:

@@ -42,6 +42,10 @@ __all__ = [
     "Example",
     "BatchCtx",
     "RULES",
+    "RANDOM_MODULES",
+    "RANDOM_FUNCTIONS",
+    "BATCH_STAT_MODULES",
+    "training_sensitive",
     "register",
     "rule_key",
     "lookup",
@@ -201,9 +205,46 @@ class OpRule:
 
 RULES: dict[object, OpRule] = {}
 
-RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+RANDOM_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.RReLU,
+)
 """Modules that draw random masks in training: cost passes never move them across the lift or the
 pool, where a mask would be shared between slots (or drawn once for all of them)."""
+
+RANDOM_FUNCTIONS = (
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    F.rrelu,
+    torch.dropout,
+    torch.bernoulli,
+    torch.rand_like,
+    torch.randn_like,
+)
+"""Functions that draw random numbers per sample (see RANDOM_MODULES)."""
+
+BATCH_STAT_MODULES = (nn.modules.batchnorm._BatchNorm,)
+"""Modules that normalise with statistics over the batch in training (BatchNorm, SyncBatchNorm)."""
+
+
+def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """Whether ``node`` draws random numbers or uses batch statistics in training mode: its result
+    then depends on which (and how many) samples share its batch, so passes that change the number
+    of slots a batch holds must leave it alone."""
+    if node.op == "call_module":
+        return isinstance(module, (*RANDOM_MODULES, *BATCH_STAT_MODULES))
+    if node.op == "call_function":
+        return node.target in RANDOM_FUNCTIONS or node.target is F.batch_norm
+    return node.op == "call_method" and node.target in ("bernoulli", "bernoulli_", "uniform_")
 
 
 def rule_key(node: fx.Node, module: nn.Module | None = None):
