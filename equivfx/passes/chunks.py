@@ -394,7 +394,13 @@ def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
     root = nn.Module()
     root.add_module(CHUNKS_NAME, runner)
     graph = fx.Graph()
-    placeholders = [graph.placeholder(n.target) for n in flat.graph.nodes if n.op == "placeholder"]
+    placeholders = [  # with the model's own defaults: forward(x, scale=2.0) keeps its default
+        graph.placeholder(n.target, default_value=n.args[0])
+        if n.args
+        else graph.placeholder(n.target)
+        for n in flat.graph.nodes
+        if n.op == "placeholder"
+    ]
     graph.output(graph.call_module(CHUNKS_NAME, tuple(placeholders)))
     gm = fx.GraphModule(root, graph, class_name=type(flat).__name__)
     # the same modules, parameters and buffers under the same names: the original state-dict keys

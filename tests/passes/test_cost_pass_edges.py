@@ -141,3 +141,20 @@ def test_in_place_ops_after_the_lift_leave_the_input_alone_and_are_pooled(chunk)
         want = plain(model, "C4")(x.clone())
     assert torch.equal(mine, x)
     torch.testing.assert_close(got, want)
+
+
+def test_the_chunk_wrapper_keeps_the_model_s_default_arguments():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x, scale: float = 2.0):
+            return self.conv(x).mean((2, 3)) * scale
+
+    x = torch.randn(2, 3, 8, 8)
+    emodel = equivfx.compile(Scaled().eval(), "C4", chunk=2)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), plain(Scaled().eval(), "C4")(x))
+        torch.testing.assert_close(emodel(x, 3.0), emodel(x) * 1.5)
