@@ -413,7 +413,20 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             log.info("equivfx: chunk='auto' does not apply to this graph; all slots in one pass")
         else:
             gm.equivfx_info = info
+    _survive_deepcopy(gm)
     return gm
+
+
+def _survive_deepcopy(gm: fx.GraphModule) -> None:
+    """``copy.deepcopy`` of a GraphModule keeps only what its graph reads: keep ``equivfx_info``
+    (fx's preserved attributes) and, for chunked models, ``equivfx_flat`` (the copy's own)."""
+    gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
+    if hasattr(gm, "equivfx_flat"):
+        gm._deepcopy_hooks.append(_restore_flat)
+
+
+def _restore_flat(copied: fx.GraphModule) -> None:
+    object.__setattr__(copied, "equivfx_flat", copied.equivfx_chunks.flat)
 
 
 def _test_run(gm: fx.GraphModule, examples: tuple) -> None:

@@ -158,3 +158,22 @@ def test_the_chunk_wrapper_keeps_the_model_s_default_arguments():
     with torch.no_grad():
         torch.testing.assert_close(emodel(x), plain(Scaled().eval(), "C4")(x))
         torch.testing.assert_close(emodel(x, 3.0), emodel(x) * 1.5)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_deep_copy_keeps_what_the_compiled_model_knows(chunk):
+    import copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    emodel = equivfx.compile(model, "C4", chunk=chunk)
+    twin = copy.deepcopy(emodel)
+    assert twin.equivfx_info.group == emodel.equivfx_info.group
+    assert twin.state_dict().keys() == emodel.state_dict().keys()
+    assert equivfx.verify(twin, x).ok  # knows its group without group=
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+        assert not torch.allclose(twin(x), emodel(x))  # the copy's own weights
+        if chunk is not None:
+            torch.testing.assert_close(twin.equivfx_flat(x), twin(x))
