@@ -48,6 +48,9 @@ CHUNKS_NAME = "equivfx_chunks"
 
 
 def _is_tracing() -> bool:
+    """torch.compile, torch.export or torch.jit.trace is recording this call."""
+    if torch.jit.is_tracing():
+        return True
     compiler = getattr(torch, "compiler", None)
     if compiler is None:
         return False

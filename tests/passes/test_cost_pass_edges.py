@@ -177,3 +177,14 @@ def test_a_deep_copy_keeps_what_the_compiled_model_knows(chunk):
         assert not torch.allclose(twin(x), emodel(x))  # the copy's own weights
         if chunk is not None:
             torch.testing.assert_close(twin.equivfx_flat(x), twin(x))
+
+
+def test_jit_trace_records_one_pass_over_every_slot():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    emodel = equivfx.compile(model, "D4")  # chunk="auto": would measure, then trace one choice
+    with torch.no_grad():
+        traced = torch.jit.trace(emodel, (x,), check_trace=False)
+        assert not emodel.equivfx_chunks.chosen  # no measurement while tracing
+        torch.testing.assert_close(traced(x), emodel(x))
+        torch.testing.assert_close(traced(x[:1]), emodel(x[:1]))
