@@ -32,14 +32,7 @@ from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import CheckInput
-from equivfx.passes.rules import (
-    RANDOM_FUNCTIONS,
-    RANDOM_MODULES,
-    BatchCtx,
-    lookup,
-    rule_key,
-    training_sensitive,
-)
+from equivfx.passes.rules import BatchCtx, draws_random, lookup, rule_key, training_sensitive
 
 __all__ = ["DeferLift", "CHECK_NAME"]
 
@@ -101,9 +94,7 @@ class DeferLift(Pass):
         if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
             return None
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, RANDOM_MODULES) or (
-            node.op == "call_function" and node.target in RANDOM_FUNCTIONS
-        ):
+        if draws_random(node, module):
             return None
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)

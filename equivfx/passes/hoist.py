@@ -26,7 +26,7 @@ from equivfx.meta import REP, BatchSize, Folded, OutputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.modules import Readout
 from equivfx.passes.projection import READOUT_NAME
-from equivfx.passes.rules import RANDOM_MODULES, lookup, rule_key
+from equivfx.passes.rules import draws_random, lookup, rule_key
 
 __all__ = ["HoistProjection", "POOL_NAME"]
 
@@ -63,7 +63,7 @@ class HoistProjection(Pass):
         if node.meta.get("equivfx.mixing") or node.meta.get("equivfx.rule") == "mix-gather":
             return False
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, RANDOM_MODULES):
+        if draws_random(node, module):
             return False
         rule = lookup(rule_key(node, module))
         rep = node.meta.get(REP)

@@ -45,6 +45,7 @@ __all__ = [
     "RANDOM_MODULES",
     "RANDOM_FUNCTIONS",
     "BATCH_STAT_MODULES",
+    "draws_random",
     "training_sensitive",
     "register",
     "rule_key",
@@ -236,15 +237,25 @@ BATCH_STAT_MODULES = (nn.modules.batchnorm._BatchNorm,)
 """Modules that normalise with statistics over the batch in training (BatchNorm, SyncBatchNorm)."""
 
 
+def draws_random(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """Whether ``node`` draws random numbers per sample (dropout in training, ``bernoulli`` ...):
+    moved across the lift or the pool, one draw would serve every slot."""
+    if node.op == "call_module":
+        return isinstance(module, RANDOM_MODULES)
+    if node.op == "call_function":
+        return node.target in RANDOM_FUNCTIONS
+    return node.op == "call_method" and node.target in ("bernoulli", "bernoulli_", "uniform_")
+
+
 def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
     """Whether ``node`` draws random numbers or uses batch statistics in training mode: its result
     then depends on which (and how many) samples share its batch, so passes that change the number
     of slots a batch holds must leave it alone."""
+    if draws_random(node, module):
+        return True
     if node.op == "call_module":
-        return isinstance(module, (*RANDOM_MODULES, *BATCH_STAT_MODULES))
-    if node.op == "call_function":
-        return node.target in RANDOM_FUNCTIONS or node.target is F.batch_norm
-    return node.op == "call_method" and node.target in ("bernoulli", "bernoulli_", "uniform_")
+        return isinstance(module, BATCH_STAT_MODULES)
+    return node.op == "call_function" and node.target is F.batch_norm
 
 
 def rule_key(node: fx.Node, module: nn.Module | None = None):

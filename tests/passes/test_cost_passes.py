@@ -200,3 +200,20 @@ def test_accumulating_pools_leave_the_input_alone(pool):
     with torch.no_grad():
         torch.testing.assert_close(emodel(x), whole(x))
     assert torch.equal(x, X)  # slot e is x itself: it is copied before anything adds into it
+
+
+def test_hoist_stops_at_functional_dropout_too():
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 36, 3)
+
+        def forward(self, x):
+            h = nn.functional.dropout(self.conv(x).flatten(1), 0.5, self.training)
+            return self.fc(h)
+
+    emodel = equivfx.compile(Head().eval(), "C4", example_inputs=X, chunk=None)
+    pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
+    assert pool.args[0].target is nn.functional.dropout  # each slot draws its own mask
