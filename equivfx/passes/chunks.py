@@ -36,7 +36,7 @@ from torch import nn
 from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
-from equivfx.passes.modules import Broadcast
+from equivfx.passes.modules import repeat_per_slot
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -140,7 +140,7 @@ class SlotChunks(nn.Module):
         for s in range(0, self.order, k):
             chunk = self.slots[s : s + k]
             lifted = self.flat.equivfx_lift.lift_slots(lifted_input, list(chunk))
-            repeated = [Broadcast(len(chunk))(env[r.args[0]]) for r in self.repeats]
+            repeated = [repeat_per_slot(env[r.args[0]], len(chunk)) for r in self.repeats]
             values = dict(
                 zip(self._read, self.graphs["body"](lifted, *repeated, *body_args), strict=True)
             )

@@ -35,7 +35,7 @@ import torch.fx as fx
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP
 from equivfx.passes.infra import Pass, PassResult
-from equivfx.passes.lift import LIFT_NAME
+from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
 from equivfx.passes.rules import training_sensitive
 
@@ -48,9 +48,7 @@ class EliminateDeadSlots(Pass):
     provides = frozenset({REP})
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        lift = next(
-            (n for n in gm.graph.nodes if n.op == "call_module" and n.target == LIFT_NAME), None
-        )
+        lift = find_lift(gm)
         if lift is None or any(n.meta.get("equivfx.mixing") for n in gm.graph.nodes):
             return PassResult(gm, False)
         modules = dict(gm.named_modules())

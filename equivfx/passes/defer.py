@@ -30,7 +30,7 @@ import torch.fx as fx
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.lift import LIFT_NAME
+from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import CheckInput
 from equivfx.passes.rules import BatchCtx, draws_random, lookup, rule_key, training_sensitive
 
@@ -45,15 +45,13 @@ class DeferLift(Pass):
     provides = frozenset({REP})
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        lift = next(
-            (n for n in gm.graph.nodes if n.op == "call_module" and n.target == LIFT_NAME), None
-        )
+        lift = find_lift(gm)
         if lift is None:
             return PassResult(gm, False)
-        action = gm.get_submodule(LIFT_NAME).action
+        lift_module = gm.get_submodule(LIFT_NAME)
+        action = lift_module.action
         modules = dict(gm.named_modules())
         moved = []
-        lift_module = gm.get_submodule(LIFT_NAME)
         while len(lift.users) == 1:
             node = next(iter(lift.users))
             how = self._moves(node, lift, action, modules)

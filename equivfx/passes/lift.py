@@ -22,7 +22,7 @@ from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.modules import Broadcast, Lift
 from equivfx.passes.options import LiftOptions
 
-__all__ = ["InsertLift", "LIFT_NAME"]
+__all__ = ["InsertLift", "LIFT_NAME", "find_lift"]
 
 LIFT_NAME = "equivfx_lift"
 
@@ -61,3 +61,10 @@ class InsertLift(Pass):
                 u.replace_input_with(node, new)
             modified = True
         return PassResult(gm, modified)
+
+
+def find_lift(gm: fx.GraphModule) -> fx.Node | None:
+    """The node that calls the lift, or None (no acted input was lifted)."""
+    return next(
+        (n for n in gm.graph.nodes if n.op == "call_module" and n.target == LIFT_NAME), None
+    )

@@ -123,12 +123,17 @@ class Broadcast(nn.Module):
         self.order = order
 
     def forward(self, x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            return x
-        return x.repeat((self.order,) + (1,) * (x.dim() - 1))
+        return repeat_per_slot(x, self.order)
 
     def extra_repr(self) -> str:
         return f"order={self.order}"
+
+
+def repeat_per_slot(x, slots: int):
+    """``x`` repeated ``slots`` times along the batch axis (non-tensors and scalars unchanged)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    return x.repeat((slots,) + (1,) * (x.dim() - 1))
 
 
 class Readout(nn.Module):
