@@ -34,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+TUNED_LABEL = "allocator keeps freed memory"
 
 SCRIPTS = [
     # (name, script, extra arguments, allocator)
@@ -111,6 +112,14 @@ def _load(out: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _per_allocator(out: Path, base: str):
+    """(name, label, results) of ``base`` under each allocator this run measured it with."""
+    for suffix, label in (("", "default allocator"), (".tuned-malloc", TUNED_LABEL)):
+        data = _load(out, base + suffix)
+        if data:
+            yield base + suffix, label, data
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -168,14 +177,8 @@ def summarize(out: Path) -> str:
         ct = g["compile_time"]
         fits = {}
         for key in ("seconds", "seconds_with_examples"):  # least squares: seconds = a + b nodes
-            xs = [r["nodes"] for r in ct]
-            ys = [r[key] for r in ct]
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-                (x - mx) ** 2 for x in xs
-            )
-            resid = max(abs(y - (my + slope * (x - mx))) / y for x, y in zip(xs, ys, strict=True))
-            fits[key] = (slope * 1e3, (my - slope * mx) * 1e3, resid)
+            line = statistics.linear_regression([r["nodes"] for r in ct], [r[key] for r in ct])
+            fits[key] = (line.slope * 1e3, line.intercept * 1e3)
         worst_slope = max(f[0] for f in fits.values())
         lines.append(
             "| compile time at most 1 ms per node, linear | a straight line time = a + b nodes "
@@ -210,13 +213,7 @@ def summarize(out: Path) -> str:
                 f"{e2['params']['equivfx-layerwise']:,} vs {e2['params']['e2cnn']:,} | "
                 "measured (no target) |"
             )
-    for name, label in [
-        ("mixing_layout", "default allocator"),
-        ("mixing_layout.tuned-malloc", "allocator keeps freed memory"),
-    ]:
-        m = _load(out, name)
-        if not m:
-            continue
+    for _, label, m in _per_allocator(out, "mixing_layout"):
         rows = m["rows"]
         gs = [r["gather_over_single_conv"] for r in rows]
         fs = [r["fused_over_single_conv"] for r in rows if "fused_over_single_conv" in r]
@@ -228,13 +225,7 @@ def summarize(out: Path) -> str:
             f"{len(fs)} | gather {_verdict(all(x <= 1.10 for x in gs))}, fused "
             f"{_verdict(all(x <= 1.10 for x in fs))} |"
         )
-    for name, label in [
-        ("bench_chunks", "default allocator"),
-        ("bench_chunks.tuned-malloc", "allocator keeps freed memory"),
-    ]:
-        c = _load(out, name)
-        if not c:
-            continue
+    for _, label, c in _per_allocator(out, "bench_chunks"):
         rows = c["rows"]
         auto = [r["auto_over_best"] for r in rows]
         fold = [r["fold_over_best"] for r in rows]
@@ -299,13 +290,7 @@ def tables(out: Path) -> list[str]:
                 f"{r['optimized_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |"
             )
         lines.append("")
-    for name, label in [
-        ("mixing_layout", "default allocator"),
-        ("mixing_layout.tuned-malloc", "allocator keeps freed memory"),
-    ]:
-        m = _load(out, name)
-        if not m:
-            continue
+    for name, label, m in _per_allocator(out, "mixing_layout"):
         lines += [
             f"## Mixing-layer layouts, {label} (`{name}.json`), ms",
             "",
@@ -321,13 +306,7 @@ def tables(out: Path) -> list[str]:
                 f"{r['fused_over_single_conv']:.2f} |"
             )
         lines.append("")
-    for name, label in [
-        ("bench_chunks", "default allocator"),
-        ("bench_chunks.tuned-malloc", "allocator keeps freed memory"),
-    ]:
-        c = _load(out, name)
-        if not c:
-            continue
+    for name, label, c in _per_allocator(out, "bench_chunks"):
         lines += [
             f"## Slots per pass, {label} (`{name}.json`), ms",
             "",
