@@ -2,9 +2,13 @@
 
 All compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop over slots:
 
-- gather (``mix_layout="gather"``, the default): index the folded slots with the Cayley table
-  T[g][u] into (|G| B, |G| C, H, W) in one copy, then one convolution with |G| C input channels;
-  bitwise equivariant (every slot sums its blocks in the order of u);
+- gather (``mix_layout="gather"``, the default, :class:`equivfx.passes.mixing.MixingConv2d`
+  with ``layout="gather"``): index the folded slots with the Cayley table T[g][u] into
+  (|G| B, |G| C, H, W) in one copy, then one convolution with |G| C input channels; bitwise
+  equivariant (every slot sums its blocks in the order of u). Without autograd the copy goes to
+  a per-thread buffer kept between calls;
+- gather, fresh copy: the same gather into a new tensor at every call (what the layer does while
+  autograd records, and what it did before the buffer);
 - fused (``mix_layout="fused"``, :class:`equivfx.passes.mixing.MixingConv2d`): move the slots onto
   the channel axis once, (B, |G| C, H, W), and convolve with the |G| x |G| block weight
   [W_(g^-1 v)]: no permuted copy; equivariant up to float rounding;
@@ -71,15 +75,19 @@ def main() -> None:
         b = torch.randn(channels)
         gather = SlotGather(G, 1)
         table = torch.tensor(G.table)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        layer = widen(conv, n, group=G, layout="gather")
+        fused = widen(conv, n, group=G)
         wb = w.unflatten(1, (n, channels)).transpose(0, 1).flatten(0, 1)  # (n Cout, C, 3, 3)
         ref = F.conv2d(gather(s), w, b, padding=1)
         got = blocks_mix(s, wb, b, table, n)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        fused = widen(torch.nn.Conv2d(channels, channels, 3, padding=1), n, group=G)
         with torch.no_grad():
-            fused.weight.copy_(w)
-            fused.bias.copy_(b)
+            for m in (layer, fused):
+                m.weight.copy_(w)
+                m.bias.copy_(b)
             torch.testing.assert_close(fused(s), ref, rtol=1e-4, atol=1e-4)
+            assert torch.equal(layer(s), ref)
         g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
         b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
         wide_input = gather(s).contiguous()  # a tensor of the mixing layer's input shape
@@ -87,8 +95,11 @@ def main() -> None:
         t_single = benchmark.Timer(
             "F.conv2d(wide_input, w, b, padding=1)", globals=g_, num_threads=args.threads
         )
-        t_gather = benchmark.Timer(
+        t_fresh = benchmark.Timer(
             "F.conv2d(gather(s), w, b, padding=1)", globals=g_, num_threads=args.threads
+        )
+        t_gather = benchmark.Timer(
+            "layer(s)", globals={"layer": layer, "s": s}, num_threads=args.threads
         )
         t_blocks = benchmark.Timer(
             "blocks_mix(s, wb, b, table, n)", globals=b_, num_threads=args.threads
@@ -96,15 +107,21 @@ def main() -> None:
         t_fused = benchmark.Timer(
             "fused(s)", globals={"fused": fused, "s": s}, num_threads=args.threads
         )
-        medians = {"gather": [], "blocks": [], "single": [], "fused": []}
-        timers = {"gather": t_gather, "blocks": t_blocks, "single": t_single, "fused": t_fused}
+        timers = {
+            "gather": t_gather,
+            "fresh": t_fresh,
+            "blocks": t_blocks,
+            "single": t_single,
+            "fused": t_fused,
+        }
+        medians = {k: [] for k in timers}
         with torch.no_grad():
             for _ in range(3 if args.quick else 7):  # interleaved
                 for k, t in timers.items():
                     medians[k].append(t.blocked_autorange(min_run_time=0.2).median)
-        mg, mb, ms, mf = (
+        mg, mr, mb, ms, mf = (
             sorted(medians[k])[len(medians[k]) // 2]
-            for k in ("gather", "blocks", "single", "fused")
+            for k in ("gather", "fresh", "blocks", "single", "fused")
         )
         row = dict(
             group=spec,
@@ -112,18 +129,21 @@ def main() -> None:
             channels=channels,
             size=size,
             gather_ms=mg * 1e3,
+            gather_fresh_ms=mr * 1e3,
             blocks_ms=mb * 1e3,
             single_conv_ms=ms * 1e3,
             fused_ms=mf * 1e3,
             blocks_over_gather=mb / mg,
             gather_over_single_conv=mg / ms,
+            gather_fresh_over_single_conv=mr / ms,
             fused_over_single_conv=mf / ms,
         )
         rows.append(row)
         print(
-            f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms, "
-            f"fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, one conv of the same shape "
-            f"{ms * 1e3:.2f} ms; gather/single = {mg / ms:.2f}, fused/single = {mf / ms:.2f}",
+            f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms "
+            f"(fresh copy {mr * 1e3:.2f}), fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, "
+            f"one conv of the same shape {ms * 1e3:.2f} ms; gather/single = {mg / ms:.2f}, "
+            f"fresh/single = {mr / ms:.2f}, fused/single = {mf / ms:.2f}",
             flush=True,
         )
     meta = dict(

@@ -218,10 +218,11 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         twist: layer-wise mode: read the slots through Phi(s)(u) = u . s(u) in mixing layers, which
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         mix_layout: layer-wise mode: ``"gather"`` (copy the |G| permuted slot blocks, then one wide
-            layer: bitwise equivariant) or ``"fused"`` (one layer with a |G| x |G| block weight on
-            the slots moved onto the feature axis: |G| times less copying, about the cost of one
-            layer of the same shape, equivariant up to float rounding; verify such models with a
-            looser ``rtol``). ``groups > 1`` convolutions and ``twist=True`` always gather.
+            layer: bitwise equivariant; without autograd on the CPU the copy reuses a per-thread
+            buffer, see ``equivfx.passes.mixing.release_workspace``) or ``"fused"`` (one layer
+            with a |G| x |G| block weight on the slots moved onto the feature axis: no permuted
+            copy, equivariant up to float rounding; verify such models with a looser ``rtol``).
+            ``groups > 1`` convolutions and ``twist=True`` always gather.
         optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action,
             or are invariant under it like a sum over a set axis, run once, before the lift; needs
             example inputs for shapes), ``hoist-projection`` (with the mean readout, slots are

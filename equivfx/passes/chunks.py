@@ -36,7 +36,7 @@ from torch import nn
 from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
-from equivfx.passes.modules import repeat_per_slot
+from equivfx.passes.modules import is_tracing, repeat_per_slot
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -45,17 +45,6 @@ __all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
 log = logging.getLogger(__name__)
 
 CHUNKS_NAME = "equivfx_chunks"
-
-
-def _is_tracing() -> bool:
-    """torch.compile, torch.export or torch.jit.trace is recording this call."""
-    if torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is None:
-        return False
-    exporting = getattr(compiler, "is_exporting", lambda: False)
-    return bool(compiler.is_compiling() or exporting())
 
 
 class SlotChunks(nn.Module):
@@ -171,7 +160,7 @@ class SlotChunks(nn.Module):
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
-        if _is_tracing() or any(m.training for m in self._user_modules):
+        if is_tracing() or any(m.training for m in self._user_modules):
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":
             return int(self.chunk)

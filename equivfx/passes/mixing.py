@@ -13,23 +13,27 @@ Before::
 
     h = conv2(relu)                       conv2: Conv2d(80, 80, 3)
 
-After::
+After (convolutions, the default gather layout)::
 
-    m = equivfx_gather_conv2(relu)        (|G| B, 80, H, W) -> (|G| B, |G| 80, H, W)
-    h = conv2(m)                          conv2: Conv2d(|G| 80, 80, 3)
+    h = conv2(relu)                       conv2: MixingConv2d(|G| 80, 80, 3), layout="gather"
 
-The gather is one indexing with the precomputed Cayley table T[g][u] = index(g u): no Python loop
-over
-slots at run time.
+The mixing convolution gathers its own input, (|G| B, 80, H, W) -> (|G| B, |G| 80, H, W), with one
+row indexing by the precomputed Cayley table T[g][u] = index(g u) (no Python loop over slots),
+then runs the widened convolution on it. Linear layers, ``groups > 1`` convolutions and
+``twist=True`` get a separate gather node instead::
+
+    m = equivfx_gather_fc(h)              (|G| B, 80) -> (|G| B, |G| 80)
+    y = fc(m)                             fc: Linear(|G| 80, 10)
 
 With ``twist=True`` the gather reads the slots through Phi(s)(u) = u . s(u) (the group's action on
-the
-hidden feature maps): the mixing layers are then exactly G-CNN group convolutions (see
-docs/gcnn.md).
+the hidden feature maps): the mixing layers are then exactly G-CNN group convolutions (see
+docs/gcnn.md). ``layout="fused"`` trades bitwise equivariance for no permuted copy (see
+:class:`MixingLayer`).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +43,7 @@ from torch import nn
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.modules import is_tracing
 
 __all__ = [
     "MixLayers",
@@ -49,12 +54,94 @@ __all__ = [
     "MixingConv3d",
     "MixingLinear",
     "SlotGather",
+    "gather_rows",
+    "release_workspace",
+    "slot_rows",
     "widen",
     "MIXABLE",
 ]
 
 MIXABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layer types that become mixing layers."""
+
+
+def slot_rows(table: torch.Tensor, batch: int) -> torch.Tensor:
+    """Row indices of the gathered input: row (g, b, u) is sample b of slot g u.
+
+    ``table`` is the Cayley table T[g][u] = index(g u); the rows index the folded slots
+    (|G| B, ...) flattened to one row per sample.
+    """
+    return (table[:, None, :] * batch + torch.arange(batch, device=table.device)[:, None]).flatten()
+
+
+class _Workspace(threading.local):
+    """One growing CPU buffer per thread, dtype and device for a mixing layer's gathered input."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> int:
+    """Free the calling thread's gather workspaces; returns the number of bytes released.
+
+    Gather-layout mixing convolutions on the CPU write their gathered input, the |G| permuted slot
+    blocks, into a buffer kept between calls when autograd does not need it (under
+    ``torch.no_grad()`` or ``torch.inference_mode()``): a fresh tensor of that size is
+    page-faulted in by glibc's allocator at every call, which made the layer up to 3x slower
+    than one convolution on a ready-made input (docs/layerwise.md). The buffer is the size of the
+    largest gathered input seen in the thread and lives until this function or the thread ends.
+
+    Example:
+        >>> release_workspace() >= 0
+        True
+    """
+    freed = sum(b.numel() * b.element_size() for b in _WORKSPACE.buffers.values())
+    _WORKSPACE.buffers.clear()
+    return freed
+
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    key = (like.dtype, like.device)
+    buf = _WORKSPACE.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACE.buffers.pop(key, None)  # free the old one before the larger allocation
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        _WORKSPACE.buffers[key] = buf
+    return buf[:numel]
+
+
+def _reuses_workspace(x: torch.Tensor) -> bool:
+    """Whether the gathered input may live in the workspace: nothing keeps it after the layer."""
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()  # autograd would save the gathered input for backward
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap, grad transforms
+        and not is_tracing()
+    )
+
+
+def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -> torch.Tensor:
+    """The mixing input on the channel axis: (|G| B, C, ...) -> (|G| B, |G| C, ...) in one gather.
+
+    Slot g's channel block u is s(g u), for ``table`` the Cayley table. With ``workspace`` the
+    result is written into the calling thread's reused buffer (see :func:`release_workspace`):
+    it is valid only until the next gather in this thread.
+    """
+    n = table.shape[0]
+    batch = x.shape[0] // n
+    rows = slot_rows(table, batch)
+    flat = x.flatten(1)
+    if workspace:
+        out = _workspace(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
+        torch.index_select(flat, 0, rows, out=out)
+    else:
+        out = flat.index_select(0, rows)
+    return out.view(n * batch, -1, *x.shape[2:])
 
 
 class SlotGather(nn.Module):
@@ -85,9 +172,7 @@ class SlotGather(nn.Module):
         if self.twist is None and self.groups == 1 and self.feature_axis % x.dim() == 1:
             # one row gather: row (g, b, u) of the result is sample b of slot g u, so the rows
             # read as (n B, n C, ...) with no further copy
-            batch = x.shape[0] // n
-            rows = self.table[:, None, :] * batch + torch.arange(batch, device=x.device)[:, None]
-            out = x.flatten(1).index_select(0, rows.flatten()).view(n * batch, -1, *x.shape[2:])
+            out = gather_rows(x, self.table)
             return out.movedim(0, batch_axis) if batch_axis else out
         s = x.unflatten(0, (n, -1))  # (n, B, ...)
         g = s[self.table]  # (n[g], n[u], B, ...): slot g's block u is s(g u)
@@ -128,29 +213,43 @@ class SlotGather(nn.Module):
 
 
 class MixingLayer:
-    """A widened Conv/Linear that reads the folded slots directly (no gathered copy).
+    """A widened Conv/Linear that reads the folded slots (|G| B, C, ...) itself.
 
-    For slot g the mixing layer computes out(g) = sum_u W_u s(g u) = sum_v W_(g^-1 v) s(v). So
-    instead of copying |G| permuted slot blocks per slot (|G|^2 B blocks), the slots are moved onto
-    the feature axis once, (|G| B, C, ...) -> (B, |G| C, ...), and one layer with the |G| x |G|
-    block weight [W_(g^-1 v)]_(g, v) (built from the |G| blocks of ``weight`` at every call, so
-    gradients reach the one shared weight set) computes every slot; its output (B, |G| Cout, ...)
-    is moved back. Same arithmetic as the gather, |G| times less copying. Parameters and
-    state-dict keys are those of the widened layer; ``slot_index[g][v] = index(g^-1 v)`` is a
-    non-persistent buffer.
+    For slot g the mixing layer computes out(g) = sum_u W_u s(g u) = sum_v W_(g^-1 v) s(v), in
+    one of two layouts (``layout``):
+
+    - ``"gather"`` (convolutions only): one row gather writes the permuted concatenation
+      (|G| B, |G| C, ...) (:func:`gather_rows`), then the widened convolution runs on it. Every slot
+      sums its blocks in the order of u, so the layer is bitwise equivariant. Without autograd on
+      the CPU the gathered input goes to a per-thread buffer kept between calls
+      (:func:`release_workspace`): it never leaves the layer, and a fresh buffer of that size
+      cost more than the convolution itself under glibc's allocator.
+    - ``"fused"``: the slots are moved onto the feature axis once, (|G| B, C, ...) ->
+      (B, |G| C, ...), and one layer with the |G| x |G| block weight [W_(g^-1 v)]_(g, v) (built
+      from the |G| blocks of ``weight`` at every call, so gradients reach the one shared weight
+      set) computes every slot; its output (B, |G| Cout, ...) is moved back. No permuted copy,
+      but each slot sums its blocks in an order the group permutes: equivariant up to float
+      rounding.
+
+    Parameters and state-dict keys are those of the widened layer; ``slot_index[g][v] =
+    index(g^-1 v)`` and the Cayley ``table`` are non-persistent buffers.
 
     Subclasses: :class:`MixingConv1d`, :class:`MixingConv2d`, :class:`MixingConv3d`,
-    :class:`MixingLinear`. Build them with :func:`widen` and ``fused=True``.
+    :class:`MixingLinear` (fused only). Build them with :func:`widen` and ``group=``.
     """
 
     order: int
     slot_index: torch.Tensor
+    table: torch.Tensor
+    layout: str = "fused"  # modules pickled before the gather layout existed were fused
 
-    def _set_group(self, group) -> None:
+    def _set_group(self, group, layout: str = "fused") -> None:
         table = torch.tensor(group.table, dtype=torch.long)
         inverse = torch.tensor(group.inverse_table, dtype=torch.long)
         self.order = group.order
+        self.layout = layout
         self.register_buffer("slot_index", table[inverse], persistent=False)
+        self.register_buffer("table", table, persistent=False)
 
     def _block_weight(self) -> torch.Tensor:
         n = self.order
@@ -162,17 +261,24 @@ class MixingLayer:
     def _block_bias(self):
         return None if self.bias is None else self.bias.repeat(self.order)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={self.order}, layout={self.layout!r}"
+
 
 class _MixingConv(MixingLayer):
     def forward(self, x: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
         n = self.order
         if batch_axis:
             x = x.movedim(batch_axis, 0)
-        t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
-        y = self._conv_forward(t, self._block_weight(), self._block_bias())
-        # (n B, Cout, *spatial): a cat of the slot blocks (a permute-then-flatten makes exporters
-        # guard on the batch size being 1)
-        out = torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
+        if self.layout == "gather":
+            wide = gather_rows(x, self.table, workspace=_reuses_workspace(x))
+            out = self._conv_forward(wide, self.weight, self.bias)
+        else:
+            t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
+            y = self._conv_forward(t, self._block_weight(), self._block_bias())
+            # (n B, Cout, *spatial): a cat of the slot blocks (a permute-then-flatten makes
+            # exporters guard on the batch size being 1)
+            out = torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
         return out.movedim(0, batch_axis) if batch_axis else out
 
 
@@ -209,13 +315,14 @@ _MIXING = {
 }
 
 
-def widen(module: nn.Module, order: int, group=None) -> nn.Module:
+def widen(module: nn.Module, order: int, group=None, layout: str = "fused") -> nn.Module:
     """A copy of ``module`` with ``order`` times the input width, computing the same function on the
     identity block: the new input blocks are zero.
 
-    With ``group`` (of that order) the copy is the fused :class:`MixingLayer` of the same kind
-    (same parameters and state-dict keys), which reads folded slots; ``groups > 1`` convolutions
-    stay plain (their channels interleave per group: they take the :class:`SlotGather` path).
+    With ``group`` (of that order) the copy is the :class:`MixingLayer` of the same kind in
+    ``layout`` (same parameters and state-dict keys), which reads folded slots. Layers without a
+    mixing class for that layout stay plain and take the :class:`SlotGather` path: ``groups > 1``
+    convolutions (their channels interleave per group) and, for ``"gather"``, linear layers.
 
     Example:
         >>> lin = widen(nn.Linear(3, 2), 4)
@@ -224,7 +331,12 @@ def widen(module: nn.Module, order: int, group=None) -> nn.Module:
     """
     w = module.weight.detach()
     base = next(b for b in MIXABLE if isinstance(module, b))
-    cls = _MIXING[base] if group is not None and getattr(module, "groups", 1) == 1 else base
+    mixing = (
+        group is not None
+        and getattr(module, "groups", 1) == 1
+        and (layout == "fused" or base is not nn.Linear)
+    )
+    cls = _MIXING[base] if mixing else base
     if isinstance(module, nn.Linear):
         new = cls(
             module.in_features * order,
@@ -256,7 +368,7 @@ def widen(module: nn.Module, order: int, group=None) -> nn.Module:
             new.bias.copy_(module.bias.detach())
     new.train(module.training)
     if isinstance(new, MixingLayer):
-        new._set_group(group)
+        new._set_group(group, layout)
     return new
 
 
@@ -325,8 +437,8 @@ class MixLayers(Pass):
         chosen = self._choose(candidates, modules)
         for name in chosen:
             m = modules[name]
-            fused = opts.layout == "fused" and opts.twist is None
-            wide = widen(m, G.order, group=G if fused else None)
+            own = opts.twist is None  # twist reads the slots through Phi: SlotGather does
+            wide = widen(m, G.order, group=G if own else None, layout=opts.layout)
             _set_submodule(gm, name, wide)
             if isinstance(wide, MixingLayer):  # reads the folded slots itself
                 for node in calls[name]:

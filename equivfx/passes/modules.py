@@ -32,6 +32,17 @@ READOUTS = ("slots", "pose", "invariant", "equivariant")
 POOLS = ("mean", "max", "logsumexp")
 
 
+def is_tracing() -> bool:
+    """torch.compile, torch.export or torch.jit.trace is recording this call."""
+    if torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    exporting = getattr(compiler, "is_exporting", lambda: False)
+    return bool(compiler.is_compiling() or exporting())
+
+
 class Lift(nn.Module):
     """The group-axis lift F^(x)(g) = F(g^-1 . x), folded slot-major into the batch axis.
 

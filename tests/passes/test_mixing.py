@@ -12,7 +12,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import EquivFXError
-from equivfx.passes.mixing import MixingLayer, SlotGather, widen
+from equivfx.passes.mixing import MixingLayer, SlotGather, release_workspace, widen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import ZOO, clean_names  # noqa: E402
@@ -349,8 +349,9 @@ def test_fused_layout_computes_the_gather_layout_up_to_rounding(spec):
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     fused = equivfx.compile(model, spec, mode="layerwise", readout="pose", mix_layout="fused")
     gather = equivfx.compile(model, spec, mode="layerwise", readout="pose")
-    assert isinstance(fused.get_submodule("conv3"), MixingLayer)
-    assert not isinstance(gather.get_submodule("conv3"), MixingLayer)
+    assert fused.get_submodule("conv3").layout == "fused"
+    assert gather.get_submodule("conv3").layout == "gather"
+    assert not isinstance(gather.get_submodule("logits"), MixingLayer)  # linear: SlotGather
     assert fused.state_dict().keys() == gather.state_dict().keys()
     _reinit(fused)
     gather.load_state_dict(fused.state_dict())
@@ -360,10 +361,14 @@ def test_fused_layout_computes_the_gather_layout_up_to_rounding(spec):
     assert equivfx.verify(gather, x).ok  # the gather layout is exact at the default tolerance
 
 
-def test_fused_layout_exports_with_a_dynamic_batch():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+@pytest.mark.parametrize("layout", ["gather", "fused"])
+def test_layouts_export_with_a_dynamic_batch(layout):
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 5)
+    ).eval()
     x = torch.randn(3, 1, 8, 8)
-    emodel = equivfx.compile(model, "C4", mode="layerwise", mix_layout="fused")
+    emodel = equivfx.compile(model, "C4", mode="layerwise", mix_layout=layout)
+    assert emodel.get_submodule("2").layout == layout
     batch = torch.export.Dim("batch", max=1024)
     ep = torch.export.export(emodel, (x,), dynamic_shapes=({0: batch},))
     with torch.no_grad():
@@ -382,3 +387,109 @@ def test_fused_layout_exports_with_a_dynamic_batch():
 def test_mix_layout_is_checked(kwargs, match):
     with pytest.raises(equivfx.errors.EquivFXError, match=match):
         equivfx.compile(nn.Sequential(nn.Conv2d(1, 2, 3)), "C4", **kwargs)
+
+
+def _gather_conv(spec="D4", cin=3, cout=5, **kw):
+    G = equivfx.group(spec)
+    torch.manual_seed(0)
+    layer = widen(nn.Conv2d(cin, cout, 3, padding=1, **kw), G.order, group=G, layout="gather")
+    plain = widen(nn.Conv2d(cin, cout, 3, padding=1, **kw), G.order)
+    with torch.no_grad():
+        layer.weight.normal_()
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+    return G, layer, plain
+
+
+def test_gather_layout_is_the_gather_then_the_wide_conv_bitwise():
+    G, layer, plain = _gather_conv()
+    gather = SlotGather(G, 1)
+    assert isinstance(layer, nn.Conv2d) and layer.layout == "gather"
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    s = torch.randn(G.order * 3, 3, 6, 6)
+    want = plain(gather(s))
+    assert torch.equal(layer(s), want)  # autograd on: a fresh gathered tensor
+    with torch.no_grad():
+        assert torch.equal(layer(s), want)  # the reused workspace
+    release_workspace()
+    with torch.inference_mode():
+        assert torch.equal(layer(s), want)
+    with torch.no_grad():  # the workspace made in inference mode is writable outside it
+        assert torch.equal(layer(s), want)
+
+
+def test_gather_workspace_is_reused_grown_and_released():
+    G, layer, plain = _gather_conv()
+    gather = SlotGather(G, 1)
+    release_workspace()
+    small, large = torch.randn(G.order, 3, 6, 6), torch.randn(G.order * 4, 3, 6, 6)
+    with torch.no_grad():
+        out_small = layer(small)
+        assert release_workspace() == G.order * G.order * 3 * 36 * 4  # |G| B x |G| C x H x W
+        assert release_workspace() == 0
+        first = layer(small)
+        second = layer(large)  # grows the buffer: the earlier output is its own tensor
+        third = layer(small)  # reads a prefix of the larger buffer
+        assert release_workspace() == 4 * G.order * G.order * 3 * 36 * 4
+        for got, s in ((out_small, small), (first, small), (second, large), (third, small)):
+            assert torch.equal(got, plain(gather(s)))
+
+
+def test_gather_layout_trains_through_the_gathered_input():
+    G, layer, plain = _gather_conv("C4")
+    s = torch.randn(G.order * 2, 3, 5, 5, requires_grad=True)
+    layer(s).square().sum().backward()
+    grad_s, grad_w = s.grad.clone(), layer.weight.grad.clone()
+    s.grad = None
+    plain(SlotGather(G, 1)(s)).square().sum().backward()
+    assert torch.equal(grad_s, s.grad) and torch.equal(grad_w, plain.weight.grad)
+
+
+def test_gather_layout_under_vmap():
+    G, layer, plain = _gather_conv("C4")
+    s = torch.randn(3, G.order * 2, 3, 5, 5)  # three independent folded inputs
+    with torch.no_grad():
+        got = torch.func.vmap(layer)(s)
+        want = torch.stack([plain(SlotGather(G, 1)(t)) for t in s])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_workspace_is_per_thread():
+    import threading
+
+    G, layer, plain = _gather_conv("D4", cin=4, cout=4)
+    inputs = [torch.randn(G.order * (1 + i % 3), 4, 8, 8) for i in range(6)]
+    with torch.no_grad():
+        wants = [plain(SlotGather(G, 1)(s)) for s in inputs]
+    failures = []
+
+    def work(offset):
+        with torch.no_grad():
+            for k in range(30):
+                i = (k + offset) % len(inputs)
+                if not torch.equal(layer(inputs[i]), wants[i]):
+                    failures.append((offset, k))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_localisation_and_stored_values_with_the_gather_workspace():
+    model = PaperMNIST().eval()
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    emodel = equivfx.compile(model, "D4", mode="layerwise", readout="pose")
+    _reinit(emodel)
+    with torch.no_grad():
+        y1 = emodel(x)
+        y2 = emodel(x.flip(-1))
+        assert torch.equal(emodel(x), y1)  # earlier outputs are not views of the workspace
+        assert not torch.equal(y1, y2)
+    assert equivfx.verify(emodel, x).ok
+    layer = emodel.get_submodule("conv2")  # slots 0 and 1 swap their rows of the Cayley table
+    layer.table = layer.table[[1, 0, 2, 3, 4, 5, 6, 7]]
+    report = equivfx.verify(emodel, x)
+    assert not report.ok and report.first_bad_node == "conv2"
