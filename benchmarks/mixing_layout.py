@@ -20,7 +20,8 @@ gathered input, (|G| B, |G| C, H, W) -> (|G| B, Cout, H, W), already in memory).
 
 Run: python benchmarks/mixing_layout.py [--quick] [--json PATH]
 Threads are pinned (torch.set_num_threads) and named in the output; timings are medians of
-interleaved torch.utils.benchmark runs, ratios measured in the same run.
+interleaved torch.utils.benchmark runs; ratios are taken within each round (paired), then the
+median over the rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +122,14 @@ def main() -> None:
                 for k, t in timers.items():
                     medians[k].append(t.blocked_autorange(min_run_time=0.2).median)
         mg, mr, mb, ms, mf = (
-            sorted(medians[k])[len(medians[k]) // 2]
-            for k in ("gather", "fresh", "blocks", "single", "fused")
+            statistics.median(medians[k]) for k in ("gather", "fresh", "blocks", "single", "fused")
         )
+
+        def paired(k, medians=medians):  # the ratio to one conv in each round, median of rounds
+            return statistics.median(
+                a / b for a, b in zip(medians[k], medians["single"], strict=True)
+            )
+
         row = dict(
             group=spec,
             batch=batch,
@@ -134,16 +141,18 @@ def main() -> None:
             single_conv_ms=ms * 1e3,
             fused_ms=mf * 1e3,
             blocks_over_gather=mb / mg,
-            gather_over_single_conv=mg / ms,
-            gather_fresh_over_single_conv=mr / ms,
-            fused_over_single_conv=mf / ms,
+            gather_over_single_conv=paired("gather"),
+            gather_fresh_over_single_conv=paired("fresh"),
+            fused_over_single_conv=paired("fused"),
         )
         rows.append(row)
         print(
             f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms "
             f"(fresh copy {mr * 1e3:.2f}), fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, "
-            f"one conv of the same shape {ms * 1e3:.2f} ms; gather/single = {mg / ms:.2f}, "
-            f"fresh/single = {mr / ms:.2f}, fused/single = {mf / ms:.2f}",
+            f"one conv of the same shape {ms * 1e3:.2f} ms; per round: gather/single = "
+            f"{row['gather_over_single_conv']:.2f}, fresh/single = "
+            f"{row['gather_fresh_over_single_conv']:.2f}, fused/single = "
+            f"{row['fused_over_single_conv']:.2f}",
             flush=True,
         )
     meta = dict(
