@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from equivfx.errors import BatchMixingError, MissingRuleError, explain
+from equivfx.groups.actions import ProductAction, RollAction
 from equivfx.meta import BatchSize, Folded, InputRep, Rep, Trivial
 
 __all__ = [
@@ -1123,6 +1124,42 @@ def pointwise_conv_commutes(ctx: BatchCtx, action) -> bool:
     return per_channel_commutes(ctx, action)
 
 
+def _cyclic_shifts(action) -> list | None:
+    """The RollAction factors of ``action`` if it is made of cyclic shifts only, else None."""
+    factors = action.factors if isinstance(action, ProductAction) else (action,)
+    # exact type: ShiftReverseAction is a RollAction that also reverses
+    return list(factors) if all(type(a) is RollAction for a in factors) else None
+
+
+def circular_conv_commutes(ctx: BatchCtx, action) -> bool:
+    """A stride-1 convolution with circular padding that keeps every length commutes with cyclic
+    shifts of its spatial axes: it is translation equivariant on the torus, whatever its kernel.
+    """
+    m = ctx.module
+    if m is None or getattr(m, "padding_mode", "zeros") != "circular":
+        return False
+    if getattr(m, "transposed", False) or any(s != 1 for s in m.stride):
+        return False
+    if isinstance(m.padding, str):
+        if m.padding != "same":
+            return False
+    elif any(
+        2 * p != d * (k - 1) for p, d, k in zip(m.padding, m.dilation, m.kernel_size, strict=True)
+    ):
+        return False  # the output is shorter or longer: shifts do not carry over
+    rolls = _cyclic_shifts(action)
+    r = ctx.rank(ctx.node.args[0])
+    if rolls is None or r is None:
+        return False
+    spatial = set(range(r - len(m.kernel_size), r))
+    return all(a.axis % r in spatial for a in rolls)
+
+
+def conv_commutes(ctx: BatchCtx, action) -> bool:
+    """1x1 convolutions under linear spatial actions; circular ones under cyclic shifts."""
+    return pointwise_conv_commutes(ctx, action) or circular_conv_commutes(ctx, action)
+
+
 def last_axis_commutes(ctx: BatchCtx, action) -> bool:
     """Ops on the last axis only (Linear, LayerNorm over it) commute with actions on other axes."""
     x = ctx.node.args[0]
@@ -1822,7 +1859,7 @@ _m(
     "conv1d",
     first_axis(0),
     linear=True,
-    commutes=pointwise_conv_commutes,
+    commutes=conv_commutes,
     example=_mod(lambda: nn.Conv1d(4, 3, 1), (2, 4, 8), group="Shift8"),
 )
 _m(
@@ -1830,7 +1867,7 @@ _m(
     "conv2d",
     first_axis(0),
     linear=True,
-    commutes=pointwise_conv_commutes,
+    commutes=conv_commutes,
     example=_mod(lambda: nn.Conv2d(3, 4, 1), IMG),
 )
 _m(
@@ -1838,7 +1875,7 @@ _m(
     "conv3d",
     first_axis(0),
     linear=True,
-    commutes=pointwise_conv_commutes,
+    commutes=conv_commutes,
     example=_mod(lambda: nn.Conv3d(3, 2, 1), (2, 3, 4, 6, 6)),
 )
 _m(

@@ -87,6 +87,43 @@ def test_defer_lift_fires_on_commuting_ops_and_keeps_the_input_check():
         emodel(torch.randn(3, 3, 8, 9))  # the message quotes the user's input, not the stem's
 
 
+class CircularSeq(nn.Module):
+    """Circular convolutions (translation equivariant on the torus), then a zero-padded one."""
+
+    def __init__(self, tail_padding_mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv1d(3, 8, 5, padding=2, padding_mode="circular")
+        self.c2 = nn.Conv1d(8, 8, 3, padding=2, dilation=2, padding_mode="circular")
+        self.c3 = nn.Conv1d(8, 8, 3, padding=1, padding_mode=tail_padding_mode)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.c3(x)).mean(-1))
+
+
+@pytest.mark.parametrize("readout", ["invariant", "slots"])
+@pytest.mark.parametrize(
+    "spec, tail, deferred",
+    [
+        ("Shift4", "zeros", {"c1", "c2"}),  # the zero-padded c3 gets the lift
+        ("Shift4", "circular", {"c1", "c2", "c3", "fc"}),  # invariant throughout: one pass
+        ("ShiftRev4", "circular", set()),  # a reversal does not commute with a convolution
+    ],
+)
+def test_defer_lift_moves_past_circular_convolutions_under_shifts(spec, tail, deferred, readout):
+    model = CircularSeq(tail).eval()
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2))
+    fast = equivfx.compile(model, spec, readout=readout, example_inputs=x, chunk=None)
+    before = set(nodes_before_lift(fast)) & {"c1", "c2", "c3", "fc"}
+    assert before == deferred
+    slow = equivfx.compile(model, spec, readout=readout, example_inputs=x, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-6)
+    assert equivfx.verify(fast, x).ok
+
+
 def test_defer_lift_is_exact_for_batch_norm_in_training_mode():
     model = Stem().train()
     fast = equivfx.compile(model, "C4", example_inputs=X)

@@ -237,3 +237,63 @@ def test_batch_mixing_is_refused(body, needle):
     with pytest.raises(BatchMixingError, match=needle) as info:
         equivfx.compile(M(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
     assert "node:" in str(info.value)
+
+
+def _conv_claim(conv, group, shape):
+    """Whether the conv rule claims commutation with ``group`` on an input of ``shape``."""
+    module = _Wrap(conv.double())
+    x = torch.randn(shape, dtype=torch.float64)
+    gm = trace(module).gm
+    ShapeProp(gm).propagate(x)
+    G = equivfx.group(group)
+    AnnotateReps(LiftOptions(G, G.action, "x", example_batch=shape[0]))(gm)
+    modules = dict(gm.named_modules())
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    ctx = BatchCtx(node=node, reps=reps, module=modules[node.target], example_batch=shape[0])
+    return lookup(rule_key(node, modules[node.target])).commutes(ctx, G.action), module, x, G
+
+
+C1 = dict(padding_mode="circular")
+
+
+@pytest.mark.parametrize(
+    "conv, group, shape, claims",
+    [
+        (torch.nn.Conv1d(4, 3, 5, padding=2, **C1), "Shift8", (2, 4, 16), True),
+        (torch.nn.Conv1d(4, 3, 4, padding="same", **C1), "Shift4", (2, 4, 12), True),
+        (torch.nn.Conv1d(4, 3, 3, padding=2, dilation=2, **C1), "Shift4", (2, 4, 8), True),
+        (torch.nn.Conv2d(3, 2, 3, padding=1, **C1), "Shift4@-1xShift6@-2", (2, 3, 6, 8), True),
+        (torch.nn.Conv2d(3, 2, 3, padding=1, **C1), "Shift4@-2", (2, 3, 8, 5), True),
+        (torch.nn.Conv3d(2, 2, 3, padding=1, **C1), "Shift4@-3", (1, 2, 4, 3, 3), True),
+        # refused, and each really breaks commutation for some generator:
+        (torch.nn.Conv1d(4, 3, 5, padding=2), "Shift4", (2, 4, 16), False),  # zero padding
+        (torch.nn.Conv1d(4, 3, 3, padding=1, **C1), "ShiftRev4", (2, 4, 16), False),  # reversal
+        (torch.nn.Conv2d(3, 2, 3, padding=1, **C1), "C4", (2, 3, 6, 6), False),  # rotation
+        (torch.nn.Conv1d(4, 4, 3, padding=1, **C1), "Shift4@-2", (2, 4, 8), False),  # channels
+    ],
+)
+def test_circular_convolutions_commute_with_cyclic_shifts_of_their_spatial_axes(
+    conv, group, shape, claims
+):
+    torch.manual_seed(0)
+    claimed, module, x, G = _conv_claim(conv, group, shape)
+    assert claimed is claims
+    with torch.no_grad():
+        commutes = [
+            torch.allclose(module(G.act(g, x)), G.act(g, module(x)), atol=1e-10)
+            for g in G.generators
+        ]
+    assert all(commutes) is claims
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv1d(4, 3, 5, padding=1, **C1),  # the output is shorter than the input
+        torch.nn.Conv1d(4, 3, 3, padding=1, stride=2, **C1),
+        torch.nn.ConvTranspose1d(4, 3, 3, padding=1),
+    ],
+)
+def test_circular_convolution_claims_stay_conservative(conv):
+    assert _conv_claim(conv, "Shift4", (2, 4, 16))[0] is False
