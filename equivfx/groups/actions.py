@@ -137,7 +137,7 @@ class Action:
             )
         axes = self.axes
         if axes:
-            need = max(max(-a for a in axes), max((a + 1 for a in axes if a >= 0), default=0))
+            need = max(-a if a < 0 else a + 1 for a in axes)  # dimensions the axes need
             if x.ndim < need:
                 raise InputShapeError(
                     explain(

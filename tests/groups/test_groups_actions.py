@@ -227,3 +227,13 @@ def test_callable_action() -> None:
     bad = CallableAction(lambda g, x: torch.rot90(x, 2 * g.index + 1, (-2, -1))).bind(G)
     with pytest.raises(ActionLawError):
         check_action_law(G, bad, torch.randn(3, 3))
+
+
+@pytest.mark.parametrize(
+    "spec, shape, need",
+    [("Shift4@-3", (4, 4), 3), ("Shift4@1", (4,), 2), ("Rev@3xShift4@-2", (2, 4, 4), 4)],
+)
+def test_an_input_without_the_acted_axes_is_refused_naming_the_dimensions(spec, shape, need):
+    with pytest.raises(InputShapeError, match=f"at least {need} dimensions"):
+        group(spec).action.check(torch.zeros(shape))
+    group(spec).action.check(torch.zeros((4,) * (need - len(shape)) + shape))
