@@ -182,8 +182,10 @@ class SlotChunks(nn.Module):
 
     def _measure(self, args) -> int:
         """Time a whole forward for each k dividing the number of slots, interleaved (machine
-        noise spreads over every candidate): a warm-up round, then at least 3 and at most 20
-        rounds, until the measurement has taken about 0.3 s; keep each candidate's minimum.
+        noise spreads over every candidate) in an order rotated from round to round (each
+        candidate also follows each other one, whose freed memory the allocator may hand on): a
+        warm-up round, then at least 3 and at most 20 rounds, until the measurement has taken
+        about 0.3 s; keep each candidate's minimum.
 
         Folding every slot wins ties within 3 %: it runs one generated graph and has no chunk
         bookkeeping, so a chunk size must be clearly faster to be chosen."""
@@ -191,7 +193,8 @@ class SlotChunks(nn.Module):
         best = {k: float("inf") for k in sizes}
         start = time.perf_counter()
         for round_ in range(21):
-            for k in sizes:
+            turn = round_ % len(sizes)
+            for k in sizes[turn:] + sizes[:turn]:
                 t = time.perf_counter()
                 self._run(args, k)
                 if round_:  # round 0 warms caches and the allocator

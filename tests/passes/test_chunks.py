@@ -55,6 +55,27 @@ def test_auto_measures_once_per_input_shape_and_picks_a_divisor():
     assert all(equivfx.group(spec).order % k == 0 for k in chosen.values())
 
 
+def test_auto_rotates_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
+    model, x, spec = ZOO["resnet"]()
+    emodel = _compile(model.eval(), spec, x, chunk="auto")
+    runner = emodel.equivfx_chunks
+    calls, clock = [], [0.0]
+    cost = {1: 3.0, 2: 1.0, 4: 2.0}  # seconds per forward, on a fake clock: k = 2 is fastest
+
+    def fake_run(args, k):
+        calls.append(k)
+        clock[0] += cost[k]
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr("equivfx.passes.chunks.time.perf_counter", lambda: clock[0])
+    assert runner._measure((x,)) == 2
+    sizes = [1, 2, 4]
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 4  # a warm-up round, then three (the fake clock passed 0.3 s)
+    assert all(sorted(r) == sizes for r in rounds)
+    assert [r[0] for r in rounds[:3]] == sizes  # each candidate goes first in turn
+
+
 def test_training_mode_runs_every_slot_in_one_pass():
     model, x, spec = ZOO["resnet"]()  # batch norm: statistics over all slots
     whole = _compile(model, spec, x)
