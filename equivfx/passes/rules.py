@@ -6,11 +6,11 @@ A rule answers three questions about one op:
 - **batch**: given where the batch axis sits in the op's inputs, where is it in the output? This is
 what
   makes folding the |G| slots into the batch axis legal. A rule raises :class:`BatchMixingError`
-  when the
-  op mixes samples (a reduction over the batch axis, a concatenation along it, a sample index ...).
+  when the op mixes samples (a reduction over the batch axis, a concatenation along it, a sample
+  index ...).
 - **commutes**: does ``op(g . x) == g . op(x)`` hold for a given input action (pointwise ops under
-any
-  permutation of entries, 1x1 convolutions under spatial actions, ...)? Used by cost passes.
+  any permutation of entries, 1x1 convolutions under spatial actions, circular convolutions under
+  cyclic shifts, ...)? Used by cost passes.
 - **invariant**: does ``op(g . x) == op(x)`` hold (symmetric reductions over every acted axis)?
   Used by cost passes: past such an op every slot holds the same value.
 - **linear**: is the op linear in its tensor inputs?
