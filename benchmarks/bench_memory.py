@@ -116,8 +116,8 @@ def main() -> None:
                 )
                 release_workspace()  # the first call at this size allocates the gather buffer
                 row[label_] = peak_mib(lambda lw=lw, x=x: lw(x))
-            # kept after the call by gather-layout mixing convolutions (no autograd, CPU)
-            row["layerwise buffer held"] = release_workspace() / 2**20
+                # kept after the call by gather-layout mixing convolutions (no autograd, CPU)
+                row[f"{label_} buffer held"] = release_workspace() / 2**20
         xs = [G.act(G.inverse(g), x) for g in G.elements]
         xg = torch.cat(xs)
         row["base@GB"] = peak_mib(lambda m=model, xg=xg: m(xg))
