@@ -43,7 +43,7 @@ from torch import nn
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.modules import is_tracing
+from equivfx.passes.modules import eager_tensor
 
 __all__ = [
     "MixLayers",
@@ -117,11 +117,9 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
 def _reuses_workspace(x: torch.Tensor) -> bool:
     """Whether the gathered input may live in the workspace: nothing keeps it after the layer."""
     return (
-        type(x) is torch.Tensor
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and not torch.is_grad_enabled()  # autograd would save the gathered input for backward
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap, grad transforms
-        and not is_tracing()
+        and eager_tensor(x)
     )
 
 

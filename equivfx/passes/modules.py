@@ -32,6 +32,16 @@ READOUTS = ("slots", "pose", "invariant", "equivariant")
 POOLS = ("mean", "max", "logsumexp")
 
 
+def eager_tensor(x) -> bool:
+    """``x`` is a plain tensor in an eager call: not traced, compiled, exported or vmapped, so a
+    cached index or a reused buffer may stand in for the ops a tracer would have to record."""
+    return (
+        type(x) is torch.Tensor
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not is_tracing()
+    )
+
+
 def is_tracing() -> bool:
     """torch.compile, torch.export or torch.jit.trace is recording this call."""
     if torch.jit.is_tracing():
@@ -48,8 +58,8 @@ class Lift(nn.Module):
 
     ``forward(x)`` checks ``x`` against the action (a non-square image under C4 raises
     :class:`~equivfx.errors.InputShapeError`) and returns ``cat([g_0^-1 . x, ..., g_{n-1}^-1 . x],
-    0)``
-    of shape ``(|G| * B, ...)``: block i holds slot g_i.
+    0)`` of shape ``(|G| * B, ...)``: block i holds slot g_i. Under actions that only move
+    entries, small inputs are lifted by one gather with a cached index (bitwise the same).
     """
 
     def __init__(self, group, action):
@@ -63,6 +73,8 @@ class Lift(nn.Module):
         self.kernel: tuple[int, ...] = (0,)
         self.kernel_shape: tuple[int, ...] | None = None
         self._kernels: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}  # see _gather_index
+        self._indices_for = None  # the (action, inverses) the cached indices were built for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lift_slots(x, self.slots)
@@ -85,8 +97,49 @@ class Lift(nn.Module):
                         "compile with example inputs of the shape you run, or optimize=False",
                     )
                 )
+        index = self._gather_index(x, slots)
+        if index is not None:  # one gather instead of one op per slot, then a cat
+            return x.reshape(-1).index_select(0, index).view(len(slots) * x.shape[0], *shape)
         # always a new tensor (cat copies even one block): ops after the lift may work in place
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
+
+    INDEX_LIMIT = 1 << 18
+    """Largest lifted tensor (elements) whose gather index is cached; and 4x that in all."""
+
+    def _gather_index(self, x: torch.Tensor, slots) -> torch.Tensor | None:
+        """For actions that only move entries, the lift of ``x`` is one gather of its entries:
+        the index is the lift of a tensor of entry numbers (exact: the same copies in the same
+        places). Built once per shape, device and slots, for small inputs in eager calls, where
+        the per-slot ops cost more than the data they move (|G| = 120 on a set of 5: 770 us ->
+        10 us). None: lift op by op."""
+        if not eager_tensor(x) or not self.action.is_permutation:
+            return None
+        size = x.numel() * len(slots)
+        if size > self.INDEX_LIMIT:
+            return None
+        key = (tuple(x.shape), x.device, tuple(slots))
+        built_for = self.__dict__.get("_indices_for")  # absent in older pickles
+        if (
+            built_for is None
+            or built_for[0] is not self.action
+            or built_for[1] is not self.inverses
+        ):
+            self._indices, self._indices_for = {}, (self.action, self.inverses)
+        indices = self._indices
+        index = indices.get(key)
+        if index is None:
+            probe = torch.arange(x.numel(), dtype=torch.float64, device=x.device).view(x.shape)
+            lifted = torch.cat([self.action._apply(self.inverses[i], probe) for i in slots], 0)
+            index = lifted.reshape(-1).long()
+            if size + sum(i.numel() for i in indices.values()) > 4 * self.INDEX_LIMIT:
+                indices.clear()
+            indices[key] = index
+        return index
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_indices"], state["_indices_for"] = {}, None  # a cache: not pickled
+        return state
 
     def slot_permutation(self, h: int) -> list[int]:
         """The regular action of ``h`` on the computed slots: position j of ``h.s`` holds position

@@ -1,0 +1,108 @@
+"""The lift module: one cached gather for small inputs under actions that only move entries,
+bitwise equal to lifting op by op (the oracle: cat of g^-1 . x over the slots)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import equivfx
+from equivfx.passes.modules import Lift
+
+CASES = [
+    ("C4", (2, 3, 6, 6)),
+    ("D4", (1, 2, 5, 5)),
+    ("Shift4", (3, 2, 8)),
+    ("ShiftRev4", (1, 4, 12)),
+    ("Perm5@-2", (2, 5, 3)),
+    ("Rev@-1xRev@-2", (2, 3, 4, 7)),
+    ("D4xShift4@-3", (1, 8, 4, 4)),
+]
+
+
+def oracle(G, x, slots=None):
+    slots = range(G.order) if slots is None else slots
+    return torch.cat([G.act(G.inverse(G.elements[i]), x) for i in slots], 0)
+
+
+@pytest.mark.parametrize("spec, shape", CASES, ids=[c[0] for c in CASES])
+def test_the_cached_gather_is_the_lift_bitwise(spec, shape):
+    G = equivfx.group(spec)
+    lift = Lift(G, G.action)
+    x = torch.randn(shape)
+    for _ in range(2):  # builds the index, then reads it from the cache
+        assert torch.equal(lift(x), oracle(G, x))
+    assert len(lift._indices) == 1
+    slots = [G.order - 1, 0]  # a chunk of slots, in its own order
+    assert torch.equal(lift.lift_slots(x, slots), oracle(G, x, slots))
+    assert len(lift._indices) == 2
+    y = lift(x)
+    y.add_(1.0)  # the lift is a new tensor: ops after it may work in place
+    assert torch.equal(lift(x), oracle(G, x))
+
+
+def test_large_inputs_and_other_actions_lift_op_by_op():
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    x = torch.randn(Lift.INDEX_LIMIT // (8 * 3 * 4 * 4) + 1, 3, 4, 4)  # just over the limit
+    assert torch.equal(lift(x), oracle(G, x)) and lift._indices == {}
+    C8 = equivfx.group("C8")  # interpolated rotations: not a permutation of entries
+    lift8 = Lift(C8, C8.action)
+    small = torch.randn(1, 1, 5, 5)
+    assert torch.equal(lift8(small), oracle(C8, small)) and lift8._indices == {}
+
+
+def test_the_cache_follows_the_action_and_the_inverses():
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    x = torch.randn(1, 1, 4, 4)
+    lift(x)
+    lift.inverses = tuple(range(G.order))  # slot g now holds g . x: a different lift
+    want = torch.cat([G.act(G.elements[i], x) for i in range(G.order)], 0)
+    assert torch.equal(lift(x), want)
+
+
+def test_gradients_through_the_gather():
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    x = torch.randn(2, 1, 3, 3, requires_grad=True)
+    w = torch.randn(8 * 2, 1, 3, 3)
+    (lift(x) * w).sum().backward()
+    fast = x.grad.clone()
+    x.grad = None
+    (oracle(G, x) * w).sum().backward()
+    torch.testing.assert_close(fast, x.grad)  # eight terms per entry, summed in another order
+
+
+def test_the_cache_is_not_pickled_or_shared_by_copies():
+    G = equivfx.group("Perm5@-2")
+    lift = Lift(G, G.action)
+    x = torch.randn(1, 5, 2)
+    lift(x)
+    assert lift._indices
+    again = pickle.loads(pickle.dumps(lift))
+    assert again._indices == {} and torch.equal(again(x), oracle(G, x))
+    buffer = io.BytesIO()
+    torch.save(lift, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded._indices == {} and torch.equal(loaded(x), oracle(G, x))
+    twin = copy.deepcopy(lift)
+    twin(torch.randn(2, 5, 2))
+    assert len(twin._indices) == 1 and len(lift._indices) == 1
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks become constants
+def test_traced_and_vmapped_calls_lift_op_by_op():
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    xs = torch.randn(3, 2, 1, 4, 4)
+    got = torch.func.vmap(lift)(xs)
+    assert torch.equal(got, torch.stack([oracle(G, x) for x in xs])) and lift._indices == {}
+    traced = torch.jit.trace(lift, (xs[0],), check_trace=False)
+    assert lift._indices == {} and "index_select" not in traced.code
+    assert torch.equal(traced(xs[1]), oracle(G, xs[1]))
