@@ -83,6 +83,9 @@ class _Workspace(threading.local):
 
 _WORKSPACE = _Workspace()
 
+WORKSPACE_LIMIT = 64 << 20
+"""Bytes: larger gathered inputs get a fresh tensor (the buffer is held between calls)."""
+
 
 def release_workspace() -> int:
     """Free the calling thread's gather workspaces; returns the number of bytes released.
@@ -92,7 +95,9 @@ def release_workspace() -> int:
     ``torch.no_grad()`` or ``torch.inference_mode()``): a fresh tensor of that size is
     page-faulted in by glibc's allocator at every call, which made the layer up to 3x slower
     than one convolution on a ready-made input (docs/layerwise.md). The buffer is the size of the
-    largest gathered input seen in the thread and lives until this function or the thread ends.
+    largest gathered input seen in the thread, at most :data:`WORKSPACE_LIMIT` bytes (64 MiB;
+    larger inputs get a fresh tensor; set it to 0 to never keep one), and lives until this
+    function or the thread ends.
 
     Example:
         >>> release_workspace() >= 0
@@ -134,7 +139,7 @@ def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -
     batch = x.shape[0] // n
     rows = slot_rows(table, batch)
     flat = x.flatten(1)
-    if workspace:
+    if workspace and rows.numel() * flat.shape[1] * flat.element_size() <= WORKSPACE_LIMIT:
         out = _workspace(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
         torch.index_select(flat, 0, rows, out=out)
     else:

@@ -103,8 +103,9 @@ class Lift(nn.Module):
         # always a new tensor (cat copies even one block): ops after the lift may work in place
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
-    INDEX_LIMIT = 1 << 18
-    """Largest lifted tensor (elements) whose gather index is cached; and 4x that in all."""
+    INDEX_LIMIT = 1 << 15
+    """Largest lifted tensor (elements) whose gather index is cached (int32: 128 KiB), and 4x
+    that in all: the gather pays where per-slot ops cost more than the data they move."""
 
     def _gather_index(self, x: torch.Tensor, slots) -> torch.Tensor | None:
         """For actions that only move entries, the lift of ``x`` is one gather of its entries:
@@ -130,7 +131,7 @@ class Lift(nn.Module):
         if index is None:
             probe = torch.arange(x.numel(), dtype=torch.float64, device=x.device).view(x.shape)
             lifted = torch.cat([self.action._apply(self.inverses[i], probe) for i in slots], 0)
-            index = lifted.reshape(-1).long()
+            index = lifted.reshape(-1).to(torch.int32)
             if size + sum(i.numel() for i in indices.values()) > 4 * self.INDEX_LIMIT:
                 indices.clear()
             indices[key] = index

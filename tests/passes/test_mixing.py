@@ -493,3 +493,20 @@ def test_localisation_and_stored_values_with_the_gather_workspace():
     layer.table = layer.table[[1, 0, 2, 3, 4, 5, 6, 7]]
     report = equivfx.verify(emodel, x)
     assert not report.ok and report.first_bad_node == "conv2"
+
+
+def test_gathers_over_the_workspace_limit_get_a_fresh_tensor(monkeypatch):
+    import equivfx.passes.mixing as mixing
+
+    G, layer, plain = _gather_conv("C4")
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    gathered_bytes = G.order * 2 * G.order * 3 * 25 * 4
+    release_workspace()
+    monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", gathered_bytes - 1)
+    with torch.no_grad():
+        assert torch.equal(layer(s), plain(SlotGather(G, 1)(s)))
+    assert release_workspace() == 0  # nothing kept
+    monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", gathered_bytes)
+    with torch.no_grad():
+        assert torch.equal(layer(s), plain(SlotGather(G, 1)(s)))
+    assert release_workspace() == gathered_bytes
