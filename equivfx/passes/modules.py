@@ -36,9 +36,9 @@ def eager_tensor(x) -> bool:
     """``x`` is a plain tensor in an eager call: not traced, compiled, exported or vmapped, so a
     cached index or a reused buffer may stand in for the ops a tracer would have to record."""
     return (
-        type(x) is torch.Tensor
+        not is_tracing()  # first: torch.compile cannot trace the functorch query below
+        and type(x) is torch.Tensor
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and not is_tracing()
     )
 
 

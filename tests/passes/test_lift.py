@@ -106,3 +106,18 @@ def test_traced_and_vmapped_calls_lift_op_by_op():
     traced = torch.jit.trace(lift, (xs[0],), check_trace=False)
     assert lift._indices == {} and "index_select" not in traced.code
     assert torch.equal(traced(xs[1]), oracle(G, xs[1]))
+
+
+def test_torch_compile_traces_the_compiled_model_without_graph_breaks():
+    import warnings
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+    ).eval()
+    x = torch.randn(1, 1, 6, 6)  # small: the eager lift takes the cached gather
+    emodel = equivfx.compile(model, "D4", example_inputs=x)
+    compiled = torch.compile(emodel)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.testing.assert_close(compiled(x), emodel(x))
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
