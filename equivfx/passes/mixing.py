@@ -37,8 +37,10 @@ import threading
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
@@ -96,8 +98,10 @@ def release_workspace() -> int:
     page-faulted in by glibc's allocator at every call, which made the layer up to 3x slower
     than one convolution on a ready-made input (docs/layerwise.md). The buffer is the size of the
     largest gathered input seen in the thread, at most :data:`WORKSPACE_LIMIT` bytes (64 MiB;
-    larger inputs get a fresh tensor; set it to 0 to never keep one), and lives until this
-    function or the thread ends.
+    larger inputs get a fresh tensor; set it to 0 to never keep one). There is one buffer per
+    thread, dtype and device, so a pool of N threads may hold N of them; each lives until its
+    thread ends or that thread calls this function (which frees the calling thread's buffers
+    only).
 
     Example:
         >>> release_workspace() >= 0
@@ -124,7 +128,9 @@ def _reuses_workspace(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()  # autograd would save the gathered input for backward
+        and forward_ad._current_level < 0  # forward-mode AD: index_select(out=) has no rule
         and eager_tensor(x)
+        and get_proxy_mode() is None  # make_fx would record writes into the shared buffer
     )
 
 
@@ -144,7 +150,7 @@ def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -
         torch.index_select(flat, 0, rows, out=out)
     else:
         out = flat.index_select(0, rows)
-    return out.view(n * batch, -1, *x.shape[2:])
+    return out.view(n * batch, n * x.shape[1], *x.shape[2:])  # explicit: B may be 0
 
 
 class SlotGather(nn.Module):
@@ -225,8 +231,9 @@ class MixingLayer:
       (|G| B, |G| C, ...) (:func:`gather_rows`), then the widened convolution runs on it. Every slot
       sums its blocks in the order of u, so the layer is bitwise equivariant. Without autograd on
       the CPU the gathered input goes to a per-thread buffer kept between calls
-      (:func:`release_workspace`): it never leaves the layer, and a fresh buffer of that size
-      cost more than the convolution itself under glibc's allocator.
+      (:func:`release_workspace`): no graph value holds it (only a dispatch mode recording every
+      op's inputs would see it), and a fresh tensor of that size cost more than the convolution
+      itself under glibc's allocator.
     - ``"fused"``: the slots are moved onto the feature axis once, (|G| B, C, ...) ->
       (B, |G| C, ...), and one layer with the |G| x |G| block weight [W_(g^-1 v)]_(g, v) (built
       from the |G| blocks of ``weight`` at every call, so gradients reach the one shared weight
@@ -274,8 +281,11 @@ class _MixingConv(MixingLayer):
         if batch_axis:
             x = x.movedim(batch_axis, 0)
         if self.layout == "gather":
+            # the parameters first: a parametrization may run other mixing layers, whose
+            # gathers would reuse the buffer before this layer's convolution reads it
+            weight, bias = self.weight, self.bias
             wide = gather_rows(x, self.table, workspace=_reuses_workspace(x))
-            out = self._conv_forward(wide, self.weight, self.bias)
+            out = self._conv_forward(wide, weight, bias)
         else:
             t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
             y = self._conv_forward(t, self._block_weight(), self._block_bias())
@@ -332,6 +342,10 @@ def widen(module: nn.Module, order: int, group=None, layout: str = "fused") -> n
         >>> lin.weight.shape
         torch.Size([2, 12])
     """
+    if layout not in ("gather", "fused"):
+        raise EquivFXError(
+            explain("unknown mixing layout", layout, "'gather' or 'fused'", "use 'gather'")
+        )
     w = module.weight.detach()
     base = next(b for b in MIXABLE if isinstance(module, b))
     mixing = (

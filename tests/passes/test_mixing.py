@@ -510,3 +510,52 @@ def test_gathers_over_the_workspace_limit_get_a_fresh_tensor(monkeypatch):
     with torch.no_grad():
         assert torch.equal(layer(s), plain(SlotGather(G, 1)(s)))
     assert release_workspace() == gathered_bytes
+
+
+def test_forward_mode_ad_under_no_grad_takes_the_fresh_gather():
+    import torch.autograd.forward_ad as fwAD
+
+    G, layer, plain = _gather_conv("C4")
+    s, t = torch.randn(G.order * 2, 3, 5, 5), torch.randn(G.order * 2, 3, 5, 5)
+    with torch.no_grad(), fwAD.dual_level():
+        got = fwAD.unpack_dual(layer(fwAD.make_dual(s, t))).tangent
+        want = fwAD.unpack_dual(plain(SlotGather(G, 1)(fwAD.make_dual(s, t)))).tangent
+    assert torch.equal(got, want)
+
+
+def test_a_parametrization_running_another_mixing_layer_does_not_clobber_the_gather():
+    from torch.nn.utils import parametrize
+
+    G, layer, _ = _gather_conv("C4")
+    _, inner, _ = _gather_conv("C4", cin=3, cout=3)
+    probe = torch.randn(G.order, 3, 5, 5)  # a smaller gather: it reuses the buffer's prefix
+
+    class Scale(nn.Module):  # a weight computed by running another mixing layer
+        def forward(self, w):
+            return w * (1 + inner(probe).mean().tanh())
+
+    parametrize.register_parametrization(layer, "weight", Scale())
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    want = layer(s).detach()  # autograd on: fresh tensors everywhere
+    with torch.no_grad():
+        assert torch.equal(layer(s), want)
+
+
+def test_make_fx_records_a_fresh_gather():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    G, layer, _ = _gather_conv("C4")
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    with torch.no_grad():
+        gm = make_fx(layer)(s)
+        assert "index_select.out" not in gm.code
+        assert torch.equal(gm(s), layer(s))
+
+
+def test_an_empty_batch_and_an_unknown_layout():
+    G, layer, plain = _gather_conv("C4")
+    empty = torch.randn(0, 3, 5, 5)
+    with torch.no_grad():
+        assert layer(empty).shape == plain(SlotGather(G, 1)(empty)).shape == (0, 5, 5, 5)
+    with pytest.raises(EquivFXError, match="unknown mixing layout"):
+        widen(nn.Conv2d(3, 5, 3), G.order, group=G, layout="Gather")
