@@ -115,9 +115,11 @@ class Lift(nn.Module):
         10 us). None: lift op by op."""
         if not eager_tensor(x) or not self.action.is_permutation:
             return None
-        size = x.numel() * len(slots)
-        if size > self.INDEX_LIMIT:
+        # eligibility by the whole lift's size: chunks of one lift then share its budget, and
+        # per-chunk indices cannot crowd each other out of the cache call after call
+        if x.numel() * max(len(slots), len(self.slots)) > self.INDEX_LIMIT:
             return None
+        size = x.numel() * len(slots)
         key = (tuple(x.shape), x.device, tuple(slots))
         built_for = self.__dict__.get("_indices_for")  # absent in older pickles
         if (
@@ -129,9 +131,10 @@ class Lift(nn.Module):
         indices = self._indices
         index = indices.get(key)
         if index is None:
-            probe = torch.arange(x.numel(), dtype=torch.float64, device=x.device).view(x.shape)
+            # on the CPU: float64 (exact entry numbers) is not available on every device
+            probe = torch.arange(x.numel(), dtype=torch.float64).view(x.shape)
             lifted = torch.cat([self.action._apply(self.inverses[i], probe) for i in slots], 0)
-            index = lifted.reshape(-1).to(torch.int32)
+            index = lifted.reshape(-1).to(device=x.device, dtype=torch.int32)
             if size + sum(i.numel() for i in indices.values()) > 4 * self.INDEX_LIMIT:
                 indices.clear()
             indices[key] = index

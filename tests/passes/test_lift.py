@@ -121,3 +121,22 @@ def test_torch_compile_traces_the_compiled_model_without_graph_breaks():
         warnings.simplefilter("always")
         torch.testing.assert_close(compiled(x), emodel(x))
     assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_chunks_of_one_lift_share_its_budget():
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    per_sample = 3 * 4 * 4
+    small = torch.randn(Lift.INDEX_LIMIT // (8 * per_sample), 3, 4, 4)  # the whole lift fits
+    for _ in range(3):
+        for g in range(G.order):  # chunk=1: one lift per slot
+            assert torch.equal(lift.lift_slots(small, [g]), oracle(G, small, [g]))
+    first = dict(lift._indices)
+    assert len(first) == G.order
+    for g in range(G.order):
+        lift.lift_slots(small, [g])
+    assert all(lift._indices[k] is v for k, v in first.items())  # cached once, not rebuilt
+    big = torch.randn(small.shape[0] + 1, 3, 4, 4)  # each chunk fits, the whole lift does not
+    for g in range(G.order):
+        assert torch.equal(lift.lift_slots(big, [g]), oracle(G, big, [g]))
+    assert len(lift._indices) == G.order  # nothing added for the big input
