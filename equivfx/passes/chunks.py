@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 
 import torch
@@ -182,19 +183,21 @@ class SlotChunks(nn.Module):
 
     def _measure(self, args) -> int:
         """Time a whole forward for each k dividing the number of slots, interleaved (machine
-        noise spreads over every candidate) in an order rotated from round to round (each
-        candidate also follows each other one, whose freed memory the allocator may hand on): a
-        warm-up round, then at least 3 and at most 20 rounds, until the measurement has taken
-        about 0.3 s; keep each candidate's minimum.
+        noise spreads over every candidate) in a new order each round (a fixed-seed shuffle, so
+        a candidate does not always follow the same other one, whose freed memory the allocator
+        may hand on): a warm-up round, then at least 3 and at most 20 rounds, until the
+        measurement has taken about 0.3 s; keep each candidate's minimum.
 
         Folding every slot wins ties within 3 %: it runs one generated graph and has no chunk
         bookkeeping, so a chunk size must be clearly faster to be chosen."""
         sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
         best = {k: float("inf") for k in sizes}
         start = time.perf_counter()
+        shuffle = random.Random(0).shuffle
         for round_ in range(21):
-            turn = round_ % len(sizes)
-            for k in sizes[turn:] + sizes[:turn]:
+            order = list(sizes)
+            shuffle(order)
+            for k in order:
                 t = time.perf_counter()
                 self._run(args, k)
                 if round_:  # round 0 warms caches and the allocator

@@ -55,7 +55,7 @@ def test_auto_measures_once_per_input_shape_and_picks_a_divisor():
     assert all(equivfx.group(spec).order % k == 0 for k in chosen.values())
 
 
-def test_auto_rotates_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
+def test_auto_varies_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
     model, x, spec = ZOO["resnet"]()
     emodel = _compile(model.eval(), spec, x, chunk="auto")
     runner = emodel.equivfx_chunks
@@ -73,7 +73,9 @@ def test_auto_rotates_the_order_of_the_candidates_and_picks_by_time(monkeypatch)
     rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
     assert len(rounds) == 4  # a warm-up round, then three (the fake clock passed 0.3 s)
     assert all(sorted(r) == sizes for r in rounds)
-    assert [r[0] for r in rounds[:3]] == sizes  # each candidate goes first in turn
+    # a candidate does not always follow the same other one (its freed memory)
+    after = {k: {r[r.index(k) - 1] for r in rounds if r.index(k)} for k in sizes}
+    assert any(len(before) > 1 for before in after.values())
 
 
 def test_training_mode_runs_every_slot_in_one_pass():
