@@ -34,6 +34,7 @@ docs/gcnn.md). ``layout="fused"`` trades bitwise equivariance for no permuted co
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,22 @@ def slot_rows(table: torch.Tensor, batch: int) -> torch.Tensor:
     return (table[:, None, :] * batch + torch.arange(batch, device=table.device)[:, None]).flatten()
 
 
-class _Workspace(threading.local):
-    """One growing CPU buffer per thread, dtype and device for a mixing layer's gathered input."""
+class _Buffers:
+    """One thread's buffers for mixing layers' gathered inputs, by dtype and device."""
+
+    __slots__ = ("buffers", "__weakref__")
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_EVERY_THREAD: weakref.WeakSet = weakref.WeakSet()  # a thread's entry goes when the thread ends
+
+
+class _Workspace(threading.local):
+    def __init__(self):  # once per thread, at its first gather
+        self.own = _Buffers()
+        _EVERY_THREAD.add(self.own)
 
 
 _WORKSPACE = _Workspace()
@@ -89,8 +101,9 @@ WORKSPACE_LIMIT = 64 << 20
 """Bytes: larger gathered inputs get a fresh tensor (the buffer is held between calls)."""
 
 
-def release_workspace() -> int:
-    """Free the calling thread's gather workspaces; returns the number of bytes released.
+def release_workspace(every_thread: bool = False) -> int:
+    """Free the gather buffers of the calling thread (or of every thread); returns the bytes
+    released.
 
     Gather-layout mixing convolutions on the CPU write their gathered input, the |G| permuted slot
     blocks, into a buffer kept between calls when autograd does not need it (under
@@ -100,26 +113,31 @@ def release_workspace() -> int:
     largest gathered input seen in the thread, at most :data:`WORKSPACE_LIMIT` bytes (64 MiB;
     larger inputs get a fresh tensor; set it to 0 to never keep one). There is one buffer per
     thread, dtype and device, so a pool of N threads may hold N of them; each lives until its
-    thread ends or that thread calls this function (which frees the calling thread's buffers
-    only).
+    thread ends or it is released here. Releasing another thread's buffer while that thread runs
+    a mixing layer is safe: the layer keeps its own reference until its convolution is done.
 
     Example:
         >>> release_workspace() >= 0
         True
     """
-    freed = sum(b.numel() * b.element_size() for b in _WORKSPACE.buffers.values())
-    _WORKSPACE.buffers.clear()
+    owners = list(_EVERY_THREAD) if every_thread else [_WORKSPACE.own]
+    freed = 0
+    for owner in owners:
+        buffers = owner.buffers
+        freed += sum(b.numel() * b.element_size() for b in list(buffers.values()))
+        buffers.clear()
     return freed
 
 
 def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
     key = (like.dtype, like.device)
-    buf = _WORKSPACE.buffers.get(key)
+    buffers = _WORKSPACE.own.buffers
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        _WORKSPACE.buffers.pop(key, None)  # free the old one before the larger allocation
+        buffers.pop(key, None)  # free the old one before the larger allocation
         with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        _WORKSPACE.buffers[key] = buf
+        buffers[key] = buf
     return buf[:numel]
 
 

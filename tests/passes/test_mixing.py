@@ -559,3 +559,31 @@ def test_an_empty_batch_and_an_unknown_layout():
         assert layer(empty).shape == plain(SlotGather(G, 1)(empty)).shape == (0, 5, 5, 5)
     with pytest.raises(EquivFXError, match="unknown mixing layout"):
         widen(nn.Conv2d(3, 5, 3), G.order, group=G, layout="Gather")
+
+
+def test_release_workspace_frees_every_threads_buffers():
+    import threading
+
+    G, layer, plain = _gather_conv("C4")
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    want = plain(SlotGather(G, 1)(s)).detach()
+    release_workspace(every_thread=True)
+    ready, go, results = threading.Barrier(3), threading.Event(), []
+
+    def worker():
+        with torch.no_grad():
+            results.append(torch.equal(layer(s), want))  # allocates this thread's buffer
+            ready.wait()
+            go.wait()  # the main thread releases every buffer meanwhile
+            results.append(torch.equal(layer(s), want))  # a new buffer, same result
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    assert release_workspace() == 0  # the main thread has none
+    assert release_workspace(every_thread=True) == 2 * G.order * 2 * G.order * 3 * 25 * 4
+    go.set()
+    for t in threads:
+        t.join()
+    assert results == [True] * 4
