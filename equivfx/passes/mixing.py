@@ -163,8 +163,9 @@ def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -
     batch = x.shape[0] // n
     rows = slot_rows(table, batch)
     flat = x.flatten(1)
-    if workspace and rows.numel() * flat.shape[1] * flat.element_size() <= WORKSPACE_LIMIT:
-        out = _workspace(rows.numel() * flat.shape[1], flat).view(rows.numel(), flat.shape[1])
+    numel = rows.numel() * flat.shape[1]
+    if workspace and numel * flat.element_size() <= WORKSPACE_LIMIT:
+        out = _workspace(numel, flat).view(rows.numel(), flat.shape[1])
         torch.index_select(flat, 0, rows, out=out)
     else:
         out = flat.index_select(0, rows)

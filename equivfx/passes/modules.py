@@ -100,7 +100,11 @@ class Lift(nn.Module):
         index = self._gather_index(x, slots)
         if index is not None:  # one gather instead of one op per slot, then a cat
             return x.reshape(-1).index_select(0, index).view(len(slots) * x.shape[0], *shape)
-        # always a new tensor (cat copies even one block): ops after the lift may work in place
+        return self._each_slot(x, slots)
+
+    def _each_slot(self, x: torch.Tensor, slots) -> torch.Tensor:
+        """The lift op by op: g^-1 . x for each slot g, folded. Always a new tensor (cat copies
+        even one block): ops after the lift may work in place."""
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
     INDEX_LIMIT = 1 << 15
@@ -133,8 +137,7 @@ class Lift(nn.Module):
         if index is None:
             # on the CPU: float64 (exact entry numbers) is not available on every device
             probe = torch.arange(x.numel(), dtype=torch.float64).view(x.shape)
-            lifted = torch.cat([self.action._apply(self.inverses[i], probe) for i in slots], 0)
-            index = lifted.reshape(-1).to(device=x.device, dtype=torch.int32)
+            index = self._each_slot(probe, slots).reshape(-1).to(x.device, torch.int32)
             if size + sum(i.numel() for i in indices.values()) > 4 * self.INDEX_LIMIT:
                 indices.clear()
             indices[key] = index
