@@ -31,13 +31,12 @@ def _inputs(example, seed=0):
     return tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in example.shapes)
 
 
-def _annotated(rule: OpRule):
-    ex = rule.example
-    module = ex.build().double()
-    xs = _inputs(ex)
+def _traced(module, xs, group):
+    """``module`` traced, shapes propagated on ``xs`` and annotated for ``group`` acting on its
+    first input: (gm, G)."""
     gm = trace(module).gm
     ShapeProp(gm).propagate(*xs)
-    G = equivfx.group(ex.group)
+    G = equivfx.group(group)
     opts = LiftOptions(
         group=G,
         input_action=G.action,
@@ -45,6 +44,19 @@ def _annotated(rule: OpRule):
         example_batch=xs[0].shape[0],
     )
     AnnotateReps(opts)(gm)
+    return gm, G
+
+
+def _ctx(gm, node, module=None, example_batch=None) -> BatchCtx:
+    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
+    return BatchCtx(node=node, reps=reps, module=module, example_batch=example_batch)
+
+
+def _annotated(rule: OpRule):
+    ex = rule.example
+    module = ex.build().double()
+    xs = _inputs(ex)
+    gm, G = _traced(module, xs, ex.group)
     return module, gm, xs, G
 
 
@@ -93,8 +105,7 @@ def test_affine_claim(rule):
 def test_commutation_claim(rule):
     module, gm, xs, G = _annotated(rule)
     node, mod = _node_of(gm, rule)
-    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
-    ctx = BatchCtx(node=node, reps=reps, module=mod, example_batch=xs[0].shape[0])
+    ctx = _ctx(gm, node, mod, xs[0].shape[0])
     if not rule.commutes(ctx, G.action):
         pytest.skip(f"{rule.name} makes no commutation claim for {G.spec} on its example")
     with torch.no_grad():
@@ -108,8 +119,7 @@ def test_commutation_claim(rule):
 def test_invariance_claim(rule):
     module, gm, xs, G = _annotated(rule)
     node, mod = _node_of(gm, rule)
-    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
-    ctx = BatchCtx(node=node, reps=reps, module=mod, example_batch=xs[0].shape[0])
+    ctx = _ctx(gm, node, mod, xs[0].shape[0])
     if not rule.invariant(ctx, G.action):
         pytest.skip(f"{rule.name} makes no invariance claim for {G.spec} on its example")
     with torch.no_grad():
@@ -119,16 +129,9 @@ def test_invariance_claim(rule):
 
 
 def _claims_invariance(fn, group="C4", shape=(2, 3, 6, 6)):
-    x = torch.randn(shape, dtype=torch.float64)
-    gm = trace(_Wrap(fn)).gm
-    ShapeProp(gm).propagate(x)
-    G = equivfx.group(group)
-    opts = LiftOptions(G, G.action, "x", example_batch=shape[0])
-    AnnotateReps(opts)(gm)
+    gm, G = _traced(_Wrap(fn), [torch.randn(shape, dtype=torch.float64)], group)
     node = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
-    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
-    rule = lookup(rule_key(node))
-    return rule.invariant(BatchCtx(node=node, reps=reps, example_batch=shape[0]), G.action)
+    return lookup(rule_key(node)).invariant(_ctx(gm, node, None, shape[0]), G.action)
 
 
 class _Wrap(torch.nn.Module):
@@ -175,8 +178,7 @@ def test_expected_rules_claim_commutation(name):
     rule = next(r for r in RULES_WITH_EXAMPLES if r.name == name)
     module, gm, xs, G = _annotated(rule)
     node, mod = _node_of(gm, rule)
-    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
-    assert rule.commutes(BatchCtx(node=node, reps=reps, module=mod), G.action)
+    assert rule.commutes(_ctx(gm, node, mod), G.action)
 
 
 def _my_op(x):
@@ -243,15 +245,11 @@ def _conv_claim(conv, group, shape):
     """Whether the conv rule claims commutation with ``group`` on an input of ``shape``."""
     module = _Wrap(conv.double())
     x = torch.randn(shape, dtype=torch.float64)
-    gm = trace(module).gm
-    ShapeProp(gm).propagate(x)
-    G = equivfx.group(group)
-    AnnotateReps(LiftOptions(G, G.action, "x", example_batch=shape[0]))(gm)
-    modules = dict(gm.named_modules())
+    gm, G = _traced(module, [x], group)
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
-    reps = {n: n.meta[REP] for n in gm.graph.nodes if REP in n.meta}
-    ctx = BatchCtx(node=node, reps=reps, module=modules[node.target], example_batch=shape[0])
-    return lookup(rule_key(node, modules[node.target])).commutes(ctx, G.action), module, x, G
+    mod = gm.get_submodule(node.target)
+    claimed = lookup(rule_key(node, mod)).commutes(_ctx(gm, node, mod, shape[0]), G.action)
+    return claimed, module, x, G
 
 
 C1 = dict(padding_mode="circular")
