@@ -286,78 +286,101 @@ def summarize(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown section: a heading, then a table of ``rows`` (cells as text) under ``header``."""
+
+    def line(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    return [f"## {title}", "", line(header), "|" + "---|" * len(header), *map(line, rows), ""]
+
+
 def tables(out: Path) -> list[str]:
     """The per-benchmark tables of this run (bench_global's own are in bench_global.md)."""
     lines: list[str] = []
     cp = _load(out, "bench_cost_passes")
     if cp:
-        lines += [
-            "## Cost passes (`bench_cost_passes.json`)",
-            "",
-            "| case | group | B | slots computed | no cost passes (ms) | cost passes (ms) | "
-            "speed-up | max abs difference |",
-            "|---|---|---|---|---|---|---|---|",
+        header = [
+            "case", "group", "B", "slots computed", "no cost passes (ms)", "cost passes (ms)",
+            "speed-up", "max abs difference",
+        ]  # fmt: skip
+        rows = [
+            [
+                r.get("case", "stem-head"),
+                r["group"],
+                str(r["batch"]),
+                f"{r.get('slots_computed', '-')} of {r.get('slots', '-')}",
+                f"{r['plain_ms']:.2f}",
+                f"{r['optimized_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['max_abs_diff']:.1e}",
+            ]
+            for r in cp["rows"]
         ]
-        for r in cp["rows"]:
-            lines.append(
-                f"| {r.get('case', 'stem-head')} | {r['group']} | {r['batch']} | "
-                f"{r.get('slots_computed', '-')} of {r.get('slots', '-')} | {r['plain_ms']:.2f} | "
-                f"{r['optimized_ms']:.2f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |"
-            )
-        lines.append("")
+        lines += _section("Cost passes (`bench_cost_passes.json`)", header, rows)
     for name, label, m in _per_allocator(out, "mixing_layout"):
-        lines += [
-            f"## Mixing-layer layouts, {label} (`{name}.json`), ms",
-            "",
-            "| group | B | C | size | one conv, same shape | gather (default) | gather, fresh "
-            "copy | fused | blocks | gather / one conv | fresh copy / one conv | fused / one conv "
-            "|",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        header = [
+            "group", "B", "C", "size", "one conv, same shape", "gather (default)",
+            "gather, fresh copy", "fused", "blocks", "gather / one conv", "fresh copy / one conv",
+            "fused / one conv",
+        ]  # fmt: skip
+        rows = [
+            [
+                r["group"],
+                str(r["batch"]),
+                str(r["channels"]),
+                f"{r['size']}x{r['size']}",
+                *(
+                    f"{r.get(k, float('nan')):.2f}"
+                    for k in (
+                        "single_conv_ms",
+                        "gather_ms",
+                        "gather_fresh_ms",
+                        "fused_ms",
+                        "blocks_ms",
+                        "gather_over_single_conv",
+                        "gather_fresh_over_single_conv",
+                        "fused_over_single_conv",
+                    )
+                ),  # fmt: skip
+            ]
+            for r in m["rows"]
         ]
-        for r in m["rows"]:
-            fresh = r.get("gather_fresh_ms", float("nan"))
-            fresh_ratio = r.get("gather_fresh_over_single_conv", float("nan"))
-            lines.append(
-                f"| {r['group']} | {r['batch']} | {r['channels']} | {r['size']}x{r['size']} | "
-                f"{r['single_conv_ms']:.2f} | {r['gather_ms']:.2f} | {fresh:.2f} | "
-                f"{r['fused_ms']:.2f} | {r['blocks_ms']:.2f} | "
-                f"{r['gather_over_single_conv']:.2f} | {fresh_ratio:.2f} | "
-                f"{r['fused_over_single_conv']:.2f} |"
-            )
-        lines.append("")
+        lines += _section(f"Mixing-layer layouts, {label} (`{name}.json`), ms", header, rows)
     for name, label, c in _per_allocator(out, "bench_chunks"):
-        lines += [
-            f"## Slots per pass, {label} (`{name}.json`), ms",
-            "",
-            '| model | group | B | fold all (`chunk=None`) | `chunk=1` | `chunk="auto"` (chose) | '
-            "loop over g | base@GB | auto / min(loop, base@GB) | fold all / min |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+        header = [
+            "model", "group", "B", "fold all (`chunk=None`)", "`chunk=1`",
+            '`chunk="auto"` (chose)', "loop over g", "base@GB", "auto / min(loop, base@GB)",
+            "fold all / min",
+        ]  # fmt: skip
+        rows = [
+            [
+                r["model"],
+                r["group"],
+                str(r["batch"]),
+                f"{r['ms']['fold all']:.2f}",
+                f"{r['ms']['chunk=1']:.2f}",
+                f"{r['ms']['auto']:.2f} ({','.join(map(str, r['auto_chose']))})",
+                f"{r['ms']['loop']:.2f}",
+                f"{r['ms']['base@GB']:.2f}",
+                f"{r['auto_over_best']:.2f}",
+                f"{r['fold_over_best']:.2f}",
+            ]
+            for r in c["rows"]
         ]
-        for r in c["rows"]:
-            ms = r["ms"]
-            chose = ",".join(map(str, r["auto_chose"]))
-            lines.append(
-                f"| {r['model']} | {r['group']} | {r['batch']} | {ms['fold all']:.2f} | "
-                f"{ms['chunk=1']:.2f} | {ms['auto']:.2f} ({chose}) | {ms['loop']:.2f} | "
-                f"{ms['base@GB']:.2f} | {r['auto_over_best']:.2f} | {r['fold_over_best']:.2f} |"
-            )
-        lines.append("")
+        lines += _section(f"Slots per pass, {label} (`{name}.json`), ms", header, rows)
     mem = _load(out, "bench_memory")
     if mem:
         keys = [k for k in mem["rows"][0] if k not in ("model", "group", "batch")]
-        lines += [
-            "## Peak tensor memory during one forward (`bench_memory.json`), MiB",
-            "",
-            "| model | group | B | " + " | ".join(keys) + " |",
-            "|---|---|---|" + "---|" * len(keys),
+        rows = [
+            [r["model"], r["group"], str(r["batch"]), *(f"{r[k]:.1f}" for k in keys)]
+            for r in mem["rows"]
         ]
-        for r in mem["rows"]:
-            lines.append(
-                f"| {r['model']} | {r['group']} | {r['batch']} | "
-                + " | ".join(f"{r[k]:.1f}" for k in keys)
-                + " |"
-            )
-        lines.append("")
+        lines += _section(
+            "Peak tensor memory during one forward (`bench_memory.json`), MiB",
+            ["model", "group", "B", *keys],
+            rows,
+        )
     return lines
 
 
