@@ -57,9 +57,8 @@ __all__ = [
     "MixingConv3d",
     "MixingLinear",
     "SlotGather",
-    "gather_rows",
+    "WORKSPACE_LIMIT",
     "release_workspace",
-    "slot_rows",
     "widen",
     "MIXABLE",
 ]
