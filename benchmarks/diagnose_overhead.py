@@ -16,6 +16,9 @@
    channels, 32x32, B = 8: |G| B samples with |G| C -> C channels (gather) against B samples with
    |G| C -> |G| C channels (fused), on ready-made inputs, paired.
 
+5. The lift: op by op (one action per slot, then a cat) against the cached gather, for small
+   inputs (seq1d ShiftRev4 and ResNet D4 at B = 1, a set of 5 under Perm5), medians.
+
 Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 """
 
@@ -127,6 +130,29 @@ def conv_shapes() -> float:
         return _paired_ratio(fns, "gather", "fused")
 
 
+def lift_cost(threads: int) -> list[tuple]:
+    from equivfx.passes.modules import Lift
+
+    rows = []
+    for spec, shape in (
+        ("ShiftRev4", (1, 8, 128)),
+        ("D4", (1, 3, 32, 32)),
+        ("Perm5@-2", (1, 5, 16)),
+    ):
+        G = equivfx.group(spec)
+        lift, x = Lift(G, G.action), torch.randn(shape)
+        env = dict(lift=lift, x=x, slots=lift.slots)
+        timers = {
+            "op by op": benchmark.Timer("lift._each_slot(x, slots)", globals=env),
+            "gather": benchmark.Timer("lift(x)", globals=env),
+        }
+        with torch.no_grad():
+            lift(x)  # builds the index
+            ms = median_ms(timers, 5, 0.2)
+        rows.append((spec, shape, ms["op by op"] * 1e3, ms["gather"] * 1e3))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -150,6 +176,10 @@ def main() -> None:
             f"{name} {spec} B={batch}: base model on a batch lifted at each call / on the same "
             f"batch built beforehand = {ratio:.3f} (paired)",
             flush=True,
+        )
+    for spec, shape, slow, fast in lift_cost(args.threads):
+        print(
+            f"lift {spec} {shape}: op by op {slow:.1f} us, cached gather {fast:.1f} us", flush=True
         )
     print(
         "C4, 16 channels, 32x32, B=8, same FLOPs: gather-layout convolution / fused-layout "

@@ -115,8 +115,8 @@ class Lift(nn.Module):
         """For actions that only move entries, the lift of ``x`` is one gather of its entries:
         the index is the lift of a tensor of entry numbers (exact: the same copies in the same
         places). Built once per shape, device and slots, for small inputs in eager calls, where
-        the per-slot ops cost more than the data they move (|G| = 120 on a set of 5: 770 us ->
-        10 us). None: lift op by op."""
+        the per-slot ops cost more than the data they move (|G| = 120 on a set of 5: 715 us ->
+        17 us, ``benchmarks/diagnose_overhead.py``). None: lift op by op."""
         if not eager_tensor(x) or not self.action.is_permutation:
             return None
         # eligibility by the whole lift's size: chunks of one lift then share its budget, and
