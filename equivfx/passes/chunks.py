@@ -17,7 +17,10 @@ are computed (a running sum, max or logsumexp), so nothing of size |G| B is ever
 output every slot (``slots``, ``pose``, ``equivariant``) concatenate the chunks' values first.
 
 ``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of a
-whole forward for each chunk size that divides the number of slots and keeps the fastest; in
+whole forward for each chunk size that divides the number of slots and keeps the fastest. It
+measures at most :attr:`SlotChunks.MEASURED_SHAPES` shapes per model: past that, a new shape takes
+the decision of the measured shape nearest in size (with the same dtypes, devices and ranks), so
+dynamic batch sizes or sequence lengths do not pay a measurement at every new size. In
 training mode, and while being traced or exported, all slots run in one pass (batch statistics must
 see every slot), through the flat graph's own generated code. "Training" means any of the model's
 own modules is in training mode.
@@ -29,6 +32,7 @@ import logging
 import math
 import random
 import time
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -56,6 +60,10 @@ class SlotChunks(nn.Module):
             the graph module that owns this one, so the state dict keeps the original keys).
         chunk: slots per pass, or ``"auto"``.
     """
+
+    MEASURED_SHAPES = 8
+    """``chunk="auto"`` measures at most this many input shapes; later new shapes reuse the
+    decision of the nearest measured one (see the module docstring)."""
 
     def __init__(self, flat: fx.GraphModule, chunk: int | str):
         super().__init__()
@@ -156,7 +164,10 @@ class SlotChunks(nn.Module):
     @staticmethod
     def _key(args) -> tuple:
         return tuple(
-            (tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args
+            _Spec(tuple(a.shape), a.dtype, a.device)
+            if isinstance(a, torch.Tensor)
+            else _hashable(a)
+            for a in args
         )
 
     def _decided(self, args) -> int | None:
@@ -167,7 +178,25 @@ class SlotChunks(nn.Module):
             return int(self.chunk)
         if self.order == 1:  # one slot computed: nothing to choose
             return 1
-        return self.chosen.get(self._key(args))
+        key = self._key(args)
+        k = self.chosen.get(key)
+        if k is None and len(self.chosen) >= self.MEASURED_SHAPES:
+            k = self._nearest(key)
+        return k
+
+    def _nearest(self, key: tuple) -> int | None:
+        """The decision for the measured input nearest in size to ``key`` (the sum over tensor
+        arguments of |log numel ratio|), among those with the same dtypes, devices, ranks and
+        other arguments; None if there is none (then ``key`` is measured)."""
+        best = None
+        for measured, k in self.chosen.items():
+            distance = _distance(key, measured)
+            if distance is not None and (best is None or distance < best[0]):
+                best = (distance, k)
+        if best is None:
+            return None
+        log.debug("equivfx: chunk='auto' reuses %d slots per pass for %s", best[1], key)
+        return best[1]
 
     def _measured(self, args) -> int:
         key = self._key(args)
@@ -210,6 +239,42 @@ class SlotChunks(nn.Module):
     def extra_repr(self) -> str:
         chosen = f", chosen={sorted(set(self.chosen.values()))}" if self.chosen else ""
         return f"chunk={self.chunk!r}, slots={self.order}{chosen}"
+
+
+class _Spec(NamedTuple):
+    """A tensor argument in ``chunk="auto"``'s keys."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _hashable(value):
+    """``value`` as part of a dict key (lists and other unhashable arguments by their repr)."""
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value).__name__, repr(value))
+    return value
+
+
+def _distance(a: tuple, b: tuple) -> float | None:
+    """How far apart two ``_key`` values are in size, or None if they are not comparable."""
+    if len(a) != len(b):
+        return None
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, _Spec) != isinstance(y, _Spec):
+            return None
+        if not isinstance(x, _Spec):
+            if x != y:
+                return None
+            continue
+        (xs, xd, xdev), (ys, yd, ydev) = x, y
+        if xd != yd or xdev != ydev or len(xs) != len(ys):
+            return None
+        total += abs(math.log(max(math.prod(xs), 1)) - math.log(max(math.prod(ys), 1)))
+    return total
 
 
 def _axis(join: fx.Node) -> int:

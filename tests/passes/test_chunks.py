@@ -3,6 +3,7 @@ training mode, and localisation through the flat graph."""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import NotYetSupportedError
+from equivfx.passes.chunks import SlotChunks, _distance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import ZOO  # noqa: E402
@@ -76,6 +78,59 @@ def test_auto_varies_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
     # a candidate does not always follow the same other one (its freed memory)
     after = {k: {r[r.index(k) - 1] for r in rounds if r.index(k)} for k in sizes}
     assert any(len(before) > 1 for before in after.values())
+
+
+def test_auto_measures_a_bounded_number_of_shapes_then_reuses_the_nearest(monkeypatch):
+    # dynamic batch sizes would otherwise pay a measurement at every new size
+    model, x, spec = ZOO["resnet"]()
+    model.eval()
+    emodel = _compile(model, spec, x, chunk="auto")
+    whole = _compile(model, spec, x, chunk=None)
+    runner = emodel.equivfx_chunks
+    order = runner.order
+    monkeypatch.setattr(runner, "MEASURED_SHAPES", 2)
+    measured, used = [], []
+    decisions = {1: order, 8: 1}  # by batch size: fold all at B = 1, one slot per pass at B = 8
+    monkeypatch.setattr(
+        runner, "_measure", lambda args: measured.append(len(args[0])) or decisions[len(args[0])]
+    )
+    run = runner._run
+    monkeypatch.setattr(runner, "_run", lambda args, k: used.append(k) or run(args, k))
+    with torch.no_grad():
+        for batch in [1, 8, 2, 6, 1, 64]:
+            xb = torch.randn(batch, *x.shape[1:])
+            torch.testing.assert_close(emodel(xb), whole(xb), rtol=1e-5, atol=1e-5)
+    assert measured == [1, 8]  # the first two shapes only
+    # 2 is nearer 1 than 8 (log ratios 0.69 and 1.39), 6 nearer 8, 64 nearest 8
+    assert used == [order, 1, order, 1, order, 1]
+    assert len(runner.chosen) == 2
+
+
+def test_auto_measures_past_the_bound_where_no_measured_input_compares(monkeypatch):
+    model, x, spec = ZOO["resnet"]()
+    emodel = _compile(model.eval(), spec, x, chunk="auto")
+    runner = emodel.equivfx_chunks
+    monkeypatch.setattr(runner, "MEASURED_SHAPES", 1)
+    measured = []
+    monkeypatch.setattr(runner, "_measure", lambda args: measured.append(args[0].dtype) or 1)
+    monkeypatch.setattr(runner, "_run", lambda args, k: k)
+    runner(x)
+    assert runner(torch.cat([x, x])) == 1  # reused: same dtype, device and rank
+    runner(x.double())  # no float64 input measured yet: measured
+    assert measured == [torch.float32, torch.float64]
+
+
+def test_auto_keys_compare_other_arguments_by_value_and_hash_unhashable_ones():
+    key = SlotChunks._key((torch.zeros(2, 3), [1, 2], 0.5))
+    assert hash(key) == hash(SlotChunks._key((torch.ones(2, 3), [1, 2], 0.5)))
+    assert _distance(key, SlotChunks._key((torch.zeros(8, 3), [1, 2], 0.5))) == pytest.approx(
+        math.log(4)
+    )
+    assert _distance(key, SlotChunks._key((torch.zeros(8, 3), [1, 3], 0.5))) is None
+    assert _distance(key, SlotChunks._key((torch.zeros(2, 3, 1), [1, 2], 0.5))) is None
+    assert (
+        _distance(key, SlotChunks._key((torch.zeros(2, 3, dtype=torch.int64), [1, 2], 0.5))) is None
+    )
 
 
 def test_training_mode_runs_every_slot_in_one_pass():
