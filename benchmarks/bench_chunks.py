@@ -2,8 +2,10 @@
 
 Time: medians of interleaved ``torch.utils.benchmark`` runs, in the same process, for the
 ResNet-style CNN and the small ViT of ``bench_global.py`` at B = 8 and 64 under C4 and D4, against
-the
-hand-written loop over g and the base model folded at |G| B.
+the hand-written loop over g and the base model folded at |G| B. The ratios the targets are judged
+on are paired as in ``bench_global.py`` (``paired_ms``): every variant, and ``chunk="auto"`` a
+second time (an A/A control), in short blocks, round after round in rotated order; each ratio is
+taken within a round, then the median and quartiles over the rounds (``paired`` in the JSON).
 Peak memory is not measured: on CPU, a process's peak resident set size (``ru_maxrss``) is set by
 importing torch, above any of these forward passes, and torch keeps no CPU allocator statistics.
 
@@ -23,9 +25,30 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import MODELS, median_ms  # noqa: E402
+from bench_global import MODELS, _quartiles, median_ms, paired_ms  # noqa: E402
 
 import equivfx  # noqa: E402
+
+
+def paired_chunk_ratios(samples: dict) -> dict:
+    """Round-by-round ratios against min(loop, base@GB), their quartiles, and the A/A control."""
+    rounds = len(samples["auto"])
+
+    def per_round(key):
+        return _quartiles(
+            [
+                samples[key][i] / min(samples["loop"][i], samples["base@GB"][i])
+                for i in range(rounds)
+            ]
+        )
+
+    return dict(
+        rounds=rounds,
+        auto_over_best=per_round("auto"),
+        fold_over_best=per_round("fold all"),
+        chunk1_over_best=per_round("chunk=1"),
+        a_over_a=_quartiles([samples["auto"][i] / samples["auto (A/A)"][i] for i in range(rounds)]),
+    )
 
 
 def main() -> None:
@@ -78,6 +101,15 @@ def main() -> None:
                 }
                 with torch.no_grad():
                     ms = median_ms(timers, 3 if args.quick else 7, 0.1 if args.quick else 0.25)
+                    calls = {k: (lambda v=v, x=x: v(x)) for k, v in variants.items()}
+                    calls["loop"] = loop
+                    calls["base@GB"] = lambda model=model, xg=xg: model(xg)
+                    samples = paired_ms(
+                        {**calls, "auto (A/A)": calls["auto"]},
+                        {**ms, "auto (A/A)": ms["auto"]},
+                        budget_s=2.0 if args.quick else 6.0,
+                    )
+                paired = paired_chunk_ratios(samples)
                 chosen = sorted(set(variants["auto"].equivfx_chunks.chosen.values()))
                 best = min(ms["loop"], ms["base@GB"])
                 row = dict(
@@ -88,13 +120,16 @@ def main() -> None:
                     auto_chose=chosen,
                     auto_over_best=ms["auto"] / best,
                     fold_over_best=ms["fold all"] / best,
+                    paired=paired,
                 )
                 rows.append(row)
                 print(
                     f"{name} {G.spec} B={batch}: "
                     + " ".join(f"{k}={v:.2f}" for k, v in ms.items())
                     + f" | auto chose {chosen}, auto/best={row['auto_over_best']:.2f}, "
-                    f"fold/best={row['fold_over_best']:.2f}",
+                    f"fold/best={row['fold_over_best']:.2f} | paired over {paired['rounds']} "
+                    f"rounds: auto/best={paired['auto_over_best']['median']:.3f} "
+                    f"A/A={paired['a_over_a']['median']:.3f}",
                     flush=True,
                 )
     if args.json:

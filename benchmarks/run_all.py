@@ -242,13 +242,25 @@ def summarize(out: Path) -> str:
         )
     for _, label, c in _per_allocator(out, "bench_chunks"):
         rows = c["rows"]
-        auto = [r["auto_over_best"] for r in rows]
-        fold = [r["fold_over_best"] for r in rows]
+        paired = all("paired" in r for r in rows)
+
+        def chunk_ratio(r, key, paired=paired):  # paired (round by round) where the run has it
+            return r["paired"][key]["median"] if paired else r[key]
+
+        auto = [chunk_ratio(r, "auto_over_best") for r in rows]
+        fold = [chunk_ratio(r, "fold_over_best") for r in rows]
+        aa = (
+            f"; A/A (auto timed twice) {min(r['paired']['a_over_a']['median'] for r in rows):.3f}"
+            f" to {max(r['paired']['a_over_a']['median'] for r in rows):.3f}"
+            if paired
+            else ""
+        )
         lines.append(
             f'| `chunk="auto"` picks the fold size by measurement ({label}) | auto / min(loop, '
-            f"base@GB) {min(auto):.2f} to {max(auto):.2f} (median "
+            f"base@GB) ({'paired, median over rounds' if paired else 'medians'}) "
+            f"{min(auto):.2f} to {max(auto):.2f} (median "
             f"{statistics.median(auto):.2f}), <= 1.05 in {sum(x <= 1.05 for x in auto)} of "
-            f"{len(auto)}; folding every slot {min(fold):.2f} to {max(fold):.2f} | "
+            f"{len(auto)}; folding every slot {min(fold):.2f} to {max(fold):.2f}{aa} | "
             f"{_verdict(all(x <= 1.05 for x in auto))} for 5 % |"
         )
     mem = _load(out, "bench_memory")
@@ -284,6 +296,18 @@ def summarize(out: Path) -> str:
         )
     lines += ["", *tables(out)]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cells(p: dict | None) -> list[str]:
+    """bench_chunks' paired columns (a run from before they existed: dashes)."""
+    if p is None:
+        return ["-", "-", "-"]
+    a = p["auto_over_best"]
+    return [
+        f"{a['median']:.3f} [{a['q1']:.3f}, {a['q3']:.3f}]",
+        f"{p['fold_over_best']['median']:.3f}",
+        f"{p['a_over_a']['median']:.3f}",
+    ]
 
 
 def _section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
@@ -351,7 +375,8 @@ def tables(out: Path) -> list[str]:
         header = [
             "model", "group", "B", "fold all (`chunk=None`)", "`chunk=1`",
             '`chunk="auto"` (chose)', "loop over g", "base@GB", "auto / min(loop, base@GB)",
-            "fold all / min",
+            "fold all / min", "paired: auto / min [quartiles]", "paired: fold all / min",
+            "paired A/A",
         ]  # fmt: skip
         rows = [
             [
@@ -365,6 +390,7 @@ def tables(out: Path) -> list[str]:
                 f"{r['ms']['base@GB']:.2f}",
                 f"{r['auto_over_best']:.2f}",
                 f"{r['fold_over_best']:.2f}",
+                *_paired_cells(r.get("paired")),
             ]
             for r in c["rows"]
         ]
