@@ -97,7 +97,9 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 WORKSPACE_LIMIT = 64 << 20
-"""Bytes: larger gathered inputs get a fresh tensor (the buffer is held between calls)."""
+"""Bytes held in the buffer between calls. A larger gathered input is gathered and convolved a
+few slots at a time in the buffer (:func:`slots_per_gather`), or, where not even one slot's rows
+fit, into a fresh tensor."""
 
 
 def release_workspace(every_thread: bool = False) -> int:
@@ -110,7 +112,9 @@ def release_workspace(every_thread: bool = False) -> int:
     page-faulted in by glibc's allocator at every call, which made the layer up to 3x slower
     than one convolution on a ready-made input (docs/layerwise.md). The buffer is the size of the
     largest gathered input seen in the thread, at most :data:`WORKSPACE_LIMIT` bytes (64 MiB;
-    larger inputs get a fresh tensor; set it to 0 to never keep one). There is one buffer per
+    larger inputs are gathered and convolved a few slots at a time, each part in the buffer, or
+    get a fresh tensor where one slot's rows do not fit; set it to 0 to never keep one). There
+    is one buffer per
     thread, dtype and device, so a pool of N threads may hold N of them; each lives until its
     thread ends or it is released here. Releasing another thread's buffer while that thread runs
     a mixing layer is safe: the layer keeps its own reference until its convolution is done.
@@ -151,16 +155,20 @@ def _reuses_workspace(x: torch.Tensor) -> bool:
     )
 
 
-def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -> torch.Tensor:
+def gather_rows(
+    x: torch.Tensor, table: torch.Tensor, workspace: bool = False, slots: slice | None = None
+) -> torch.Tensor:
     """The mixing input on the channel axis: (|G| B, C, ...) -> (|G| B, |G| C, ...) in one gather.
 
-    Slot g's channel block u is s(g u), for ``table`` the Cayley table. With ``workspace`` the
-    result is written into the calling thread's reused buffer (see :func:`release_workspace`):
-    it is valid only until the next gather in this thread.
+    Slot g's channel block u is s(g u), for ``table`` the Cayley table; ``slots`` gathers the
+    rows of those slots g only, (k B, |G| C, ...). With ``workspace`` the result is written into
+    the calling thread's reused buffer (see :func:`release_workspace`): it is valid only until
+    the next gather in this thread.
     """
     n = table.shape[0]
     batch = x.shape[0] // n
-    rows = slot_rows(table, batch)
+    part = table if slots is None else table[slots]
+    rows = slot_rows(part, batch)
     flat = x.flatten(1)
     numel = rows.numel() * flat.shape[1]
     if workspace and numel * flat.element_size() <= WORKSPACE_LIMIT:
@@ -168,7 +176,21 @@ def gather_rows(x: torch.Tensor, table: torch.Tensor, workspace: bool = False) -
         torch.index_select(flat, 0, rows, out=out)
     else:
         out = flat.index_select(0, rows)
-    return out.view(n * batch, n * x.shape[1], *x.shape[2:])  # explicit: B may be 0
+    return out.view(part.shape[0] * batch, n * x.shape[1], *x.shape[2:])  # explicit: B may be 0
+
+
+def slots_per_gather(order: int, x: torch.Tensor) -> int:
+    """How many slots' rows a workspace gather of ``x`` (|G| B, C, ...) takes at a time: all
+    |G| where they fit :data:`WORKSPACE_LIMIT`, else the most slots that fit and divide |G|
+    (every part then has the same shape, so every slot is computed alike), else all |G| (one
+    fresh tensor). Slot g's rows, (B, |G| C, ...), hold as many entries as ``x``."""
+    per_slot = x.numel() * x.element_size()
+    if order * per_slot <= WORKSPACE_LIMIT:
+        return order
+    fits = [
+        k for k in range(order - 1, 0, -1) if order % k == 0 and k * per_slot <= WORKSPACE_LIMIT
+    ]
+    return fits[0] if fits else order
 
 
 class SlotGather(nn.Module):
@@ -302,8 +324,18 @@ class _MixingConv(MixingLayer):
             # the parameters first: a parametrization may run other mixing layers, whose
             # gathers would reuse the buffer before this layer's convolution reads it
             weight, bias = self.weight, self.bias
-            wide = gather_rows(x, self.table, workspace=_reuses_workspace(x))
-            out = self._conv_forward(wide, weight, bias)
+            workspace = _reuses_workspace(x)
+            k = slots_per_gather(n, x) if workspace else n
+            if k == n:
+                out = self._conv_forward(gather_rows(x, self.table, workspace), weight, bias)
+            else:  # larger than the buffer: a few slots at a time, each part in the buffer
+                parts = [
+                    self._conv_forward(
+                        gather_rows(x, self.table, True, slice(i, i + k)), weight, bias
+                    )
+                    for i in range(0, n, k)
+                ]
+                out = torch.cat(parts, 0)
         else:
             t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
             y = self._conv_forward(t, self._block_weight(), self._block_bias())

@@ -495,21 +495,40 @@ def test_localisation_and_stored_values_with_the_gather_workspace():
     assert not report.ok and report.first_bad_node == "conv2"
 
 
-def test_gathers_over_the_workspace_limit_get_a_fresh_tensor(monkeypatch):
+def test_gathers_over_the_workspace_limit_go_a_few_slots_at_a_time(monkeypatch):
     import equivfx.passes.mixing as mixing
 
-    G, layer, plain = _gather_conv("C4")
+    G, layer, plain = _gather_conv("D4")
     s = torch.randn(G.order * 2, 3, 5, 5)
-    gathered_bytes = G.order * 2 * G.order * 3 * 25 * 4
+    per_slot = s.numel() * 4  # slot g's gathered rows, (B, |G| C, H, W), in bytes
+    want = plain(SlotGather(G, 1)(s))
+    calls = []
+    layer.register_forward_pre_hook(lambda m, args: calls.clear())
+    conv = layer._conv_forward
+    monkeypatch.setattr(
+        layer, "_conv_forward", lambda x, w, b: calls.append(len(x)) or conv(x, w, b)
+    )
     release_workspace()
-    monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", gathered_bytes - 1)
-    with torch.no_grad():
-        assert torch.equal(layer(s), plain(SlotGather(G, 1)(s)))
-    assert release_workspace() == 0  # nothing kept
-    monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", gathered_bytes)
-    with torch.no_grad():
-        assert torch.equal(layer(s), plain(SlotGather(G, 1)(s)))
-    assert release_workspace() == gathered_bytes
+    for limit, slots, kept in [
+        (per_slot - 1, 8, 0),  # not one slot fits: one fresh gather, nothing kept
+        (per_slot, 1, per_slot),  # one slot at a time, in the buffer
+        (3 * per_slot, 2, 2 * per_slot),  # 3 do not divide 8: two at a time
+        (8 * per_slot - 1, 4, 4 * per_slot),
+        (8 * per_slot, 8, 8 * per_slot),  # everything in one gather
+    ]:
+        monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", limit)
+        with torch.no_grad():
+            got = layer(s)
+        assert calls == [slots * 2] * (G.order // slots)  # equal parts: every slot alike
+        assert torch.equal(got, want)
+        assert release_workspace() == kept
+    with torch.no_grad():  # parts are equivariant bitwise: the regular action permutes slots
+        monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", 2 * per_slot)
+        out = layer(s).unflatten(0, (G.order, -1))
+        for h in G.elements:
+            perm = torch.tensor(G.regular_permutation(h))
+            moved = layer(s.unflatten(0, (G.order, -1))[perm].flatten(0, 1))
+            assert torch.equal(moved.unflatten(0, (G.order, -1)), out[perm])
 
 
 def test_forward_mode_ad_under_no_grad_takes_the_fresh_gather():
