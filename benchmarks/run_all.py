@@ -15,8 +15,13 @@ Then writes ``<out>/run.json`` (the commit, the machine, start and end, each scr
 wall time) and ``<out>/targets.md`` (each target of issue 6, the figure that judges it, met or not
 and by what margin), from those JSON files only.
 
-Run: ``python benchmarks/run_all.py [--quick] [--out docs/bench]``
+Run: ``python benchmarks/run_all.py [--quick] [--out docs/bench] [--docs]``
 (``--summarize-only`` rewrites targets.md from the JSON files already in ``--out``.)
+
+``--docs`` then fills ``docs/benchmarks.md`` and ``docs/layerwise.md`` from their templates in
+``benchmarks/templates/``: the run's targets table and result tables go where the templates say
+``{{RUN_AND_TARGETS}}``, ``{{GLOBAL}}``, ``{{TABLES}}`` and ``{{MIX_TABLE}}``. The prose around
+them quotes figures of the run by hand: read the new targets.md and edit the templates first.
 """
 
 from __future__ import annotations
@@ -410,11 +415,46 @@ def tables(out: Path) -> list[str]:
     return lines
 
 
+DOCS = {
+    "benchmarks.md": ROOT / "docs" / "benchmarks.md",
+    "layerwise.md": ROOT / "docs" / "layerwise.md",
+}
+
+
+def fill_docs(out: Path) -> dict[str, str]:
+    """The documentation pages of ``DOCS`` with their placeholders filled from ``out``'s
+    targets.md and bench_global.md."""
+    targets = (out / "targets.md").read_text().splitlines()
+
+    def first(start: int, test) -> int:
+        return next(i for i in range(start, len(targets)) if test(targets[i]))
+
+    run_line = first(0, lambda line: line.startswith("Run "))
+    last_target = first(run_line, lambda line: line.startswith("| cost passes"))
+    tables = first(0, lambda line: line.startswith("## Cost passes"))
+    mix = first(0, lambda line: line.startswith("## Mixing-layer layouts, default"))
+    mix_end = first(mix + 2, lambda line: not line.strip())
+    fills = {
+        "{{RUN_AND_TARGETS}}": "\n".join(targets[run_line : last_target + 1]),
+        "{{GLOBAL}}": (out / "bench_global.md").read_text().rstrip("\n"),
+        "{{TABLES}}": "\n".join(targets[tables:]).rstrip("\n"),
+        "{{MIX_TABLE}}": "\n".join(targets[mix + 2 : mix_end]),
+    }
+    pages = {}
+    for name in DOCS:
+        text = (HERE / "templates" / name).read_text()
+        for key, value in fills.items():
+            text = text.replace(key, value)
+        pages[name] = text
+    return pages
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--docs", action="store_true", help="fill docs/ from benchmarks/templates/")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     if not args.summarize_only:
@@ -428,6 +468,9 @@ def main() -> None:
 
         command = "python benchmarks/run_all.py" + (" --quick" if g.get("quick") else "")
         (out / "bench_global.md").write_text(render_markdown(g, command))
+    if args.docs:
+        for name, text in fill_docs(out).items():
+            DOCS[name].write_text(text)
     print(text)
 
 
