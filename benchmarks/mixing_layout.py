@@ -6,7 +6,9 @@ All compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop o
   with ``layout="gather"``): index the folded slots with the Cayley table T[g][u] into
   (|G| B, |G| C, H, W) in one copy, then one convolution with |G| C input channels; bitwise
   equivariant (every slot sums its blocks in the order of u). Without autograd the copy goes to
-  a per-thread buffer kept between calls;
+  a per-thread buffer kept between calls, in the memory format the layer measured faster at its
+  first call (``GATHER_FORMAT = "auto"``: channels-first or channels-last, reported per row);
+- gather, channels-first: the same layer with ``GATHER_FORMAT = "nchw"``;
 - gather, fresh copy: the same gather into a new tensor at every call (what the layer does while
   autograd records, and what it did before the buffer);
 - fused (``mix_layout="fused"``, :class:`equivfx.passes.mixing.MixingConv2d`): move the slots onto
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import equivfx
+import equivfx.passes.mixing as mixing
 from equivfx.passes.mixing import SlotGather, widen
 
 
@@ -48,6 +51,15 @@ def blocks_mix(s, weight_blocks, bias, table, n):
     u = torch.arange(n)
     out = y[table, u[None, :]].sum(1)  # (n_g, B, Cout, H, W)
     return (out + bias.view(1, 1, -1, 1, 1)).flatten(0, 1)
+
+
+def channels_first(layer, s):
+    """``layer(s)`` with the gather's memory format fixed to channels-first."""
+    mixing.GATHER_FORMAT = "nchw"
+    try:
+        return layer(s)
+    finally:
+        mixing.GATHER_FORMAT = "auto"
 
 
 def main() -> None:
@@ -65,6 +77,8 @@ def main() -> None:
         ("D4", 8, 32, 16),
         ("C4", 8, 64, 16),
         ("D4", 8, 64, 16),
+        ("C4", 8, 16, 32),  # the size of the ResNet-style CNN's first mixing layers
+        ("D4", 8, 16, 32),
     ]
     if args.quick:
         configs = configs[:2]
@@ -79,17 +93,20 @@ def main() -> None:
         table = torch.tensor(G.table)
         conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
         layer = widen(conv, n, group=G, layout="gather")
+        layer_cf = widen(conv, n, group=G, layout="gather")
         fused = widen(conv, n, group=G)
         wb = w.unflatten(1, (n, channels)).transpose(0, 1).flatten(0, 1)  # (n Cout, C, 3, 3)
         ref = F.conv2d(gather(s), w, b, padding=1)
         got = blocks_mix(s, wb, b, table, n)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         with torch.no_grad():
-            for m in (layer, fused):
+            for m in (layer, layer_cf, fused):
                 m.weight.copy_(w)
                 m.bias.copy_(b)
             torch.testing.assert_close(fused(s), ref, rtol=1e-4, atol=1e-4)
-            assert torch.equal(layer(s), ref)
+            torch.testing.assert_close(layer(s), ref, rtol=1e-4, atol=1e-4)  # measures its format
+            assert torch.equal(channels_first(layer_cf, s), ref)
+        chosen = sorted(set(layer.formats.values()))
         g_ = {"gather": gather, "s": s, "w": w, "b": b, "F": F}
         b_ = {"blocks_mix": blocks_mix, "s": s, "wb": wb, "b": b, "table": table, "n": n}
         wide_input = gather(s).contiguous()  # a tensor of the mixing layer's input shape
@@ -103,6 +120,11 @@ def main() -> None:
         t_gather = benchmark.Timer(
             "layer(s)", globals={"layer": layer, "s": s}, num_threads=args.threads
         )
+        t_gather_cf = benchmark.Timer(
+            "channels_first(layer, s)",
+            globals={"channels_first": channels_first, "layer": layer_cf, "s": s},
+            num_threads=args.threads,
+        )
         t_blocks = benchmark.Timer(
             "blocks_mix(s, wb, b, table, n)", globals=b_, num_threads=args.threads
         )
@@ -111,6 +133,7 @@ def main() -> None:
         )
         timers = {
             "gather": t_gather,
+            "gather_cf": t_gather_cf,
             "fresh": t_fresh,
             "blocks": t_blocks,
             "single": t_single,
@@ -136,21 +159,27 @@ def main() -> None:
             channels=channels,
             size=size,
             gather_ms=mg * 1e3,
+            gather_format=chosen,
+            gather_channels_first_ms=statistics.median(medians["gather_cf"]) * 1e3,
             gather_fresh_ms=mr * 1e3,
             blocks_ms=mb * 1e3,
             single_conv_ms=ms * 1e3,
             fused_ms=mf * 1e3,
             blocks_over_gather=mb / mg,
             gather_over_single_conv=paired("gather"),
+            gather_channels_first_over_single_conv=paired("gather_cf"),
             gather_fresh_over_single_conv=paired("fresh"),
             fused_over_single_conv=paired("fused"),
         )
         rows.append(row)
         print(
             f"{spec} B={batch} C={channels} {size}x{size}: gather {mg * 1e3:.2f} ms "
-            f"(fresh copy {mr * 1e3:.2f}), fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, "
+            f"({'/'.join(chosen)}; channels-first "
+            f"{row['gather_channels_first_ms']:.2f}, fresh copy {mr * 1e3:.2f}), "
+            f"fused {mf * 1e3:.2f} ms, blocks {mb * 1e3:.2f} ms, "
             f"one conv of the same shape {ms * 1e3:.2f} ms; per round: gather/single = "
-            f"{row['gather_over_single_conv']:.2f}, fresh/single = "
+            f"{row['gather_over_single_conv']:.2f}, channels-first/single = "
+            f"{row['gather_channels_first_over_single_conv']:.2f}, fresh/single = "
             f"{row['gather_fresh_over_single_conv']:.2f}, fused/single = "
             f"{row['fused_over_single_conv']:.2f}",
             flush=True,

@@ -237,10 +237,18 @@ def summarize(out: Path) -> str:
         rows = m["rows"]
         gs = [r["gather_over_single_conv"] for r in rows]
         fs = [r["fused_over_single_conv"] for r in rows if "fused_over_single_conv" in r]
+        cf = [r["gather_channels_first_over_single_conv"] for r in rows if "gather_format" in r]
+        fixed = (
+            f" (channels-first only: {min(cf):.2f} to {max(cf):.2f}x, within 10 % in "
+            f"{sum(x <= 1.10 for x in cf)} of {len(cf)})"
+            if cf
+            else ""
+        )
         lines.append(
             f"| mixing layer within 10 % of one convolution of the same shape ({label}) | "
             f"gather (default, bitwise equivariant) {min(gs):.2f} to {max(gs):.2f}x, within 10 % "
-            f'in {sum(x <= 1.10 for x in gs)} of {len(gs)}; fused (`mix_layout="fused"`) '
+            f"in {sum(x <= 1.10 for x in gs)} of {len(gs)}{fixed}; fused "
+            f'(`mix_layout="fused"`) '
             f"{min(fs):.2f} to {max(fs):.2f}x, within 10 % in {sum(x <= 1.10 for x in fs)} of "
             f"{len(fs)} | gather {_verdict(all(x <= 1.10 for x in gs))}, fused "
             f"{_verdict(all(x <= 1.10 for x in fs))} |"
@@ -349,25 +357,33 @@ def tables(out: Path) -> list[str]:
         lines += _section("Cost passes (`bench_cost_passes.json`)", header, rows)
     for name, label, m in _per_allocator(out, "mixing_layout"):
         header = [
-            "group", "B", "C", "size", "one conv, same shape", "gather (default)",
-            "gather, fresh copy", "fused", "blocks", "gather / one conv", "fresh copy / one conv",
+            "group", "B", "C", "size", "one conv, same shape", "gather (default; format)",
+            "gather, channels-first", "gather, fresh copy", "fused", "blocks",
+            "gather / one conv", "channels-first / one conv", "fresh copy / one conv",
             "fused / one conv",
         ]  # fmt: skip
+
+        def ms(r, key):
+            return f"{r[key]:.2f}" if key in r else "-"
+
         rows = [
             [
                 r["group"],
                 str(r["batch"]),
                 str(r["channels"]),
                 f"{r['size']}x{r['size']}",
+                ms(r, "single_conv_ms"),
+                ms(r, "gather_ms")
+                + (f" ({'/'.join(r['gather_format'])})" if "gather_format" in r else ""),
                 *(
-                    f"{r.get(k, float('nan')):.2f}"
+                    ms(r, k)
                     for k in (
-                        "single_conv_ms",
-                        "gather_ms",
+                        "gather_channels_first_ms",
                         "gather_fresh_ms",
                         "fused_ms",
                         "blocks_ms",
                         "gather_over_single_conv",
+                        "gather_channels_first_over_single_conv",
                         "gather_fresh_over_single_conv",
                         "fused_over_single_conv",
                     )

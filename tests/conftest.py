@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
+
+import equivfx.passes.mixing as mixing
 
 # --------------------------------------------------------------------------------------------------
 # Hypothesis profiles: chosen by the HYPOTHESIS_PROFILE environment variable (default "dev").
@@ -18,3 +21,12 @@ settings.register_profile("dev", max_examples=20)
 settings.register_profile("ci", derandomize=True, max_examples=15, deadline=None, print_blob=True)
 settings.register_profile("nightly", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _channels_first_mixing(monkeypatch):
+    """Gather-layout mixing convolutions choose their memory format by timing by default
+    (``GATHER_FORMAT = "auto"``), and the formats differ by float rounding; the suite fixes
+    channels-first so its bitwise comparisons do not depend on the machine's timings. Tests of the
+    other formats set ``equivfx.passes.mixing.GATHER_FORMAT`` themselves."""
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "nchw")

@@ -11,8 +11,16 @@ import torch
 from torch import nn
 
 import equivfx
+import equivfx.passes.mixing as mixing
 from equivfx.errors import EquivFXError
-from equivfx.passes.mixing import MixingLayer, SlotGather, release_workspace, widen
+from equivfx.passes.mixing import (
+    MixingLayer,
+    SlotGather,
+    gather_channels_last,
+    gather_rows,
+    release_workspace,
+    widen,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import ZOO, clean_names  # noqa: E402
@@ -496,8 +504,6 @@ def test_localisation_and_stored_values_with_the_gather_workspace():
 
 
 def test_gathers_over_the_workspace_limit_go_a_few_slots_at_a_time(monkeypatch):
-    import equivfx.passes.mixing as mixing
-
     G, layer, plain = _gather_conv("D4")
     s = torch.randn(G.order * 2, 3, 5, 5)
     per_slot = s.numel() * 4  # slot g's gathered rows, (B, |G| C, H, W), in bytes
@@ -606,3 +612,123 @@ def test_release_workspace_frees_every_threads_buffers():
     for t in threads:
         t.join()
     assert results == [True] * 4
+
+
+# ------------------------------------------------------------------ channels-last gathers
+
+
+def _slot_moves(layer, s, G):
+    """layer(h . s) against h . layer(s) for every h, h permuting the slots (bitwise)."""
+    out = layer(s).unflatten(0, (G.order, -1))
+    for h in G.elements:
+        perm = torch.tensor(G.regular_permutation(h))
+        moved = layer(s.unflatten(0, (G.order, -1))[perm].flatten(0, 1))
+        assert torch.equal(moved.unflatten(0, (G.order, -1)), out[perm])
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_channels_last_gather_holds_the_same_values(batch):
+    G = equivfx.group("D4")
+    table = torch.tensor(G.table)
+    s = torch.randn(G.order * batch, 3, 5, 4)
+    for slots in (None, slice(2, 6)):
+        want = gather_rows(s, table, slots=slots)
+        got = gather_channels_last(
+            s.contiguous(memory_format=torch.channels_last), table, slots=slots
+        )
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        got = gather_channels_last(s, table, slots=slots)  # a channels-first input works too
+        assert torch.equal(got, want)
+
+
+def test_channels_last_layer_agrees_is_bitwise_equivariant_and_returns_channels_first(
+    monkeypatch,
+):
+    G, layer, plain = _gather_conv("D4", cin=4, cout=6)
+    s = torch.randn(G.order * 3, 4, 7, 7)
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "nhwc")
+    with torch.no_grad():
+        want = plain(SlotGather(G, 1)(s))
+        got = layer(s)  # weights of unit scale: outputs of about 20, rounding about 1e-5
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.is_contiguous()
+        _slot_moves(layer, s, G)
+        per_slot = s.numel() * 4  # past the buffer's limit: two slots at a time, channels-last
+        monkeypatch.setattr(mixing, "WORKSPACE_LIMIT", 2 * per_slot)
+        release_workspace()  # the buffer keeps the largest size it was asked for
+        torch.testing.assert_close(layer(s), want, rtol=1e-4, atol=1e-4)
+        _slot_moves(layer, s, G)
+    assert release_workspace() == 2 * per_slot
+    # with autograd on, the layer keeps the channels-first gather: training is unchanged
+    assert torch.equal(layer(s), want)
+    assert layer.formats == {}  # nothing measured: the format was fixed
+
+
+def test_auto_format_measures_once_per_shape_and_keeps_the_clearly_faster(monkeypatch):
+    G, layer, plain = _gather_conv("C4", cin=2, cout=2)
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
+    clock, runs = [0.0], []
+    cost = {}  # seconds per call of each format, on a fake clock
+    real = layer._gather_conv
+
+    def fake(x, weight, bias, channels_last):
+        runs.append(channels_last)
+        clock[0] += cost[x.shape[0], channels_last]
+        return real(x, weight, bias, channels_last)
+
+    monkeypatch.setattr(layer, "_gather_conv", fake)
+    monkeypatch.setattr("equivfx.passes.mixing.time.perf_counter", lambda: clock[0])
+    cost.update({(4, False): 0.005, (4, True): 0.004, (8, False): 0.05, (8, True): 0.049})
+    small, large = torch.randn(4, 2, 5, 5), torch.randn(8, 2, 5, 5)
+    with torch.no_grad():
+        layer(small)
+        assert layer.formats == {((4, 2, 5, 5), torch.float32): "nhwc"}
+        assert runs[:2] == [False, True] and runs[2:4] == [True, False]  # alternating order
+        assert len(runs) == 2 * 6 + 1  # warm-up, at most 5 rounds (0.1 s not reached), the call
+        runs.clear()
+        layer(small)
+        assert runs == [True]  # decided: no measurement
+        runs.clear()
+        layer(large)  # 2 % faster is not enough: channels-first computes the original bitwise
+        assert layer.formats[(8, 2, 5, 5), torch.float32] == "nchw"
+        assert len(runs) == 2 * 2 + 1  # warm-up and one round: past 0.1 s
+        monkeypatch.setattr(mixing, "FORMATS_MEASURED", 2)
+        runs.clear()
+        cost.update({(12, False): 1.0, (12, True): 1.0, (5 * 4, True): 1.0})
+        layer(torch.randn(12, 2, 5, 5))  # nearest measured batch: 8
+        layer(torch.randn(4, 2, 6, 6))  # no measured input of this per-sample shape
+        assert runs == [False, False] and len(layer.formats) == 2
+        conv1d = widen(nn.Conv1d(2, 2, 3), G.order, group=G, layout="gather")
+        conv1d(torch.randn(4, 2, 5))
+        assert conv1d.formats == {}  # channels-last is for 2D convolutions
+
+
+@pytest.mark.parametrize("name, spec", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_channels_last_layerwise_models_convert_to_rounding_and_stay_equivariant(
+    name, spec, monkeypatch
+):
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "nhwc")
+    gathers = []
+    real = mixing.gather_channels_last
+    monkeypatch.setattr(mixing, "gather_channels_last", lambda *a: gathers.append(1) or real(*a))
+    model, x, _ = ZOO[name]()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots")
+        gmodel = equivfx.compile(model, spec, readout="slots")
+    with torch.no_grad():  # the conversion keeps the function, to float rounding
+        torch.testing.assert_close(emodel(x), gmodel(x), rtol=1e-4, atol=1e-5)
+    _reinit(emodel)
+    G = equivfx.group(spec)
+    with torch.no_grad():
+        y = emodel(x)
+        for h in G.elements:
+            want = y[:, list(G.regular_permutation(h))]
+            torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(emodel, x).ok
+    has_2d = any(
+        isinstance(m, mixing.MixingConv2d) and m.layout == "gather" for m in emodel.modules()
+    )
+    assert bool(gathers) == has_2d
