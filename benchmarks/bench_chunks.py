@@ -4,7 +4,7 @@ Time: medians of interleaved ``torch.utils.benchmark`` runs, in the same process
 ResNet-style CNN and the small ViT of ``bench_global.py`` at B = 8 and 64 under C4 and D4, against
 the hand-written loop over g and the base model folded at |G| B. The ratios the targets are judged
 on are paired as in ``bench_global.py`` (``paired_ms``): every variant, and ``chunk="auto"`` a
-second time (an A/A control), in short blocks, round after round in rotated order; each ratio is
+second time (an A/A control), in short blocks, round after round in a shuffled order; each ratio is
 taken within a round, then the median and quartiles over the rounds (``paired`` in the JSON).
 Peak memory is not measured: on CPU, a process's peak resident set size (``ru_maxrss``) is set by
 importing torch, above any of these forward passes, and torch keeps no CPU allocator statistics.

@@ -22,7 +22,7 @@ Reported: medians (ms) of interleaved ``torch.utils.benchmark`` runs and the rat
 loop)`` (like for like: both build the transformed batch from x) and ``global / base@B``. The
 target is judged on *paired* ratios: global, base@GB, loop and fold-by-hand (and global a second
 time, an A/A control whose spread is the measurement's resolution) run in short blocks, round
-after round in rotated order, and each ratio is taken within a round (``paired`` in the JSON:
+after round in a shuffled order, and each ratio is taken within a round (``paired`` in the JSON:
 median and quartiles over the rounds).
 Also: compile time against graph size (synthetic chains of 10 to 10,000 nodes), verification time
 of a ResNet-style model over all of D4, and ``torch.compile`` of the compiled module.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -140,22 +141,34 @@ def median_ms(timers: dict, rounds: int, min_run: float) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def paired_ms(fns: dict, estimate_ms: dict, budget_s: float, block_s: float = 0.05) -> dict:
+def paired_ms(
+    fns: dict, estimate_ms: dict, budget_s: float, block_s: float = 0.05, seed: int | None = 0
+) -> dict:
     """Per-call times (ms) of each callable in R rounds; in each round every callable runs one
-    block of about ``block_s`` (at least one call), in an order rotated from round to round.
+    block of about ``block_s`` (at least one call), in an order shuffled anew each round (a
+    fixed-seed shuffle: reproducible; ``seed=None`` rotates the order instead).
 
     Ratios taken round by round (paired) cancel the drifts of a shared machine that medians
-    taken seconds apart do not: the issue's 5 % target is judged on them. R fits ``budget_s``
-    (11 to 41 rounds). Two entries may time the same callable: their ratio is an A/A control,
-    whose spread is the resolution of the measurement.
+    taken seconds apart do not: the issue's 5 % target is judged on them. The order changes so
+    that no callable always runs after the same other one: a rotation keeps every callable's
+    predecessor, and a predecessor that frees large blocks (which glibc hands back to the system)
+    makes the next callable page-fault its own. R fits ``budget_s`` (11 to 41 rounds). Two
+    entries may time the same callable: their ratio is an A/A control, whose spread is the
+    resolution of the measurement.
     """
     calls = {k: max(1, round(block_s * 1e3 / estimate_ms[k])) for k in fns}
     per_round = sum(calls[k] * estimate_ms[k] / 1e3 for k in fns)
     rounds = int(min(41, max(11, budget_s / per_round)))
     names = list(fns)
     samples = {k: [] for k in names}
+    rng = random.Random(seed)
     for r in range(rounds):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
+        if seed is None:
+            order = names[r % len(names) :] + names[: r % len(names)]
+        else:
+            order = list(names)
+            rng.shuffle(order)
+        for k in order:
             fn, n = fns[k], calls[k]
             t = time.perf_counter()
             for _ in range(n):
@@ -551,7 +564,7 @@ def render_markdown(result: dict, command: str) -> str:
         out += [
             "",
             "Paired ratios (the 5 % target): global, base@GB, loop, fold by hand and global "
-            "again (A/A) in short blocks, round after round in rotated order; each ratio taken "
+            "again (A/A) in short blocks, round after round in a shuffled order; each ratio taken "
             "within a round; median [quartiles] over the rounds:",
             "",
             "| model | group | B | rounds | global / min(base@GB, loop) | global / min(fold by "
