@@ -18,9 +18,11 @@ output every slot (``slots``, ``pose``, ``equivariant``) concatenate the chunks'
 
 ``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of a
 whole forward for each chunk size that divides the number of slots and keeps the fastest. It
-measures at most :attr:`SlotChunks.MEASURED_SHAPES` shapes per model: past that, a new shape takes
-the decision of the measured shape nearest in size (with the same dtypes, devices and ranks), so
-dynamic batch sizes or sequence lengths do not pay a measurement at every new size. In
+measures at most :attr:`SlotChunks.MEASURED_SHAPES` inputs per model: past that it never measures,
+and a new input takes the decision of the measured one nearest in size with the same structure,
+dtypes, devices and ranks (other arguments, such as a scalar that changes at every call, are
+ignored), or folds every slot where none compares; so dynamic batch sizes, sequence lengths or
+per-call scalars do not pay a measurement at every call. In
 training mode, and while being traced or exported, all slots run in one pass (batch statistics must
 see every slot), through the flat graph's own generated code. "Training" means any of the model's
 own modules is in training mode.
@@ -163,12 +165,7 @@ class SlotChunks(nn.Module):
 
     @staticmethod
     def _key(args) -> tuple:
-        return tuple(
-            _Spec(tuple(a.shape), a.dtype, a.device)
-            if isinstance(a, torch.Tensor)
-            else _hashable(a)
-            for a in args
-        )
+        return tuple(_key_of(a) for a in args)
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
@@ -184,19 +181,18 @@ class SlotChunks(nn.Module):
             k = self._nearest(key)
         return k
 
-    def _nearest(self, key: tuple) -> int | None:
-        """The decision for the measured input nearest in size to ``key`` (the sum over tensor
-        arguments of |log numel ratio|), among those with the same dtypes, devices, ranks and
-        other arguments; None if there is none (then ``key`` is measured)."""
+    def _nearest(self, key: tuple) -> int:
+        """Past the bound: the decision for the measured input nearest in size to ``key`` (the
+        sum over tensors of |log numel ratio|) among those with the same structure, dtypes,
+        devices and ranks, other arguments ignored; every slot in one pass where none compares."""
         best = None
-        for measured, k in self.chosen.items():
+        for measured, k in list(self.chosen.items()):  # another thread may be measuring
             distance = _distance(key, measured)
             if distance is not None and (best is None or distance < best[0]):
                 best = (distance, k)
-        if best is None:
-            return None
-        log.debug("equivfx: chunk='auto' reuses %d slots per pass for %s", best[1], key)
-        return best[1]
+        k = self.order if best is None else best[1]
+        log.debug("equivfx: chunk='auto' reuses %d slots per pass for %s", k, key)
+        return k
 
     def _measured(self, args) -> int:
         key = self._key(args)
@@ -249,8 +245,22 @@ class _Spec(NamedTuple):
     device: torch.device
 
 
-def _hashable(value):
-    """``value`` as part of a dict key (lists and other unhashable arguments by their repr)."""
+class _Seq(NamedTuple):
+    """A list, tuple or dict argument in ``chunk="auto"``'s keys: its kind and its items' keys."""
+
+    kind: str
+    items: tuple
+
+
+def _key_of(value):
+    """A hashable key for one argument: tensors by shape, dtype and device; containers by their
+    items; other values as they are (unhashable ones by type and repr)."""
+    if isinstance(value, torch.Tensor):
+        return _Spec(tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return _Seq(type(value).__name__, tuple(_key_of(v) for v in value))
+    if isinstance(value, dict):
+        return _Seq("dict", tuple((k, _key_of(v)) for k, v in value.items()))
     try:
         hash(value)
     except TypeError:
@@ -258,23 +268,30 @@ def _hashable(value):
     return value
 
 
-def _distance(a: tuple, b: tuple) -> float | None:
-    """How far apart two ``_key`` values are in size, or None if they are not comparable."""
-    if len(a) != len(b):
-        return None
-    total = 0.0
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, _Spec) != isinstance(y, _Spec):
+def _distance(a, b) -> float | None:
+    """How far apart two keys are in size (the sum over tensors of |log numel ratio|), or None
+    if their structure, dtypes, devices or ranks differ; other values are ignored."""
+    if isinstance(a, _Spec) or isinstance(b, _Spec):
+        if not (isinstance(a, _Spec) and isinstance(b, _Spec)):
             return None
-        if not isinstance(x, _Spec):
-            if x != y:
+        if a.dtype != b.dtype or a.device != b.device or len(a.shape) != len(b.shape):
+            return None
+        return abs(math.log(max(math.prod(a.shape), 1)) - math.log(max(math.prod(b.shape), 1)))
+    if isinstance(a, _Seq) or isinstance(b, _Seq):
+        if not (isinstance(a, _Seq) and isinstance(b, _Seq)) or a.kind != b.kind:
+            return None
+        a, b = a.items, b.items
+    if isinstance(a, tuple) and isinstance(b, tuple) and type(a) is type(b):
+        if len(a) != len(b):
+            return None
+        total = 0.0
+        for x, y in zip(a, b, strict=True):
+            d = _distance(x, y)
+            if d is None:
                 return None
-            continue
-        (xs, xd, xdev), (ys, yd, ydev) = x, y
-        if xd != yd or xdev != ydev or len(xs) != len(ys):
-            return None
-        total += abs(math.log(max(math.prod(xs), 1)) - math.log(max(math.prod(ys), 1)))
-    return total
+            total += d
+        return total
+    return 0.0  # other values: ignored
 
 
 def _axis(join: fx.Node) -> int:

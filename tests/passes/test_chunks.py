@@ -106,7 +106,7 @@ def test_auto_measures_a_bounded_number_of_shapes_then_reuses_the_nearest(monkey
     assert len(runner.chosen) == 2
 
 
-def test_auto_measures_past_the_bound_where_no_measured_input_compares(monkeypatch):
+def test_auto_never_measures_past_the_bound(monkeypatch):
     model, x, spec = ZOO["resnet"]()
     emodel = _compile(model.eval(), spec, x, chunk="auto")
     runner = emodel.equivfx_chunks
@@ -114,23 +114,53 @@ def test_auto_measures_past_the_bound_where_no_measured_input_compares(monkeypat
     measured = []
     monkeypatch.setattr(runner, "_measure", lambda args: measured.append(args[0].dtype) or 1)
     monkeypatch.setattr(runner, "_run", lambda args, k: k)
-    runner(x)
+    assert runner(x) == 1
     assert runner(torch.cat([x, x])) == 1  # reused: same dtype, device and rank
-    runner(x.double())  # no float64 input measured yet: measured
-    assert measured == [torch.float32, torch.float64]
+    assert runner(x.double()) == runner.order  # nothing comparable: every slot in one pass
+    assert measured == [torch.float32] and len(runner.chosen) == 1
 
 
-def test_auto_keys_compare_other_arguments_by_value_and_hash_unhashable_ones():
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, t):
+        return self.fc(self.conv(x).mean((2, 3)) * t)
+
+
+def test_auto_ignores_other_arguments_past_the_bound(monkeypatch):
+    # a scalar that changes at every call (a diffusion timestep) must not be measured each time
+    x = torch.randn(2, 1, 8, 8)
+    model = _Scaled().eval()
+    emodel = _compile(model, "C4", (x, 0.5), chunk="auto")
+    whole = _compile(model, "C4", (x, 0.5), chunk=None)
+    runner = emodel.equivfx_chunks
+    monkeypatch.setattr(runner, "MEASURED_SHAPES", 2)
+    measured = []
+    monkeypatch.setattr(runner, "_measure", lambda args: measured.append(args[1]) or 2)
+    with torch.no_grad():
+        for step in range(6):
+            t = 1.0 + step / 10
+            torch.testing.assert_close(emodel(x, t), whole(x, t), rtol=1e-5, atol=1e-6)
+    assert measured == [1.0, 1.1] and len(runner.chosen) == 2
+
+
+def test_auto_keys_tensors_by_shape_and_compare_sizes_only():
     key = SlotChunks._key((torch.zeros(2, 3), [1, 2], 0.5))
     assert hash(key) == hash(SlotChunks._key((torch.ones(2, 3), [1, 2], 0.5)))
-    assert _distance(key, SlotChunks._key((torch.zeros(8, 3), [1, 2], 0.5))) == pytest.approx(
+    # tensors inside containers are keyed by shape, not by value
+    pair = SlotChunks._key((torch.zeros(2, 3), [torch.randn(3), torch.randn(3)]))
+    assert pair == SlotChunks._key((torch.zeros(2, 3), [torch.randn(3), torch.randn(3)]))
+    assert _distance(key, SlotChunks._key((torch.zeros(8, 3), [1, 3], 0.7))) == pytest.approx(
         math.log(4)
-    )
-    assert _distance(key, SlotChunks._key((torch.zeros(8, 3), [1, 3], 0.5))) is None
+    )  # other values are ignored
     assert _distance(key, SlotChunks._key((torch.zeros(2, 3, 1), [1, 2], 0.5))) is None
-    assert (
-        _distance(key, SlotChunks._key((torch.zeros(2, 3, dtype=torch.int64), [1, 2], 0.5))) is None
-    )
+    assert _distance(key, SlotChunks._key((torch.zeros(2, 3), [1, 2, 3], 0.5))) is None
+    assert _distance(key, SlotChunks._key((torch.zeros(2, 3), 1, 0.5))) is None  # list vs int
+    int_key = SlotChunks._key((torch.zeros(2, 3, dtype=torch.int64), [1, 2], 0.5))
+    assert _distance(key, int_key) is None
 
 
 def test_training_mode_runs_every_slot_in_one_pass():
