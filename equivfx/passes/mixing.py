@@ -383,36 +383,51 @@ class _MixingConv(MixingLayer):
         output contiguous again."""
         n = self.order
         k = slots_per_gather(n, x)
-        gather = gather_rows
         if channels_last:
             x, gather = x.contiguous(memory_format=torch.channels_last), gather_channels_last
-        parts = [
-            self._conv_forward(
-                gather(x, self.table, True, None if k == n else slice(i, i + k)), weight, bias
-            )
-            for i in range(0, n, k)
-        ]
-        out = parts[0] if k == n else torch.cat(parts, 0)
-        return out.contiguous() if channels_last else out
+        else:
+            x, gather = x.contiguous(), gather_rows  # once, not once per part
+        if k == n:
+            out = self._conv_forward(gather(x, self.table, True), weight, bias)
+            return out.contiguous() if channels_last else out
+        out = None
+        rows = x.shape[0] // n * k
+        for j, i in enumerate(
+            range(0, n, k)
+        ):  # each part into its rows of one channels-first output
+            part = self._conv_forward(gather(x, self.table, True, slice(i, i + k)), weight, bias)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[j * rows : (j + 1) * rows].copy_(part)
+        return out
 
     def _channels_last(self, x, weight, bias) -> bool:
         """Whether this input's gather and convolution run channels-last (see
         :data:`GATHER_FORMAT`): measured at the first call per input shape, for at most
         :data:`FORMATS_MEASURED` shapes; later new shapes take the decision of the measured one
         with the same per-sample shape nearest in batch size (else channels-first)."""
+        if GATHER_FORMAT not in ("auto", "nchw", "nhwc"):
+            raise EquivFXError(
+                explain(
+                    "unknown equivfx.passes.mixing.GATHER_FORMAT",
+                    GATHER_FORMAT,
+                    "'auto', 'nchw' or 'nhwc'",
+                    "set it to 'auto' (measure), 'nchw' (channels-first) or 'nhwc'",
+                )
+            )
         if x.dim() != 4:  # 2D convolutions only
             return False
         if GATHER_FORMAT != "auto":
             return GATHER_FORMAT == "nhwc"
         formats = self.__dict__.get("formats")
-        if formats is None:  # modules pickled before the formats were measured
+        if formats is None:  # modules pickled before the attribute existed
             formats = self.formats = {}
         key = (tuple(x.shape), x.dtype)
         if key not in formats:
             if len(formats) >= FORMATS_MEASURED:
                 near = [
                     (abs(math.log(max(shape[0], 1) / max(x.shape[0], 1))), fmt)
-                    for (shape, dtype), fmt in formats.items()
+                    for (shape, dtype), fmt in list(formats.items())  # other threads add
                     if dtype == x.dtype and shape[1:] == tuple(x.shape[1:])
                 ]
                 return min(near)[1] == "nhwc" if near else False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -678,7 +679,7 @@ def test_auto_format_measures_once_per_shape_and_keeps_the_clearly_faster(monkey
         return real(x, weight, bias, channels_last)
 
     monkeypatch.setattr(layer, "_gather_conv", fake)
-    monkeypatch.setattr("equivfx.passes.mixing.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr(mixing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     cost.update({(4, False): 0.005, (4, True): 0.004, (8, False): 0.05, (8, True): 0.049})
     small, large = torch.randn(4, 2, 5, 5), torch.randn(8, 2, 5, 5)
     with torch.no_grad():
@@ -732,3 +733,28 @@ def test_channels_last_layerwise_models_convert_to_rounding_and_stay_equivariant
         isinstance(m, mixing.MixingConv2d) and m.layout == "gather" for m in emodel.modules()
     )
     assert bool(gathers) == has_2d
+
+
+def test_an_unknown_gather_format_is_refused(monkeypatch):
+    G, layer, _ = _gather_conv("C4")
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "channels_last")
+    with torch.no_grad(), pytest.raises(EquivFXError, match="'auto', 'nchw' or 'nhwc'"):
+        layer(torch.randn(G.order, 3, 5, 5))
+
+
+def test_the_default_format_choice_converts_to_rounding_and_verifies(monkeypatch):
+    # the real GATHER_FORMAT = "auto", timings and all: either choice must give these results
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
+    model, x, _ = ZOO["mobilenet"]()
+    model.eval()
+    spec = ZOO["mobilenet"].groups[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots")
+        gmodel = equivfx.compile(model, spec, readout="slots")
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), gmodel(x), rtol=1e-4, atol=1e-5)
+    layers = [m for m in emodel.modules() if isinstance(m, mixing.MixingConv2d)]
+    assert layers and all(set(m.formats.values()) <= {"nchw", "nhwc"} for m in layers)
+    assert any(m.formats for m in layers)  # measured at the first call
+    assert equivfx.verify(emodel, x).ok
