@@ -43,7 +43,7 @@ from torch import nn
 from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
-from equivfx.passes.modules import is_tracing, repeat_per_slot
+from equivfx.passes.modules import MEASURING, is_tracing, repeat_per_slot
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -196,14 +196,16 @@ class SlotChunks(nn.Module):
 
     def _measured(self, args) -> int:
         key = self._key(args)
-        with torch.no_grad():
-            self.chosen[key] = self._measure(args)
-        log.info(
-            "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
-            self.chosen[key],
-            self.order,
-            key,
-        )
+        with MEASURING:  # one measurement at a time; another thread may have made this one
+            if key not in self.chosen:
+                with torch.no_grad():
+                    self.chosen[key] = self._measure(args)
+                log.info(
+                    "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
+                    self.chosen[key],
+                    self.order,
+                    key,
+                )
         return self.chosen[key]
 
     def _measure(self, args) -> int:

@@ -49,7 +49,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.modules import eager_tensor
+from equivfx.passes.modules import MEASURING, eager_tensor
 
 __all__ = [
     "MixLayers",
@@ -431,8 +431,10 @@ class _MixingConv(MixingLayer):
                     if dtype == x.dtype and shape[1:] == tuple(x.shape[1:])
                 ]
                 return min(near)[1] == "nhwc" if near else False
-            formats[key] = self._measure_format(x, weight, bias)
-            log.info("equivfx: mixing layer chose %s for %s", formats[key], key)
+            with MEASURING:  # one measurement at a time; another thread may have made it
+                if key not in formats:
+                    formats[key] = self._measure_format(x, weight, bias)
+                    log.info("equivfx: mixing layer chose %s for %s", formats[key], key)
         return formats[key] == "nhwc"
 
     def _measure_format(self, x, weight, bias) -> str:

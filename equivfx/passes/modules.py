@@ -9,6 +9,7 @@ the original keys.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,13 @@ __all__ = [
 
 READOUTS = ("slots", "pose", "invariant", "equivariant")
 POOLS = ("mean", "max", "logsumexp")
+
+
+MEASURING = threading.RLock()
+"""Held while a compiled model times its alternatives at a first call (``chunk="auto"``, the
+mixing layers' memory format): one measurement at a time in the process, so threads do not time
+each other's work, and a thread that waited finds the decision made. Reentrant: a measured layer
+may run another that measures."""
 
 
 def eager_tensor(x) -> bool:

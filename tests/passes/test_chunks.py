@@ -305,3 +305,33 @@ def test_invariant_readouts_accumulate_chunk_by_chunk(name, chunk, pool):
     assert runner._accumulated and not runner._joined  # nothing concatenated
     with torch.no_grad():
         torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
+
+
+def test_threads_meeting_a_new_shape_measure_it_once(monkeypatch):
+    import threading
+    import time as real_time
+
+    model, x, spec = ZOO["resnet"]()
+    emodel = _compile(model.eval(), spec, x, chunk="auto")
+    runner = emodel.equivfx_chunks
+    measured = []
+
+    def slow_measure(args):  # long enough for the other threads to arrive meanwhile
+        measured.append(threading.get_ident())
+        real_time.sleep(0.2)
+        return 1
+
+    monkeypatch.setattr(runner, "_measure", slow_measure)
+    outs = []
+
+    def work():
+        with torch.no_grad():
+            outs.append(emodel(x))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(measured) == 1 and len(outs) == 3
+    assert list(runner.chosen.values()) == [1]

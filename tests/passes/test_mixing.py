@@ -758,3 +758,33 @@ def test_the_default_format_choice_converts_to_rounding_and_verifies(monkeypatch
     assert layers and all(set(m.formats.values()) <= {"nchw", "nhwc"} for m in layers)
     assert any(m.formats for m in layers)  # measured at the first call
     assert equivfx.verify(emodel, x).ok
+
+
+def test_threads_meeting_a_new_shape_measure_its_format_once(monkeypatch):
+    import threading
+    import time as real_time
+
+    G, layer, _ = _gather_conv("C4")
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
+    measured = []
+
+    def slow_measure(x, weight, bias):  # long enough for the other thread to arrive meanwhile
+        measured.append(threading.get_ident())
+        real_time.sleep(0.2)
+        return "nchw"
+
+    monkeypatch.setattr(layer, "_measure_format", slow_measure)
+    s = torch.randn(G.order, 3, 5, 5)
+    outs = []
+
+    def work():
+        with torch.no_grad():
+            outs.append(layer(s))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(measured) == 1 and len(outs) == 3  # the others waited and took the decision
+    assert all(torch.equal(o, outs[0]) for o in outs)
