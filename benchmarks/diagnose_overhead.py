@@ -9,8 +9,9 @@
    fold every slot and calls the flat graph) against ``chunk=None`` (the flat graph itself), medians
    of interleaved runs: the wrapper's own cost.
 
-3. The input transform: the base model on a batch lifted at each call (``equivfx_lift``) against
-   the same batch built beforehand, paired (``bench_global.paired_ms``), for the configurations
+3. The input transform: the base model on a batch lifted at each call (``equivfx_lift``), and on a
+   fresh copy of the batch built beforehand (a control: is it the batch being new?), against the
+   same batch built beforehand, paired (``bench_global.paired_ms``), for the configurations
    where the strict 5 % target is missed (seq1d ShiftRev4 and ResNet D4 at B = 1, ViT C4 at B = 8).
 4. Convolution shapes: the two mixing layouts' convolutions with the same arithmetic, C4, 16
    channels, 32x32, B = 8: |G| B samples with |G| C -> C channels (gather) against B samples with
@@ -84,13 +85,23 @@ def wrapper_cost(threads: int) -> dict:
     return dict(chose=chose, **ms)
 
 
-def _paired_ratio(fns: dict, num: str, den: str, budget_s: float = 6.0) -> float:
-    """Median over rounds of fns[num] / fns[den], both timed in each round (paired)."""
+def _paired_ratios(fns: dict, den: str, budget_s: float = 6.0) -> dict:
+    """For every other entry k, the median over rounds of fns[k] / fns[den], all timed in each
+    round (paired)."""
     estimate = {
         k: benchmark.Timer("fn()", globals={"fn": fn}).timeit(5).mean * 1e3 for k, fn in fns.items()
     }
     s = paired_ms(fns, estimate, budget_s)
-    return statistics.median(a / b for a, b in zip(s[num], s[den], strict=True))
+    return {
+        k: statistics.median(a / b for a, b in zip(s[k], s[den], strict=True))
+        for k in fns
+        if k != den
+    }
+
+
+def _paired_ratio(fns: dict, num: str, den: str, budget_s: float = 6.0) -> float:
+    """Median over rounds of fns[num] / fns[den], both timed in each round (paired)."""
+    return _paired_ratios({num: fns[num], den: fns[den]}, den, budget_s)[num]
 
 
 def input_transform() -> list[tuple]:
@@ -108,9 +119,11 @@ def input_transform() -> list[tuple]:
             prebuilt = lift(x)
             fns = {
                 "lifted": lambda m=model, lift=lift, x=x: m(lift(x)),
+                "fresh copy": lambda m=model, p=prebuilt: m(p.clone()),
                 "prebuilt": lambda m=model, p=prebuilt: m(p),
             }
-            rows.append((name, G.spec, batch, _paired_ratio(fns, "lifted", "prebuilt")))
+            ratios = _paired_ratios(fns, "prebuilt")
+            rows.append((name, G.spec, batch, ratios["lifted"], ratios["fresh copy"]))
     return rows
 
 
@@ -171,10 +184,11 @@ def main() -> None:
         f"{(w['auto'] - w['flat']) * 1e3:.0f} us",
         flush=True,
     )
-    for name, spec, batch, ratio in input_transform():
+    for name, spec, batch, lifted, fresh in input_transform():
         print(
             f"{name} {spec} B={batch}: base model on a batch lifted at each call / on the same "
-            f"batch built beforehand = {ratio:.3f} (paired)",
+            f"batch built beforehand = {lifted:.3f}; on a fresh copy of it / on it = {fresh:.3f} "
+            "(paired)",
             flush=True,
         )
     for spec, shape, slow, fast in lift_cost(args.threads):
