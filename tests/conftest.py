@@ -26,7 +26,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 @pytest.fixture(autouse=True)
 def _channels_first_mixing(monkeypatch):
     """Gather-layout mixing convolutions choose their memory format by timing by default
-    (``GATHER_FORMAT = "auto"``), and the formats differ by float rounding; the suite fixes
-    channels-first so its bitwise comparisons do not depend on the machine's timings. Tests of the
-    other formats set ``equivfx.passes.mixing.GATHER_FORMAT`` themselves."""
+    (``GATHER_FORMAT = "auto"``), and the formats differ by float rounding; every test function
+    runs with channels-first so its bitwise comparisons do not depend on the machine's timings.
+    Tests of the other formats set ``equivfx.passes.mixing.GATHER_FORMAT`` themselves; work done
+    in module-scoped fixtures and in subprocesses (test_reproduce, the CLI tests) keeps the default
+    and compares with tolerances."""
     monkeypatch.setattr(mixing, "GATHER_FORMAT", "nchw")
