@@ -353,7 +353,9 @@ class MixingLayer:
         return None if self.bias is None else self.bias.repeat(self.order)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, slots={self.order}, layout={self.layout!r}"
+        measured = self.__dict__.get("formats") or {}
+        chose = f", measured={sorted(set(measured.values()))}" if measured else ""
+        return f"{super().extra_repr()}, slots={self.order}, layout={self.layout!r}{chose}"
 
 
 class _MixingConv(MixingLayer):

@@ -685,6 +685,7 @@ def test_auto_format_measures_once_per_shape_and_keeps_the_clearly_faster(monkey
     with torch.no_grad():
         layer(small)
         assert layer.formats == {((4, 2, 5, 5), torch.float32): "nhwc"}
+        assert repr(layer).endswith("layout='gather', measured=['nhwc'])")  # print(model) tells
         assert runs[:2] == [False, True] and runs[2:4] == [True, False]  # alternating order
         assert len(runs) == 2 * 6 + 1  # warm-up, at most 5 rounds (0.1 s not reached), the call
         runs.clear()
