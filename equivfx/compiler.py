@@ -219,7 +219,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             makes them G-CNN group convolutions (needs an exact action that fits the feature maps).
         mix_layout: layer-wise mode: ``"gather"`` (copy the |G| permuted slot blocks, then one wide
             layer: bitwise equivariant; without autograd on the CPU the copy reuses a per-thread
-            buffer, see ``equivfx.passes.mixing.release_workspace``) or ``"fused"`` (one layer
+            buffer, see ``equivfx.passes.mixing.release_workspace``, and 2D layers measure
+            channels-first against channels-last at their first call per input shape, see
+            ``equivfx.passes.mixing.GATHER_FORMAT``) or ``"fused"`` (one layer
             with a |G| x |G| block weight on the slots moved onto the feature axis: no permuted
             copy, equivariant up to float rounding; verify such models with a looser ``rtol``).
             ``groups > 1`` convolutions and ``twist=True`` always gather.
