@@ -180,6 +180,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     chunk: int | str | None = "auto",
     twist: bool = False,
     mix_layout: str = "gather",
+    mix_format: str = "auto",
     optimize: bool = True,
     check: bool = False,
 ) -> fx.GraphModule:
@@ -225,6 +226,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             with a |G| x |G| block weight on the slots moved onto the feature axis: no permuted
             copy, equivariant up to float rounding; verify such models with a looser ``rtol``).
             ``groups > 1`` convolutions and ``twist=True`` always gather.
+        mix_format: layer-wise mode, gather layout: the memory format of this model's gather
+            convolutions where the buffer is used: ``"auto"`` follows
+            ``equivfx.passes.mixing.GATHER_FORMAT`` (itself ``"auto"``: measured per shape),
+            ``"nchw"`` fixes channels-first (conversion stays bitwise), ``"nhwc"`` channels-last.
         optimize: run the cost passes: ``defer-lift`` (ops that commute with the input action,
             or are invariant under it like a sum over a set axis, run once, before the lift; needs
             example inputs for shapes), ``hoist-projection`` (with the mean readout, slots are
@@ -275,12 +280,35 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         raise EquivFXError(
             explain("unknown mix_layout", mix_layout, "'gather' or 'fused'", "use 'gather'")
         )
-    if mode == "global" and (mix is not None or twist or mix_layout != "gather"):
-        what = "mix=" if mix is not None else "twist=" if twist else "mix_layout="
+    if mix_format not in ("auto", "nchw", "nhwc"):
+        raise EquivFXError(
+            explain("unknown mix_format", mix_format, "'auto', 'nchw' or 'nhwc'", "use 'auto'")
+        )
+    if mix_format != "auto" and mix_layout != "gather":
+        raise EquivFXError(
+            explain(
+                "mix_format= applies to mix_layout='gather' only",
+                mix_format,
+                "mix_layout='gather'",
+                "drop mix_format= (the fused layout has one format)",
+            )
+        )
+    if mode == "global" and (
+        mix is not None or twist or mix_layout != "gather" or mix_format != "auto"
+    ):
+        what = (
+            "mix="
+            if mix is not None
+            else "twist="
+            if twist
+            else "mix_layout="
+            if mix_layout != "gather"
+            else "mix_format="
+        )
         raise EquivFXError(
             explain(
                 f"{what} applies to mode='layerwise' only",
-                mix or twist or mix_layout,
+                mix or twist or (mix_layout if mix_layout != "gather" else mix_format),
                 "mode='layerwise'",
                 f"drop {what} or pass mode='layerwise'",
             )
@@ -382,7 +410,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             twist_action = in_action
         pipeline = layerwise_pipeline(
             options,
-            MixOptions(group=G, mix=mix, twist=twist_action, layout=mix_layout),
+            MixOptions(
+                group=G, mix=mix, twist=twist_action, layout=mix_layout, memory_format=mix_format
+            ),
             check=check,
             optimize=optimize,
         )

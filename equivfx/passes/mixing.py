@@ -332,6 +332,7 @@ class MixingLayer:
     slot_index: torch.Tensor
     table: torch.Tensor
     layout: str = "fused"  # modules pickled before the gather layout existed were fused
+    gather_format: str = "auto"  # "auto": follow GATHER_FORMAT; "nchw" or "nhwc": fixed
 
     def _set_group(self, group, layout: str = "fused") -> None:
         table = torch.tensor(group.table, dtype=torch.long)
@@ -355,6 +356,8 @@ class MixingLayer:
     def extra_repr(self) -> str:
         measured = self.__dict__.get("formats") or {}
         chose = f", measured={sorted(set(measured.values()))}" if measured else ""
+        if self.gather_format != "auto":
+            chose = f", gather_format={self.gather_format!r}"
         return f"{super().extra_repr()}, slots={self.order}, layout={self.layout!r}{chose}"
 
 
@@ -408,19 +411,20 @@ class _MixingConv(MixingLayer):
         :data:`GATHER_FORMAT`): measured at the first call per input shape, for at most
         :data:`FORMATS_MEASURED` shapes; later new shapes take the decision of the measured one
         with the same per-sample shape nearest in batch size (else channels-first)."""
-        if GATHER_FORMAT not in ("auto", "nchw", "nhwc"):
+        fmt = self.gather_format if self.gather_format != "auto" else GATHER_FORMAT
+        if fmt not in ("auto", "nchw", "nhwc"):
             raise EquivFXError(
                 explain(
                     "unknown equivfx.passes.mixing.GATHER_FORMAT",
-                    GATHER_FORMAT,
+                    fmt,
                     "'auto', 'nchw' or 'nhwc'",
                     "set it to 'auto' (measure), 'nchw' (channels-first) or 'nhwc'",
                 )
             )
         if x.dim() != 4:  # 2D convolutions only
             return False
-        if GATHER_FORMAT != "auto":
-            return GATHER_FORMAT == "nhwc"
+        if fmt != "auto":
+            return fmt == "nhwc"
         formats = self.__dict__.get("formats")
         if formats is None:  # modules pickled before the attribute existed
             formats = self.formats = {}
@@ -565,12 +569,15 @@ class MixOptions:
             or ``"fused"`` (:class:`MixingLayer`: no permuted copy, about the cost of one layer of
             the same shape, equivariant up to float rounding since each slot sums its blocks in
             another order).
+        memory_format: the gather layout's memory format (``MixingLayer.gather_format``):
+            ``"auto"`` follows :data:`GATHER_FORMAT`; ``"nchw"`` or ``"nhwc"`` fixes it.
     """
 
     group: object
     mix: object = None
     twist: object = None
     layout: str = "gather"
+    memory_format: str = "auto"
 
 
 class MixLayers(Pass):
@@ -620,6 +627,7 @@ class MixLayers(Pass):
             wide = widen(m, G.order, group=G if own else None, layout=opts.layout)
             _set_submodule(gm, name, wide)
             if isinstance(wide, MixingLayer):  # reads the folded slots itself
+                wide.gather_format = opts.memory_format
                 for node in calls[name]:
                     rep = node.args[0].meta.get(REP)
                     if isinstance(rep, Folded) and rep.batch_axis:

@@ -789,3 +789,39 @@ def test_threads_meeting_a_new_shape_measure_its_format_once(monkeypatch):
         t.join()
     assert len(measured) == 1 and len(outs) == 3  # the others waited and took the decision
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_mix_format_fixes_one_models_gather_format(monkeypatch):
+    model, x, spec = ZOO["resnet"]()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        last = equivfx.compile(model, spec, mode="layerwise", readout="slots", mix_format="nhwc")
+        first = equivfx.compile(model, spec, mode="layerwise", readout="slots", mix_format="nchw")
+        gmodel = equivfx.compile(model, spec, readout="slots")
+    gathers = []
+    real = mixing.gather_channels_last
+    monkeypatch.setattr(mixing, "gather_channels_last", lambda *a: gathers.append(1) or real(*a))
+    with torch.no_grad():  # the suite's GATHER_FORMAT is "nchw": the model's own choice wins
+        torch.testing.assert_close(last(x), gmodel(x), rtol=1e-4, atol=1e-5)
+        assert gathers
+        gathers.clear()
+        monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")  # measured elsewhere, fixed here
+        assert torch.equal(first(x), gmodel(x))  # channels-first: conversion stays bitwise
+        assert not gathers
+    layers = [m for m in first.modules() if isinstance(m, mixing.MixingConv2d)]
+    assert layers and all(m.formats == {} for m in layers)  # nothing measured
+    assert "gather_format='nchw'" in repr(layers[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="layerwise", mix_format="NHWC"), "unknown mix_format"),
+        (dict(mode="layerwise", mix_layout="fused", mix_format="nhwc"), "gather"),
+        (dict(mix_format="nchw"), "layerwise"),
+    ],
+)
+def test_mix_format_is_checked(kwargs, match):
+    with pytest.raises(EquivFXError, match=match):
+        equivfx.compile(nn.Conv2d(1, 1, 3), "C4", **kwargs)
