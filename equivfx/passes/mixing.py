@@ -106,8 +106,9 @@ GATHER_FORMAT = "auto"
 """Memory format of the gather layout's 2D convolutions where the gathered input lives in the
 workspace (no autograd, eager CPU): ``"auto"`` measures both at the first call per input shape,
 like ``chunk="auto"``; ``"nchw"`` or ``"nhwc"`` fixes it. Channels-last gathers into (|G| B, H, W,
-|G| C) and returns a contiguous output; on this project's CPU it is up to 2.6x faster than
-channels-first at 32x32 and can be slower on small maps (docs/layerwise.md). The two differ by
+|G| C) and returns a contiguous output; on this project's CPU it took 0.54x to 1.50x the
+channels-first time over 40 shapes, faster on larger maps and slower on small ones
+(``benchmarks/mixing_formats.py``, docs/benchmarks.md). The two differ by
 float rounding, and each is bitwise equivariant; channels-first computes, on the identity block,
 what the original layer computes, bitwise."""
 
@@ -132,10 +133,10 @@ def release_workspace(every_thread: bool = False) -> int:
     largest gathered input seen in the thread, at most :data:`WORKSPACE_LIMIT` bytes (64 MiB;
     larger inputs are gathered and convolved a few slots at a time, each part in the buffer, or
     get a fresh tensor where one slot's rows do not fit; set it to 0 to never keep one). There
-    is one buffer per
-    thread, dtype and device, so a pool of N threads may hold N of them; each lives until its
-    thread ends or it is released here. Releasing another thread's buffer while that thread runs
-    a mixing layer is safe: the layer keeps its own reference until its convolution is done.
+    is one buffer per thread, dtype and device, so a pool of N threads may hold N of them; each
+    lives until its thread ends or it is released here. Releasing another thread's buffer while
+    that thread runs a mixing layer is safe: the layer keeps its own reference until its
+    convolution is done.
 
     Example:
         >>> release_workspace() >= 0
@@ -160,6 +161,14 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
         buffers[key] = buf
     return buf[:numel]
+
+
+def _workspace_if_fits(numel: int, like: torch.Tensor, workspace: bool) -> torch.Tensor | None:
+    """The calling thread's buffer for ``numel`` entries, where ``workspace`` asks for it and they
+    fit :data:`WORKSPACE_LIMIT`; else None (the caller makes a fresh tensor)."""
+    if workspace and numel * like.element_size() <= WORKSPACE_LIMIT:
+        return _workspace(numel, like)
+    return None
 
 
 def _reuses_workspace(x: torch.Tensor) -> bool:
@@ -188,11 +197,11 @@ def gather_rows(
     part = table if slots is None else table[slots]
     rows = slot_rows(part, batch)
     flat = x.flatten(1)
-    numel = rows.numel() * flat.shape[1]
-    if workspace and numel * flat.element_size() <= WORKSPACE_LIMIT:
-        out = _workspace(numel, flat).view(rows.numel(), flat.shape[1])
+    buf = _workspace_if_fits(rows.numel() * flat.shape[1], flat, workspace)
+    if buf is not None:
+        out = buf.view(rows.numel(), flat.shape[1])
         torch.index_select(flat, 0, rows, out=out)
-    else:
+    else:  # functional: autograd may record it
         out = flat.index_select(0, rows)
     return out.view(part.shape[0] * batch, n * x.shape[1], *x.shape[2:])  # explicit: B may be 0
 
@@ -223,9 +232,8 @@ def gather_channels_last(
     part = table if slots is None else table[slots]
     src = x.permute(0, 2, 3, 1).reshape(n, batch, h * w, c).permute(1, 2, 0, 3)
     numel = part.shape[0] * batch * h * w * n * c
-    if workspace and numel * x.element_size() <= WORKSPACE_LIMIT:
-        flat = _workspace(numel, x)
-    else:
+    flat = _workspace_if_fits(numel, x, workspace)
+    if flat is None:
         flat = torch.empty(numel, dtype=x.dtype, device=x.device)
     out = flat.view(part.shape[0], batch, h * w, n, c)
     for j in range(part.shape[0]):
@@ -395,15 +403,12 @@ class _MixingConv(MixingLayer):
         if k == n:
             out = self._conv_forward(gather(x, self.table, True), weight, bias)
             return out.contiguous() if channels_last else out
-        out = None
-        rows = x.shape[0] // n * k
-        for j, i in enumerate(
-            range(0, n, k)
-        ):  # each part into its rows of one channels-first output
+        batch, out = x.shape[0] // n, None
+        for i in range(0, n, k):  # slots i to i + k - 1, into their rows of one output
             part = self._conv_forward(gather(x, self.table, True, slice(i, i + k)), weight, bias)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out[j * rows : (j + 1) * rows].copy_(part)
+            out[i * batch : (i + k) * batch].copy_(part)
         return out
 
     def _channels_last(self, x, weight, bias) -> bool:
@@ -432,8 +437,8 @@ class _MixingConv(MixingLayer):
         if key not in formats:
             if len(formats) >= FORMATS_MEASURED:
                 near = [
-                    (abs(math.log(max(shape[0], 1) / max(x.shape[0], 1))), fmt)
-                    for (shape, dtype), fmt in list(formats.items())  # other threads add
+                    (abs(math.log(max(shape[0], 1) / max(x.shape[0], 1))), chosen)
+                    for (shape, dtype), chosen in list(formats.items())  # other threads add
                     if dtype == x.dtype and shape[1:] == tuple(x.shape[1:])
                 ]
                 return min(near)[1] == "nhwc" if near else False
