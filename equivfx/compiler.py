@@ -293,22 +293,22 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 "drop mix_format= (the fused layout has one format)",
             )
         )
-    if mode == "global" and (
-        mix is not None or twist or mix_layout != "gather" or mix_format != "auto"
-    ):
-        what = (
-            "mix="
-            if mix is not None
-            else "twist="
-            if twist
-            else "mix_layout="
-            if mix_layout != "gather"
-            else "mix_format="
+    layerwise_only = [
+        (what, value)
+        for what, value, given in (
+            ("mix=", mix, mix is not None),
+            ("twist=", twist, bool(twist)),
+            ("mix_layout=", mix_layout, mix_layout != "gather"),
+            ("mix_format=", mix_format, mix_format != "auto"),
         )
+        if given
+    ]
+    if mode == "global" and layerwise_only:
+        what, value = layerwise_only[0]
         raise EquivFXError(
             explain(
                 f"{what} applies to mode='layerwise' only",
-                mix or twist or (mix_layout if mix_layout != "gather" else mix_format),
+                value,
                 "mode='layerwise'",
                 f"drop {what} or pass mode='layerwise'",
             )
