@@ -113,6 +113,18 @@ def _reinit(model: nn.Module, seed: int = 5) -> None:
 CASES = [(n, spec) for n in clean_names() for spec in ZOO[n].groups]
 
 
+def _reinit_and_check_slots_permute(emodel, x, spec):
+    """Random weights everywhere, then out(h . x) is out(x) with its slots permuted by the
+    regular action, for every h: out(h.x)[:, j] = out(x)[:, idx(h^-1 g_j)]."""
+    _reinit(emodel)
+    G = equivfx.group(spec)
+    with torch.no_grad():
+        y = emodel(x)
+        for h in G.elements:
+            want = y[:, list(G.regular_permutation(h))]
+            torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, spec", CASES, ids=[f"{n}-{s}" for n, s in CASES])
 def test_conversion_equals_global_mode_and_reinit_stays_equivariant(name, spec):
     model, x, _ = ZOO[name]()
@@ -124,14 +136,7 @@ def test_conversion_equals_global_mode_and_reinit_stays_equivariant(name, spec):
     assert emodel.equivfx_info.mixed, "every zoo model has layers after the input stage"
     with torch.no_grad():
         assert torch.equal(emodel(x), gmodel(x))
-    _reinit(emodel)
-    G = equivfx.group(spec)
-    with torch.no_grad():
-        y = emodel(x)
-        for h in G.elements:
-            got = emodel(G.act(h, x))
-            want = y[:, list(G.regular_permutation(h))]  # out(h.x)[:, j] = out(x)[:, idx(h^-1 g_j)]
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _reinit_and_check_slots_permute(emodel, x, spec)
     assert equivfx.verify(emodel, x).ok
 
 
@@ -343,13 +348,7 @@ def test_flip_groups_after_reinit(spec):
     ).eval()
     x = torch.randn(3, 2, 5, 7)  # flips accept rectangles
     emodel = equivfx.compile(model, spec, mode="layerwise", readout="slots")
-    _reinit(emodel)
-    G = equivfx.group(spec)
-    with torch.no_grad():
-        y = emodel(x)
-        for h in G.elements:
-            want = y[:, list(G.regular_permutation(h))]
-            torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
+    _reinit_and_check_slots_permute(emodel, x, spec)
 
 
 @pytest.mark.parametrize("spec", ["C4", "D4"])
@@ -722,13 +721,7 @@ def test_channels_last_layerwise_models_convert_to_rounding_and_stay_equivariant
         gmodel = equivfx.compile(model, spec, readout="slots")
     with torch.no_grad():  # the conversion keeps the function, to float rounding
         torch.testing.assert_close(emodel(x), gmodel(x), rtol=1e-4, atol=1e-5)
-    _reinit(emodel)
-    G = equivfx.group(spec)
-    with torch.no_grad():
-        y = emodel(x)
-        for h in G.elements:
-            want = y[:, list(G.regular_permutation(h))]
-            torch.testing.assert_close(emodel(G.act(h, x)), want, rtol=1e-5, atol=1e-5)
+    _reinit_and_check_slots_permute(emodel, x, spec)
     assert equivfx.verify(emodel, x).ok
     has_2d = any(
         isinstance(m, mixing.MixingConv2d) and m.layout == "gather" for m in emodel.modules()
