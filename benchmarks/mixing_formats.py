@@ -15,16 +15,24 @@ Run: ``python benchmarks/mixing_formats.py [--quick] [--json PATH] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import equivfx
-from equivfx.passes.mixing import gather_channels_last, gather_rows, release_workspace
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mixing_layout import report  # noqa: E402
+
+import equivfx  # noqa: E402
+from equivfx.passes.mixing import (  # noqa: E402
+    gather_channels_last,
+    gather_rows,
+    release_workspace,
+)
 
 
 def main() -> None:
@@ -89,16 +97,7 @@ def main() -> None:
                     f"last / first = {ratio:.2f}",
                     flush=True,
                 )
-    meta = dict(
-        torch=torch.__version__,
-        threads=args.threads,
-        machine=platform.machine(),
-        processor=platform.processor() or platform.platform(),
-    )
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    report(rows, args.threads, args.json)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def blocks_mix(s, weight_blocks, bias, table, n):
     return (out + bias.view(1, 1, -1, 1, 1)).flatten(0, 1)
 
 
+def report(rows: list[dict], threads: int, path: str | None) -> None:
+    """Print the run's machine and torch build, and write it with ``rows`` to ``path`` (JSON)."""
+    meta = dict(
+        torch=torch.__version__,
+        threads=threads,
+        machine=platform.machine(),
+        processor=platform.processor() or platform.platform(),
+    )
+    print(json.dumps(meta))
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
 def channels_first(layer, s):
     """``layer(s)`` with the gather's memory format fixed to channels-first."""
     mixing.GATHER_FORMAT = "nchw"
@@ -184,16 +198,7 @@ def main() -> None:
             f"{row['fused_over_single_conv']:.2f}",
             flush=True,
         )
-    meta = dict(
-        torch=torch.__version__,
-        threads=args.threads,
-        machine=platform.machine(),
-        processor=platform.processor() or platform.platform(),
-    )
-    print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    report(rows, args.threads, args.json)
 
 
 if __name__ == "__main__":
