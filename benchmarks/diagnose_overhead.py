@@ -19,8 +19,8 @@
    channels, 32x32, B = 8: |G| B samples with |G| C -> C channels (gather) against B samples with
    |G| C -> |G| C channels (fused), on ready-made inputs, paired.
 
-5. The lift: op by op (one action per slot, then a cat) against the cached gather, for small
-   inputs (seq1d ShiftRev4 and ResNet D4 at B = 1, a set of 5 under Perm5), medians.
+5. The lift: op by op (one action per slot, then a cat) against one gather with a per-sample
+   index, below and above ``Lift.GATHER_LIMIT`` (where the module switches), medians.
 
 Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 """
@@ -155,20 +155,32 @@ def lift_cost(threads: int) -> list[tuple]:
     rows = []
     for spec, shape in (
         ("ShiftRev4", (1, 8, 128)),
+        ("ShiftRev4", (8, 8, 128)),
         ("D4", (1, 3, 32, 32)),
+        ("D4", (8, 3, 32, 32)),
         ("Perm5@-2", (1, 5, 16)),
+        ("Perm5@-2", (8, 5, 16)),
+        # over Lift.GATHER_LIMIT: the module lifts op by op
+        ("ShiftRev4", (64, 8, 128)),
+        ("D4", (64, 3, 32, 32)),
+        ("Shift4", (64, 64, 1024)),
     ):
         G = equivfx.group(spec)
         lift, x = Lift(G, G.action), torch.randn(shape)
-        env = dict(lift=lift, x=x, slots=lift.slots)
+        slots = tuple(lift.slots)
+        # built whatever the input's size, on another module (this one's cache stays its own)
+        gather = Lift(G, G.action)._gather_for(x, slots, key=None)
+        env = dict(lift=lift, x=x, slots=slots, gather=gather)
         timers = {
             "op by op": benchmark.Timer("lift._each_slot(x, slots)", globals=env),
-            "gather": benchmark.Timer("lift(x)", globals=env),
+            "gather": benchmark.Timer("gather(x)", globals=env),
+            "module": benchmark.Timer("lift(x)", globals=env),
         }
         with torch.no_grad():
-            lift(x)  # builds the index
+            lift(x)  # builds the module's index where it gathers
             ms = median_ms(timers, 5, 0.2)
-        rows.append((spec, shape, ms["op by op"] * 1e3, ms["gather"] * 1e3))
+        took = "gather" if any(lift._gathers.values()) else "op by op"
+        rows.append((spec, shape, {k: v * 1e3 for k, v in ms.items()}, took))
     return rows
 
 
@@ -198,9 +210,11 @@ def main() -> None:
             f"{r['lift, then prebuilt']:.3f}, on a fresh copy {r['fresh copy']:.3f}",
             flush=True,
         )
-    for spec, shape, slow, fast in lift_cost(args.threads):
+    for spec, shape, us, took in lift_cost(args.threads):
         print(
-            f"lift {spec} {shape}: op by op {slow:.1f} us, cached gather {fast:.1f} us", flush=True
+            f"lift {spec} {shape}: op by op {us['op by op']:.1f} us, one gather "
+            f"{us['gather']:.1f} us; the module ({took}) {us['module']:.1f} us",
+            flush=True,
         )
     print(
         "C4, 16 channels, 32x32, B=8, same FLOPs: gather-layout convolution / fused-layout "

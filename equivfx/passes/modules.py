@@ -67,7 +67,8 @@ class Lift(nn.Module):
     ``forward(x)`` checks ``x`` against the action (a non-square image under C4 raises
     :class:`~equivfx.errors.InputShapeError`) and returns ``cat([g_0^-1 . x, ..., g_{n-1}^-1 . x],
     0)`` of shape ``(|G| * B, ...)``: block i holds slot g_i. Under actions that only move
-    entries, small inputs are lifted by one gather with a cached index (bitwise the same).
+    entries, small inputs are lifted by one gather with an index cached per per-sample shape
+    (bitwise the same), and a shape checked once is not checked again.
     """
 
     def __init__(self, group, action):
@@ -81,14 +82,30 @@ class Lift(nn.Module):
         self.kernel: tuple[int, ...] = (0,)
         self.kernel_shape: tuple[int, ...] | None = None
         self._kernels: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self._indices: dict[tuple, torch.Tensor] = {}  # see _gather_index
-        self._indices_for = None  # the (action, inverses) the cached indices were built for
+        self._gathers: dict[tuple, _Gather | None] = {}  # see _gather_key, _gather_for
+        self._gathers_for = None  # the (action, inverses, kernel) they were built for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lift_slots(x, self.slots)
 
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
         """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
+        slots = tuple(slots)
+        key = self._gather_key(x, slots)
+        if key is None:
+            self._check(x)
+            return self._each_slot(x, slots)
+        gather = self._gathers.get(key, _UNSEEN)
+        if gather is _UNSEEN:  # a per-sample shape not lifted before: check it once
+            self._check(x)
+            gather = self._gather_for(x, slots, key)
+        if gather is None:  # refused for this shape (see _gather_for): op by op
+            return self._each_slot(x, slots)
+        return gather(x)  # one gather instead of one op per slot, then a cat
+
+    def _check(self, x: torch.Tensor) -> None:
+        """``x`` fits the action, and on its per-sample shape the same elements act trivially
+        as on the shape the computed slots were chosen for."""
         self.action.check(x)
         shape = tuple(x.shape[1:])
         if self.kernel_shape is not None and shape != self.kernel_shape:
@@ -105,55 +122,70 @@ class Lift(nn.Module):
                         "compile with example inputs of the shape you run, or optimize=False",
                     )
                 )
-        index = self._gather_index(x, slots)
-        if index is not None:  # one gather instead of one op per slot, then a cat
-            return x.reshape(-1).index_select(0, index).view(len(slots) * x.shape[0], *shape)
-        return self._each_slot(x, slots)
 
     def _each_slot(self, x: torch.Tensor, slots) -> torch.Tensor:
         """The lift op by op: g^-1 . x for each slot g, folded. Always a new tensor (cat copies
         even one block): ops after the lift may work in place."""
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
-    INDEX_LIMIT = 1 << 15
-    """Largest lifted tensor (elements) whose gather index is cached (int32: 128 KiB), and 4x
-    that in all: the gather pays where per-slot ops cost more than the data they move."""
+    GATHER_LIMIT = 1 << 15
+    """Largest input (elements, all samples) lifted by one gather. Below it the per-slot ops
+    and the cat cost more than the data they move (D4 on one 3x32x32 image: 58 us op by op, 23
+    us by gather; Perm5's 120 slots on a set of 5: 1,221 -> 16 us); above it both move the same
+    data, and rolls, which copy whole blocks, are faster op by op (ShiftRev4 on 64 sequences of
+    8x128: 167 against 323 us); ``benchmarks/diagnose_overhead.py``."""
 
-    def _gather_index(self, x: torch.Tensor, slots) -> torch.Tensor | None:
-        """For actions that only move entries, the lift of ``x`` is one gather of its entries:
-        the index is the lift of a tensor of entry numbers (exact: the same copies in the same
-        places). Built once per shape, device and slots, for small inputs in eager calls, where
-        the per-slot ops cost more than the data they move (|G| = 120 on a set of 5: 715 us ->
-        17 us, ``benchmarks/diagnose_overhead.py``). None: lift op by op."""
-        if not eager_tensor(x) or not self.action.is_permutation:
+    INDEX_LIMIT = 1 << 20
+    """Largest gather index (int64 entries: |slots| x per-sample size), and 4x that cached in
+    all."""
+
+    def _gather_key(self, x: torch.Tensor, slots: tuple) -> tuple | None:
+        """The cache key of a gather for ``x``, or None where ``x`` is lifted op by op: in
+        traced, compiled, exported or vmapped calls (the ops are what a tracer records), under
+        actions that do more than move entries, and for inputs over ``GATHER_LIMIT``."""
+        if not eager_tensor(x) or not self.action.is_permutation or x.dim() < 2:
             return None
-        # eligibility by the whole lift's size: chunks of one lift then share its budget, and
-        # per-chunk indices cannot crowd each other out of the cache call after call
-        if x.numel() * max(len(slots), len(self.slots)) > self.INDEX_LIMIT:
+        if x.numel() > self.GATHER_LIMIT:
             return None
-        size = x.numel() * len(slots)
-        key = (tuple(x.shape), x.device, tuple(slots))
-        built_for = self.__dict__.get("_indices_for")  # absent in older pickles
+        built = self.__dict__.get("_gathers_for")  # absent in older pickles
         if (
-            built_for is None
-            or built_for[0] is not self.action
-            or built_for[1] is not self.inverses
+            built is None
+            or built[0] is not self.action
+            or built[1] is not self.inverses
+            or built[2] is not self.kernel
+            or built[3] is not self.kernel_shape
         ):
-            self._indices, self._indices_for = {}, (self.action, self.inverses)
-        indices = self._indices
-        index = indices.get(key)
-        if index is None:
-            # on the CPU: float64 (exact entry numbers) is not available on every device
-            probe = torch.arange(x.numel(), dtype=torch.float64).view(x.shape)
-            index = self._each_slot(probe, slots).reshape(-1).to(x.device, torch.int32)
-            if size + sum(i.numel() for i in indices.values()) > 4 * self.INDEX_LIMIT:
-                indices.clear()
-            indices[key] = index
-        return index
+            self._gathers = {}
+            self._gathers_for = (self.action, self.inverses, self.kernel, self.kernel_shape)
+        return (tuple(x.shape[1:]), x.device, slots)
+
+    def _gather_for(self, x: torch.Tensor, slots: tuple, key: tuple) -> _Gather | None:
+        """Build (and cache) the gather that lifts inputs of ``x``'s per-sample shape: slot s
+        takes per-sample entry ``index[s, j]`` to entry j, read by lifting a probe of entry
+        numbers op by op (two samples, float64: exact), and checked to reproduce that lift on
+        the probe (an action that mixed samples would not). None: lift op by op."""
+        size = math.prod(x.shape[1:])
+        if len(slots) * size > self.INDEX_LIMIT:
+            gather = None
+        else:  # built on the CPU: float64 is not on every device
+            probe = torch.arange(2 * size, dtype=torch.float64).view(2, *x.shape[1:])
+            lifted = self._each_slot(probe, slots)
+            source = lifted.view(len(slots), 2, size)[:, 0]  # entry numbers of sample 0
+            gather = None
+            if bool((source < size).all()):  # else sample 0 took another sample's entries
+                gather = _Gather(source.to(torch.int64))
+                if not torch.equal(gather(probe), lifted):
+                    gather = None
+        if gather is not None:
+            gather = _Gather(gather.index.to(x.device))
+            if sum(g.index.numel() for g in self._gathers.values() if g) > 4 * self.INDEX_LIMIT:
+                self._gathers.clear()
+        self._gathers[key] = gather
+        return gather
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_indices"], state["_indices_for"] = {}, None  # a cache: not pickled
+        state["_gathers"], state["_gathers_for"] = {}, None  # a cache: not pickled
         return state
 
     def slot_permutation(self, h: int) -> list[int]:
@@ -168,6 +200,28 @@ class Lift(nn.Module):
         if len(self.slots) < self.group.order:
             computed = f", slots={list(self.slots)} (one per coset of the kernel)"
         return f"group={self.group!r}, action={self.action.describe()}{computed}"
+
+
+_UNSEEN = object()
+
+
+@dataclass(frozen=True)
+class _Gather:
+    """The lift of inputs of one per-sample shape as one gather: slot s takes per-sample entry
+    ``index[s, j]`` to entry j."""
+
+    index: torch.Tensor  # (slots, per-sample size), int64
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        slots, size = self.index.shape
+        batch = x.shape[0]
+        if batch == 1:  # the slot-major lift of one sample is the flat gather itself
+            out = x.reshape(size).index_select(0, self.index.view(-1))
+        else:  # each sample gathered into every slot: index and input expanded, not copied
+            expanded = (slots, batch, size)
+            source = x.reshape(batch, size).unsqueeze(0).expand(expanded)
+            out = torch.gather(source, 2, self.index.unsqueeze(1).expand(expanded))
+        return out.view(slots * batch, *x.shape[1:])
 
 
 def slot_positions(group, slots, kernel) -> tuple[int, ...]:

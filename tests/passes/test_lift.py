@@ -1,5 +1,6 @@
-"""The lift module: one cached gather for small inputs under actions that only move entries,
-bitwise equal to lifting op by op (the oracle: cat of g^-1 . x over the slots)."""
+"""The lift module: one gather, its index cached per per-sample shape, for small inputs under
+actions that only move entries, bitwise equal to lifting op by op (the oracle: cat of g^-1 . x
+over the slots); a per-sample shape checked once is not checked again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import equivfx
+from equivfx.errors import InputShapeError
+from equivfx.groups.actions import RollAction
 from equivfx.passes.modules import Lift
 
 CASES = [
@@ -36,10 +39,14 @@ def test_the_cached_gather_is_the_lift_bitwise(spec, shape):
     x = torch.randn(shape)
     for _ in range(2):  # builds the index, then reads it from the cache
         assert torch.equal(lift(x), oracle(G, x))
-    assert len(lift._indices) == 1
+    assert len(lift._gathers) == 1 and None not in lift._gathers.values()
     slots = [G.order - 1, 0]  # a chunk of slots, in its own order
     assert torch.equal(lift.lift_slots(x, slots), oracle(G, x, slots))
-    assert len(lift._indices) == 2
+    assert len(lift._gathers) == 2
+    for batch in (1, 5):  # every batch size reads the per-sample index
+        other = torch.randn(batch, *shape[1:])
+        assert torch.equal(lift(other), oracle(G, other))
+    assert len(lift._gathers) == 2
     y = lift(x)
     y.add_(1.0)  # the lift is a new tensor: ops after it may work in place
     assert torch.equal(lift(x), oracle(G, x))
@@ -48,12 +55,12 @@ def test_the_cached_gather_is_the_lift_bitwise(spec, shape):
 def test_large_inputs_and_other_actions_lift_op_by_op():
     G = equivfx.group("D4")
     lift = Lift(G, G.action)
-    x = torch.randn(Lift.INDEX_LIMIT // (8 * 3 * 4 * 4) + 1, 3, 4, 4)  # just over the limit
-    assert torch.equal(lift(x), oracle(G, x)) and lift._indices == {}
+    x = torch.randn(Lift.GATHER_LIMIT // (3 * 4 * 4) + 1, 3, 4, 4)  # just over the limit
+    assert torch.equal(lift(x), oracle(G, x)) and lift._gathers == {}
     C8 = equivfx.group("C8")  # interpolated rotations: not a permutation of entries
     lift8 = Lift(C8, C8.action)
     small = torch.randn(1, 1, 5, 5)
-    assert torch.equal(lift8(small), oracle(C8, small)) and lift8._indices == {}
+    assert torch.equal(lift8(small), oracle(C8, small)) and lift8._gathers == {}
 
 
 def test_the_cache_follows_the_action_and_the_inverses():
@@ -83,17 +90,18 @@ def test_the_cache_is_not_pickled_or_shared_by_copies():
     lift = Lift(G, G.action)
     x = torch.randn(1, 5, 2)
     lift(x)
-    assert lift._indices
+    assert lift._gathers
     again = pickle.loads(pickle.dumps(lift))
-    assert again._indices == {} and torch.equal(again(x), oracle(G, x))
+    assert again._gathers == {} and torch.equal(again(x), oracle(G, x))
     buffer = io.BytesIO()
     torch.save(lift, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert loaded._indices == {} and torch.equal(loaded(x), oracle(G, x))
+    assert loaded._gathers == {} and torch.equal(loaded(x), oracle(G, x))
     twin = copy.deepcopy(lift)
-    twin(torch.randn(2, 5, 2))
-    assert len(twin._indices) == 1 and len(lift._indices) == 1
+    twin(torch.randn(2, 5, 3))
+    assert len(twin._gathers) == 1 and len(lift._gathers) == 1  # the copy's cache is its own
+    assert twin._gathers.keys() != lift._gathers.keys()
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks become constants
@@ -102,9 +110,10 @@ def test_traced_and_vmapped_calls_lift_op_by_op():
     lift = Lift(G, G.action)
     xs = torch.randn(3, 2, 1, 4, 4)
     got = torch.func.vmap(lift)(xs)
-    assert torch.equal(got, torch.stack([oracle(G, x) for x in xs])) and lift._indices == {}
+    assert torch.equal(got, torch.stack([oracle(G, x) for x in xs])) and lift._gathers == {}
     traced = torch.jit.trace(lift, (xs[0],), check_trace=False)
-    assert lift._indices == {} and "index_select" not in traced.code
+    assert lift._gathers == {} and "index_select" not in traced.code
+    assert "gather" not in traced.code
     assert torch.equal(traced(xs[1]), oracle(G, xs[1]))
 
 
@@ -123,20 +132,55 @@ def test_torch_compile_traces_the_compiled_model_without_graph_breaks():
     assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
 
 
-def test_chunks_of_one_lift_share_its_budget():
+def test_chunks_are_cached_per_slots_and_large_inputs_go_op_by_op():
     G = equivfx.group("D4")
     lift = Lift(G, G.action)
     per_sample = 3 * 4 * 4
-    small = torch.randn(Lift.INDEX_LIMIT // (8 * per_sample), 3, 4, 4)  # the whole lift fits
+    small = torch.randn(Lift.GATHER_LIMIT // per_sample, 3, 4, 4)  # the largest batch gathered
     for _ in range(3):
         for g in range(G.order):  # chunk=1: one lift per slot
             assert torch.equal(lift.lift_slots(small, [g]), oracle(G, small, [g]))
-    first = dict(lift._indices)
+    first = dict(lift._gathers)
     assert len(first) == G.order
     for g in range(G.order):
-        lift.lift_slots(small, [g])
-    assert all(lift._indices[k] is v for k, v in first.items())  # cached once, not rebuilt
-    big = torch.randn(small.shape[0] + 1, 3, 4, 4)  # each chunk fits, the whole lift does not
+        lift.lift_slots(small[:3], [g])
+    assert all(lift._gathers[k] is v for k, v in first.items())  # cached once, not rebuilt
+    big = torch.randn(small.shape[0] + 1, 3, 4, 4)
     for g in range(G.order):
         assert torch.equal(lift.lift_slots(big, [g]), oracle(G, big, [g]))
-    assert len(lift._indices) == G.order  # nothing added for the big input
+    assert len(lift._gathers) == G.order  # nothing added for the big input
+
+
+def test_a_per_sample_shape_is_checked_once_and_a_new_one_again(monkeypatch):
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    calls = []
+    check = type(G.action).check
+    monkeypatch.setattr(
+        type(G.action), "check", lambda self, x: calls.append(x.shape) or check(self, x)
+    )
+    for batch in (1, 2, 1):
+        lift(torch.randn(batch, 2, 4, 4))
+    assert calls == [torch.Size([1, 2, 4, 4])]  # the per-sample shape's first call only
+    with pytest.raises(InputShapeError, match="square"):
+        lift(torch.randn(1, 2, 4, 5))  # a new per-sample shape is checked
+    big = torch.randn(Lift.GATHER_LIMIT // 16 + 1, 1, 4, 4)  # lifted op by op: checked each call
+    lift(big), lift(big)
+    assert len(calls) == 4
+
+
+class _SwapSamples(RollAction):
+    """Moves entries, but across samples: no per-sample gather can reproduce it."""
+
+    def _apply(self, index, x):
+        return torch.roll(x, index, 0)
+
+
+def test_a_permutation_that_mixes_samples_is_lifted_op_by_op():
+    G = equivfx.group("C2")
+    action = _SwapSamples(axis=-1, n=2).bind(G)
+    lift = Lift(G, action)
+    x = torch.randn(3, 4)
+    want = torch.cat([action._apply(G.inverse_table[i], x) for i in range(2)], 0)
+    assert torch.equal(lift(x), want) and torch.equal(lift(x), want)
+    assert list(lift._gathers.values()) == [None]  # refused once, remembered
