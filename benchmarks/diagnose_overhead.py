@@ -22,13 +22,23 @@
 5. The lift: op by op (one action per slot, then a cat) against one gather with a per-sample
    index, below and above ``Lift.GATHER_LIMIT`` (where the module switches), medians.
 
+6. Page faults: minor page faults per forward (``getrusage``) of the ResNet under D4 at B = 8, the
+   base model eager and as a plain ``torch.fx.symbolic_trace`` on the pre-built batch, and the
+   compiled model (``chunk=None``), each in a fresh child process (the counts depend on what the
+   process allocated before), under glibc's default allocator and with freed memory kept
+   (``run_all.TUNED_MALLOC``): an fx graph frees each value right after its last use, earlier
+   than eager Python frees locals, which changes which blocks glibc returns to the system.
+
 Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -184,11 +194,54 @@ def lift_cost(threads: int) -> list[tuple]:
     return rows
 
 
+def page_faults() -> dict:
+    factory, shape, specs = MODELS["resnet"]
+    torch.manual_seed(0)
+    model = factory().eval()
+    G = equivfx.group(specs["D4"])
+    x = torch.randn(8, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, G, example_inputs=x, chunk=None)
+    traced = torch.fx.symbolic_trace(model)
+    fns = {
+        "base eager": lambda p: model(p),
+        "base as an fx graph": lambda p: traced(p),
+        "compiled": lambda p: emodel(x),
+    }
+    faults = {k: [] for k in fns}
+    with torch.no_grad():
+        prebuilt = emodel.equivfx_lift(x)
+        for _ in range(3):  # rounds; each variant warmed up, then 20 forwards counted
+            for name, fn in fns.items():
+                for _ in range(3):
+                    fn(prebuilt)
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(20):
+                    fn(prebuilt)
+                faults[name].append(
+                    (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+                )
+    return {k: statistics.median(v) for k, v in faults.items()}
+
+
+def _faults_line(faults: dict, label: str) -> str:
+    return f"ResNet D4 B=8, minor page faults per forward ({label}): " + ", ".join(
+        f"{k} {v:,.0f}" for k, v in faults.items()
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--faults-only", action="store_true", help="only part 6, in this process")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.faults_only:
+        tuned = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+        label = "allocator keeps freed memory" if tuned else "default allocator"
+        print(_faults_line(page_faults(), label), flush=True)
+        return
     k = kernel_time(args.threads)
     print(
         f"ResNet C4 B=8, 20 forwards, aten self CPU time: base@GB {k['base@GB']:.1f} ms, "
@@ -221,6 +274,14 @@ def main() -> None:
         f"convolution = {conv_shapes():.2f} (paired)",
         flush=True,
     )
+    from run_all import TUNED_MALLOC
+
+    for env in ({}, TUNED_MALLOC):  # fresh processes: the counts depend on the heap's history
+        subprocess.run(
+            [sys.executable, __file__, "--faults-only", "--threads", str(args.threads)],
+            env={**os.environ, **env},
+            check=True,
+        )
 
 
 if __name__ == "__main__":
