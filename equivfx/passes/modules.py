@@ -83,7 +83,7 @@ class Lift(nn.Module):
         self.kernel_shape: tuple[int, ...] | None = None
         self._kernels: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._gathers: dict[tuple, _Gather | None] = {}  # see _gather_key, _gather_for
-        self._gathers_for = None  # the (action, inverses, kernel) they were built for
+        self._gathers_for = None  # the (action, inverses, kernel, kernel_shape) they were for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lift_slots(x, self.slots)
@@ -130,22 +130,29 @@ class Lift(nn.Module):
 
     GATHER_LIMIT = 1 << 15
     """Largest input (elements, all samples) lifted by one gather. Below it the per-slot ops
-    and the cat cost more than the data they move (D4 on one 3x32x32 image: 58 us op by op, 23
-    us by gather; Perm5's 120 slots on a set of 5: 1,221 -> 16 us); above it both move the same
+    and the cat cost more than the data they move (D4 on one 3x32x32 image: 68 us op by op, 20
+    us by gather; Perm5's 120 slots on a set of 5: 686 -> 11 us); above it both move the same
     data, and rolls, which copy whole blocks, are faster op by op (ShiftRev4 on 64 sequences of
-    8x128: 167 against 323 us); ``benchmarks/diagnose_overhead.py``."""
+    8x128: 176 against 326 us); ``benchmarks/diagnose_overhead.py``."""
 
-    INDEX_LIMIT = 1 << 20
-    """Largest gather index (int64 entries: |slots| x per-sample size), and 4x that cached in
-    all."""
+    INDEX_LIMIT = 1 << 18
+    """Largest gather index (int64 entries: |slots| x per-sample size, 2 MiB), and 4x that cached
+    in all; at most ``CACHED_SHAPES`` keys (refused shapes included)."""
+
+    CACHED_SHAPES = 64
 
     def _gather_key(self, x: torch.Tensor, slots: tuple) -> tuple | None:
-        """The cache key of a gather for ``x``, or None where ``x`` is lifted op by op: in
-        traced, compiled, exported or vmapped calls (the ops are what a tracer records), under
-        actions that do more than move entries, and for inputs over ``GATHER_LIMIT``."""
+        """The cache key of a gather for ``x``, or None where ``x`` is lifted op by op (and
+        checked at every call): in traced, compiled, exported or vmapped calls (the ops are what
+        a tracer records), under actions that do more than move entries or that act on the batch
+        axis (the index, and the checks, would depend on the batch size), for inputs with one
+        axis, quantized or not strided (no gather kernel), and for inputs over
+        ``GATHER_LIMIT``."""
         if not eager_tensor(x) or not self.action.is_permutation or x.dim() < 2:
             return None
-        if x.numel() > self.GATHER_LIMIT:
+        if x.numel() > self.GATHER_LIMIT or x.is_quantized or x.layout != torch.strided:
+            return None
+        if any(a % x.dim() == 0 for a in self.action.axes):
             return None
         built = self.__dict__.get("_gathers_for")  # absent in older pickles
         if (
@@ -167,19 +174,26 @@ class Lift(nn.Module):
         size = math.prod(x.shape[1:])
         if len(slots) * size > self.INDEX_LIMIT:
             gather = None
-        else:  # built on the CPU: float64 is not on every device
-            probe = torch.arange(2 * size, dtype=torch.float64).view(2, *x.shape[1:])
-            lifted = self._each_slot(probe, slots)
-            source = lifted.view(len(slots), 2, size)[:, 0]  # entry numbers of sample 0
-            gather = None
-            if bool((source < size).all()):  # else sample 0 took another sample's entries
-                gather = _Gather(source.to(torch.int64))
-                if not torch.equal(gather(probe), lifted):
-                    gather = None
-        if gather is not None:
-            gather = _Gather(gather.index.to(x.device))
-            if sum(g.index.numel() for g in self._gathers.values() if g) > 4 * self.INDEX_LIMIT:
-                self._gathers.clear()
+        else:  # on the CPU (float64 is not on every device); a normal tensor even when built
+            # under inference_mode, so autograd may save it later
+            with torch.inference_mode(False):
+                probe = torch.arange(2 * size, dtype=torch.float64).view(2, *x.shape[1:])
+                lifted = self._each_slot(probe, slots)
+                source = lifted.view(len(slots), 2, size)[:, 0]  # entry numbers of sample 0
+                gather = None
+                if bool((source < size).all()):  # else sample 0 took another sample's entries
+                    gather = _Gather(source.to(torch.int64))
+                    if not torch.equal(gather(probe), lifted):
+                        gather = None
+                if gather is not None:
+                    gather = _Gather(gather.index.to(x.device))
+        cached = list(self._gathers.values())  # a snapshot: other threads may be adding
+        entries = sum(g.index.numel() for g in cached if g is not None)
+        if (
+            len(cached) >= self.CACHED_SHAPES
+            or entries + (gather.index.numel() if gather else 0) > 4 * self.INDEX_LIMIT
+        ):
+            self._gathers.clear()
         self._gathers[key] = gather
         return gather
 

@@ -184,3 +184,89 @@ def test_a_permutation_that_mixes_samples_is_lifted_op_by_op():
     want = torch.cat([action._apply(G.inverse_table[i], x) for i in range(2)], 0)
     assert torch.equal(lift(x), want) and torch.equal(lift(x), want)
     assert list(lift._gathers.values()) == [None]  # refused once, remembered
+
+
+@pytest.mark.parametrize(
+    "spec, shape",
+    [
+        ("Shift4@0", (4, 3)),
+        ("Perm3@0", (3, 2, 2)),
+        ("D4xShift4@-3", (4, 4, 4)),
+        ("Perm5@-2", (5, 3)),
+    ],
+)
+def test_actions_on_the_batch_axis_lift_op_by_op_and_are_checked_each_call(spec, shape):
+    G = equivfx.group(spec)
+    lift = Lift(G, G.action)
+    x = torch.randn(shape)  # the action's axis is the batch axis here
+    for _ in range(2):
+        assert torch.equal(lift(x), oracle(G, x))
+    assert lift._gathers == {}
+    bad = torch.randn(shape[0] - 1, *shape[1:])  # the acted (batch) axis no longer fits
+    with pytest.raises(InputShapeError):
+        lift(bad)
+
+
+def test_an_index_built_under_inference_mode_serves_autograd_later():
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    with torch.inference_mode():
+        lift(torch.randn(2, 2, 5, 5))
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)  # another batch size: the cached index
+    lift(x).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, G.order))
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # deprecated, still supported
+def test_quantized_inputs_lift_op_by_op():
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    x = torch.quantize_per_tensor(torch.randn(3, 2, 4, 4), 0.1, 0, torch.quint8)
+    assert torch.equal(lift(x).int_repr(), oracle(G, x).int_repr()) and lift._gathers == {}
+
+
+def test_the_cache_is_bounded_in_entries_and_in_shapes():
+    G = equivfx.group("D4xShift4@-3")  # 32 slots
+    lift = Lift(G, G.action)
+    for length in range(1, 40):  # indices of 32 x 4 x 4 x 4 x length entries
+        x = torch.randn(1, 4 * length, 4, 4)
+        if x.numel() <= Lift.GATHER_LIMIT:
+            assert torch.equal(lift(x), oracle(G, x))
+        entries = sum(g.index.numel() for g in lift._gathers.values() if g is not None)
+        assert entries <= 4 * Lift.INDEX_LIMIT
+    P = equivfx.group("Perm5@-2")  # 120 slots: large per-sample shapes are refused
+    plift = Lift(P, P.action)
+    for features in range(Lift.INDEX_LIMIT // 600 + 1, Lift.INDEX_LIMIT // 600 + 100):
+        plift(torch.randn(1, 5, features))
+        assert len(plift._gathers) <= Lift.CACHED_SHAPES
+    assert set(plift._gathers.values()) == {None}
+
+
+def test_threads_building_the_cache_at_once_all_get_the_lift():
+    import sys
+    import threading
+
+    G = equivfx.group("Rev")
+    lift = Lift(G, G.action)
+    errors = []
+
+    def work(offset):
+        try:
+            for k in range(1, 400):
+                x = torch.randn(1, 4 * k + offset)
+                if not torch.equal(lift(x), oracle(G, x)):
+                    errors.append(("differs", offset, k))
+        except RuntimeError as e:  # "dictionary changed size during iteration"
+            errors.append(str(e))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
