@@ -254,3 +254,70 @@ def test_hoist_stops_at_functional_dropout_too():
     emodel = equivfx.compile(Head().eval(), "C4", example_inputs=X, chunk=None)
     pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
     assert pool.args[0].target is nn.functional.dropout  # each slot draws its own mask
+
+
+class TwoBranchHead(nn.Module):
+    """Heads with two folded inputs: features pooled two ways and joined (``join``), then
+    affine layers; ``join`` picks how."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.join = join
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc_a = nn.Linear(4, 6)
+        self.fc_b = nn.Linear(4, 6)
+        self.fc = nn.Linear(8 if join == "cat" else 6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        if self.join == "cat":
+            return self.fc(torch.cat([a, b], 1))
+        if self.join == "sum":
+            return self.fc(self.fc_a(a) + self.fc_b(b) - self.fc_a(b))
+        if self.join == "shared":  # one folded value read by two branches
+            return self.fc(self.fc_a(a) + self.fc_b(a))
+        return self.fc(self.fc_a(a) * self.fc_b(b))  # a product: not linear in a and b together
+
+
+def _rows_seen(model, x, **kwargs) -> int:
+    rows = []
+    handle = model.fc.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            equivfx.compile(model, "D4", example_inputs=x, **kwargs)(x)
+    finally:
+        handle.remove()
+    return rows[-1]
+
+
+@pytest.mark.parametrize("join, pools", [("cat", 2), ("sum", 2), ("shared", 1)])
+def test_hoist_pools_each_input_of_a_sum_or_concatenation(join, pools):
+    model = TwoBranchHead(join).eval()
+    emodel = equivfx.compile(model, "D4", example_inputs=X, chunk=None)
+    pooled = [n for n in emodel.graph.nodes if n.target == "equivfx_pool"]
+    assert len(pooled) == pools
+    assert all(n.target != "equivfx_readout" for n in emodel.graph.nodes)
+    assert sorted(str(n.args[0].target) for n in pooled) == sorted(
+        {"cat": ["amax", "mean"], "sum": ["amax", "mean"], "shared": ["mean"]}[join]
+    )
+    assert (_rows_seen(model, X), _rows_seen(model, X, optimize=False)) == (3, 3 * 8)
+    slow = equivfx.compile(model, "D4", example_inputs=X, optimize=False)
+    chunked = equivfx.compile(model, "D4", example_inputs=X, chunk=1)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked(X), slow(X), rtol=1e-5, atol=1e-6)
+    assert equivfx.verify(emodel, X).ok
+
+
+def test_hoist_stops_at_a_product_of_two_folded_values():
+    import operator
+
+    model = TwoBranchHead("product").eval()
+    emodel = equivfx.compile(model, "D4", example_inputs=X, chunk=None)
+    (pool,) = [n for n in emodel.graph.nodes if n.target == "equivfx_pool"]
+    assert pool.args[0].target is operator.mul  # the product runs per slot, then the pool
+    slow = equivfx.compile(model, "D4", example_inputs=X, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
