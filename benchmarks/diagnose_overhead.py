@@ -9,12 +9,12 @@
    is computed, so there is nothing to choose and it calls the flat graph) against ``chunk=None``
    (the flat graph itself), medians of interleaved runs: the wrapper's own cost.
 
-3. The input transform: the base model on a batch lifted at each call (``equivfx_lift``, and the
-   same lift op by op), after a lift whose result it does not read, and on a fresh copy of the
-   batch built beforehand (controls: is it the lift's index, its running at all, or the batch
-   being new?), against the same batch built beforehand, paired (``bench_global.paired_ms``),
-   for the configurations
-   where the strict 5 % target is missed (seq1d ShiftRev4 and ResNet D4 at B = 1, ViT C4 at B = 8).
+3. The input transform: the base model on a batch lifted at each call (``equivfx_lift``, its
+   gather called without the module around it, and the same lift op by op), after a lift whose
+   result it does not read, and on a fresh copy of the batch built beforehand (controls: is it the
+   lift's ops, its Python, its running at all, or the batch being new?), against the same batch
+   built beforehand, paired (``bench_global.paired_ms``), for configurations where the strict 5 %
+   target was missed (seq1d ShiftRev4 and ResNet D4 at B = 1, ViT C4 at B = 8).
 4. Convolution shapes: the two mixing layouts' convolutions with the same arithmetic, C4, 16
    channels, 32x32, B = 8: |G| B samples with |G| C -> C channels (gather) against B samples with
    |G| C -> |G| C channels (fused), on ready-made inputs, paired.
@@ -130,8 +130,11 @@ def input_transform() -> list[tuple]:
         slots = list(lift.slots)
         with torch.no_grad():
             prebuilt = lift(x)
+            # the module's own gather, called without the module around it (its Python)
+            gather = next(g for g in lift._gathers.values() if g is not None)
             fns = {
                 "lifted": lambda m=model, lift=lift, x=x: m(lift(x)),
+                "lifted by the bare gather": lambda m=model, g=gather, x=x: m(g(x)),
                 "lifted op by op": lambda m=model, lift=lift, x=x, s=slots: m(
                     lift._each_slot(x, s)
                 ),
@@ -259,7 +262,8 @@ def main() -> None:
     for name, spec, batch, r in input_transform():
         print(
             f"{name} {spec} B={batch}, base model against itself on a batch built beforehand "
-            f"(paired): on a batch lifted at each call {r['lifted']:.3f}, lifted op by op "
+            f"(paired): on a batch lifted at each call {r['lifted']:.3f}, by the lift's gather "
+            f"called bare {r['lifted by the bare gather']:.3f}, lifted op by op "
             f"{r['lifted op by op']:.3f}, after a lift whose result it does not read "
             f"{r['lift, then prebuilt']:.3f}, on a fresh copy {r['fresh copy']:.3f}",
             flush=True,
