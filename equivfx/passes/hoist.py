@@ -11,14 +11,11 @@ After::
 
     feat -> equivfx_pool -> flatten -> fc -> output                 (fc runs on B rows)
 
-The head moved is a tree of affine, slot-wise nodes with one user each, reached from the readout
-through their folded inputs; a node with several folded inputs joins only if it is jointly linear
-in them (a sum, a difference, a concatenation or a stack: mean_g(a_g + b_g) = mean_g a_g + mean_g
-b_g, not so a product), and each folded value the tree reads is pooled once. Mixing layers,
-dropout (its masks differ per slot in training) and ops with batch statistics stop the tree. So
-do reductions (a mean over tokens or pixels): pooling after them pools, and with ``chunk``
-accumulates, a value that much smaller, for the same arithmetic. Outputs are unchanged up to
-float rounding.
+Only a chain of affine, slot-wise nodes with one batch-carrying input and one user each is moved;
+mixing layers, dropout (its masks differ per slot in training) and ops with batch statistics stop
+the chain. So do reductions (a mean over tokens or pixels): pooling after them pools, and with
+``chunk`` accumulates, a value that much smaller, for the same arithmetic. Outputs are unchanged up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -54,10 +51,10 @@ class HoistProjection(Pass):
         ]:
             if rnode.kwargs.get("batch_axis", 0) != 0:
                 continue
-            chain, sources = self._head(rnode.args[0], modules)
+            chain = self._chain(rnode.args[0], modules)
             if not chain:
                 continue
-            modified |= self._hoist(gm, rnode, chain, sources)
+            modified |= self._hoist(gm, rnode, chain)
         return PassResult(gm, modified)
 
     def _affine(self, node: fx.Node, modules) -> bool:
@@ -79,80 +76,43 @@ class HoistProjection(Pass):
             and rep.batch_axis == 0
         )
 
-    def _head(self, last: fx.Node, modules) -> tuple[list[fx.Node], list[fx.Node]]:
-        """The head ending at ``last`` in graph order, and the folded values it reads (each
-        once, in graph order); empty if ``last`` cannot move."""
-        head: list[fx.Node] = []
-        sources: list[fx.Node] = []
-        stack, seen = [last], set()
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            folded = list(
-                dict.fromkeys(
-                    a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)
-                )
-            )
-            if (
-                isinstance(node, fx.Node)
-                and self._affine(node, modules)
-                and len(node.users) == 1
-                and folded
-                and (len(folded) == 1 or _jointly_linear(node, modules))
-            ):
-                head.append(node)
-                stack.extend(folded)
-            elif node is not last and isinstance(node.meta.get(REP), Folded):
-                sources.append(node)
-            else:
-                return [], []
-        order = {n: i for i, n in enumerate(last.graph.nodes)}
-        return sorted(head, key=order.get), sorted(sources, key=order.get)
+    def _chain(self, last: fx.Node, modules) -> list[fx.Node]:
+        """Nodes from the head's start to ``last``, each affine with one folded input and one
+        user."""
+        chain: list[fx.Node] = []
+        node = last
+        while isinstance(node, fx.Node) and self._affine(node, modules) and len(node.users) == 1:
+            folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
+            if len(folded) != 1:
+                break
+            chain.append(node)
+            node = folded[0]
+        if not chain or not isinstance(node.meta.get(REP), Folded):
+            return []
+        chain.reverse()
+        return chain
 
-    def _hoist(
-        self, gm: fx.GraphModule, rnode: fx.Node, chain: list[fx.Node], sources: list[fx.Node]
-    ) -> bool:
-        if any(s.meta.get(REP).batch_axis != 0 for s in sources):
-            return False
-        if not _shapes_rereadable(chain, set(sources)):
+    def _hoist(self, gm: fx.GraphModule, rnode: fx.Node, chain: list[fx.Node]) -> bool:
+        first = chain[0]
+        src = next(a for a in first.all_input_nodes if isinstance(a.meta.get(REP), Folded))
+        if src.meta.get(REP).batch_axis != 0 or not _shapes_rereadable(chain, src):
             return False
         readout = gm.get_submodule(READOUT_NAME)
         if not hasattr(gm, POOL_NAME):
             gm.add_submodule(POOL_NAME, Readout(readout.group, "invariant", "mean"))
         rep = rnode.meta.get(REP)
-        pooled_of: dict[fx.Node, fx.Node] = {}
-        for src in sources:
-            # right before the first head node that reads it, not right after src: ops between
-            # them may change src in place
-            first = next(n for n in chain if src in n.all_input_nodes)
-            with gm.graph.inserting_before(first):
-                pooled = gm.graph.call_module(POOL_NAME, (src,))
-            new_node_origin(pooled, self.name)
-            out = rep if isinstance(rep, OutputRep) else OutputRep("invariant", None)
-            set_rep(pooled, out, "pool")
-            pooled_of[src] = pooled
+        # right before the head, not right after src: ops between them may change src in place
+        with gm.graph.inserting_before(first):
+            pooled = gm.graph.call_module(POOL_NAME, (src,))
+        new_node_origin(pooled, self.name)
+        set_rep(pooled, rep if isinstance(rep, OutputRep) else OutputRep("invariant", None), "pool")
+        first.replace_input_with(src, pooled)
+        _private_shapes(gm, chain, src, pooled)
         for n in chain:
-            for src, pooled in pooled_of.items():
-                n.replace_input_with(src, pooled)
-        _private_shapes(gm, chain, pooled_of)
-        for n in chain:
-            set_rep(n, pooled_of[sources[0]].meta[REP], n.meta.get("equivfx.rule"))
+            set_rep(n, pooled.meta[REP], n.meta.get("equivfx.rule"))
         rnode.replace_all_uses_with(chain[-1])
         gm.graph.erase_node(rnode)
         return True
-
-
-JOINTLY_LINEAR = frozenset({"add", "sub", "cat", "stack"})
-"""Rules whose ops are linear in all their tensor inputs together (a product is linear in each
-input alone, and is not here)."""
-
-
-def _jointly_linear(node: fx.Node, modules) -> bool:
-    module = modules.get(node.target) if node.op == "call_module" else None
-    rule = lookup(rule_key(node, module))
-    return rule is not None and rule.name in JOINTLY_LINEAR
 
 
 def _shape_inputs(node: fx.Node) -> list[fx.Node]:
@@ -172,8 +132,8 @@ def _read_off(node: fx.Node) -> fx.Node | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def _shapes_rereadable(chain: list[fx.Node], sources: set[fx.Node]) -> bool:
-    """Every shape value the chain uses can be re-read off a pooled value: it is read off a source
+def _shapes_rereadable(chain: list[fx.Node], src: fx.Node) -> bool:
+    """Every shape value the chain uses can be re-read off the pooled value: it is read off ``src``
     itself (same sample shape), or it is the batch size read off any folded tensor on axis 0."""
     stack = [a for n in chain for a in _shape_inputs(n)]
     seen: set[fx.Node] = set()
@@ -183,7 +143,7 @@ def _shapes_rereadable(chain: list[fx.Node], sources: set[fx.Node]) -> bool:
             continue
         seen.add(b)
         t = _read_off(b)
-        if t is not None and t not in sources:
+        if t is not None and t is not src:
             if not (_batch_read(b) and t.meta[REP].batch_axis == 0):
                 return False
         elif t is None and any(isinstance(a.meta.get(REP), Folded) for a in b.all_input_nodes):
@@ -192,8 +152,8 @@ def _shapes_rereadable(chain: list[fx.Node], sources: set[fx.Node]) -> bool:
     return True
 
 
-def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], pooled_of: dict[fx.Node, fx.Node]):
-    """Give the moved nodes their own shape values, read off the pooled values (batch B, not |G| B).
+def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, pooled: fx.Node):
+    """Give the moved nodes their own shape values, read off the pooled value (batch B, not |G| B).
 
     Shape values computed for other nodes (``B = x.size(0)`` used before the pool as well) stay as
     they are; the chain gets copies whose reads of folded tensors now read ``pooled``.
@@ -205,14 +165,14 @@ def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], pooled_of: dict[fx
             return memo[b]
         t = _read_off(b)
         with gm.graph.inserting_before(before):
-            if t is not None and t not in pooled_of:  # the batch size of another folded tensor
-                new = gm.graph.call_method("size", (next(iter(pooled_of.values())), 0))
+            if t is not None and t is not src:  # the batch size of another folded tensor
+                new = gm.graph.call_method("size", (pooled, 0))
             else:
                 new = gm.graph.node_copy(
                     b,
                     lambda a: (
-                        pooled_of[a]
-                        if a in pooled_of
+                        pooled
+                        if a is src
                         else private(a, before)
                         if isinstance(a.meta.get(REP), BatchSize)
                         else a
