@@ -14,12 +14,17 @@ After::
 Only a chain of affine, slot-wise nodes with one batch-carrying input and one user each is moved;
 mixing layers, dropout (its masks differ per slot in training) and ops with batch statistics stop
 the chain. So do reductions (a mean over tokens or pixels): pooling after them pools, and with
-``chunk`` accumulates, a value that much smaller, for the same arithmetic. Outputs are unchanged up
-to float rounding.
+``chunk`` accumulates, a value that much smaller, for the same arithmetic. Nothing moves where a
+node from the head on may write in place (the pooled head would read the value before the write),
+or where the value pooled is not floating (by the example inputs' dtypes; without them, where the
+head converts dtypes). Outputs are unchanged up to float rounding.
 """
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from equivfx.meta import REP, BatchSize, Folded, OutputRep, set_rep
@@ -97,6 +102,8 @@ class HoistProjection(Pass):
         src = next(a for a in first.all_input_nodes if isinstance(a.meta.get(REP), Folded))
         if src.meta.get(REP).batch_axis != 0 or not _shapes_rereadable(chain, src):
             return False
+        if _mutation_from(first, modules=dict(gm.named_modules())) or not _floating(src, chain):
+            return False
         readout = gm.get_submodule(READOUT_NAME)
         if not hasattr(gm, POOL_NAME):
             gm.add_submodule(POOL_NAME, Readout(readout.group, "invariant", "mean"))
@@ -113,6 +120,76 @@ class HoistProjection(Pass):
         rnode.replace_all_uses_with(chain[-1])
         gm.graph.erase_node(rnode)
         return True
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.setitem,
+    }
+)
+
+
+def _mutates(node: fx.Node, modules) -> bool:
+    """The node may write into one of its inputs: an in-place method or function (``add_``,
+    ``torch.relu_``, ``x[i] = v``, ``+=``), ``inplace=True``, or an ``out=`` argument."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("__")
+        )
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
+def _mutation_from(first: fx.Node, modules) -> bool:
+    """Some node from ``first`` on may write in place. The pool goes right before ``first``; a
+    value written after that (the head's source, or any alias of it) would differ between the
+    pooled head and the per-slot one, and with ``chunk`` the pools accumulate after each chunk's
+    whole per-slot body, so any later write counts."""
+    node = first
+    while node.op != "output":
+        if _mutates(node, modules):
+            return True
+        node = node.next
+    return False
+
+
+def _floating(src: fx.Node, chain: list[fx.Node]) -> bool:
+    """The source can be averaged: a floating or complex dtype where example inputs gave one;
+    without them, the head must not convert dtypes (a bool or integer source would reach the mean
+    only through such a conversion, as in ``fc((b > 0).float())``)."""
+    meta = src.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    if dtype is not None:
+        return dtype.is_floating_point or dtype.is_complex
+    return not any(_converts_dtype(n) for n in chain)
+
+
+def _converts_dtype(node: fx.Node) -> bool:
+    if node.op != "call_method":
+        return False
+    if node.target in ("float", "double", "half", "bfloat16", "type", "type_as"):
+        return True
+    return node.target == "to" and any(
+        isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values())
+    )
 
 
 def _shape_inputs(node: fx.Node) -> list[fx.Node]:
@@ -144,12 +221,22 @@ def _shapes_rereadable(chain: list[fx.Node], src: fx.Node) -> bool:
         seen.add(b)
         t = _read_off(b)
         if t is not None and t is not src:
-            if not (_batch_read(b) and t.meta[REP].batch_axis == 0):
+            if not (_batch_read(b) and t.meta[REP].batch_axis == 0) or not _same_rows(t, src):
                 return False
         elif t is None and any(isinstance(a.meta.get(REP), Folded) for a in b.all_input_nodes):
             return False
         stack.extend(_shape_inputs(b))
     return True
+
+
+def _same_rows(a: fx.Node, b: fx.Node) -> bool:
+    """Folded ``a`` and ``b`` have as many rows, where example inputs gave their shapes (a
+    reshape(-1, C) of tokens folds |G| B T rows, and its pooled size is B T, not B)."""
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    shape_a, shape_b = getattr(ma, "shape", None), getattr(mb, "shape", None)
+    if not shape_a or not shape_b:
+        return True  # without examples: assumed (|G| B rows each)
+    return shape_a[0] == shape_b[0]
 
 
 def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, pooled: fx.Node):

@@ -254,3 +254,50 @@ def test_hoist_stops_at_functional_dropout_too():
     emodel = equivfx.compile(Head().eval(), "C4", example_inputs=X, chunk=None)
     pool = next(n for n in emodel.graph.nodes if n.target == "equivfx_pool")
     assert pool.args[0].target is nn.functional.dropout  # each slot draws its own mask
+
+
+class _Pooled(nn.Module):
+    """Features pooled two ways, then a head that ``variant`` picks (the cases the hoist must
+    leave alone, from a review)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.variant = variant
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        if self.variant == "add_ in the head":
+            return self.fc(a.add_(1.0)), a.sum(1)
+        if self.variant == "mul_ after the head":
+            t = self.fc(a)
+            a.mul_(3.0)
+            return t, a.sum(1)
+        if self.variant == "bool source":
+            return self.fc((b > 0.3).float())
+        # token rows: reshape(-1, C) folds |G| B T rows; the batch size is read off the input
+        batch = x.size(0)
+        tokens = torch.tanh(h.flatten(2).transpose(1, 2).reshape(-1, 4))
+        return self.fc(tokens).view(batch, -1)
+
+
+@pytest.mark.parametrize(
+    "variant", ["add_ in the head", "mul_ after the head", "bool source", "token rows"]
+)
+@pytest.mark.parametrize("chunk", [None, 1])
+@pytest.mark.parametrize("examples", [True, False])
+def test_hoist_leaves_in_place_writes_non_float_sources_and_token_rows_alone(
+    variant, chunk, examples
+):
+    if variant == "token rows" and not examples:
+        pytest.skip("without example shapes the rows of a folded value are not known")
+    model = _Pooled(variant).eval()
+    ex = X if examples else None
+    slow = equivfx.compile(model, "C4", example_inputs=ex, optimize=False)
+    fast = equivfx.compile(model, "C4", example_inputs=ex, chunk=chunk)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-6)
+    assert not hasattr(fast, "equivfx_pool")
