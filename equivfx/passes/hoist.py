@@ -11,13 +11,18 @@ After::
 
     feat -> equivfx_pool -> flatten -> fc -> output                 (fc runs on B rows)
 
-Only a chain of affine, slot-wise nodes with one batch-carrying input and one user each is moved;
-mixing layers, dropout (its masks differ per slot in training) and ops with batch statistics stop
-the chain. So do reductions (a mean over tokens or pixels): pooling after them pools, and with
-``chunk`` accumulates, a value that much smaller, for the same arithmetic. Nothing moves where a
-node from the head on may write in place (the pooled head would read the value before the write),
-or where the value pooled is not floating (by the example inputs' dtypes; without them, where the
-head converts dtypes). Outputs are unchanged up to float rounding.
+The head moved is a tree of affine, slot-wise nodes with one user each, reached from the readout
+through their folded inputs; a node with several folded inputs joins only if it is jointly linear
+in them (a sum, a difference, a concatenation or a stack: mean_g(a_g + b_g) = mean_g a_g + mean_g
+b_g, not so a product), and each folded value the tree reads is pooled once, right before the
+head (so each must exist by then). Mixing layers, dropout (its masks differ per slot in training)
+and ops with batch statistics stop the tree. So do reductions (a mean over tokens or pixels):
+pooling after them pools, and with ``chunk`` accumulates, a value that much smaller, for the same
+arithmetic. Nothing moves where a node from the head on may write in place (the pooled head would
+read a value from before the write), where a value pooled is not floating (by the example inputs'
+dtypes; without them, where the head converts dtypes), or where the values pooled, or one a batch
+size is read off, differ in rows (tokens folded into the batch axis; known from example inputs).
+Outputs are unchanged up to float rounding.
 """
 
 from __future__ import annotations
@@ -56,10 +61,10 @@ class HoistProjection(Pass):
         ]:
             if rnode.kwargs.get("batch_axis", 0) != 0:
                 continue
-            chain = self._chain(rnode.args[0], modules)
+            chain, sources = self._head(rnode.args[0], modules)
             if not chain:
                 continue
-            modified |= self._hoist(gm, rnode, chain)
+            modified |= self._hoist(gm, rnode, chain, sources, modules)
         return PassResult(gm, modified)
 
     def _affine(self, node: fx.Node, modules) -> bool:
@@ -81,45 +86,107 @@ class HoistProjection(Pass):
             and rep.batch_axis == 0
         )
 
-    def _chain(self, last: fx.Node, modules) -> list[fx.Node]:
-        """Nodes from the head's start to ``last``, each affine with one folded input and one
-        user."""
-        chain: list[fx.Node] = []
-        node = last
-        while isinstance(node, fx.Node) and self._affine(node, modules) and len(node.users) == 1:
-            folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
-            if len(folded) != 1:
-                break
-            chain.append(node)
-            node = folded[0]
-        if not chain or not isinstance(node.meta.get(REP), Folded):
-            return []
-        chain.reverse()
-        return chain
+    def _head(self, last: fx.Node, modules) -> tuple[list[fx.Node], list[fx.Node]]:
+        """The head ending at ``last``, in graph order, and the folded values it reads (each
+        once, in graph order); empty if ``last`` cannot move. The head is a tree: each node is
+        affine with one user, and one with several folded inputs must be jointly linear in
+        them."""
+        head: list[fx.Node] = []
+        sources: list[fx.Node] = []
+        stack, seen = [last], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            folded = list(
+                dict.fromkeys(
+                    a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)
+                )
+            )
+            if (
+                self._affine(node, modules)
+                and len(node.users) == 1
+                and folded
+                and (len(folded) == 1 or _jointly_linear(node, modules))
+                and all(_batch_free(a) for a in node.all_input_nodes if a not in folded)
+            ):
+                head.append(node)
+                stack.extend(folded)
+            elif node is not last and isinstance(node.meta.get(REP), Folded):
+                sources.append(node)
+            else:
+                return [], []
+        order = {n: i for i, n in enumerate(last.graph.nodes)}
+        return sorted(head, key=order.get), sorted(sources, key=order.get)
 
-    def _hoist(self, gm: fx.GraphModule, rnode: fx.Node, chain: list[fx.Node]) -> bool:
+    def _hoist(
+        self,
+        gm: fx.GraphModule,
+        rnode: fx.Node,
+        chain: list[fx.Node],
+        sources: list[fx.Node],
+        modules,
+    ) -> bool:
         first = chain[0]
-        src = next(a for a in first.all_input_nodes if isinstance(a.meta.get(REP), Folded))
-        if src.meta.get(REP).batch_axis != 0 or not _shapes_rereadable(chain, src):
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        if any(order[s] > order[first] for s in sources):
+            return False  # every pool goes before the head: each source must exist by then
+        if any(s.meta.get(REP).batch_axis != 0 or not _floating(s, chain) for s in sources):
             return False
-        if _mutation_from(first, modules=dict(gm.named_modules())) or not _floating(src, chain):
+        if not _shapes_rereadable(chain, sources) or _mutation_from(first, modules):
             return False
         readout = gm.get_submodule(READOUT_NAME)
         if not hasattr(gm, POOL_NAME):
             gm.add_submodule(POOL_NAME, Readout(readout.group, "invariant", "mean"))
         rep = rnode.meta.get(REP)
-        # right before the head, not right after src: ops between them may change src in place
+        out = rep if isinstance(rep, OutputRep) else OutputRep("invariant", None)
+        pooled_of: dict[fx.Node, fx.Node] = {}
+        # right before the head, not right after each source: ops between them may change a
+        # source in place (nothing from the head on may: _mutation_from)
         with gm.graph.inserting_before(first):
-            pooled = gm.graph.call_module(POOL_NAME, (src,))
-        new_node_origin(pooled, self.name)
-        set_rep(pooled, rep if isinstance(rep, OutputRep) else OutputRep("invariant", None), "pool")
-        first.replace_input_with(src, pooled)
-        _private_shapes(gm, chain, src, pooled)
+            for src in sources:
+                pooled_of[src] = gm.graph.call_module(POOL_NAME, (src,))
+                new_node_origin(pooled_of[src], self.name)
+                set_rep(pooled_of[src], out, "pool")
         for n in chain:
-            set_rep(n, pooled.meta[REP], n.meta.get("equivfx.rule"))
+            for src, pooled in pooled_of.items():
+                n.replace_input_with(src, pooled)
+        _private_shapes(gm, chain, pooled_of)
+        for n in chain:
+            set_rep(n, out, n.meta.get("equivfx.rule"))
         rnode.replace_all_uses_with(chain[-1])
         gm.graph.erase_node(rnode)
         return True
+
+
+def _batch_free(node: fx.Node) -> bool:
+    """``node`` is a shape value the head re-reads (see ``_private_shapes``), or a value that
+    depends on neither a folded value nor a batch size: ``torch.arange(x.size(0))`` has |G| B rows
+    and would not line up with a pooled operand."""
+    if isinstance(node.meta.get(REP), BatchSize):
+        return True
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.meta.get(REP), (Folded, BatchSize)):
+            return False
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+JOINTLY_LINEAR = frozenset({"add", "sub", "cat", "stack"})
+"""Rules whose ops are linear in all their tensor inputs together (a product is linear in each
+input alone, and is not here); their in-place forms are refused by ``_mutation_from``."""
+
+
+def _jointly_linear(node: fx.Node, modules) -> bool:
+    module = modules.get(node.target) if node.op == "call_module" else None
+    rule = lookup(rule_key(node, module))
+    return rule is not None and rule.name in JOINTLY_LINEAR
 
 
 _IN_PLACE_OPERATORS = frozenset(
@@ -209,9 +276,12 @@ def _read_off(node: fx.Node) -> fx.Node | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def _shapes_rereadable(chain: list[fx.Node], src: fx.Node) -> bool:
-    """Every shape value the chain uses can be re-read off the pooled value: it is read off ``src``
-    itself (same sample shape), or it is the batch size read off any folded tensor on axis 0."""
+def _shapes_rereadable(chain: list[fx.Node], sources: list[fx.Node]) -> bool:
+    """Every shape value the chain uses can be re-read off a pooled value: it is read off a
+    source itself (same sample shape), or it is the batch size read off a folded tensor on axis 0
+    with as many rows as the sources (which must agree: any pool then gives B)."""
+    if any(not _same_rows(s, sources[0]) for s in sources):
+        return False
     stack = [a for n in chain for a in _shape_inputs(n)]
     seen: set[fx.Node] = set()
     while stack:
@@ -220,8 +290,9 @@ def _shapes_rereadable(chain: list[fx.Node], src: fx.Node) -> bool:
             continue
         seen.add(b)
         t = _read_off(b)
-        if t is not None and t is not src:
-            if not (_batch_read(b) and t.meta[REP].batch_axis == 0) or not _same_rows(t, src):
+        if t is not None and t not in sources:
+            batch = _batch_read(b) and t.meta[REP].batch_axis == 0
+            if not batch or not _same_rows(t, sources[0]):
                 return False
         elif t is None and any(isinstance(a.meta.get(REP), Folded) for a in b.all_input_nodes):
             return False
@@ -239,12 +310,15 @@ def _same_rows(a: fx.Node, b: fx.Node) -> bool:
     return shape_a[0] == shape_b[0]
 
 
-def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, pooled: fx.Node):
-    """Give the moved nodes their own shape values, read off the pooled value (batch B, not |G| B).
+def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], pooled_of: dict[fx.Node, fx.Node]):
+    """Give the moved nodes their own shape values, read off the pooled values (batch B, not
+    |G| B).
 
     Shape values computed for other nodes (``B = x.size(0)`` used before the pool as well) stay as
-    they are; the chain gets copies whose reads of folded tensors now read ``pooled``.
+    they are; the chain gets copies whose reads of a source now read its pool, and whose batch
+    sizes read off other folded tensors read the first pool (every pool sits before the head).
     """
+    any_pool = next(iter(pooled_of.values()))
     memo: dict[fx.Node, fx.Node] = {}
 
     def private(b: fx.Node, before: fx.Node) -> fx.Node:
@@ -252,14 +326,14 @@ def _private_shapes(gm: fx.GraphModule, chain: list[fx.Node], src: fx.Node, pool
             return memo[b]
         t = _read_off(b)
         with gm.graph.inserting_before(before):
-            if t is not None and t is not src:  # the batch size of another folded tensor
-                new = gm.graph.call_method("size", (pooled, 0))
+            if t is not None and t not in pooled_of:  # the batch size of another folded tensor
+                new = gm.graph.call_method("size", (any_pool, 0))
             else:
                 new = gm.graph.node_copy(
                     b,
                     lambda a: (
-                        pooled
-                        if a is src
+                        pooled_of[a]
+                        if a in pooled_of
                         else private(a, before)
                         if isinstance(a.meta.get(REP), BatchSize)
                         else a

@@ -301,3 +301,140 @@ def test_hoist_leaves_in_place_writes_non_float_sources_and_token_rows_alone(
     with torch.no_grad():
         torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-6)
     assert not hasattr(fast, "equivfx_pool")
+
+
+class TwoBranchHead(nn.Module):
+    """Heads with two folded inputs: features pooled two ways and joined (``join``), then
+    affine layers; ``join`` picks how."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.join = join
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc_a = nn.Linear(4, 6)
+        self.fc_b = nn.Linear(4, 6)
+        self.fc = nn.Linear(8 if join == "cat" else 6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        if self.join == "cat":
+            return self.fc(torch.cat([a, b], 1))
+        if self.join == "sum":
+            return self.fc(self.fc_a(a) + self.fc_b(b) - self.fc_a(b))
+        if self.join == "shared":  # one folded value read by two branches
+            return self.fc(self.fc_a(a) + self.fc_b(a))
+        return self.fc(self.fc_a(a) * self.fc_b(b))  # a product: not linear in a and b together
+
+
+def _rows_seen(model, x, **kwargs) -> int:
+    rows = []
+    handle = model.fc.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            equivfx.compile(model, "D4", example_inputs=x, **kwargs)(x)
+    finally:
+        handle.remove()
+    return rows[-1]
+
+
+@pytest.mark.parametrize("join, pools", [("cat", 2), ("sum", 2), ("shared", 1)])
+def test_hoist_pools_each_input_of_a_sum_or_concatenation(join, pools):
+    model = TwoBranchHead(join).eval()
+    emodel = equivfx.compile(model, "D4", example_inputs=X, chunk=None)
+    pooled = [n for n in emodel.graph.nodes if n.target == "equivfx_pool"]
+    assert len(pooled) == pools
+    assert all(n.target != "equivfx_readout" for n in emodel.graph.nodes)
+    assert sorted(str(n.args[0].target) for n in pooled) == sorted(
+        {"cat": ["amax", "mean"], "sum": ["amax", "mean"], "shared": ["mean"]}[join]
+    )
+    assert (_rows_seen(model, X), _rows_seen(model, X, optimize=False)) == (3, 3 * 8)
+    slow = equivfx.compile(model, "D4", example_inputs=X, optimize=False)
+    chunked = equivfx.compile(model, "D4", example_inputs=X, chunk=1)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked(X), slow(X), rtol=1e-5, atol=1e-6)
+    assert equivfx.verify(emodel, X).ok
+
+
+def test_hoist_stops_at_a_product_of_two_folded_values():
+    import operator
+
+    model = TwoBranchHead("product").eval()
+    emodel = equivfx.compile(model, "D4", example_inputs=X, chunk=None)
+    (pool,) = [n for n in emodel.graph.nodes if n.target == "equivfx_pool"]
+    assert pool.args[0].target is operator.mul  # the product runs per slot, then the pool
+    slow = equivfx.compile(model, "D4", example_inputs=X, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
+
+
+class _TreeCase(nn.Module):
+    """Heads with two folded inputs that must not change the outputs (from a review): a shape
+    read off one branch used before the other branch's pool, in-place writes in and after the
+    head, bool and integer sources, and a source with |G| B T rows."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.case = case
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        case = self.case
+        if case == "shape read early":
+            return torch.cat([a, self.fc(b).view(a.size(0), -1)], 1)
+        if case == "input batch size":
+            return torch.cat([a, self.fc(b).view(x.size(0), -1)], 1)
+        if case == "add_ joins":
+            return self.fc(a.add_(b)), a.sum(1)
+        if case == "written between reads":
+            t1 = self.fc(a)
+            a.mul_(3.0)
+            return t1 + self.fc2(a)
+        if case == "written after the head":
+            t = self.fc(a)
+            a.mul_(3.0)
+            return t + self.fc2(b)
+        if case == "bool source":
+            return self.fc(a + (b > 0.3))
+        if case == "integer source":
+            return a + b.argmax(1, keepdim=True)
+        if case == "batch-sized constant":  # |G| B rows, folded or not
+            return self.fc(a) + torch.arange(x.size(0)).float()[:, None] + self.fc2(b)
+        # token rows defined before b: |G| B T rows, and the batch size read off the input
+        tokens = torch.tanh(h.flatten(2).transpose(1, 2).reshape(-1, 4))
+        b = h.amax((-2, -1))
+        return torch.cat([self.fc2(b), self.fc(tokens).view(x.size(0), -1)], 1)
+
+
+TREE_CASES = [
+    "shape read early",
+    "input batch size",
+    "add_ joins",
+    "written between reads",
+    "written after the head",
+    "bool source",
+    "integer source",
+    "batch-sized constant",
+    "token rows",
+]
+
+
+@pytest.mark.parametrize("case", TREE_CASES)
+@pytest.mark.parametrize("chunk", [None, 1, "auto"])
+def test_hoisting_a_tree_keeps_every_output(case, chunk):
+    if case == "batch-sized constant" and chunk is not None:
+        pytest.skip("arange(x.size(0)) counts the rows of each chunk, hoisted or not")
+    model = _TreeCase(case).eval()
+    slow = equivfx.compile(model, "C4", example_inputs=X, optimize=False)
+    fast = equivfx.compile(model, "C4", example_inputs=X, chunk=chunk)
+    with torch.no_grad():
+        want, got = slow(X), fast(X)
+    for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
