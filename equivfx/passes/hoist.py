@@ -18,11 +18,14 @@ b_g, not so a product), and each folded value the tree reads is pooled once, rig
 head (so each must exist by then). Mixing layers, dropout (its masks differ per slot in training)
 and ops with batch statistics stop the tree. So do reductions (a mean over tokens or pixels):
 pooling after them pools, and with ``chunk`` accumulates, a value that much smaller, for the same
-arithmetic. Nothing moves where a node from the head on may write in place (the pooled head would
-read a value from before the write), where a value pooled is not floating (by the example inputs'
+arithmetic. Nothing moves where a node from the head on may write in place (in-place ops, and
+untraced leaves, which may do anything; the pooled head would read a value from before the
+write), where a value pooled or computed in the head is not floating (by the example inputs'
 dtypes; without them, where the head converts dtypes), or where the values pooled, or one a batch
 size is read off, differ in rows (tokens folded into the batch axis; known from example inputs).
-Outputs are unchanged up to float rounding.
+Without example inputs a head with several sources falls back to the chain above its first join;
+a tuple-valued source is not pooled, the item the head reads from it is. Outputs are unchanged up
+to float rounding.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ class HoistProjection(Pass):
             if rnode.kwargs.get("batch_axis", 0) != 0:
                 continue
             chain, sources = self._head(rnode.args[0], modules)
+            if len(sources) > 1 and not all(_known(s) for s in sources):
+                # without example shapes and dtypes the sources' rows and dtypes are unknown:
+                # only the single chain above the first join moves
+                chain, sources = self._head(rnode.args[0], modules, tree=False)
             if not chain:
                 continue
             modified |= self._hoist(gm, rnode, chain, sources, modules)
@@ -86,7 +93,9 @@ class HoistProjection(Pass):
             and rep.batch_axis == 0
         )
 
-    def _head(self, last: fx.Node, modules) -> tuple[list[fx.Node], list[fx.Node]]:
+    def _head(
+        self, last: fx.Node, modules, tree: bool = True
+    ) -> tuple[list[fx.Node], list[fx.Node]]:
         """The head ending at ``last``, in graph order, and the folded values it reads (each
         once, in graph order); empty if ``last`` cannot move. The head is a tree: each node is
         affine with one user, and one with several folded inputs must be jointly linear in
@@ -108,7 +117,8 @@ class HoistProjection(Pass):
                 self._affine(node, modules)
                 and len(node.users) == 1
                 and folded
-                and (len(folded) == 1 or _jointly_linear(node, modules))
+                and not any(a.meta[REP].container for a in folded)  # pool its getitem instead
+                and (len(folded) == 1 or (tree and _jointly_linear(node, modules)))
                 and all(_batch_free(a) for a in node.all_input_nodes if a not in folded)
             ):
                 head.append(node)
@@ -158,6 +168,12 @@ class HoistProjection(Pass):
         rnode.replace_all_uses_with(chain[-1])
         gm.graph.erase_node(rnode)
         return True
+
+
+def _known(node: fx.Node) -> bool:
+    """Example inputs gave ``node`` a shape and a dtype."""
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None) is not None and getattr(meta, "dtype", None) is not None
 
 
 def _batch_free(node: fx.Node) -> bool:
@@ -220,6 +236,8 @@ def _mutates(node: fx.Node, modules) -> bool:
         return node.target in _IN_PLACE_OPERATORS or (
             name.endswith("_") and not name.startswith("__")
         )
+    if node.meta.get("equivfx.rule") == "opaque-leaf":  # untraced: anything may happen inside
+        return True
     if node.op == "call_module":
         return getattr(modules.get(node.target), "inplace", False) is True
     return False
@@ -242,10 +260,9 @@ def _floating(src: fx.Node, chain: list[fx.Node]) -> bool:
     """The source can be averaged: a floating or complex dtype where example inputs gave one;
     without them, the head must not convert dtypes (a bool or integer source would reach the mean
     only through such a conversion, as in ``fc((b > 0).float())``)."""
-    meta = src.meta.get("tensor_meta")
-    dtype = getattr(meta, "dtype", None)
-    if dtype is not None:
-        return dtype.is_floating_point or dtype.is_complex
+    dtypes = [getattr(n.meta.get("tensor_meta"), "dtype", None) for n in (src, *chain)]
+    if dtypes[0] is not None:  # the head's values too: a cast to int inside it truncates
+        return all(d is None or d.is_floating_point or d.is_complex for d in dtypes)
     return not any(_converts_dtype(n) for n in chain)
 
 

@@ -438,3 +438,72 @@ def test_hoisting_a_tree_keeps_every_output(case, chunk):
         want, got = slow(X), fast(X)
     for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+class _Opaque(nn.Module):
+    """A leaf the tracer cannot enter (a data-dependent branch) that writes its input."""
+
+    def forward(self, t):
+        if t.sum() > -1e9:
+            t.mul_(3.0)
+        return t.sum(1, keepdim=True)
+
+
+class _SecondReview(nn.Module):
+    """Heads from a second review: sources of unknown dtype or rows (no example inputs), a cast
+    to int inside the head, an untraced leaf writing a source, and a tuple-valued source."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.case = case
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(4, 5)
+        self.lstm = nn.LSTM(4, 4, batch_first=True)
+        self.opaque = _Opaque()
+        with torch.no_grad():  # values far from 0, so a cast to int changes them
+            self.fc.weight.mul_(20)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        if self.case == "bool source":
+            return self.fc(a + (b > 0.3))
+        if self.case == "token rows":
+            tokens = torch.tanh(h.flatten(2).transpose(1, 2).reshape(-1, 4))
+            b = h.amax((-2, -1))
+            return torch.cat([self.fc2(b), self.fc(tokens).view(x.size(0), -1)], 1)
+        if self.case == "cast to int":
+            return self.fc(a).to(torch.int64).to(torch.float32)
+        if self.case == "opaque write":
+            t = self.fc(a)
+            u = self.opaque(a)
+            return t + self.fc2(b), u
+        out, _ = self.lstm(h.flatten(2).transpose(1, 2))  # "tuple source"
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize(
+    "case, examples",
+    [
+        ("bool source", False),
+        ("token rows", False),
+        ("cast to int", True),
+        ("opaque write", True),
+        ("tuple source", True),
+        ("tuple source", False),
+    ],
+)
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_hoisting_keeps_outputs_where_dtypes_rows_or_writes_are_unknown(case, examples, chunk):
+    model = _SecondReview(case).eval()
+    ex = X if examples else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the opaque leaf's fallback warning
+        slow = equivfx.compile(model, "C4", example_inputs=ex, optimize=False)
+        fast = equivfx.compile(model, "C4", example_inputs=ex, chunk=chunk)
+    with torch.no_grad():
+        want, got = slow(X), fast(X)
+    for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
