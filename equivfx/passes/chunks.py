@@ -43,7 +43,7 @@ from torch import nn
 from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
-from equivfx.passes.modules import MEASURING, is_tracing, repeat_per_slot
+from equivfx.passes.modules import MEASURING, averageable, is_tracing, repeat_per_slot
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -318,6 +318,8 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
     logsumexp over the chunk, on axis 0 (a view of ``y`` for a single slot)."""
 
     def fn(t):
+        if pool == "mean":  # bools would add as a logical or, integers as integers
+            t = averageable(t)
         s = t.movedim(axis, 0).unflatten(0, (slots, -1))
         if slots == 1:
             return s[0]

@@ -23,8 +23,10 @@ untraced leaves, which may do anything; the pooled head would read a value from 
 write), where a value pooled or computed in the head is not floating (by the example inputs'
 dtypes; without them, where the head converts dtypes), or where the values pooled, or one a batch
 size is read off, differ in rows (tokens folded into the batch axis; known from example inputs).
-Without example inputs a head with several sources falls back to the chain above its first join;
-a tuple-valued source is not pooled, the item the head reads from it is. Outputs are unchanged up
+Where the tree is refused, or has several sources without example inputs, the chain above its
+first join moves instead; a tuple-valued source is not pooled, the item the head reads from it is.
+The pool averages bools and integers in the default float dtype (``x + 0.5`` promotes them in the
+head without a cast to see). Outputs are unchanged up
 to float rounding.
 """
 
@@ -37,6 +39,7 @@ import torch.fx as fx
 
 from equivfx.meta import REP, BatchSize, Folded, OutputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import Readout
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.passes.rules import draws_random, lookup, rule_key
@@ -71,7 +74,11 @@ class HoistProjection(Pass):
                 chain, sources = self._head(rnode.args[0], modules, tree=False)
             if not chain:
                 continue
-            modified |= self._hoist(gm, rnode, chain, sources, modules)
+            done = self._hoist(gm, rnode, chain, sources, modules)
+            if not done and len(sources) > 1:  # the tree is refused: the chain above its join
+                chain, sources = self._head(rnode.args[0], modules, tree=False)
+                done = bool(chain) and self._hoist(gm, rnode, chain, sources, modules)
+            modified |= done
         return PassResult(gm, modified)
 
     def _affine(self, node: fx.Node, modules) -> bool:
@@ -318,12 +325,15 @@ def _shapes_rereadable(chain: list[fx.Node], sources: list[fx.Node]) -> bool:
 
 
 def _same_rows(a: fx.Node, b: fx.Node) -> bool:
-    """Folded ``a`` and ``b`` have as many rows, where example inputs gave their shapes (a
-    reshape(-1, C) of tokens folds |G| B T rows, and its pooled size is B T, not B)."""
+    """Folded ``a`` and ``b`` have as many rows (a reshape(-1, C) of tokens folds |G| B T rows,
+    and its pooled size is B T, not B): by the example inputs' shapes, or, without them, where
+    they are one value or ``a`` is the lift (|G| B rows) and ``b`` is assumed to have |G| B rows
+    too (the common ``view(x.size(0), -1)`` head; a source of tokens without example shapes is
+    the case this cannot see)."""
     ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
     shape_a, shape_b = getattr(ma, "shape", None), getattr(mb, "shape", None)
     if not shape_a or not shape_b:
-        return True  # without examples: assumed (|G| B rows each)
+        return a is b or (a.op == "call_module" and a.target == LIFT_NAME)
     return shape_a[0] == shape_b[0]
 
 

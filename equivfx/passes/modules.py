@@ -321,7 +321,7 @@ class Readout(nn.Module):
         s = y.unflatten(0, (computed, -1))  # (slots computed, B, ...)
         if self.readout == "invariant":  # every coset has |K| elements: pool the computed slots
             if self.pool == "mean":
-                out = s.mean(0)
+                out = averageable(s).mean(0)
             elif self.pool == "max":
                 out = s.amax(0)
             else:
@@ -343,6 +343,14 @@ class Readout(nn.Module):
         if self.readout == "equivariant":
             extra = f", output_action={self.output_action.describe()}"
         return f"group={self.group!r}, readout={self.readout}{extra}"
+
+
+def averageable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, in the default float dtype if it holds bools or integers (their mean is not one of
+    them; a pool moved before ``+ 0.5`` may meet the integer value)."""
+    if t.is_floating_point() or t.is_complex():
+        return t
+    return t.to(torch.get_default_dtype())
 
 
 def pose_action(group) -> Action:

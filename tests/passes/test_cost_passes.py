@@ -507,3 +507,70 @@ def test_hoisting_keeps_outputs_where_dtypes_rows_or_writes_are_unknown(case, ex
         want, got = slow(X), fast(X)
     for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+class _ThirdReview(nn.Module):
+    """Heads from a third review: integer and bool sources promoted to float by a scalar (no cast
+    to see without example dtypes), a batch size read off a twin of a token tensor, and a tree
+    whose second source comes after the first branch's head (its chain above the join moves)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.case = case
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(4, 5)
+        self.fc3 = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        if self.case == "int plus a float":
+            return self.fc(b.argmax(1, keepdim=True).expand(-1, 4) + 0.5)
+        if self.case == "bool plus a float":
+            return self.fc((b > 0.3) + 0.5)
+        if self.case == "size off a token twin":
+            z = self.fc(h.flatten(2).transpose(1, 2).reshape(-1, 4))
+            n = h.flatten(2).transpose(1, 2).reshape(-1, 4).size(0)
+            return z.reshape(n // 64, -1)
+        t = self.fc(a)  # "later source"
+        late = torch.tanh(h).amax((-2, -1))
+        return self.fc3(t + self.fc2(late))
+
+
+@pytest.mark.parametrize(
+    "case", ["int plus a float", "bool plus a float", "size off a token twin", "later source"]
+)
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_hoisting_third_review_cases(case, examples, chunk):
+    model = _ThirdReview(case).eval()
+    ex = X if examples else None
+    slow = equivfx.compile(model, "D4", example_inputs=ex, optimize=False)
+    fast = equivfx.compile(model, "D4", example_inputs=ex, chunk=chunk)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
+    if case == "later source" and chunk is None:  # the tree is refused, the chain above moves
+        (pool,) = [n for n in fast.graph.nodes if n.target == "equivfx_pool"]
+        assert [u.target for u in pool.users] == ["fc3"]
+
+
+def test_the_mean_readout_of_integer_outputs_is_a_float_mean():
+    class Argmax(nn.Module):
+        def forward(self, x):
+            return x.flatten(1).argmax(1)
+
+    emodel = equivfx.compile(Argmax(), "C4", chunk=None)
+    chunked = equivfx.compile(Argmax(), "C4", chunk=1)
+    x = torch.randn(3, 1, 4, 4)
+    want = (
+        torch.stack(
+            [emodel.equivfx_lift(x)[i * 3 : (i + 1) * 3].flatten(1).argmax(1) for i in range(4)]
+        )
+        .double()
+        .mean(0)
+    )
+    torch.testing.assert_close(emodel(x).double(), want)
+    torch.testing.assert_close(chunked(x).double(), want)
+    assert emodel(x).dtype == torch.get_default_dtype()
