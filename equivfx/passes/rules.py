@@ -987,7 +987,9 @@ def split_rule(ctx: BatchCtx) -> Rep:
     ax = ctx.axis(x)
     if ax is None:
         return Trivial()
-    d = ctx.norm_dim(ctx.arg(2, "dim", 0), x)
+    # unbind(x, dim) takes dim second; split(x, size, dim) and chunk(x, chunks, dim) third
+    position = 1 if _op_name(ctx) == "unbind" else 2
+    d = ctx.norm_dim(ctx.arg(position, "dim", 0), x)
     if d == ax:
         raise ctx.mixing(f"{_op_name(ctx)} splits along the batch axis", "split a sample axis")
     return Folded(ax, container=True)

@@ -295,3 +295,29 @@ def test_circular_convolutions_commute_with_cyclic_shifts_of_their_spatial_axes(
 )
 def test_circular_convolution_claims_stay_conservative(conv):
     assert _conv_claim(conv, "Shift4", (2, 4, 16))[0] is False
+
+
+@pytest.mark.parametrize("form", ["method", "function", "keyword"])
+def test_unbind_reads_its_dim_second(form):
+    class Rows(torch.nn.Module):
+        def forward(self, x):  # (B, 3, 4): unbind the 3 rows, a sample axis
+            if form == "method":
+                parts = x.unbind(1)
+            elif form == "function":
+                parts = torch.unbind(x, 1)
+            else:
+                parts = torch.unbind(x, dim=1)
+            return parts[0] + 2 * parts[2]
+
+    x = torch.randn(2, 3, 4)
+    emodel = equivfx.compile(Rows(), "Rev", example_inputs=x, chunk=None)
+    G = equivfx.group("Rev")
+    want = torch.stack([Rows()(G.act(g, x)) for g in G.elements]).mean(0)
+    torch.testing.assert_close(emodel(x), want)
+    with pytest.raises(BatchMixingError, match="unbind splits along the batch axis"):
+
+        class Batch(torch.nn.Module):
+            def forward(self, x):
+                return torch.unbind(x, 0)[0]
+
+        equivfx.compile(Batch(), "Rev", example_inputs=x)
