@@ -67,18 +67,20 @@ class HoistProjection(Pass):
         ]:
             if rnode.kwargs.get("batch_axis", 0) != 0:
                 continue
-            chain, sources = self._head(rnode.args[0], modules)
-            if len(sources) > 1 and not all(_known(s) for s in sources):
-                # without example shapes and dtypes the sources' rows and dtypes are unknown:
-                # only the single chain above the first join moves
-                chain, sources = self._head(rnode.args[0], modules, tree=False)
-            if not chain:
-                continue
-            done = self._hoist(gm, rnode, chain, sources, modules)
-            if not done and len(sources) > 1:  # the tree is refused: the chain above its join
-                chain, sources = self._head(rnode.args[0], modules, tree=False)
-                done = bool(chain) and self._hoist(gm, rnode, chain, sources, modules)
-            modified |= done
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            # the tree, else the chain above its first join: where the tree is refused, or has
+            # several sources whose rows and dtypes no example inputs gave
+            for tree in (True, False):
+                chain, sources = self._head(rnode.args[0], modules, order, tree)
+                if not chain:
+                    break
+                if tree and len(sources) > 1 and not all(_known(s) for s in sources):
+                    continue
+                if self._hoist(gm, rnode, chain, sources, modules, order):
+                    modified = True
+                    break
+                if len(sources) == 1:  # the tree is the chain: nothing else to try
+                    break
         return PassResult(gm, modified)
 
     def _affine(self, node: fx.Node, modules) -> bool:
@@ -101,7 +103,7 @@ class HoistProjection(Pass):
         )
 
     def _head(
-        self, last: fx.Node, modules, tree: bool = True
+        self, last: fx.Node, modules, order: dict[fx.Node, int], tree: bool
     ) -> tuple[list[fx.Node], list[fx.Node]]:
         """The head ending at ``last``, in graph order, and the folded values it reads (each
         once, in graph order); empty if ``last`` cannot move. The head is a tree: each node is
@@ -134,7 +136,6 @@ class HoistProjection(Pass):
                 sources.append(node)
             else:
                 return [], []
-        order = {n: i for i, n in enumerate(last.graph.nodes)}
         return sorted(head, key=order.get), sorted(sources, key=order.get)
 
     def _hoist(
@@ -144,9 +145,9 @@ class HoistProjection(Pass):
         chain: list[fx.Node],
         sources: list[fx.Node],
         modules,
+        order: dict[fx.Node, int],
     ) -> bool:
         first = chain[0]
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         if any(order[s] > order[first] for s in sources):
             return False  # every pool goes before the head: each source must exist by then
         if any(s.meta.get(REP).batch_axis != 0 or not _floating(s, chain) for s in sources):
