@@ -256,27 +256,49 @@ def test_hoist_stops_at_functional_dropout_too():
     assert pool.args[0].target is nn.functional.dropout  # each slot draws its own mask
 
 
-class _Pooled(nn.Module):
-    """Features pooled two ways, then a head that ``variant`` picks (the cases the hoist must
-    leave alone, from a review)."""
+class _Head(nn.Module):
+    """Features pooled two ways over the pixels (``a`` mean, ``b`` max), then a head that
+    ``case`` picks: the models of the hoist's edge cases below."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, case: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.variant = variant
+        self.case = case
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.fc = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(4, 5)
+
+    def features(self, x):
+        h = torch.relu(self.conv(x))
+        return h, h.mean((-2, -1)), h.amax((-2, -1))
+
+
+def _like_unoptimised(model, group, examples, chunk, atol=1e-5):
+    """Compile ``model`` with the cost passes and ``chunk``, check every output against
+    ``optimize=False`` on X, and return the compiled model."""
+    slow = equivfx.compile(model, group, example_inputs=examples, optimize=False)
+    fast = equivfx.compile(model, group, example_inputs=examples, chunk=chunk)
+    with torch.no_grad():
+        want, got = slow(X), fast(X)
+    if not isinstance(want, tuple):
+        want, got = (want,), (got,)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=atol)
+    return fast
+
+
+class _Pooled(_Head):
+    """Heads the hoist must leave alone (from a review)."""
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a, b = h.mean((-2, -1)), h.amax((-2, -1))
-        if self.variant == "add_ in the head":
+        h, a, b = self.features(x)
+        if self.case == "add_ in the head":
             return self.fc(a.add_(1.0)), a.sum(1)
-        if self.variant == "mul_ after the head":
+        if self.case == "mul_ after the head":
             t = self.fc(a)
             a.mul_(3.0)
             return t, a.sum(1)
-        if self.variant == "bool source":
+        if self.case == "bool source":
             return self.fc((b > 0.3).float())
         # token rows: reshape(-1, C) folds |G| B T rows; the batch size is read off the input
         batch = x.size(0)
@@ -294,12 +316,8 @@ def test_hoist_leaves_in_place_writes_non_float_sources_and_token_rows_alone(
 ):
     if variant == "token rows" and not examples:
         pytest.skip("without example shapes the rows of a folded value are not known")
-    model = _Pooled(variant).eval()
     ex = X if examples else None
-    slow = equivfx.compile(model, "C4", example_inputs=ex, optimize=False)
-    fast = equivfx.compile(model, "C4", example_inputs=ex, chunk=chunk)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-6)
+    fast = _like_unoptimised(_Pooled(variant).eval(), "C4", ex, chunk, atol=1e-6)
     assert not hasattr(fast, "equivfx_pool")
 
 
@@ -370,22 +388,13 @@ def test_hoist_stops_at_a_product_of_two_folded_values():
         torch.testing.assert_close(emodel(X), slow(X), rtol=1e-5, atol=1e-6)
 
 
-class _TreeCase(nn.Module):
+class _TreeCase(_Head):
     """Heads with two folded inputs that must not change the outputs (from a review): a shape
     read off one branch used before the other branch's pool, in-place writes in and after the
     head, bool and integer sources, and a source with |G| B T rows."""
 
-    def __init__(self, case: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.case = case
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-        self.fc2 = nn.Linear(4, 5)
-
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        h, a, b = self.features(x)
         case = self.case
         if case == "shape read early":
             return torch.cat([a, self.fc(b).view(a.size(0), -1)], 1)
@@ -431,13 +440,7 @@ TREE_CASES = [
 def test_hoisting_a_tree_keeps_every_output(case, chunk):
     if case == "batch-sized constant" and chunk is not None:
         pytest.skip("arange(x.size(0)) counts the rows of each chunk, hoisted or not")
-    model = _TreeCase(case).eval()
-    slow = equivfx.compile(model, "C4", example_inputs=X, optimize=False)
-    fast = equivfx.compile(model, "C4", example_inputs=X, chunk=chunk)
-    with torch.no_grad():
-        want, got = slow(X), fast(X)
-    for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    _like_unoptimised(_TreeCase(case).eval(), "C4", X, chunk)
 
 
 class _Opaque(nn.Module):
@@ -449,25 +452,19 @@ class _Opaque(nn.Module):
         return t.sum(1, keepdim=True)
 
 
-class _SecondReview(nn.Module):
+class _SecondReview(_Head):
     """Heads from a second review: sources of unknown dtype or rows (no example inputs), a cast
     to int inside the head, an untraced leaf writing a source, and a tuple-valued source."""
 
     def __init__(self, case: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.case = case
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-        self.fc2 = nn.Linear(4, 5)
+        super().__init__(case)
         self.lstm = nn.LSTM(4, 4, batch_first=True)
         self.opaque = _Opaque()
         with torch.no_grad():  # values far from 0, so a cast to int changes them
             self.fc.weight.mul_(20)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        h, a, b = self.features(x)
         if self.case == "bool source":
             return self.fc(a + (b > 0.3))
         if self.case == "token rows":
@@ -497,35 +494,22 @@ class _SecondReview(nn.Module):
 )
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_hoisting_keeps_outputs_where_dtypes_rows_or_writes_are_unknown(case, examples, chunk):
-    model = _SecondReview(case).eval()
-    ex = X if examples else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the opaque leaf's fallback warning
-        slow = equivfx.compile(model, "C4", example_inputs=ex, optimize=False)
-        fast = equivfx.compile(model, "C4", example_inputs=ex, chunk=chunk)
-    with torch.no_grad():
-        want, got = slow(X), fast(X)
-    for w, g in zip(*((want, got) if isinstance(want, tuple) else ((want,), (got,))), strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        _like_unoptimised(_SecondReview(case).eval(), "C4", X if examples else None, chunk)
 
 
-class _ThirdReview(nn.Module):
+class _ThirdReview(_Head):
     """Heads from a third review: integer and bool sources promoted to float by a scalar (no cast
     to see without example dtypes), a batch size read off a twin of a token tensor, and a tree
     whose second source comes after the first branch's head (its chain above the join moves)."""
 
     def __init__(self, case: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.case = case
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 5)
-        self.fc2 = nn.Linear(4, 5)
+        super().__init__(case)
         self.fc3 = nn.Linear(5, 5)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a, b = h.mean((-2, -1)), h.amax((-2, -1))
+        h, a, b = self.features(x)
         if self.case == "int plus a float":
             return self.fc(b.argmax(1, keepdim=True).expand(-1, 4) + 0.5)
         if self.case == "bool plus a float":
@@ -545,12 +529,7 @@ class _ThirdReview(nn.Module):
 @pytest.mark.parametrize("examples", [True, False])
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_hoisting_third_review_cases(case, examples, chunk):
-    model = _ThirdReview(case).eval()
-    ex = X if examples else None
-    slow = equivfx.compile(model, "D4", example_inputs=ex, optimize=False)
-    fast = equivfx.compile(model, "D4", example_inputs=ex, chunk=chunk)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
+    fast = _like_unoptimised(_ThirdReview(case).eval(), "D4", X if examples else None, chunk)
     if case == "later source" and chunk is None:  # the tree is refused, the chain above moves
         (pool,) = [n for n in fast.graph.nodes if n.target == "equivfx_pool"]
         assert [u.target for u in pool.users] == ["fc3"]
