@@ -14,7 +14,6 @@ Run: ``python benchmarks/bench_chunks.py [--quick] [--json PATH] [--threads 2]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -25,7 +24,14 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import MODELS, _quartiles, median_ms, paired_ms  # noqa: E402
+from bench_global import (  # noqa: E402
+    MODELS,
+    _quartiles,
+    median_ms,
+    paired_ms,
+    parse_timing_args,
+    timing_parser,
+)
 
 import equivfx  # noqa: E402
 
@@ -52,12 +58,7 @@ def paired_chunk_ratios(samples: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(timing_parser(__doc__))
     rows = []
     for name in ("resnet",) if args.quick else ("resnet", "vit"):
         factory, shape, specs = MODELS[name]

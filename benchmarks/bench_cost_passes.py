@@ -15,7 +15,6 @@ Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -27,7 +26,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import median_ms  # noqa: E402
+from bench_global import median_ms, parse_timing_args, timing_parser  # noqa: E402
 
 import equivfx  # noqa: E402
 
@@ -82,12 +81,7 @@ CASES = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(timing_parser(__doc__))
     rows = []
     for case, factory, spec, shape in CASES[1:] if args.quick else CASES:
         torch.manual_seed(0)

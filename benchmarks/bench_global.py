@@ -132,6 +132,23 @@ MODELS = {
 }
 
 
+# ------------------------------------------------------------------------------ options
+def timing_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every timing script takes: ``--quick``, ``--json`` and ``--threads``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def parse_timing_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, and pin torch to the threads asked for (named in each script's output)."""
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 # ------------------------------------------------------------------------------ timing
 def median_ms(timers: dict, rounds: int, min_run: float) -> dict:
     samples = {k: [] for k in timers}
@@ -632,14 +649,10 @@ def render_markdown(result: dict, command: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = timing_parser(__doc__)
     ap.add_argument("--skip-torch-compile", action="store_true")
     ap.add_argument("--markdown", help="also write the tables as markdown to this path")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(ap)
     meta = dict(
         torch=torch.__version__,
         equivfx=equivfx.__version__,

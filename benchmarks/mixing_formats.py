@@ -14,7 +14,6 @@ Run: ``python benchmarks/mixing_formats.py [--quick] [--json PATH] [--threads 2]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_global import parse_timing_args, timing_parser  # noqa: E402
 from mixing_layout import report  # noqa: E402
 
 import equivfx  # noqa: E402
@@ -36,12 +36,7 @@ from equivfx.passes.mixing import (  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(timing_parser(__doc__))
     torch.manual_seed(0)
     sizes = [8, 32] if args.quick else [8, 16, 24, 32, 64]
     channels = [8, 32] if args.quick else [8, 16, 32, 64]

@@ -28,18 +28,23 @@ median over the rounds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-import equivfx
-import equivfx.passes.mixing as mixing
-from equivfx.passes.mixing import SlotGather, widen
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_global import parse_timing_args, timing_parser  # noqa: E402
+
+import equivfx  # noqa: E402
+import equivfx.passes.mixing as mixing  # noqa: E402
+from equivfx.passes.mixing import SlotGather, widen  # noqa: E402
 
 
 def blocks_mix(s, weight_blocks, bias, table, n):
@@ -77,12 +82,7 @@ def channels_first(layer, s):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_timing_args(timing_parser(__doc__))
     torch.manual_seed(0)
     configs = [
         ("C4", 8, 16, 16),
