@@ -310,6 +310,7 @@ def test_invariant_readouts_accumulate_chunk_by_chunk(name, chunk, pool):
 def test_threads_meeting_a_new_shape_measure_it_once(monkeypatch):
     import threading
     import time as real_time
+    from concurrent.futures import ThreadPoolExecutor
 
     model, x, spec = ZOO["resnet"]()
     emodel = _compile(model.eval(), spec, x, chunk="auto")
@@ -322,16 +323,12 @@ def test_threads_meeting_a_new_shape_measure_it_once(monkeypatch):
         return 1
 
     monkeypatch.setattr(runner, "_measure", slow_measure)
-    outs = []
 
-    def work():
+    def work(_):
         with torch.no_grad():
-            outs.append(emodel(x))
+            return emodel(x)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as pool:  # three threads meet the same first call
+        outs = list(pool.map(work, range(3)))
     assert len(measured) == 1 and len(outs) == 3
     assert list(runner.chosen.values()) == [1]

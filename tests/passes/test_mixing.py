@@ -757,6 +757,7 @@ def test_the_default_format_choice_converts_to_rounding_and_verifies(monkeypatch
 def test_threads_meeting_a_new_shape_measure_its_format_once(monkeypatch):
     import threading
     import time as real_time
+    from concurrent.futures import ThreadPoolExecutor
 
     G, layer, _ = _gather_conv("C4")
     monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
@@ -769,17 +770,13 @@ def test_threads_meeting_a_new_shape_measure_its_format_once(monkeypatch):
 
     monkeypatch.setattr(layer, "_measure_format", slow_measure)
     s = torch.randn(G.order, 3, 5, 5)
-    outs = []
 
-    def work():
+    def work(_):
         with torch.no_grad():
-            outs.append(layer(s))
+            return layer(s)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as pool:  # three threads meet the same first call
+        outs = list(pool.map(work, range(3)))
     assert len(measured) == 1 and len(outs) == 3  # the others waited and took the decision
     assert all(torch.equal(o, outs[0]) for o in outs)
 
