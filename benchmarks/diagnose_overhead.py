@@ -29,6 +29,16 @@
    (``run_all.TUNED_MALLOC``): an fx graph frees each value right after its last use, earlier
    than eager Python frees locals, which changes which blocks glibc returns to the system.
 
+7. The compiled model's own Python: (a) a model whose ops cost almost nothing (a flip, a cumsum
+   and a sum of a (1, 8, 16) input under ShiftRev4), compiled (``chunk="auto"`` and
+   ``chunk=None``), against its plain fx trace on the lifted batch built beforehand, and the
+   lift and the pool modules against their bare ops, hot medians (microseconds): what equivfx's
+   layers cost per call beyond their kernels; (b) inside real forwards (B = 1, where the strict
+   5 % target is missed), the compiled model and the same ops written by hand (the bare gather,
+   the model's layers, a view and a mean before its last linear layer) against the base model on
+   the batch built beforehand, paired: what is left to remove, and what the transform costs
+   however it is written.
+
 Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 """
 
@@ -197,6 +207,106 @@ def lift_cost(threads: int) -> list[tuple]:
     return rows
 
 
+class _Featherweight(torch.nn.Module):
+    """Ops that cost almost nothing: what a compiled copy adds is its own Python."""
+
+    def forward(self, x):
+        return torch.flip(x, (-1,)).cumsum(-1).sum(-1)
+
+
+def own_python() -> dict:
+    G = equivfx.group("ShiftRev4")
+    model = _Featherweight()
+    x = torch.randn(1, 8, 16)
+    auto = equivfx.compile(model, G, example_inputs=x)
+    flat = equivfx.compile(model, G, example_inputs=x, chunk=None)
+    lift, pool = flat.equivfx_lift, flat.equivfx_readout
+    trace = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        auto(x)  # the first call measures
+        lifted = lift(x)
+        folded = trace(lifted)
+        gather = next(g for g in lift._gathers.values() if g is not None).bound(x.shape)
+        env = dict(auto=auto, flat=flat, trace=trace, x=x, lifted=lifted, lift=lift, pool=pool)
+        env.update(gather=gather, folded=folded, n=G.order)
+        stmts = {
+            "chunk='auto'": "auto(x)",
+            "chunk=None": "flat(x)",
+            "fx trace on the lifted batch": "trace(lifted)",
+            "lift module": "lift(x)",
+            "bare gather": "gather(x)",
+            "pool module": "pool(folded)",
+            "bare mean": "folded.view(n, -1).mean(0)",
+        }
+        timers = {k: benchmark.Timer(v, globals=env, num_threads=1) for k, v in stmts.items()}
+        return {k: v * 1e3 for k, v in median_ms(timers, 9, 0.2).items()}
+
+
+def by_hand() -> list[tuple]:
+    """Paired ratios over the base model on the batch built beforehand (see part 7)."""
+    rows = []
+    for name, label in (("seq1d", "D4"), ("vit", "C4"), ("vit", "D4"), ("resnet", "C4")):
+        factory, shape, specs = MODELS[name]
+        torch.manual_seed(0)
+        model = factory().eval()
+        G = equivfx.group(specs[label])
+        x = torch.randn(1, *shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            auto = equivfx.compile(model, G, example_inputs=x)
+            flat = equivfx.compile(model, G, example_inputs=x, chunk=None)
+        lift = flat.equivfx_lift
+        with torch.no_grad():
+            auto(x)  # the first call measures
+            prebuilt = lift(x)
+            gather = next(g for g in lift._gathers.values() if g is not None).bound(x.shape)
+            features, last = _split_head(model)
+            n = G.order
+
+            def hand(x=x, gather=gather, features=features, last=last, n=n):
+                return last(features(gather(x)).view(n, 1, -1).mean(0))
+
+            torch.testing.assert_close(hand(), flat(x))
+            fns = {
+                "chunk='auto'": lambda auto=auto, x=x: auto(x),
+                "chunk=None": lambda flat=flat, x=x: flat(x),
+                "by hand": hand,
+                "prebuilt": lambda m=model, p=prebuilt: m(p),
+            }
+            rows.append((name, G.spec, _paired_ratios(fns, "prebuilt", budget_s=8.0)))
+    return rows
+
+
+def _split_head(model):
+    """The benchmark model without its last linear layer, and that layer."""
+    if hasattr(model, "head"):  # ViTish
+        m = model
+
+        def features(y):
+            t = m.patch(y).flatten(2).transpose(1, 2) + m.pos
+            return m.norm(m.blocks(t)).mean(1)
+
+        return features, model.head
+    if hasattr(model, "net"):  # Seq1d
+        return (lambda y, m=model: m.net(y).mean(-1)), model.fc
+    return (lambda y, m=model: m.pool(m.layers(m.stem(y))).flatten(1)), model.fc  # ResNetish
+
+
+def own_python_lines() -> None:
+    us = own_python()
+    print(
+        "A model whose ops cost almost nothing (ShiftRev4, B=1), hot medians in us (1 thread): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in us.items()),
+        flush=True,
+    )
+    for name, spec, r in by_hand():
+        print(
+            f"{name} {spec} B=1, against the base model on the batch built beforehand (paired): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in r.items()),
+            flush=True,
+        )
+
+
 def page_faults() -> dict:
     factory, shape, specs = MODELS["resnet"]
     torch.manual_seed(0)
@@ -238,8 +348,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--faults-only", action="store_true", help="only part 6, in this process")
+    ap.add_argument("--python-only", action="store_true", help="only part 7")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.python_only:
+        own_python_lines()
+        return
     if args.faults_only:
         tuned = os.environ.get("MALLOC_TRIM_THRESHOLD_")
         label = "allocator keeps freed memory" if tuned else "default allocator"
@@ -279,6 +393,7 @@ def main() -> None:
         f"convolution = {conv_shapes():.2f} (paired)",
         flush=True,
     )
+    own_python_lines()
     from run_all import TUNED_MALLOC
 
     for env in ({}, TUNED_MALLOC):  # fresh processes: the counts depend on the heap's history

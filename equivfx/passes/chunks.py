@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import random
 import time
 from typing import NamedTuple
@@ -52,6 +53,8 @@ __all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
 log = logging.getLogger(__name__)
 
 CHUNKS_NAME = "equivfx_chunks"
+
+_TRAINING = operator.attrgetter("training")
 
 
 class SlotChunks(nn.Module):
@@ -107,6 +110,11 @@ class SlotChunks(nn.Module):
             "post": _subgraph(flat, post_run, [*post_from_pre, *post_from_chunks], None),
         }
         object.__setattr__(self, "graphs", graphs)
+        # the graph modules that read root-level parameters or buffers (kept in step with the
+        # owner's at each call); most models have none
+        self._root_tensors = [
+            gm for gm in (flat, *graphs.values()) if gm._buffers or gm._parameters
+        ]
         object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
@@ -117,8 +125,9 @@ class SlotChunks(nn.Module):
 
     # -------------------------------------------------------------------- running
     def forward(self, *args):
-        if self.owner is not None:  # .to() or assign=True replaced the owner's root-level tensors
-            for gm in (self.flat, *self.graphs.values()):
+        if self.owner is not None and self._root_tensors:
+            # .to() or assign=True may have replaced the owner's root-level tensors
+            for gm in self._root_tensors:
                 for name in gm._buffers:
                     gm._buffers[name] = self.owner._buffers[name]
                 for name in gm._parameters:
@@ -169,7 +178,7 @@ class SlotChunks(nn.Module):
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
-        if is_tracing() or any(m.training for m in self._user_modules):
+        if is_tracing() or any(map(_TRAINING, self._user_modules)):
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":
             return int(self.chunk)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -85,7 +87,28 @@ class Lift(nn.Module):
         self._gathers: dict[tuple, _Gather | None] = {}  # see _gather_key, _gather_for
         self._gathers_for = None  # the (action, inverses, kernel, kernel_shape) they were for
 
+    _hit = None  # the last input lifted by a gather (see forward); None in older pickles
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every call pays this module's Python, and inside a forward that costs several times
+        # what it costs alone (benchmarks/diagnose_overhead.py). An input like the last one
+        # gathered (same shape, dtype, device; the module unchanged) takes that gather with
+        # only the checks that shape does not settle.
+        hit = self._hit
+        if (
+            hit is not None
+            and type(x) is torch.Tensor
+            and x.shape == hit.shape
+            and x.dtype is hit.dtype
+            and x.device == hit.device
+            and x.layout is torch.strided
+            and hit.made_for == (self.action, self.inverses, self.kernel, self.kernel_shape)
+            and hit.slots is self.slots
+            and hit.limit == self.GATHER_LIMIT
+            and not is_tracing()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        ):
+            return hit.run(x)
         return self.lift_slots(x, self.slots)
 
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
@@ -101,7 +124,18 @@ class Lift(nn.Module):
             gather = self._gather_for(x, slots, key)
         if gather is None:  # refused for this shape (see _gather_for): op by op
             return self._each_slot(x, slots)
-        return gather(x)  # one gather instead of one op per slot, then a cat
+        run = gather.bound(x.shape)  # one gather instead of one op per slot, then a cat
+        if slots == self.slots:
+            self._hit = _Hit(
+                x.shape,
+                x.dtype,
+                x.device,
+                (self.action, self.inverses, self.kernel, self.kernel_shape),
+                self.slots,
+                self.GATHER_LIMIT,
+                run,
+            )
+        return run(x)
 
     def _check(self, x: torch.Tensor) -> None:
         """``x`` fits the action, and on its per-sample shape the same elements act trivially
@@ -200,6 +234,7 @@ class Lift(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state["_gathers"], state["_gathers_for"] = {}, None  # a cache: not pickled
+        state.pop("_hit", None)
         return state
 
     def slot_permutation(self, h: int) -> list[int]:
@@ -227,15 +262,34 @@ class _Gather:
     index: torch.Tensor  # (slots, per-sample size), int64
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bound(x.shape)(x)
+
+    def bound(self, shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The gather for inputs of exactly ``shape``, its index and shapes made up front."""
         slots, size = self.index.shape
-        batch = x.shape[0]
+        batch = shape[0]
+        out_shape = (slots * batch, *shape[1:])
         if batch == 1:  # the slot-major lift of one sample is the flat gather itself
-            out = x.reshape(size).index_select(0, self.index.view(-1))
-        else:  # each sample gathered into every slot: index and input expanded, not copied
-            expanded = (slots, batch, size)
-            source = x.reshape(batch, size).unsqueeze(0).expand(expanded)
-            out = torch.gather(source, 2, self.index.unsqueeze(1).expand(expanded))
-        return out.view(slots * batch, *x.shape[1:])
+            flat = self.index.view(-1)
+            return lambda x: x.reshape(size).index_select(0, flat).view(out_shape)
+        # each sample gathered into every slot: index and input expanded, not copied
+        expanded = (slots, batch, size)
+        index = self.index.unsqueeze(1).expand(expanded)
+        return lambda x: torch.gather(
+            x.reshape(batch, size).unsqueeze(0).expand(expanded), 2, index
+        ).view(out_shape)
+
+
+class _Hit(NamedTuple):
+    """What :meth:`Lift.forward` compares an input with to reuse the last gather."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    made_for: tuple  # the action, inverses, kernel and kernel shape the index was read for
+    slots: tuple[int, ...]
+    limit: int  # GATHER_LIMIT when it was made
+    run: Callable[[torch.Tensor], torch.Tensor]
 
 
 def slot_positions(group, slots, kernel) -> tuple[int, ...]:
@@ -311,17 +365,18 @@ class Readout(nn.Module):
         self.slot_map: tuple[int, ...] | None = None
 
     def forward(self, y, batch_axis: int = 0):
-        if isinstance(y, (tuple, list)):
-            return type(y)(self.forward(t, batch_axis) for t in y)
         if not isinstance(y, torch.Tensor):
+            if isinstance(y, (tuple, list)):
+                return type(y)(self.forward(t, batch_axis) for t in y)
             return y
         if batch_axis != 0:
             y = y.movedim(batch_axis, 0)
         computed = self.order if self.slot_map is None else max(self.slot_map) + 1
-        s = y.unflatten(0, (computed, -1))  # (slots computed, B, ...)
+        # torch.unflatten: Tensor.unflatten adds a Python frame (named dimensions) at every call
+        s = torch.unflatten(y, 0, (computed, -1))  # (slots computed, B, ...)
         if self.readout == "invariant":  # every coset has |K| elements: pool the computed slots
             if self.pool == "mean":
-                out = averageable(s).mean(0)
+                out = (s if s.is_floating_point() else averageable(s)).mean(0)
             elif self.pool == "max":
                 out = s.amax(0)
             else:

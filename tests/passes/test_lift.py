@@ -264,3 +264,78 @@ def test_threads_building_the_cache_at_once_all_get_the_lift():
             assert list(pool.map(differing, range(4))) == [[]] * 4
     finally:
         sys.setswitchinterval(interval)
+
+
+def _spy_on_the_full_path(monkeypatch, lift):
+    """Counts the calls that take the full path (``lift_slots``) rather than the last gather."""
+    calls = []
+    full = Lift.lift_slots
+    monkeypatch.setattr(
+        lift, "lift_slots", lambda x, slots: calls.append(x.shape) or full(lift, x, slots)
+    )
+    return calls
+
+
+def test_an_input_like_the_last_takes_its_gather_without_the_full_path(monkeypatch):
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    calls = _spy_on_the_full_path(monkeypatch, lift)
+    x = torch.randn(2, 3, 4, 4)
+    for _ in range(3):
+        assert torch.equal(lift(x), oracle(G, x))
+    assert len(calls) == 1
+    other = torch.randn(2, 3, 4, 4)  # new values, same shape, dtype and device
+    assert torch.equal(lift(other), oracle(G, other)) and len(calls) == 1
+    strided = torch.randn(2, 4, 4, 3).permute(0, 3, 1, 2)  # same shape, other strides
+    assert torch.equal(lift(strided), oracle(G, strided)) and len(calls) == 1
+    y = lift(x)
+    y.add_(1.0)  # still a new tensor at each call
+    assert torch.equal(lift(x), oracle(G, x))
+    leaf = x.clone().requires_grad_()
+    lift(leaf).sum().backward()
+    assert torch.equal(leaf.grad, torch.full_like(x, G.order)) and len(calls) == 1
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_an_input_unlike_the_last_takes_the_full_path(monkeypatch):
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    calls = _spy_on_the_full_path(monkeypatch, lift)
+    x = torch.randn(2, 1, 4, 4)
+    lift(x)
+    others = [
+        torch.randn(3, 1, 4, 4),  # batch size
+        x.double(),  # dtype
+        x.to(torch.int64),
+        torch.quantize_per_tensor(x, 0.1, 0, torch.quint8),  # no gather kernel
+        torch.nn.Parameter(x.clone()),  # a subclass
+    ]
+    for n, other in enumerate(others, start=2):
+        got, want = lift(other), oracle(G, other)
+        if other.is_quantized:
+            got, want = got.int_repr(), want.int_repr()
+        assert torch.equal(got, want) and len(calls) == n
+    lift(x)
+    before = len(calls)
+    got = torch.func.vmap(lift)(torch.stack([x, 2 * x]))  # wrapped tensors of x's shape
+    assert torch.equal(got, torch.stack([oracle(G, x), oracle(G, 2 * x)]))
+    traced = torch.jit.trace(lift, (x,), check_trace=False)
+    assert "gather" not in traced.code and "index_select" not in traced.code
+    assert len(calls) == before + 2
+
+
+def test_changes_to_the_module_or_the_limit_retire_the_last_gather(monkeypatch):
+    G = equivfx.group("C4")
+    lift = Lift(G, G.action)
+    x = torch.randn(1, 1, 4, 4)
+    lift(x)
+    lift.slots = (2, 0)  # as eliminate-dead-slots would set them
+    assert torch.equal(lift(x), oracle(G, x, [2, 0]))
+    lift.inverses = tuple(range(G.order))  # slot g holds g . x
+    want = torch.cat([G.act(G.elements[i], x) for i in (2, 0)], 0)
+    assert torch.equal(lift(x), want)
+    monkeypatch.setattr(Lift, "GATHER_LIMIT", 8)  # x is over it now: op by op
+    calls = _spy_on_the_full_path(monkeypatch, lift)
+    assert torch.equal(lift(x), want) and torch.equal(lift(x), want)
+    assert len(calls) == 2
