@@ -102,7 +102,7 @@ class Lift(nn.Module):
             and x.dtype is hit.dtype
             and x.device == hit.device
             and x.layout is torch.strided
-            and hit.made_for == (self.action, self.inverses, self.kernel, self.kernel_shape)
+            and self._made_for(hit.made_for)
             and hit.slots is self.slots
             and hit.limit == self.GATHER_LIMIT
             and not is_tracing()
@@ -114,10 +114,11 @@ class Lift(nn.Module):
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
         """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
         slots = tuple(slots)
-        key = self._gather_key(x, slots)
-        if key is None:
+        keyed = self._gather_key(x, slots)
+        if keyed is None:
             self._check(x)
             return self._each_slot(x, slots)
+        key, made_for = keyed
         gather = self._gathers.get(key, _UNSEEN)
         if gather is _UNSEEN:  # a per-sample shape not lifted before: check it once
             self._check(x)
@@ -130,7 +131,7 @@ class Lift(nn.Module):
                 x.shape,
                 x.dtype,
                 x.device,
-                (self.action, self.inverses, self.kernel, self.kernel_shape),
+                made_for,  # what the cache was checked for, even if another thread changed it
                 self.slots,
                 self.GATHER_LIMIT,
                 run,
@@ -175,8 +176,9 @@ class Lift(nn.Module):
 
     CACHED_SHAPES = 64
 
-    def _gather_key(self, x: torch.Tensor, slots: tuple) -> tuple | None:
-        """The cache key of a gather for ``x``, or None where ``x`` is lifted op by op (and
+    def _gather_key(self, x: torch.Tensor, slots: tuple) -> tuple[tuple, tuple] | None:
+        """The cache key of a gather for ``x`` and the (action, inverses, kernel, kernel_shape)
+        the cache holds gathers for, or None where ``x`` is lifted op by op (and
         checked at every call): in traced, compiled, exported or vmapped calls (the ops are what
         a tracer records), under actions that do more than move entries or that act on the batch
         axis (the index, and the checks, would depend on the batch size), for inputs with one
@@ -189,16 +191,27 @@ class Lift(nn.Module):
         if any(a % x.dim() == 0 for a in self.action.axes):
             return None
         built = self.__dict__.get("_gathers_for")  # absent in older pickles
-        if (
-            built is None
-            or built[0] is not self.action
-            or built[1] is not self.inverses
-            or built[2] is not self.kernel
-            or built[3] is not self.kernel_shape
-        ):
+        if not self._made_for(built):
             self._gathers = {}
-            self._gathers_for = (self.action, self.inverses, self.kernel, self.kernel_shape)
-        return (tuple(x.shape[1:]), x.device, slots)
+            self._gathers_for = built = (
+                self.action,
+                self.inverses,
+                self.kernel,
+                self.kernel_shape,
+            )
+        return (tuple(x.shape[1:]), x.device, slots), built
+
+    def _made_for(self, state: tuple | None) -> bool:
+        """``state`` holds this module's action, inverses, kernel and kernel shape, object for
+        object: an equal action may still act differently (its group's elements realised by
+        other permutations, or fields left out of comparisons)."""
+        return (
+            state is not None
+            and state[0] is self.action
+            and state[1] is self.inverses
+            and state[2] is self.kernel
+            and state[3] is self.kernel_shape
+        )
 
     def _gather_for(self, x: torch.Tensor, slots: tuple, key: tuple) -> _Gather | None:
         """Build (and cache) the gather that lifts inputs of ``x``'s per-sample shape: slot s

@@ -13,7 +13,8 @@ import torch
 
 import equivfx
 from equivfx.errors import InputShapeError
-from equivfx.groups.actions import RollAction
+from equivfx.groups.actions import PermuteAction, RollAction
+from equivfx.groups.finite import FiniteGroup
 from equivfx.passes.modules import Lift
 
 CASES = [
@@ -339,3 +340,18 @@ def test_changes_to_the_module_or_the_limit_retire_the_last_gather(monkeypatch):
     calls = _spy_on_the_full_path(monkeypatch, lift)
     assert torch.equal(lift(x), want) and torch.equal(lift(x), want)
     assert len(calls) == 2
+
+
+def test_an_equal_action_that_acts_otherwise_does_not_take_the_last_gather():
+    # the same spec and table, realised by other permutations: the actions compare equal
+    G1 = FiniteGroup.from_permutations("Z2set", {"a": (1, 0, 2, 3)})
+    G2 = FiniteGroup.from_permutations("Z2set", {"a": (0, 1, 3, 2)})
+    a1 = PermuteAction(n=4, axis=-1).bind(G1)
+    a2 = PermuteAction(n=4, axis=-1).bind(G2)
+    assert a1 == a2 and a1 is not a2
+    lift = Lift(G1, a1)
+    x = torch.arange(8.0).view(2, 4)
+    lift(x)
+    lift.group, lift.action = G2, a2
+    want = torch.cat([a2._apply(lift.inverses[i], x) for i in lift.slots], 0)
+    assert torch.equal(lift(x), want)
