@@ -8,7 +8,11 @@
 - ``strip`` (eliminate-dead-slots, a partial kernel): convolutions over 1 x 64 strips under
   Rev@-1 x Rev@-2, whose reversal of the length-1 axis fixes every input: 2 of 4 slots computed.
 
-Outputs are equal (tested in tests/passes/); this script times them.
+Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
+into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
+and its pick, which ``bench_chunks.py`` judges, would blur what the passes save), and they run in
+short blocks, round after round in a shuffled order (``bench_global.paired_ms``): the speed-up is
+the median over rounds of the ratio within a round, with its quartiles.
 
 Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads 2]``
 """
@@ -16,6 +20,7 @@ Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +31,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import median_ms, parse_timing_args, timing_parser  # noqa: E402
+from bench_global import _quartiles, paired_ms, parse_timing_args, timing_parser  # noqa: E402
 
 import equivfx  # noqa: E402
 
@@ -90,17 +95,23 @@ def main() -> None:
             x = torch.randn(batch, *shape)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fast = equivfx.compile(model, spec, example_inputs=x)
-                slow = equivfx.compile(model, spec, example_inputs=x, optimize=False)
-            env = dict(fast=fast, slow=slow, x=x)
-            timers = {
-                k: benchmark.Timer(f"{k}(x)", globals=env, num_threads=args.threads)
-                for k in ("fast", "slow")
-            }
+                fast = equivfx.compile(model, spec, example_inputs=x, chunk=None)
+                slow = equivfx.compile(model, spec, example_inputs=x, optimize=False, chunk=None)
+            fns = {"fast": lambda fast=fast, x=x: fast(x), "slow": lambda slow=slow, x=x: slow(x)}
             with torch.no_grad():
-                fast(x), slow(x)  # chunk="auto" measures at the first call
-                ms = median_ms(timers, 3 if args.quick else 7, 0.1 if args.quick else 0.25)
+                estimate = {
+                    k: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=args.threads)
+                    .timeit(5)
+                    .mean
+                    * 1e3
+                    for k, fn in fns.items()
+                }
+                samples = paired_ms(fns, estimate, 1.0 if args.quick else 4.0)
                 diff = float((fast(x) - slow(x)).abs().max())
+            ms = {k: statistics.median(v) for k, v in samples.items()}
+            speedup = _quartiles(
+                [a / b for a, b in zip(samples["slow"], samples["fast"], strict=True)]
+            )
             lift = getattr(fast, "equivfx_flat", fast).equivfx_lift
             row = dict(
                 case=case,
@@ -110,14 +121,18 @@ def main() -> None:
                 batch=batch,
                 optimized_ms=ms["fast"],
                 plain_ms=ms["slow"],
-                speedup=ms["slow"] / ms["fast"],
+                speedup=speedup["median"],
+                speedup_q1=speedup["q1"],
+                speedup_q3=speedup["q3"],
+                rounds=len(samples["fast"]),
                 max_abs_diff=diff,
             )
             rows.append(row)
             print(
                 f"{case} {spec} B={batch} ({len(lift.slots)} of {lift.group.order} slots): "
                 f"plain {ms['slow']:.2f} ms, with cost passes {ms['fast']:.2f} ms, "
-                f"speed-up {row['speedup']:.2f}x, max |difference| {diff:.2g}",
+                f"speed-up {row['speedup']:.2f}x [{speedup['q1']:.2f}, {speedup['q3']:.2f}] "
+                f"(paired, {row['rounds']} rounds), max |difference| {diff:.2g}",
                 flush=True,
             )
     if args.json:

@@ -339,7 +339,7 @@ def tables(out: Path) -> list[str]:
     if cp:
         header = [
             "case", "group", "B", "slots computed", "no cost passes (ms)", "cost passes (ms)",
-            "speed-up", "max abs difference",
+            "speed-up (paired median)", "quartiles", "max abs difference",
         ]  # fmt: skip
         rows = [
             [
@@ -350,6 +350,7 @@ def tables(out: Path) -> list[str]:
                 f"{r['plain_ms']:.2f}",
                 f"{r['optimized_ms']:.2f}",
                 f"{r['speedup']:.2f}x",
+                f"[{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]" if "speedup_q1" in r else "-",
                 f"{r['max_abs_diff']:.1e}",
             ]
             for r in cp["rows"]
