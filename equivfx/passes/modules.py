@@ -172,7 +172,8 @@ class Lift(nn.Module):
 
     INDEX_LIMIT = 1 << 18
     """Largest gather index (int64 entries: |slots| x per-sample size, 2 MiB), and 4x that cached
-    in all; at most ``CACHED_SHAPES`` keys (refused shapes included)."""
+    in all; at most ``CACHED_SHAPES`` keys (refused shapes included). The last gather used stays
+    alive too (``forward``'s fast path) after the cache drops it: one index more at most."""
 
     CACHED_SHAPES = 64
 
