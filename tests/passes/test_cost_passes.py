@@ -321,27 +321,23 @@ def test_hoist_leaves_in_place_writes_non_float_sources_and_token_rows_alone(
     assert not hasattr(fast, "equivfx_pool")
 
 
-class TwoBranchHead(nn.Module):
-    """Heads with two folded inputs: features pooled two ways and joined (``join``), then
-    affine layers; ``join`` picks how."""
+class TwoBranchHead(_Head):
+    """Heads with two folded inputs: the features pooled two ways and joined (``case``: cat, sum,
+    shared, product), then affine layers."""
 
-    def __init__(self, join: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.join = join
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+    def __init__(self, case: str) -> None:
+        super().__init__(case)
         self.fc_a = nn.Linear(4, 6)
         self.fc_b = nn.Linear(4, 6)
-        self.fc = nn.Linear(8 if join == "cat" else 6, 5)
+        self.fc = nn.Linear(8 if case == "cat" else 6, 5)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a, b = h.mean((-2, -1)), h.amax((-2, -1))
-        if self.join == "cat":
+        _, a, b = self.features(x)
+        if self.case == "cat":
             return self.fc(torch.cat([a, b], 1))
-        if self.join == "sum":
+        if self.case == "sum":
             return self.fc(self.fc_a(a) + self.fc_b(b) - self.fc_a(b))
-        if self.join == "shared":  # one folded value read by two branches
+        if self.case == "shared":  # one folded value read by two branches
             return self.fc(self.fc_a(a) + self.fc_b(a))
         return self.fc(self.fc_a(a) * self.fc_b(b))  # a product: not linear in a and b together
 
