@@ -126,6 +126,12 @@ def _paired_ratio(fns: dict, num: str, den: str, budget_s: float = 6.0) -> float
     return _paired_ratios({num: fns[num], den: fns[den]}, den, budget_s)[num]
 
 
+def _cached_gather(lift, x):
+    """The gather ``lift`` cached for ``x``'s per-sample shape (after a call on ``x``), bound to
+    ``x``'s shape: the lift without the module around it."""
+    return next(g for g in lift._gathers.values() if g is not None).bound(x.shape)
+
+
 def input_transform() -> list[tuple]:
     rows = []
     for name, label, batch in (("seq1d", "D4", 1), ("resnet", "D4", 1), ("vit", "C4", 8)):
@@ -141,7 +147,7 @@ def input_transform() -> list[tuple]:
         with torch.no_grad():
             prebuilt = lift(x)
             # the module's own gather, called without the module around it (its Python)
-            gather = next(g for g in lift._gathers.values() if g is not None)
+            gather = _cached_gather(lift, x)
             fns = {
                 "lifted": lambda m=model, lift=lift, x=x: m(lift(x)),
                 "lifted by the bare gather": lambda m=model, g=gather, x=x: m(g(x)),
@@ -226,7 +232,7 @@ def own_python() -> dict:
         auto(x)  # the first call measures
         lifted = lift(x)
         folded = trace(lifted)
-        gather = next(g for g in lift._gathers.values() if g is not None).bound(x.shape)
+        gather = _cached_gather(lift, x)
         env = dict(auto=auto, flat=flat, trace=trace, x=x, lifted=lifted, lift=lift, pool=pool)
         env.update(gather=gather, folded=folded, n=G.order)
         stmts = {
@@ -259,7 +265,7 @@ def by_hand() -> list[tuple]:
         with torch.no_grad():
             auto(x)  # the first call measures
             prebuilt = lift(x)
-            gather = next(g for g in lift._gathers.values() if g is not None).bound(x.shape)
+            gather = _cached_gather(lift, x)
             features, last = _split_head(model)
             n = G.order
 
