@@ -37,7 +37,8 @@
    5 % target is missed), the compiled model and the same ops written by hand (the bare gather,
    the model's layers, a view and a mean before its last linear layer) against the base model on
    the batch built beforehand, paired: what is left to remove, and what the transform costs
-   however it is written.
+   however it is written; also the compiled model with fx's own generated code (submodules
+   reached by ``getattr`` chains, as before :mod:`equivfx.passes.codegen`).
 
 Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 """
@@ -45,6 +46,7 @@ Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import statistics
@@ -54,6 +56,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.fx.graph import CodeGen
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
@@ -273,14 +276,28 @@ def by_hand() -> list[tuple]:
                 return last(features(gather(x)).view(n, 1, -1).mean(0))
 
             torch.testing.assert_close(hand(), flat(x))
+            fx_code = _with_fx_code(auto)
+            torch.testing.assert_close(fx_code(x), auto(x), rtol=0, atol=0)
             fns = {
                 "chunk='auto'": lambda auto=auto, x=x: auto(x),
+                "chunk='auto', fx's code": lambda m=fx_code, x=x: m(x),
                 "chunk=None": lambda flat=flat, x=x: flat(x),
                 "by hand": hand,
                 "prebuilt": lambda m=model, p=prebuilt: m(p),
             }
             rows.append((name, G.spec, _paired_ratios(fns, "prebuilt", budget_s=8.0)))
     return rows
+
+
+def _with_fx_code(emodel):
+    """A copy of ``emodel`` whose graph modules run fx's own generated code (submodules reached by
+    attribute chains), not :mod:`equivfx.passes.codegen`'s."""
+    twin = copy.deepcopy(emodel)
+    chunks = twin._modules.get("equivfx_chunks")
+    for gm in (twin, *(() if chunks is None else (chunks.flat, *chunks.graphs.values()))):
+        gm.graph.set_codegen(CodeGen())
+        gm.recompile()
+    return twin
 
 
 def _split_head(model):

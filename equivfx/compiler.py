@@ -26,6 +26,7 @@ from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
+from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
@@ -436,6 +437,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     )
     if examples is not None:
         _test_run(gm, examples)
+    direct_module_access(gm)
     if chunk is not None:
         info = gm.equivfx_info
         try:
@@ -446,20 +448,15 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             log.info("equivfx: chunk='auto' does not apply to this graph; all slots in one pass")
         else:
             gm.equivfx_info = info
+    direct_module_access(gm)  # the chunked module (its own graphs have it: SlotChunks)
     _survive_deepcopy(gm)
     return gm
 
 
 def _survive_deepcopy(gm: fx.GraphModule) -> None:
     """``copy.deepcopy`` of a GraphModule keeps only what its graph reads: keep ``equivfx_info``
-    (fx's preserved attributes) and, for chunked models, ``equivfx_flat`` (the copy's own)."""
+    (fx's preserved attributes; chunked models keep ``equivfx_flat`` themselves)."""
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
-    if hasattr(gm, "equivfx_flat"):
-        gm._deepcopy_hooks.append(_restore_flat)
-
-
-def _restore_flat(copied: fx.GraphModule) -> None:
-    object.__setattr__(copied, "equivfx_flat", copied.equivfx_chunks.flat)
 
 
 def _test_run(gm: fx.GraphModule, examples: tuple) -> None:

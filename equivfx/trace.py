@@ -105,9 +105,10 @@ class TraceResult:
 class _Tracer(fx.Tracer):
     """A tracer that honours the leaf registry and remembers which module it was inside."""
 
-    def __init__(self, extra_leaves: dict[str, str]):
+    def __init__(self, extra_leaves: dict[str, str] | None = None):
         super().__init__()
-        self.extra_leaves = extra_leaves
+        # fx rebuilds an unpickled graph module with its tracer class, called without arguments
+        self.extra_leaves = extra_leaves or {}
         self.registry_leaves: dict[str, str] = {}
         self.stack: list[str] = []
         self.failed_in: str | None = None

@@ -42,6 +42,7 @@ import torch.fx as fx
 from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain
+from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import MEASURING, averageable, is_tracing, repeat_per_slot
@@ -74,9 +75,28 @@ class SlotChunks(nn.Module):
         super().__init__()
         object.__setattr__(self, "flat", flat)  # shared, not a child: no duplicate state-dict keys
         self.chunk = chunk
+        self.chosen: dict[tuple, int] = {}
+        self._build(flat)
+
+    # The structure derived from flat's graph: its fx nodes are not pickled (a pickled graph
+    # module is rebuilt from its code, with new nodes); unpickling derives it again.
+    _DERIVED = (
+        "slots", "order", "lift", "repeats", "joins", "_accumulated", "_pools", "_joined",
+        "_read", "_pre_out", "_body_in", "_post_from_pre", "_post_from_chunks", "graphs",
+        "_user_modules",
+    )  # fmt: skip
+
+    def __getstate__(self):
+        return {k: v for k, v in super().__getstate__().items() if k not in self._DERIVED}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        direct_module_access(self.flat)
+        self._build(self.flat)
+
+    def _build(self, flat: fx.GraphModule) -> None:
         self.slots = tuple(flat.equivfx_lift.slots)  # fewer than |G| after eliminate-dead-slots
         self.order = len(self.slots)
-        self.chosen: dict[tuple, int] = {}
         pre, body, post, self.lift, self.repeats, self.joins = _split(flat)
         # invariant readouts (and hoisted pools) accumulate chunk by chunk; other readouts need
         # every slot: the values they read are concatenated (one cat per value, on its batch axis)
@@ -109,13 +129,9 @@ class SlotChunks(nn.Module):
             "body": _subgraph(flat, body, [*sources, *body_in], self._read),
             "post": _subgraph(flat, post_run, [*post_from_pre, *post_from_chunks], None),
         }
+        for graph in graphs.values():
+            direct_module_access(graph)
         object.__setattr__(self, "graphs", graphs)
-        # the graph modules that read root-level parameters or buffers (kept in step with the
-        # owner's at each call); most models have none
-        self._root_tensors = [
-            gm for gm in (flat, *graphs.values()) if gm._buffers or gm._parameters
-        ]
-        object.__setattr__(self, "owner", None)  # the graph module that registers flat's state
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
             m
@@ -125,13 +141,6 @@ class SlotChunks(nn.Module):
 
     # -------------------------------------------------------------------- running
     def forward(self, *args):
-        if self.owner is not None and self._root_tensors:
-            # .to() or assign=True may have replaced the owner's root-level tensors
-            for gm in self._root_tensors:
-                for name in gm._buffers:
-                    gm._buffers[name] = self.owner._buffers[name]
-                for name in gm._parameters:
-                    gm._parameters[name] = self.owner._parameters[name]
         k = self._decided(args)
         if k is None:  # chunk="auto", first call for this input: measure
             k = self._measured(args)
@@ -409,7 +418,17 @@ def _subgraph(flat: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
     for name in list(sub._modules):
         if name in flat._modules:
             sub._modules[name] = flat._modules[name]
+    _share_root_tensors(sub, flat)
     return sub
+
+
+def _share_root_tensors(module: nn.Module, flat: fx.GraphModule) -> None:
+    """Make ``module`` hold ``flat``'s root-level parameters and buffers in the same dicts, not
+    copies: what ``.to()`` (with parameters overwritten on conversion) or
+    ``load_state_dict(assign=True)`` puts in one is in the other, and pickling keeps them one."""
+    module.__dict__["_parameters"] = flat._parameters
+    module.__dict__["_buffers"] = flat._buffers
+    module.__dict__["_non_persistent_buffers_set"] = flat._non_persistent_buffers_set
 
 
 def _split(flat: fx.GraphModule):
@@ -467,6 +486,32 @@ def _split(flat: fx.GraphModule):
     return pre, body, post, lift, repeats, joins
 
 
+class _Chunked(fx.GraphModule):
+    """The graph module :func:`chunked_module` returns. Pickled as what rebuilds it: fx would
+    pickle its code and, on loading, register ``equivfx_flat`` as a submodule (every state-dict
+    key twice) and give it root-level tensors of its own (no longer ``flat``'s)."""
+
+    def __reduce__(self):
+        runner = self._modules[CHUNKS_NAME]
+        kept = {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
+        return (_unpickle_chunked, (self.equivfx_flat, runner.chunk, dict(runner.chosen), kept))
+
+
+_PICKLED = ("training", "equivfx_info", "meta", "_forward_hooks", "_forward_pre_hooks")
+
+
+def _unpickle_chunked(flat: fx.GraphModule, chunk, chosen: dict, kept: dict) -> fx.GraphModule:
+    gm = chunked_module(flat, chunk)
+    gm._modules[CHUNKS_NAME].chosen.update(chosen)
+    gm.__dict__.update(kept)
+    return direct_module_access(gm)
+
+
+def _restore_flat(copied: fx.GraphModule) -> None:
+    """fx's deep copy keeps only what the graph reads: ``equivfx_flat`` is the copy's own."""
+    object.__setattr__(copied, "equivfx_flat", copied._modules[CHUNKS_NAME].flat)
+
+
 def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
     """A graph module computing what ``flat`` computes, k slots at a time.
 
@@ -495,16 +540,13 @@ def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
         if n.op == "placeholder"
     ]
     graph.output(graph.call_module(CHUNKS_NAME, tuple(placeholders)))
-    gm = fx.GraphModule(root, graph, class_name=type(flat).__name__)
+    gm = _Chunked(root, graph, class_name=type(flat).__name__)
     # the same modules, parameters and buffers under the same names: the original state-dict keys
     for name, child in flat.named_children():
         gm.add_module(name, child)
-    for name, p in flat._parameters.items():
-        gm.register_parameter(name, p)
-    for name, b in flat._buffers.items():
-        gm.register_buffer(name, b, persistent=name not in flat._non_persistent_buffers_set)
+    _share_root_tensors(gm, flat)
     if hasattr(flat, OPAQUE_ATTR):  # the opaque path hides its prefix in state-dict keys
         install_prefix_hooks(gm, OPAQUE_ATTR)
-    object.__setattr__(runner, "owner", gm)
     object.__setattr__(gm, "equivfx_flat", flat)
+    gm._deepcopy_hooks.append(_restore_flat)
     return gm

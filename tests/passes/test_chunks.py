@@ -332,3 +332,72 @@ def test_threads_meeting_a_new_shape_measure_it_once(monkeypatch):
         outs = list(pool.map(work, range(3)))
     assert len(measured) == 1 and len(outs) == 3
     assert list(runner.chosen.values()) == [1]
+
+
+class _RootTensors(nn.Module):
+    """Parameters and a buffer at the model's root level (as a ViT's position embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(4, 8, 8))
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(((self.conv(x) + self.pos) * self.scale).relu().mean((2, 3)))
+
+
+def _fresh(state, x, **kwargs):
+    """An oracle: the model loaded with ``state``, compiled anew, every slot in one pass."""
+    model = _RootTensors().eval()
+    model.load_state_dict(state)
+    return _compile(model, "C4", x, chunk=None, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, "auto"])
+def test_root_tensors_replaced_after_compiling_reach_every_part(chunk):
+    """``load_state_dict(assign=True)`` and ``.double()`` with parameters overwritten on conversion
+    replace the root-level tensors of the compiled model: its chunk runner computes with the new
+    ones (the parts share the compiled model's parameter and buffer dicts)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    chunked = _compile(_RootTensors().eval(), "C4", x, chunk=chunk)
+    state = {k: v + 0.5 for k, v in chunked.state_dict().items()}
+    chunked.load_state_dict(state, assign=True)
+    assert chunked.pos is chunked.equivfx_flat.pos
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), _fresh(state, x)(x))
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        chunked.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    with torch.no_grad():
+        y = chunked(x.double())
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, _fresh(state, x).double()(x.double()))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, "auto"])
+def test_whole_compiled_models_pickle(chunk, tmp_path):
+    """``torch.save`` of the whole compiled model and ``torch.load``: the same outputs, the
+    state dict's keys, ``chunk="auto"``'s decisions, and root-level tensors still shared."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(_RootTensors().eval(), "C4", x, chunk=chunk)
+    with torch.no_grad():
+        expected = emodel(x)
+    torch.save(emodel, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert list(loaded.state_dict()) == list(emodel.state_dict())
+    runner = loaded._modules.get("equivfx_chunks")
+    if chunk is not None:
+        assert runner.chosen == emodel.equivfx_chunks.chosen
+        state = {k: v - 0.25 for k, v in loaded.state_dict().items()}
+        loaded.load_state_dict(state, assign=True)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), _fresh(state, x)(x))
