@@ -49,7 +49,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.modules import MEASURING, eager_tensor
+from equivfx.passes.modules import MEASURING, eager_tensor, is_tracing
 
 __all__ = [
     "MixLayers",
@@ -179,6 +179,19 @@ def _reuses_workspace(x: torch.Tensor) -> bool:
         and forward_ad._current_level < 0  # forward-mode AD: index_select(out=) has no rule
         and eager_tensor(x)
         and get_proxy_mode() is None  # make_fx would record writes into the shared buffer
+    )
+
+
+def _keeps_block(weight: torch.Tensor) -> bool:
+    """Whether a fused mixing layer may reuse its block weight built at an earlier call: no
+    autograd, forward-mode AD, tracing or ``make_fx``, and a plain parameter or tensor."""
+    return (
+        not torch.is_grad_enabled()
+        and forward_ad._current_level < 0
+        and not is_tracing()
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+        and get_proxy_mode() is None
     )
 
 
@@ -361,6 +374,41 @@ class MixingLayer:
     def _block_bias(self):
         return None if self.bias is None else self.bias.repeat(self.order)
 
+    def _block_params(self) -> tuple:
+        """The block weight and bias of the fused layout. Built at every call while autograd may
+        record (gradients must reach the one shared weight), under tracing, functorch
+        transforms, forward-mode AD and ``make_fx``; otherwise kept between calls while the
+        weight, bias and slot index are the same tensors at the same version (an in-place update,
+        ``load_state_dict``, ``.to()`` or an optimizer step builds them again). Without the cache
+        the |G|-fold gather of the weight at every call cost 12 % of a 16-channel C4 layer at
+        16x16 here (``benchmarks/mixing_layout.py``). Memory written behind torch's back (through
+        a NumPy view, say) is not seen: call :meth:`release_block` after such a write."""
+        w, b, index = self.weight, self.bias, self.slot_index
+        if not _keeps_block(w):
+            return self._block_weight(), self._block_bias()
+        state = (w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+        kept = self.__dict__.get("_block")
+        if (
+            kept is not None
+            and kept[0] is w
+            and kept[1] is b
+            and kept[2] is index
+            and kept[3] == state
+        ):
+            return kept[4], kept[5]
+        weight, bias = self._block_weight(), self._block_bias()
+        self.__dict__["_block"] = (w, b, index, state, weight, bias)
+        return weight, bias
+
+    def release_block(self) -> None:
+        """Drop the block weight kept between calls (see :meth:`_block_params`)."""
+        self.__dict__.pop("_block", None)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_block", None)  # a cache: not pickled or deep-copied
+        return state
+
     def extra_repr(self) -> str:
         measured = self.__dict__.get("formats") or {}
         chose = f", measured={sorted(set(measured.values()))}" if measured else ""
@@ -384,7 +432,7 @@ class _MixingConv(MixingLayer):
                 out = self._conv_forward(gather_rows(x, self.table), weight, bias)
         else:
             t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
-            y = self._conv_forward(t, self._block_weight(), self._block_bias())
+            y = self._conv_forward(t, *self._block_params())
             # (n B, Cout, *spatial): a cat of the slot blocks (a permute-then-flatten makes
             # exporters guard on the batch size being 1)
             out = torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
@@ -486,7 +534,7 @@ class MixingLinear(MixingLayer, nn.Linear):
         if batch_axis:
             x = x.movedim(batch_axis, 0)
         t = x.unflatten(0, (n, -1)).movedim(0, -2).flatten(-2)  # (B, ..., n C)
-        y = nn.functional.linear(t, self._block_weight(), self._block_bias())
+        y = nn.functional.linear(t, *self._block_params())
         out = torch.cat(y.unflatten(-1, (n, -1)).unbind(-2), 0)  # (n B, ..., Cout)
         return out.movedim(0, batch_axis) if batch_axis else out
 
