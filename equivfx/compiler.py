@@ -24,9 +24,10 @@ from equivfx.errors import (
 )
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
+from equivfx.meta import REP, OutputRep
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
-from equivfx.passes.codegen import direct_module_access
+from equivfx.passes.codegen import direct_module_access, keep_state_when_pickled
 from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
@@ -62,6 +63,8 @@ class CompileInfo:
         leaves: qualified module name -> why it was traced as one node.
         passes: the pipeline's pass names, in order.
         mixed: layer-wise mode: qualified names of the layers that became mixing layers.
+        output_rep_action: how G acts on the compiled model's output (the output node's
+            representation; a model rebuilt by unpickling has lost its nodes' annotations).
     """
 
     group: FiniteGroup
@@ -75,6 +78,7 @@ class CompileInfo:
     leaves: dict = field(default_factory=dict)
     passes: tuple[str, ...] = ()
     mixed: tuple[str, ...] = ()
+    output_rep_action: Action | None = None
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -434,10 +438,15 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         leaves=dict(result.leaves),
         passes=tuple(pipeline.names),
         mixed=mixer.mixed if mixer is not None else (),
+        output_rep_action=next(
+            (n.meta[REP].action for n in gm.graph.nodes if isinstance(n.meta.get(REP), OutputRep)),
+            None,
+        ),
     )
     if examples is not None:
         _test_run(gm, examples)
     direct_module_access(gm)
+    keep_state_when_pickled(gm)
     if chunk is not None:
         info = gm.equivfx_info
         try:

@@ -21,6 +21,7 @@ whenever a fallback was used.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -195,6 +196,9 @@ def trace(model: nn.Module) -> TraceResult:
         break
     leaves = {**tracer.registry_leaves, **discovered}
     name = type(model).__name__
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # an annotation under `from __future__ import annotations`:
+            node.type = None  # fx cannot write it into the import block of a pickled module
     gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")
     path = "symbolic_trace+leaves" if discovered else "symbolic_trace"
     if discovered:
@@ -265,25 +269,28 @@ def install_prefix_hooks(module: nn.Module, prefix: str) -> None:
 
     Used for the opaque path, so a compiled model's checkpoint keys are the original model's.
     """
-    dotted = prefix + "."
+    module.register_state_dict_post_hook(functools.partial(_strip_prefix, prefix + "."))
+    module.register_load_state_dict_pre_hook(functools.partial(_add_prefix, prefix + "."))
 
-    def _strip(mod, state_dict, sd_prefix, local_metadata):
-        head = sd_prefix + dotted
-        items = list(state_dict.items())
-        state_dict.clear()  # re-insert in the original order, prefix removed
-        for key, value in items:
-            if key.startswith(head):
-                key = sd_prefix + key[len(head) :]
-            state_dict[key] = value
 
-    def _add(mod, state_dict, sd_prefix, local_metadata, strict, missing, unexpected, errors):
-        head = sd_prefix + dotted
-        for key in list(state_dict.keys()):
-            if key.startswith(sd_prefix) and not key.startswith(head):
-                state_dict[head + key[len(sd_prefix) :]] = state_dict.pop(key)
+# module level (with the prefix bound by functools.partial): a compiled model pickles its hooks
+def _strip_prefix(dotted, mod, state_dict, sd_prefix, local_metadata):
+    head = sd_prefix + dotted
+    items = list(state_dict.items())
+    state_dict.clear()  # re-insert in the original order, prefix removed
+    for key, value in items:
+        if key.startswith(head):
+            key = sd_prefix + key[len(head) :]
+        state_dict[key] = value
 
-    module.register_state_dict_post_hook(_strip)
-    module.register_load_state_dict_pre_hook(_add)
+
+def _add_prefix(
+    dotted, mod, state_dict, sd_prefix, local_metadata, strict, missing, unexpected, errors
+):
+    head = sd_prefix + dotted
+    for key in list(state_dict.keys()):
+        if key.startswith(sd_prefix) and not key.startswith(head):
+            state_dict[head + key[len(sd_prefix) :]] = state_dict.pop(key)
 
 
 def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:

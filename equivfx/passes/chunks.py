@@ -413,11 +413,10 @@ def _subgraph(flat: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
     if outputs is not None:
         graph.output(tuple(env[o] for o in outputs))
     sub = fx.GraphModule(flat, graph)
-    # fx copies dotted attributes into new containers; use flat's own children instead, so
-    # .to(), .double() and load_state_dict(assign=True) reach what this graph reads
-    for name in list(sub._modules):
-        if name in flat._modules:
-            sub._modules[name] = flat._modules[name]
+    # fx copies dotted attributes into new containers; read flat's own children instead (the same
+    # dict), so .to(), .double(), load_state_dict(assign=True) and a top-level submodule replaced
+    # later reach what this graph reads
+    sub.__dict__["_modules"] = flat._modules
     _share_root_tensors(sub, flat)
     return sub
 
@@ -487,17 +486,49 @@ def _split(flat: fx.GraphModule):
 
 
 class _Chunked(fx.GraphModule):
-    """The graph module :func:`chunked_module` returns. Pickled as what rebuilds it: fx would
-    pickle its code and, on loading, register ``equivfx_flat`` as a submodule (every state-dict
-    key twice) and give it root-level tensors of its own (no longer ``flat``'s)."""
+    """The graph module :func:`chunked_module` returns.
+
+    A top-level submodule replaced, added or deleted on it (``emodel.head = ...``) is replaced in
+    ``flat`` too (whose code, and the chunk runner's, reads it). Pickled as what rebuilds it
+    (``flat``, the chunk setting, ``chunk="auto"``'s decisions, and every other attribute): fx
+    would pickle its code and, on loading, register ``equivfx_flat`` as a submodule (every
+    state-dict key twice) and give it root-level tensors of its own."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self._mirror(name)
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        self._mirror(name)
+
+    def add_module(self, name, module):
+        super().add_module(name, module)
+        self._mirror(name)
+
+    def register_module(self, name, module):
+        self.add_module(name, module)
+
+    def _mirror(self, name: str) -> None:
+        flat = self.__dict__.get("equivfx_flat")
+        if flat is None or name == CHUNKS_NAME or name in _STRUCTURE:
+            return
+        if name in self._modules:
+            flat._modules[name] = self._modules[name]
+        elif name in flat._modules:
+            del flat._modules[name]
 
     def __reduce__(self):
         runner = self._modules[CHUNKS_NAME]
-        kept = {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
+        kept = {k: v for k, v in self.__dict__.items() if k not in _STRUCTURE}
         return (_unpickle_chunked, (self.equivfx_flat, runner.chunk, dict(runner.chosen), kept))
 
 
-_PICKLED = ("training", "equivfx_info", "meta", "_forward_hooks", "_forward_pre_hooks")
+# what chunked_module builds (everything else a pickled chunked module had is put back)
+_STRUCTURE = frozenset(
+    {"_graph", "_code", "_lineno_map", "_prologue_start", "equivfx_flat", "_modules"}
+    | {"_parameters", "_buffers", "_non_persistent_buffers_set"}
+)
 
 
 def _unpickle_chunked(flat: fx.GraphModule, chunk, chosen: dict, kept: dict) -> fx.GraphModule:
@@ -508,8 +539,11 @@ def _unpickle_chunked(flat: fx.GraphModule, chunk, chosen: dict, kept: dict) -> 
 
 
 def _restore_flat(copied: fx.GraphModule) -> None:
-    """fx's deep copy keeps only what the graph reads: ``equivfx_flat`` is the copy's own."""
-    object.__setattr__(copied, "equivfx_flat", copied._modules[CHUNKS_NAME].flat)
+    """fx's deep copy keeps only what the graph reads, in dicts of its own: ``equivfx_flat`` is
+    the copy's own, and its root-level tensors are shared again."""
+    flat = copied._modules[CHUNKS_NAME].flat
+    object.__setattr__(copied, "equivfx_flat", flat)
+    _share_root_tensors(copied, flat)
 
 
 def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:

@@ -13,8 +13,11 @@ A path is written this way only where, at code generation, each step reads the s
 ``getattr`` reads (a class that defines the name itself, as a property or attribute, keeps the
 ``getattr`` form). ``get_attr`` nodes read their last step (a parameter, buffer or constant) with
 ``getattr``, so parametrizations added later still apply. The code generator is kept by
-``copy.deepcopy``; a pickled model is rebuilt by fx from its code with fx's own generator (the
-same results, fx's attribute chains).
+``copy.deepcopy`` and, through :func:`keep_state_when_pickled`, by ``torch.save``/``torch.load``
+(which also keeps what fx's own unpickling drops: see that function).
+
+One difference from fx's code: calling a submodule deleted after compilation raises ``KeyError``
+(the missing key) where fx's chain raised ``AttributeError``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph import CodeGen
 
-__all__ = ["DirectModules", "direct_module_access"]
+__all__ = ["DirectModules", "direct_module_access", "keep_state_when_pickled"]
 
 log = logging.getLogger(__name__)
 
@@ -91,4 +94,33 @@ def direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:
         gm.recompile()
     elif not isinstance(codegen, DirectModules):
         log.debug("equivfx: %s keeps its code generator %s", type(gm).__name__, type(codegen))
+    return gm
+
+
+# ---------------------------------------------------------------------------------- pickling
+# fx pickles a graph module as its code and, on loading, traces that code again into a new module
+# that keeps only what the graph reads and whatever attribute the new module lacks: submodules
+# and tensors the graph does not read (kept for the state dict), ``training``, ``meta`` (with
+# ``equivfx_info`` for deep copies) and hooks are lost, and the code is fx's own again.
+_REGENERATED = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start"})
+
+
+def keep_state_when_pickled(gm: fx.GraphModule) -> None:
+    """Make ``gm`` (a graph module equivfx built) load from a pickle with every attribute it had,
+    and this module's code generator. fx gives every graph module a class of its own, so the
+    reduction set here is ``gm``'s (and its deep copies') only."""
+    type(gm).__reduce__ = _reduce_keeping_state
+
+
+def _reduce_keeping_state(self):
+    rebuild, args = fx.GraphModule.__reduce__(self)
+    return (_unpickle_keeping_state, (rebuild, args))
+
+
+def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
+    gm = rebuild(*args)
+    body = args[0]  # the pickled module's __dict__, less its graph
+    gm.__dict__.update({k: v for k, v in body.items() if k not in _REGENERATED})
+    direct_module_access(gm)
+    keep_state_when_pickled(gm)
     return gm

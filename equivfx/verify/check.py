@@ -204,7 +204,8 @@ def _output_action_of(model: fx.GraphModule, info):
         rep = node.meta.get(REP)
         if isinstance(rep, OutputRep):
             return rep.action
-    return TrivialAction().bind(info.group)
+    kept = getattr(info, "output_rep_action", None)  # unpickled: the graph lost its annotations
+    return kept if kept is not None else TrivialAction().bind(info.group)
 
 
 def _first_bad_node(gm: fx.GraphModule, G, in_action, inputs: Sequence, h, rtol, atol):

@@ -1,0 +1,151 @@
+"""Whole compiled models through ``torch.save``/``torch.load`` and ``copy.deepcopy``: the same
+outputs, the same state, what users attached to them, and verification afterwards."""
+
+from __future__ import annotations
+
+import copy
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import ZOO  # noqa: E402  (its module uses `from __future__ import annotations`)
+
+
+def _compile(model, spec, x, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return equivfx.compile(model, spec, example_inputs=x, **kwargs)
+
+
+def _round_trip(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+class WithExtras(nn.Module):
+    """A root-level parameter, a submodule the forward never calls (kept for the state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(4, 8, 8))
+        self.unused = nn.Linear(2, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head((self.conv(x) + self.pos).relu().mean((2, 3)))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, so it takes the opaque path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("chunk", [None, 2, "auto"])
+@pytest.mark.parametrize(
+    "name, readout", [("resnet", "invariant"), ("vit", "slots"), ("deepsets", "slots")]
+)
+def test_zoo_models_round_trip_and_verify(name, readout, chunk):
+    """Zoo models (their module uses postponed annotations) load with equal outputs, and verify
+    passes on the loaded model and on a deep copy of it (the graph's annotations do not survive
+    pickling; the output's action is kept in ``equivfx_info``)."""
+    model, x, _ = ZOO[name]()
+    spec = ZOO[name].groups[0]
+    emodel = _compile(model.eval(), spec, x, chunk=chunk, readout=readout)
+    with torch.no_grad():
+        expected = emodel(x)
+    loaded = _round_trip(_round_trip(emodel))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert list(loaded.state_dict()) == list(emodel.state_dict())
+    assert equivfx.verify(loaded, x).ok
+    assert equivfx.verify(copy.deepcopy(loaded), x).ok
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
+    emodel.head.train()  # a per-submodule flag
+    emodel.class_names = ["a", "b", "c"]
+    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    with torch.no_grad():
+        expected = emodel(x)
+    loaded = _round_trip(emodel)
+    assert not loaded.training and loaded.head.training
+    assert loaded.class_names == ["a", "b", "c"]
+    assert loaded.equivfx_info.group == emodel.equivfx_info.group
+    assert list(loaded.state_dict()) == list(emodel.state_dict())
+    assert set(loaded.state_dict()) == set(WithExtras().state_dict())  # "unused.*" too
+    loaded.load_state_dict(emodel.state_dict())  # strict: the original keys
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)  # the hook ran: doubled
+        torch.testing.assert_close(loaded(x), 2 * emodel.equivfx_flat(x) if chunk else expected)
+
+
+def _double_output(module, args, kwargs, output):  # module level: hooks pickle by reference
+    return 2 * output
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_opaque_models_round_trip_with_their_original_keys(chunk):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(Branchy().eval(), "C4", x, chunk=chunk)
+    assert emodel.equivfx_info.trace_path == "opaque"
+    loaded = _round_trip(emodel)
+    assert list(loaded.state_dict()) == list(Branchy().state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), emodel(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [2, "auto"])
+def test_a_top_level_submodule_replaced_on_a_chunked_model_is_used_and_saved(chunk):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(WithExtras().eval(), "C4", x, chunk=chunk)
+    head = nn.Linear(4, 3)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, 3.0)
+    emodel.head = head
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), torch.full((2, 3), 3.0))
+        torch.testing.assert_close(_round_trip(emodel)(x), torch.full((2, 3), 3.0))
+    emodel.add_module("head", nn.Identity())  # add_module too: now the pooled 4 features
+    with torch.no_grad():
+        assert emodel(x).shape == (2, 4)
+
+
+def test_a_deep_copy_keeps_its_root_tensors_shared():
+    """After ``copy.deepcopy`` of a chunked model, ``load_state_dict(assign=True)`` on the copy
+    reaches its chunk runner."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    twin = copy.deepcopy(_compile(WithExtras().eval(), "C4", x, chunk=2))
+    state = {k: v + 0.5 for k, v in twin.state_dict().items()}
+    twin.load_state_dict(state, assign=True)
+    fresh = WithExtras().eval()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), _compile(fresh, "C4", x, chunk=None)(x))
