@@ -296,7 +296,8 @@ def _add_prefix(
 def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
     """Carry over parameters and buffers the graph does not reference (GraphModule drops them).
 
-    Afterwards ``gm.state_dict()`` has every key of ``model.state_dict()``, with the same tensors.
+    Afterwards ``gm.state_dict()`` has every key of ``model.state_dict()``, with the same tensors,
+    and no other: buffers the model does not persist are not persisted.
     """
     have = set(gm.state_dict().keys())
     for key in model.state_dict().keys():
@@ -312,6 +313,17 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
         else:  # extra state or a custom state-dict hook: fall back to the owning module
             _set_submodule(gm, modpath, src)
         have = set(gm.state_dict().keys())
+    # fx registers every buffer it copies as persistent: the model's non-persistent ones stay so
+    for path, src in model.named_modules():
+        if not src._non_persistent_buffers_set:
+            continue
+        try:
+            dst = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        for name in src._non_persistent_buffers_set:
+            if name in dst._buffers:
+                dst._non_persistent_buffers_set.add(name)
 
 
 def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:

@@ -149,3 +149,34 @@ def test_a_deep_copy_keeps_its_root_tensors_shared():
     fresh.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), _compile(fresh, "C4", x, chunk=None)(x))
+
+
+class NonPersistent(nn.Module):
+    """Non-persistent buffers at the root and in a submodule, both read by the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv.register_buffer("gain", torch.tensor(1.5), persistent=False)
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head((self.conv(x) * self.conv.gain * self.scale).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_non_persistent_buffers_stay_out_of_the_state_dict(chunk):
+    """A compiled model's state dict has the original keys and no others: a strict load of the
+    original model's state dict works, before and after pickling."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = NonPersistent().eval()
+    emodel = _compile(model, "C4", x, chunk=chunk)
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    emodel.load_state_dict(model.state_dict())
+    loaded = _round_trip(emodel)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    loaded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), emodel(x), rtol=0, atol=0)
