@@ -42,14 +42,18 @@ def fx_target(base: str, target: str) -> str:
 
 def _submodules(root: nn.Module, steps: list[str]) -> bool:
     """Whether each of ``steps`` from ``root`` reads a submodule that ``getattr`` would read:
-    one in ``_modules`` that neither the instance nor its class defines otherwise."""
+    one in ``_modules`` that neither the instance nor its class defines otherwise, on a class that
+    does not override attribute lookup."""
     module = root
     for step in steps:
         child = module._modules.get(step)
+        klass = type(module)
         if (
             child is None
             or step in module.__dict__
-            or any(step in vars(klass) for klass in type(module).__mro__)
+            or any(step in vars(k) for k in klass.__mro__)
+            or klass.__getattr__ is not nn.Module.__getattr__
+            or klass.__getattribute__ is not object.__getattribute__
         ):
             return False
         module = child

@@ -224,3 +224,38 @@ def test_other_code_generators_are_kept():
     expected = gm({"a": x})
     assert direct_module_access(gm).graph._codegen is codegen
     torch.testing.assert_close(gm({"a": x}), expected)
+
+
+def test_a_class_that_overrides_attribute_lookup_keeps_getattr():
+    class Redirect(nn.Module):  # getattr(self, "block") gives another module than _modules
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Identity()
+            self.other = nn.Linear(2, 2, bias=False)
+            nn.init.eye_(self.other.weight)
+            self.other.weight.data.mul_(3.0)
+
+        def __getattr__(self, name):
+            if name == "block":
+                return super().__getattr__("other")
+            return super().__getattr__(name)
+
+        def forward(self, x):
+            return x
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.outer = Redirect()
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("outer", (x,))
+    graph.output(graph.call_module("outer.block", (y,)))
+    gm = fx.GraphModule(Root(), graph)
+    inp = torch.ones(1, 2)
+    expected = gm(inp)
+    torch.testing.assert_close(expected, 3 * inp)
+    direct_module_access(gm)
+    assert "self.outer.block(" in gm.code
+    torch.testing.assert_close(gm(inp), expected, rtol=0, atol=0)
