@@ -135,6 +135,10 @@ def test_a_top_level_submodule_replaced_on_a_chunked_model_is_used_and_saved(chu
     emodel.add_module("head", nn.Identity())  # add_module too: now the pooled 4 features
     with torch.no_grad():
         assert emodel(x).shape == (2, 4)
+    emodel.head = norm = nn.BatchNorm1d(4)
+    norm.train()  # a replaced module in training mode: every slot in one pass (batch statistics)
+    runner = emodel.equivfx_chunks
+    assert runner._decided((x,)) == runner.order
 
 
 def test_a_deep_copy_keeps_its_root_tensors_shared():

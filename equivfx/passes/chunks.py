@@ -132,10 +132,15 @@ class SlotChunks(nn.Module):
         for graph in graphs.values():
             direct_module_access(graph)
         object.__setattr__(self, "graphs", graphs)
+        self._find_user_modules()
+
+    def _find_user_modules(self) -> None:
+        """The modules whose training flag sends every slot through one pass (batch statistics);
+        again when a top-level submodule is replaced (see :class:`_Chunked`)."""
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
             m
-            for name, m in flat.named_modules()
+            for name, m in self.flat.named_modules()
             if name and not name.startswith("equivfx") and type(m) is not nn.Module
         ]
 
@@ -517,6 +522,9 @@ class _Chunked(fx.GraphModule):
             flat._modules[name] = self._modules[name]
         elif name in flat._modules:
             del flat._modules[name]
+        else:
+            return
+        self._modules[CHUNKS_NAME]._find_user_modules()
 
     def __reduce__(self):
         runner = self._modules[CHUNKS_NAME]
