@@ -336,17 +336,23 @@ def bench_latency(quick: bool, threads: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------ compile time
 class Chain(nn.Module):
-    """A synthetic model whose traced graph has about n nodes (alternating adds and relus)."""
+    """A synthetic model whose traced graph has about n nodes: relus, adds and multiplications,
+    and every fourth step a call of one of about n / 10 small convolutions held in a ModuleList
+    (module calls at dotted paths, whose code generation must stay linear too)."""
 
     def __init__(self, n: int):
         super().__init__()
         self.n = n
         self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(2, 2, 3, padding=1) for _ in range(max(1, n // 10)))
 
     def forward(self, x):
         x = self.conv(x)
         for i in range(self.n // 2):
-            x = torch.relu(x) + 0.5 if i % 2 else x * 1.0001
+            if i % 4 == 3:
+                x = self.blocks[(i // 4) % len(self.blocks)](x)
+            else:
+                x = torch.relu(x) + 0.5 if i % 2 else x * 1.0001
         return x.mean((2, 3))
 
 

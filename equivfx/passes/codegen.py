@@ -69,24 +69,37 @@ class DirectModules(CodeGen):
         owner = getattr(getattr(nodes, "graph", None), "owning_module", None)
         if owner is None:  # a graph no single module owns: fx's code as it is
             return code
-        src = code.src
-        for node in nodes:
-            if node.op not in ("call_module", "get_attr"):
-                continue
-            path = node.target.split(".")
-            modules = path if node.op == "call_module" else path[:-1]  # get_attr: its owner
-            if not modules or not _submodules(owner, modules):
-                continue
-            new = root_module + "".join(f"._modules[{s!r}]" for s in modules)
-            old = fx_target(root_module, node.target)
-            if node.op == "call_module":
-                src = src.replace(f" = {old}(", f" = {new}(")
-            else:
-                last = path[-1]
-                new = f"{new}.{last}" if last.isidentifier() else f"getattr({new}, {last!r})"
-                src = src.replace(f" = {old}\n", f" = {new}\n").replace(f" = {old};", f" = {new};")
-        code.src = src
+        reads = {n.name: n for n in nodes if n.op in ("call_module", "get_attr")}
+        if not reads:
+            return code
+        # fx writes each node on a line of its own, starting with the node's name: one pass over
+        # the lines (a replace over the whole source per node would be quadratic in graph size)
+        lines = code.src.split("\n")
+        for i, line in enumerate(lines):
+            stripped = line.lstrip()
+            node = reads.get(stripped.split(" ", 1)[0].split(":", 1)[0])
+            if node is not None:
+                lines[i] = _rewritten(line, node, owner, root_module)
+        code.src = "\n".join(lines)
         return code
+
+
+def _rewritten(line: str, node: fx.Node, owner: nn.Module, root: str) -> str:
+    """``line`` (node's assignment) reading node's target through ``_modules`` where it may."""
+    path = node.target.split(".")
+    calls = node.op == "call_module"
+    modules = path if calls else path[:-1]  # get_attr: the module owning the attribute
+    if not modules or not _submodules(owner, modules):
+        return line
+    old = " = " + fx_target(root, node.target)
+    expr = root + "".join(f"._modules[{step!r}]" for step in modules)
+    if calls:
+        return line.replace(old + "(", f" = {expr}(", 1)
+    last = path[-1]
+    new = f" = {expr}.{last}" if last.isidentifier() else f" = getattr({expr}, {last!r})"
+    if old + ";" in line:  # fx appends ";  x = None" where a value dies here
+        return line.replace(old + ";", new + ";", 1)
+    return line[: -len(old)] + new if line.endswith(old) else line
 
 
 def direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:

@@ -259,3 +259,23 @@ def test_a_class_that_overrides_attribute_lookup_keeps_getattr():
     direct_module_access(gm)
     assert "self.outer.block(" in gm.code
     torch.testing.assert_close(gm(inp), expected, rtol=0, atol=0)
+
+
+def test_annotated_nodes_dying_values_and_readable_code():
+    """Lines with type annotations, get_attr lines ending in fx's ``;  x = None``, and
+    ``print_readable``'s verbose code are all rewritten, and the module still runs."""
+    torch.manual_seed(0)
+    model = _Attrs()
+    gm = fx.symbolic_trace(model)
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr", "call_function"):
+            node.type = torch.Tensor
+    direct_module_access(gm)
+    assert "getattr(self" not in gm.code and "self.inner" not in gm.code
+    assert ": torch.Tensor = self._modules['inner']._modules['0'].weight" in gm.code
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    readable = gm.print_readable(print_output=False)
+    assert "_modules['inner']" in readable and "getattr(self" not in readable
+    nested = direct_module_access(fx.symbolic_trace(Nested()))
+    assert "self._modules['body']._modules['0']._modules['0'](" in nested.code
