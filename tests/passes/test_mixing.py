@@ -847,9 +847,9 @@ def test_fused_block_weight_is_kept_without_autograd_and_rebuilt_when_the_weight
     s = torch.randn(G.order * 2, *shape)
     with torch.no_grad():
         first = fused(s)
-        kept = fused.__dict__["_block"][4]
+        kept = fused.__dict__["_block"][3]
         assert torch.equal(first, reference(s))
-        assert torch.equal(fused(s), first) and fused.__dict__["_block"][4] is kept  # reused
+        assert torch.equal(fused(s), first) and fused.__dict__["_block"][3] is kept  # reused
         fused.weight.add_(0.5)  # in place: a new version
         assert torch.equal(fused(s), reference(s)) and not torch.equal(fused(s), first)
         fused.bias.mul_(-1.0)
@@ -922,7 +922,72 @@ def test_fused_block_weight_is_not_pickled_and_can_be_released():
         buffer.seek(0)
         assert "_block" not in torch.load(buffer, weights_only=False).__dict__
         fused.weight.detach().numpy()[...] = 0.25  # behind torch's back: no new version
-        assert not torch.equal(fused(s), reference(s))  # the documented limit: still the old
+        assert torch.equal(fused(s), reference(s))  # the kept copy's values differ: rebuilt
         fused.release_block()
         assert "_block" not in fused.__dict__
         assert torch.equal(fused(s), reference(s))
+        fused(s)
+        fused.train()  # training rebuilds at every call: nothing kept
+        assert "_block" not in fused.__dict__
+
+
+def _updates_the_weights_unseen_by_versions(fused, s):
+    """Ways of changing a layer's parameters that leave ``_version`` (or the address) as it was."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    yield "fused Adam step"
+    optimizer = torch.optim.Adam(fused.parameters(), lr=0.1, fused=True)
+    fused(s).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    yield ".data.copy_"
+    with torch.no_grad():
+        fused.weight.data.copy_(torch.randn_like(fused.weight))
+    yield ".data.mul_ on the bias"
+    fused.bias.data.mul_(5.0)
+    yield "vector_to_parameters from a reused vector"
+    theta = parameters_to_vector(fused.parameters()).detach().clone()
+    vector_to_parameters(theta, fused.parameters())
+    with torch.no_grad():
+        fused(s)
+        theta.add_(1.0)
+    vector_to_parameters(theta, fused.parameters())
+    yield ".data reassigned twice (a freed address may be reused)"
+    fused.weight.data = torch.randn_like(fused.weight)
+    fused.weight.data = torch.randn_like(fused.weight)
+
+
+def test_fused_block_weight_sees_writes_that_keep_the_version():
+    """Found by a review: fused optimizers and ``.data`` writes do not bump ``_version``, and a new
+    tensor can land at a freed address; the kept block is checked against a copy's values."""
+    G, fused, reference = _fused_pair("C4", nn.Conv2d(3, 4, 3, padding=1))
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    for how in _updates_the_weights_unseen_by_versions(fused, s):
+        with torch.no_grad():
+            assert torch.equal(fused(s), reference(s)), how
+            fused(s)  # keep the block of these weights before the next change
+
+
+def test_fused_block_weight_under_fake_tensors_inference_tensors_and_a_vmapped_bias():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    G, fused, reference = _fused_pair("C4", nn.Conv2d(3, 4, 3, padding=1))
+    s = torch.randn(G.order * 2, 3, 5, 5)
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fused(mode.from_tensor(s))  # shape inference: nothing fake is kept
+        y = fused(s)
+        assert type(y) is torch.Tensor and torch.equal(y, reference(s))
+    with torch.inference_mode():  # parameters that are inference tensors (no version counter)
+        fused.load_state_dict({k: v.clone() for k, v in fused.state_dict().items()}, assign=True)
+        assert torch.equal(fused(s), reference(s)) and torch.equal(fused(s), reference(s))
+    with torch.no_grad():
+        assert torch.equal(fused(s), reference(s))
+        biases = torch.randn(3, fused.bias.shape[0])
+        got = torch.func.vmap(lambda b: torch.func.functional_call(fused, {"bias": b}, (s,)))(
+            biases
+        )
+        for i in range(3):
+            torch.testing.assert_close(
+                got[i], torch.func.functional_call(fused, {"bias": biases[i]}, (s,))
+            )
