@@ -27,7 +27,7 @@ from equivfx.groups import group as as_group
 from equivfx.meta import REP, OutputRep
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
-from equivfx.passes.codegen import direct_module_access, keep_state_when_pickled
+from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
 from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
@@ -446,7 +446,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     if examples is not None:
         _test_run(gm, examples)
     direct_module_access(gm)
-    keep_state_when_pickled(gm)
+    keep_state_through_copies(gm)
     if chunk is not None:
         info = gm.equivfx_info
         try:

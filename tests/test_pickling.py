@@ -172,15 +172,15 @@ class NonPersistent(nn.Module):
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_non_persistent_buffers_stay_out_of_the_state_dict(chunk):
     """A compiled model's state dict has the original keys and no others: a strict load of the
-    original model's state dict works, before and after pickling."""
+    original model's state dict works, also after pickling and deep copies."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     model = NonPersistent().eval()
     emodel = _compile(model, "C4", x, chunk=chunk)
     assert set(emodel.state_dict()) == set(model.state_dict())
     emodel.load_state_dict(model.state_dict())
-    loaded = _round_trip(emodel)
-    assert set(loaded.state_dict()) == set(model.state_dict())
-    loaded.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), emodel(x), rtol=0, atol=0)
+    for copied in (_round_trip(emodel), copy.deepcopy(emodel), copy.deepcopy(_round_trip(emodel))):
+        assert set(copied.state_dict()) == set(model.state_dict())
+        copied.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), emodel(x), rtol=0, atol=0)

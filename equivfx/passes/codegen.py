@@ -13,7 +13,7 @@ A path is written this way only where, at code generation, each step reads the s
 ``getattr`` reads (a class that defines the name itself, as a property or attribute, keeps the
 ``getattr`` form). ``get_attr`` nodes read their last step (a parameter, buffer or constant) with
 ``getattr``, so parametrizations added later still apply. The code generator is kept by
-``copy.deepcopy`` and, through :func:`keep_state_when_pickled`, by ``torch.save``/``torch.load``
+``copy.deepcopy`` and, through :func:`keep_state_through_copies`, by ``torch.save``/``torch.load``
 (which also keeps what fx's own unpickling drops: see that function).
 
 One difference from fx's code: calling a submodule deleted after compilation raises ``KeyError``
@@ -22,13 +22,14 @@ One difference from fx's code: calling a submodule deleted after compilation rai
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph import CodeGen
 
-__all__ = ["DirectModules", "direct_module_access", "keep_state_when_pickled"]
+__all__ = ["DirectModules", "direct_module_access", "keep_state_through_copies"]
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,20 @@ def direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:
 _REGENERATED = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start"})
 
 
-def keep_state_when_pickled(gm: fx.GraphModule) -> None:
+def keep_state_through_copies(gm: fx.GraphModule) -> None:
     """Make ``gm`` (a graph module equivfx built) load from a pickle with every attribute it had,
-    and this module's code generator. fx gives every graph module a class of its own, so the
-    reduction set here is ``gm``'s (and its deep copies') only."""
+    and this module's code generator; and keep its root-level non-persistent buffers
+    non-persistent in deep copies (fx's deep copy registers the buffers it copies anew, as
+    persistent). fx gives every graph module a class of its own, so the reduction set here is
+    ``gm``'s (and its deep copies') only."""
     type(gm).__reduce__ = _reduce_keeping_state
+    if gm._non_persistent_buffers_set:
+        names = frozenset(gm._non_persistent_buffers_set)
+        gm._deepcopy_hooks.append(functools.partial(_mark_non_persistent, names))
+
+
+def _mark_non_persistent(names: frozenset, copied: fx.GraphModule) -> None:
+    copied._non_persistent_buffers_set.update(n for n in names if n in copied._buffers)
 
 
 def _reduce_keeping_state(self):
@@ -139,5 +149,5 @@ def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
     body = args[0]  # the pickled module's __dict__, less its graph
     gm.__dict__.update({k: v for k, v in body.items() if k not in _REGENERATED})
     direct_module_access(gm)
-    keep_state_when_pickled(gm)
+    keep_state_through_copies(gm)
     return gm
