@@ -630,9 +630,30 @@ def widen(module: nn.Module, order: int, group=None, layout: str = "fused") -> n
         if module.bias is not None:
             new.bias.copy_(module.bias.detach())
     new.train(module.training)
+    _carry_extra_state(module, new)
     if isinstance(new, MixingLayer):
         new._set_group(group, layout)
     return new
+
+
+def _carry_extra_state(module: nn.Module, new: nn.Module) -> None:
+    """Parameters and buffers a user registered on the layer beside its weight and bias (read by
+    the model's own code, e.g. ``self.conv.gain``): the same tensors, on the widened layer."""
+    for name, p in module._parameters.items():
+        if name not in ("weight", "bias") and p is not None:
+            new.register_parameter(name, p)
+    for name, b in module._buffers.items():
+        if name in ("slot_index", "table"):
+            raise EquivFXError(
+                explain(
+                    f"the layer holds a buffer named {name!r}, which a mixing layer uses itself",
+                    name,
+                    "buffer names other than 'slot_index' and 'table'",
+                    "rename the buffer, or leave the layer out with mix=",
+                )
+            )
+        if b is not None:
+            new.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
 
 
 @dataclass(frozen=True)

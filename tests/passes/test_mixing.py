@@ -991,3 +991,38 @@ def test_fused_block_weight_under_fake_tensors_inference_tensors_and_a_vmapped_b
             torch.testing.assert_close(
                 got[i], torch.func.functional_call(fused, {"bias": biases[i]}, (s,))
             )
+
+
+class _GainConv(nn.Module):
+    """A model that reads a buffer and a parameter it registered on a layer that gets widened."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2.register_buffer("gain", torch.tensor(1.5))
+        self.conv2.register_parameter("shift", nn.Parameter(torch.tensor(0.25)))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = self.conv2(h) * self.conv2.gain + self.conv2.shift
+        return self.head(h.mean((-2, -1)))
+
+
+@pytest.mark.parametrize("layout", ["gather", "fused"])
+def test_widened_layers_keep_the_tensors_a_model_registered_on_them(layout):
+    """Found by a review: a buffer the model's code reads from a widened layer was lost
+    ('references nonexistent attribute gain')."""
+    torch.manual_seed(0)
+    model = _GainConv().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4", mode="layerwise", mix_layout=layout, readout="slots")
+        gmodel = equivfx.compile(model, "C4", readout="slots", chunk=None)
+    assert "conv2" in emodel.equivfx_info.mixed
+    assert emodel.conv2.gain is model.conv2.gain and emodel.conv2.shift is model.conv2.shift
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), gmodel(x))
