@@ -24,7 +24,7 @@ from equivfx.errors import (
 )
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
-from equivfx.meta import REP, OutputRep
+from equivfx.meta import annotated_output_action
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
 from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
@@ -438,10 +438,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         leaves=dict(result.leaves),
         passes=tuple(pipeline.names),
         mixed=mixer.mixed if mixer is not None else (),
-        output_rep_action=next(
-            (n.meta[REP].action for n in gm.graph.nodes if isinstance(n.meta.get(REP), OutputRep)),
-            None,
-        ),
+        output_rep_action=annotated_output_action(gm.graph),
     )
     if examples is not None:
         _test_run(gm, examples)

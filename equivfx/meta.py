@@ -36,6 +36,7 @@ __all__ = [
     "OutputRep",
     "get_rep",
     "set_rep",
+    "annotated_output_action",
     "check_meta",
 ]
 
@@ -117,6 +118,16 @@ class OutputRep(Rep):
 def get_rep(node) -> Rep | None:
     """The node's representation, or None when no pass annotated it."""
     return node.meta.get(REP)
+
+
+def annotated_output_action(graph) -> Any | None:
+    """The action G has on the graph's output, as its readout's annotation records it (the first
+    :class:`OutputRep`), or None where no node carries one."""
+    for node in graph.nodes:
+        rep = get_rep(node)
+        if isinstance(rep, OutputRep):
+            return rep.action
+    return None
 
 
 def set_rep(node, rep: Rep, rule: str | None = None) -> None:

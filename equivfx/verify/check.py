@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from equivfx.errors import GroupSpecError, ModelTypeError, explain
 from equivfx.groups import FiniteGroup, TrivialAction
 from equivfx.groups import group as as_group
-from equivfx.meta import REP, Folded, InputRep, OutputRep
+from equivfx.meta import REP, Folded, InputRep, OutputRep, annotated_output_action
 from equivfx.verify.report import Report
 from equivfx.verify.tolerance import abs_error, tolerance, within
 
@@ -200,12 +200,10 @@ def verify(
 
 
 def _output_action_of(model: fx.GraphModule, info):
-    for node in model.graph.nodes:
-        rep = node.meta.get(REP)
-        if isinstance(rep, OutputRep):
-            return rep.action
-    kept = getattr(info, "output_rep_action", None)  # unpickled: the graph lost its annotations
-    return kept if kept is not None else TrivialAction().bind(info.group)
+    action = annotated_output_action(model.graph)
+    if action is None:  # unpickled: the graph lost its annotations
+        action = getattr(info, "output_rep_action", None)
+    return action if action is not None else TrivialAction().bind(info.group)
 
 
 def _first_bad_node(gm: fx.GraphModule, G, in_action, inputs: Sequence, h, rtol, atol):
