@@ -179,7 +179,9 @@ def test_non_persistent_buffers_stay_out_of_the_state_dict(chunk):
     emodel = _compile(model, "C4", x, chunk=chunk)
     assert set(emodel.state_dict()) == set(model.state_dict())
     emodel.load_state_dict(model.state_dict())
-    for copied in (_round_trip(emodel), copy.deepcopy(emodel), copy.deepcopy(_round_trip(emodel))):
+    twice = _round_trip(_round_trip(emodel))
+    assert len(twice._deepcopy_hooks) == len(emodel._deepcopy_hooks)  # not one more per load
+    for copied in (_round_trip(emodel), copy.deepcopy(emodel), copy.deepcopy(twice)):
         assert set(copied.state_dict()) == set(model.state_dict())
         copied.load_state_dict(model.state_dict())
         with torch.no_grad():

@@ -149,5 +149,7 @@ def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
     body = args[0]  # the pickled module's __dict__, less its graph
     gm.__dict__.update({k: v for k, v in body.items() if k not in _REGENERATED})
     direct_module_access(gm)
-    keep_state_through_copies(gm)
+    # the new module's class reduces as the pickled one's did; its deep-copy hooks came back with
+    # its __dict__ (keep_state_through_copies would add them a second time)
+    type(gm).__reduce__ = _reduce_keeping_state
     return gm
