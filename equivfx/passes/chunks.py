@@ -91,8 +91,7 @@ class SlotChunks(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        direct_module_access(self.flat)
-        self._build(self.flat)
+        self._build(self.flat)  # flat came back with its code generator (deepcopy, its reduction)
 
     def _build(self, flat: fx.GraphModule) -> None:
         self.slots = tuple(flat.equivfx_lift.slots)  # fewer than |G| after eliminate-dead-slots
