@@ -131,20 +131,23 @@ class _Shadowing(nn.Module):
         return x
 
 
-def test_a_class_that_defines_the_name_keeps_getattr():
-    """A path through a user's module (fx installs the module itself where the graph also calls
-    it) whose class shadows a child keeps fx's ``getattr`` form, and calls what it called."""
-
-    class Root(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.outer = _Shadowing()
-
+def _outer_then_block(outer: nn.Module) -> fx.GraphModule:
+    """A graph module that calls ``outer``, then ``outer.block``: fx installs ``outer`` itself (the
+    graph calls it), so the path to ``block`` goes through the user's class."""
+    root = nn.Module()
+    root.outer = outer
     graph = fx.Graph()
     x = graph.placeholder("x")
     y = graph.call_module("outer", (x,))
     graph.output(graph.call_module("outer.block", (y,)))
-    plain = fx.GraphModule(Root(), graph)
+    return fx.GraphModule(root, graph)
+
+
+def test_a_class_that_defines_the_name_keeps_getattr():
+    """A path through a user's module (fx installs the module itself where the graph also calls
+    it) whose class shadows a child keeps fx's ``getattr`` form, and calls what it called."""
+
+    plain = _outer_then_block(_Shadowing())
     assert isinstance(plain.outer, _Shadowing)
     inp = torch.ones(1, 2)
     expected = plain(inp)
@@ -243,16 +246,7 @@ def test_a_class_that_overrides_attribute_lookup_keeps_getattr():
         def forward(self, x):
             return x
 
-    class Root(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.outer = Redirect()
-
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    y = graph.call_module("outer", (x,))
-    graph.output(graph.call_module("outer.block", (y,)))
-    gm = fx.GraphModule(Root(), graph)
+    gm = _outer_then_block(Redirect())
     inp = torch.ones(1, 2)
     expected = gm(inp)
     torch.testing.assert_close(expected, 3 * inp)
