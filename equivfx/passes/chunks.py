@@ -506,12 +506,9 @@ class _Chunked(fx.GraphModule):
         super().__delattr__(name)
         self._mirror(name)
 
-    def add_module(self, name, module):
+    def add_module(self, name, module):  # register_module calls it too
         super().add_module(name, module)
         self._mirror(name)
-
-    def register_module(self, name, module):
-        self.add_module(name, module)
 
     def _mirror(self, name: str) -> None:
         flat = self.__dict__.get("equivfx_flat")
