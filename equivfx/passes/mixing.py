@@ -182,18 +182,24 @@ def _reuses_workspace(x: torch.Tensor) -> bool:
     )
 
 
-def _keeps_block(t: torch.Tensor) -> bool:
-    """Whether a fused mixing layer may reuse its block weight built at an earlier call, as far
-    as parameter ``t`` and the call's context go: no autograd, forward-mode AD, tracing or
-    dispatch mode (``make_fx``, fake tensors), and a plain parameter or tensor."""
+def _keeps_block(*params) -> bool:
+    """Whether a fused mixing layer may reuse its block weight built at an earlier call: no
+    autograd, forward-mode AD, tracing or dispatch mode (``make_fx``, fake tensors) in this call,
+    and each of ``params`` (None for a missing bias) a plain parameter or tensor."""
     return (
         not torch.is_grad_enabled()
         and forward_ad._current_level < 0
         and not is_tracing()
-        and type(t) in (nn.Parameter, torch.Tensor)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
         and get_proxy_mode() is None
         and not _dispatch_modes()
+        and all(
+            p is None
+            or (
+                type(p) in (nn.Parameter, torch.Tensor)
+                and not torch._C._functorch.is_functorch_wrapped_tensor(p)
+            )
+            for p in params
+        )
     )
 
 
@@ -407,7 +413,7 @@ class MixingLayer:
         with it kept. Kept memory: the block (|G| times the weight) and the copies; ``train()``
         and :meth:`release_block` drop them."""
         w, b, index = self.weight, self.bias, self.slot_index
-        if not (_keeps_block(w) and (b is None or _keeps_block(b))):
+        if not _keeps_block(w, b):
             return self._block_weight(), self._block_bias()
         kept = self.__dict__.get("_block")
         if (
