@@ -6,7 +6,10 @@
 - ``deepsets`` (eliminate-dead-slots): phi per set element, a sum over the set, rho; under Perm5
   (120 slots) the lift moves past the sum, G acts trivially there, and one slot is computed;
 - ``strip`` (eliminate-dead-slots, a partial kernel): convolutions over 1 x 64 strips under
-  Rev@-1 x Rev@-2, whose reversal of the length-1 axis fixes every input: 2 of 4 slots computed.
+  Rev@-1 x Rev@-2, whose reversal of the length-1 axis fixes every input: 2 of 4 slots computed;
+- ``seq1d`` (eliminate-dead-slots, a subgroup the ops are blind to): ``bench_global.py``'s circular
+  1D convolutions and mean over the sequence under ShiftRev4: they commute with every shift and the
+  mean is invariant under it, so slots that differ by a shift are equal: 2 of 8 slots computed.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -31,7 +34,13 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import _quartiles, paired_ms, parse_timing_args, timing_parser  # noqa: E402
+from bench_global import (  # noqa: E402
+    Seq1d,
+    _quartiles,
+    paired_ms,
+    parse_timing_args,
+    timing_parser,
+)
 
 import equivfx  # noqa: E402
 
@@ -82,6 +91,7 @@ CASES = [
     ("stem-head", StemHead, "D4", (3, 32, 32)),
     ("deepsets", DeepSets, "Perm5", (5, 16)),
     ("strip", Strip, "Rev@-1xRev@-2", (8, 1, 64)),
+    ("seq1d", Seq1d, "ShiftRev4", (8, 128)),
 ]
 
 

@@ -16,7 +16,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ __all__ = [
     "PermuteAction",
     "ProductAction",
     "RegularAction",
+    "Restriction",
     "ReverseAction",
     "RollAction",
     "RotFlipAction",
@@ -123,6 +124,26 @@ class Action:
             return self.group.element(g).index
         return operator.index(g)
 
+    def restrictions(self) -> tuple[Restriction, ...]:
+        """Proper subgroups of the bound group, each with this action restricted to it and
+        written as an action the rule table reasons about (a :class:`RollAction` for the shifts
+        of a :class:`ShiftReverseAction`, one factor of a :class:`ProductAction`, ...).
+
+        A cost pass that finds ops commuting with, or invariant under, a subgroup's action saves
+        work for that subgroup even where the whole group's action has no such op
+        (``eliminate-dead-slots``). Only subgroups whose restricted action is one of the rule
+        table's kinds are listed, not every subgroup. Empty by default (and for Cn, Shiftn,
+        Permn: no listed subgroup).
+
+        Example:
+            >>> from equivfx.groups import group
+            >>> for r in group("ShiftRev4").action.restrictions():
+            ...     print(r.elements, r.action.describe())
+            (0, 1, 2, 3) Shift4 rolls axis -1 by multiples of 1/4 of its length
+            (0, 4) Rev reverses axis -1
+        """
+        return ()
+
     # ---------------------------------------------------------------------------- applying
     def check(self, x: torch.Tensor) -> None:
         """Raise InputShapeError if ``x`` does not fit this action."""
@@ -195,6 +216,21 @@ class Action:
             elements = range(self._need_group().order)
         self.check(x)
         return torch.stack([self._apply(self._index(g), x) for g in elements])
+
+
+class Restriction(NamedTuple):
+    """A subgroup of an action's group and the action restricted to it (see
+    :meth:`Action.restrictions`).
+
+    Attributes:
+        elements: the subgroup's elements as slot indices of the whole group, in the slot order
+            of the restricted action's own group (``elements[i]`` is its slot i; the identity
+            first).
+        action: the restriction, bound to a group isomorphic to the subgroup.
+    """
+
+    elements: tuple[int, ...]
+    action: Action
 
 
 # ==================================================================================== geometric
@@ -276,6 +312,20 @@ class RotFlipAction(Action):
         if m:
             x = torch.flip(x, (self.axes[1],))
         return self._rotate(x, k)
+
+    def restrictions(self) -> tuple[Restriction, ...]:
+        """Dn: its rotations (Cn, slots 0..n-1) and the flip ``f`` (slot n, a reversal of the
+        last axis). Cn: none."""
+        if not self.dihedral:
+            return ()
+        from equivfx.groups.catalogue import cyclic, reversal
+
+        n, col = self._need_group().order // 2, self.axes[1]
+        rotations = replace(self, dihedral=False, group=None).bind(cyclic(n))
+        return (
+            Restriction(tuple(range(n)), rotations),
+            Restriction((0, n), ReverseAction(col).bind(reversal(col))),
+        )
 
     def _rotate(self, x: torch.Tensor, k: int) -> torch.Tensor:
         if k == 0:
@@ -421,6 +471,17 @@ class ShiftReverseAction(RollAction):
         if m:
             x = torch.flip(x, (self.axis,))
         return RollAction._apply(self, k, x)
+
+    def restrictions(self) -> tuple[Restriction, ...]:
+        """The shifts (slots 0..n-1, a :class:`RollAction`) and the reversal ``v`` (slot n)."""
+        from equivfx.groups.catalogue import reversal, shift
+
+        self._need_group()
+        n, axis = self.n, self.axis
+        return (
+            Restriction(tuple(range(n)), RollAction(n, axis).bind(shift(n, axis))),
+            Restriction((0, n), ReverseAction(axis).bind(reversal(axis))),
+        )
 
 
 # ==================================================================================== sets, slots
@@ -635,6 +696,20 @@ class ProductAction(Action):
         for a, d in zip(reversed(self.factors), reversed(self._digits(index)), strict=True):
             x = a._apply(d, x)
         return x
+
+    def restrictions(self) -> tuple[Restriction, ...]:
+        """Each factor (the elements whose other factors are the identity) and, within it, the
+        factor's own restrictions."""
+        factors = self._need_group().factors
+        out = []
+        for i, a in enumerate(self.factors):
+            stride = math.prod(f.order for f in factors[i + 1 :])
+            out.append(Restriction(tuple(d * stride for d in range(factors[i].order)), a))
+            out += [
+                Restriction(tuple(d * stride for d in r.elements), r.action)
+                for r in a.restrictions()
+            ]
+        return tuple(out)
 
 
 # ==================================================================================== user actions

@@ -34,7 +34,7 @@ from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import CheckInput
 from equivfx.passes.rules import BatchCtx, draws_random, lookup, rule_key, training_sensitive
 
-__all__ = ["DeferLift", "CHECK_NAME"]
+__all__ = ["DeferLift", "CHECK_NAME", "acts_trivially", "moves_past"]
 
 CHECK_NAME = "equivfx_check_input"
 
@@ -54,7 +54,7 @@ class DeferLift(Pass):
         moved = []
         while len(lift.users) == 1:
             node = next(iter(lift.users))
-            how = self._moves(node, lift, action, modules)
+            how = moves_past(node, lift, action, modules)
             if how is None:
                 break
             src = lift.args[0]
@@ -75,7 +75,7 @@ class DeferLift(Pass):
             node.append(lift)  # keep topological order: node, then the lift
             if "tensor_meta" in node.meta:  # shapes for the next node's commutation check
                 lift.meta["tensor_meta"] = node.meta["tensor_meta"]
-            if how == "invariant" or _acts_trivially(action, node, modules):
+            if how == "invariant" or acts_trivially(action, node, modules):
                 # every slot past this op holds the same value: G acts trivially from here on
                 action = TrivialAction().bind(action.group)
                 lift_module.action = action
@@ -83,35 +83,38 @@ class DeferLift(Pass):
             moved.append(node)
         return PassResult(gm, bool(moved))
 
-    @staticmethod
-    def _moves(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
-        """``"commutes"`` (op(g.x) = g.op(x)), ``"invariant"`` (op(g.x) = op(x)) or None."""
-        if node.op not in ("call_module", "call_function", "call_method"):
-            return None
-        folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
-        if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
-            return None
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if draws_random(node, module):
-            return None
-        rule = lookup(rule_key(node, module))
-        rep = node.meta.get(REP)
-        if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
-            return None
-        if isinstance(action, TrivialAction):  # any op that treats samples alone commutes
-            # ... except batch statistics in training, which would see B samples, not |G| B
-            return None if training_sensitive(node, module) else "commutes"
-        reps = {a: a.meta.get(REP) for a in node.all_input_nodes}
-        ctx = BatchCtx(node=node, reps=reps, module=module)
-        try:
-            if rule.commutes(ctx, action):
-                return "commutes"
-            return "invariant" if rule.invariant(ctx, action) else None
-        except Exception:  # noqa: BLE001 - a rule that cannot decide does not move the op
-            return None
+
+def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
+    """Whether ``node``, which reads the lifted value ``lift`` (or what an op moved before the
+    lift made of it), can run before the lift: ``"commutes"`` (op(g.x) = g.op(x) for the
+    elements of ``action``'s group), ``"invariant"`` (op(g.x) = op(x)) or None (it cannot, or
+    its rule does not say)."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
+    if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
+        return None
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if draws_random(node, module):
+        return None
+    rule = lookup(rule_key(node, module))
+    rep = node.meta.get(REP)
+    if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+        return None
+    if isinstance(action, TrivialAction):  # any op that treats samples alone commutes
+        # ... except batch statistics in training, which would see B samples, not |G| B
+        return None if training_sensitive(node, module) else "commutes"
+    reps = {a: a.meta.get(REP) for a in node.all_input_nodes}
+    ctx = BatchCtx(node=node, reps=reps, module=module)
+    try:
+        if rule.commutes(ctx, action):
+            return "commutes"
+        return "invariant" if rule.invariant(ctx, action) else None
+    except Exception:  # noqa: BLE001 - a rule that cannot decide does not move the op
+        return None
 
 
-def _acts_trivially(action, node: fx.Node, modules) -> bool:
+def acts_trivially(action, node: fx.Node, modules) -> bool:
     """Whether every element fixes every value ``node`` can output, whatever the input's size: an
     adaptive pool to 1 (a 1x1 grid), checked exactly on its output shape. (A fixed-window pool can
     also give 1x1 on the example, but not on larger inputs: it does not count.)"""

@@ -78,11 +78,14 @@ class Lift(nn.Module):
         self.group = group
         self.action = action
         self.inverses = tuple(group.inverse_table)
-        # which slots are computed (eliminate-dead-slots keeps one per coset of the kernel of the
-        # action) and the per-sample shape that kernel was found on (None: any shape)
+        # which slots are computed (eliminate-dead-slots keeps one per coset of ``kernel``, the
+        # elements whose slots equal the identity's: those acting trivially on the lifted value,
+        # ``shape_kernel``, found on ``kernel_shape`` (None: any shape), and those the ops after
+        # the lift are invariant under)
         self.slots: tuple[int, ...] = tuple(range(group.order))
         self.kernel: tuple[int, ...] = (0,)
         self.kernel_shape: tuple[int, ...] | None = None
+        self.shape_kernel: tuple[int, ...] = (0,)  # the part of kernel the action gives there
         self._kernels: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._gathers: dict[tuple, _Gather | None] = {}  # see _gather_key, _gather_for
         self._gathers_for = None  # the (action, inverses, kernel, kernel_shape) they were for
@@ -146,7 +149,7 @@ class Lift(nn.Module):
         if self.kernel_shape is not None and shape != self.kernel_shape:
             if shape not in self._kernels:  # the same kernel on this shape is fine too
                 self._kernels[shape] = self.action.kernel((1, *shape))
-            if self._kernels[shape] != self.kernel:
+            if self._kernels[shape] != self.__dict__.get("shape_kernel", self.kernel):
                 raise InputShapeError(
                     explain(
                         "this model computes one slot per coset of the elements that act "
@@ -261,7 +264,10 @@ class Lift(nn.Module):
     def extra_repr(self) -> str:
         computed = ""
         if len(self.slots) < self.group.order:
-            computed = f", slots={list(self.slots)} (one per coset of the kernel)"
+            computed = (
+                f", slots={list(self.slots)} (one per coset of the {len(self.kernel)} elements "
+                "whose slots equal the identity's)"
+            )
         return f"group={self.group!r}, action={self.action.describe()}{computed}"
 
 

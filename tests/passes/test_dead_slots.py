@@ -12,7 +12,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import InputShapeError
-from equivfx.passes.dead_slots import coset_representatives
+from equivfx.passes.dead_slots import coset_representatives, generated_subgroup
 from equivfx.passes.modules import slot_positions
 
 READOUTS = [
@@ -211,3 +211,173 @@ def _normal_subgroups(G):
         except Exception:  # noqa: BLE001 - a shape the action does not fit
             continue
     return sorted(out)
+
+
+# ------------------------------------------------------------------ a subgroup the ops are blind to
+class CircularSeq(nn.Module):
+    """Circular convolutions and a mean over the sequence: invariant under every cyclic shift of
+    it, not under its reversal (the kernels are not symmetric)."""
+
+    def __init__(self, padding_mode: str = "circular") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv1d(3, 8, 5, padding=2, padding_mode=padding_mode)
+        self.b = nn.Conv1d(8, 8, 3, padding=1, padding_mode=padding_mode)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean(-1))
+
+
+class CircularGrid(nn.Module):
+    """A circular 2D convolution and a global mean: blind to shifts of either axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).mean((-2, -1)))
+
+
+X_SEQ = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(5))
+X_GRID = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+
+
+def loop_oracle(model, G, x, readout="invariant", pool="mean"):
+    """The definition, element by element: F(g^-1 . x) for every g, then the readout."""
+    with torch.no_grad():
+        slots = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
+    if readout == "slots":
+        return slots
+    return {"mean": slots.mean(1), "max": slots.amax(1)}[pool]
+
+
+@pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
+@pytest.mark.parametrize("chunk", [None, 1, "auto"])
+def test_ops_blind_to_the_shifts_compute_one_slot_per_reversal(kwargs, chunk):
+    model = CircularSeq().eval()
+    fast, slow = both(model, "ShiftRev4", X_SEQ, chunk=chunk, **kwargs)
+    lift = flat(fast).equivfx_lift
+    assert (lift.slots, lift.kernel, lift.shape_kernel) == ((0, 4), (0, 1, 2, 3), (0,))
+    with torch.no_grad():
+        fast(X_SEQ)  # chunk="auto" measures at the first call
+        torch.testing.assert_close(fast(X_SEQ), slow(X_SEQ), rtol=1e-5, atol=1e-6)
+    assert rows_seen(model.a, lambda: fast(X_SEQ)) == 3 * 2  # of 3 * 8
+    assert rows_seen(model.a, lambda: slow(X_SEQ)) == 3 * 8
+    assert equivfx.verify(fast, X_SEQ).ok
+
+
+@pytest.mark.parametrize("readout", ["invariant", "slots"])
+def test_blind_slots_match_the_loop_over_every_element(readout):
+    model = CircularSeq().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X_SEQ, readout=readout, chunk=None)
+    with torch.no_grad():
+        got = fast(X_SEQ)
+    want = loop_oracle(model, G, X_SEQ, readout)
+    if readout == "slots":  # every shift's slot holds its coset's value: slot s^k v^m = slot v^m
+        assert got.shape == (3, 8, 4)
+        torch.testing.assert_close(got[:, :4], got[:, :1].expand(3, 4, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_blind_slots_hold_on_other_lengths():
+    model = CircularSeq().eval()
+    fast = equivfx.compile(model, "ShiftRev4", example_inputs=X_SEQ)
+    G = equivfx.group("ShiftRev4")
+    for length in (8, 40):
+        x = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_factor_of_a_product_the_ops_are_blind_to():
+    # Rev@-1 x Shift4@-2: slot index 4 d_rev + d_shift; the shifts of the rows are elements 0..3
+    model = CircularGrid().eval()
+    fast, slow = both(model, "Rev@-1xShift4@-2", X_GRID, chunk=None)
+    assert (fast.equivfx_lift.slots, fast.equivfx_lift.kernel) == ((0, 4), (0, 1, 2, 3))
+    assert rows_seen(model.conv, lambda: fast(X_GRID)) == 2 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_GRID), slow(X_GRID), rtol=1e-5, atol=1e-6)
+    G = equivfx.group("Rev@-1xShift4@-2")
+    torch.testing.assert_close(fast(X_GRID).detach(), loop_oracle(model, G, X_GRID))
+
+
+@pytest.mark.parametrize(
+    "model, why",
+    [
+        (CircularSeq(padding_mode="zeros"), "zero padding: a shift changes the edges"),
+        (nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular")), "no invariant op"),
+        (
+            nn.Sequential(nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"), nn.Dropout()),
+            "dropout",
+        ),
+    ],
+    ids=["zeros", "no-reduction", "dropout"],
+)
+def test_nothing_is_eliminated_where_the_ops_can_tell_shifts_apart(model, why):
+    fast = equivfx.compile(model.eval(), "ShiftRev4", example_inputs=X_SEQ, chunk=None)
+    assert fast.equivfx_lift.slots == tuple(range(8)), why
+
+
+class Branching(CircularSeq):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc((h + self.b(h)).mean(-1))
+
+
+def test_a_branch_after_the_lift_stops_the_search():
+    # invariant too, but only chains of single-user ops are followed (like defer-lift's moves)
+    fast = equivfx.compile(Branching().eval(), "ShiftRev4", example_inputs=X_SEQ, chunk=None)
+    assert fast.equivfx_lift.slots == tuple(range(8))
+
+
+def test_the_search_leaves_training_mode_dropout_and_batch_norm_alone():
+    model = nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"), nn.BatchNorm1d(4), nn.ReLU()
+    )
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return self.body(x).mean(-1)
+
+    fast = equivfx.compile(Head().train(), "ShiftRev4", example_inputs=X_SEQ, chunk=None)
+    assert fast.equivfx_lift.slots == tuple(range(8))  # batch statistics see every slot
+
+
+@pytest.mark.parametrize(
+    "spec, elements, want",
+    [
+        ("D4", [1], (0, 1, 2, 3)),
+        ("D4", [2, 4], (0, 2, 4, 6)),
+        ("D4", [1, 4], tuple(range(8))),
+        ("D4", [], (0,)),
+        ("ShiftRev4", [5], (0, 5)),
+    ],
+)
+def test_generated_subgroup(spec, elements, want):
+    assert generated_subgroup(equivfx.group(spec), elements) == want
+
+
+@pytest.mark.parametrize("spec", ["D4", "D3", "ShiftRev4", "Rev@-1xShift4@-2", "D4xShift8@-3"])
+def test_restrictions_are_subgroups_acting_as_the_whole_group_does(spec):
+    G = equivfx.group(spec)
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(7))
+    restrictions = G.action.restrictions()
+    assert restrictions
+    for r in restrictions:
+        H = r.action.group
+        assert r.elements[0] == 0 and len(set(r.elements)) == H.order < G.order
+        for i, a in enumerate(r.elements):  # an injective homomorphism H -> G ...
+            for j, b in enumerate(r.elements):
+                assert r.elements[H.table[i][j]] == G.table[a][b]
+            # ... under which the restricted action is the whole group's
+            torch.testing.assert_close(r.action.apply(i, x), G.action.apply(a, x), rtol=0, atol=0)
+    assert equivfx.group("C4").action.restrictions() == ()
