@@ -6,13 +6,14 @@ for every k in a subgroup K of G where
 - K acts as the identity on v (the kernel of the action on v's shape: all of G once
   ``defer-lift`` has moved the lift past a global pool or a symmetric reduction over every acted
   axis), or
-- the ops after the lift are invariant under K's action: a chain that commutes with it up to an
-  op invariant under it (for K = the shifts of ShiftRev, circular convolutions and pointwise ops
-  up to a mean over the sequence). Then F(k^-1 g^-1 . v) = F(g^-1 . v). ``defer-lift`` cannot
-  move these ops before the lift (they do not commute with the reversal), but only one slot per
-  shift coset is needed: under ShiftRev4, 2 of 8. K is found per subgroup the action names
-  (:meth:`~equivfx.groups.actions.Action.restrictions`), by the rule table, on the example's
-  shapes, like ``defer-lift``'s moves.
+- the network after the lift is invariant under K's action: every value computed from the
+  lifted one commutes with it until an op is invariant under it (for K = the shifts of ShiftRev:
+  circular convolutions, pointwise ops, residual sums, channel concatenations and gates, up to a
+  mean over the sequence; :func:`blind_to`). Then F(k^-1 g^-1 . v) = F(g^-1 . v).
+  ``defer-lift`` cannot move these ops before the lift (they do not commute with the reversal),
+  but one slot per shift coset is enough: under ShiftRev4, 2 of 8. K is found per subgroup the
+  action names (:meth:`~equivfx.groups.actions.Action.restrictions`), by the rule table, on the
+  example's shapes, like ``defer-lift``'s moves.
 
 Only one slot per coset gK is consumed; the others are copies, so they are not computed:
 
@@ -23,6 +24,11 @@ Before (D4, the lift deferred past ``AdaptiveAvgPool2d(1)``: D4 fixes a 1x1 grid
 After::
 
     x -> conv -> pool -> equivfx_lift -> fc -> equivfx_readout      (lift keeps slot e: B rows)
+
+and under ShiftRev4, with circular convolutions (they commute with shifts, not with the reversal)::
+
+    x -> equivfx_lift -> conv -> relu -> conv -> mean(-1) -> fc -> equivfx_readout
+         (before: slots e, s, s2, s3, v, sv, s2v, s3v: 8 B rows; after: e and v: 2 B rows)
 
 The lift computes the chosen slots (identity first), inputs repeated per slot are repeated once
 per computed slot, and the readouts pool the computed slots (every coset has |K| elements, so the
@@ -41,6 +47,7 @@ B H W instead of |G| B H W samples, a relative difference below 1 / (B H W).)
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from equivfx.groups.actions import TrivialAction
@@ -49,11 +56,12 @@ from equivfx.passes.defer import acts_trivially, moves_past
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
-from equivfx.passes.rules import training_sensitive
+from equivfx.passes.rules import draws_random, lookup, rule_key, training_sensitive
 
 __all__ = [
     "EliminateDeadSlots",
     "coset_representatives",
+    "blind_to",
     "generated_subgroup",
     "invariant_subgroup",
 ]
@@ -100,28 +108,117 @@ class EliminateDeadSlots(Pass):
 
 
 def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[int, ...]:
-    """Elements k of the group whose slots the ops after the lift cannot tell apart: the chain of
-    single-user ops from the lift on commutes with k's action until an op is invariant under it
-    (a symmetric reduction over the acted axes, a pool to 1x1). Then, for the value v the lift
-    reads, F(k^-1 g^-1 . v) = F(g^-1 . v) for the chain F, so slot gk = slot g.
+    """Elements k of the group whose slots the ops after the lift cannot tell apart: every value
+    computed from the lifted one commutes with k's action until an op is invariant under it (a
+    symmetric reduction over the acted axes, a pool to 1x1), and only invariant values reach the
+    output. Then, for the value v the lift reads, F(k^-1 g^-1 . v) = F(g^-1 . v) for the network
+    F after the lift, so slot gk = slot g.
 
     Checked per subgroup the action names (:meth:`~equivfx.groups.actions.Action.restrictions`:
     the shifts of ShiftRev, one factor of a product, ...) with the rule table, as ``defer-lift``
-    checks the whole group; the result is the subgroup those found generate (invariance under
-    k1 and k2 is invariance under k1 k2). Empty where none is found."""
+    checks the whole group (:func:`blind_to`); the result is the subgroup those found generate
+    (invariance under k1 and k2 is invariance under k1 k2). Empty where none is found."""
     found: list[int] = []
     for sub in action.restrictions():
-        prev = lift
-        while len(prev.users) == 1:
-            node = next(iter(prev.users))
-            how = moves_past(node, prev, sub.action, modules)
-            if how is None:
-                break
-            if how == "invariant" or acts_trivially(sub.action, node, modules):
-                found += sub.elements
-                break
-            prev = node
+        if blind_to(lift, sub.action, modules):
+            found += sub.elements
     return tuple(found)
+
+
+EQUIVARIANT, INVARIANT = "equivariant", "invariant"
+_SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"})
+
+
+def blind_to(lift: fx.Node, action, modules) -> bool:
+    """Whether the graph's output is invariant under ``action`` applied to the lifted value.
+
+    Every node computed from the lift gets a status, in graph order: *equivariant* (op(k.x) =
+    k.op(x)) or *invariant* (op(k.x) = op(x)). A node whose lift-derived inputs are all
+    invariant is invariant (each slot's ops see the same values). A node with one equivariant
+    input (and no other lift-derived or per-slot input) takes its rule's answer, as a move in
+    ``defer-lift`` does; shapes, dtypes and sizes read off it are invariant. A node reading
+    several equivariant values is equivariant if it is an elementwise op on values of one shape
+    (a residual sum) or a concatenation along an axis the action leaves alone. Anything else
+    reading an equivariant value, or an equivariant value reaching the output, fails."""
+    status = {lift: EQUIVARIANT}
+    seen_lift = False
+    for node in lift.graph.nodes:
+        if not seen_lift:
+            seen_lift = node is lift
+            continue
+        read = [a for a in node.all_input_nodes if a in status]
+        if not read:
+            continue
+        equivariant = [a for a in read if status[a] == EQUIVARIANT]
+        if not equivariant:
+            status[node] = INVARIANT
+            continue
+        how = _status(node, equivariant, action, modules)
+        if how is None:
+            return False
+        status[node] = how
+    return True
+
+
+def _status(node: fx.Node, equivariant, action, modules) -> str | None:
+    """The status of ``node``, which reads the equivariant values ``equivariant`` (and perhaps
+    invariant ones), or None where no rule says."""
+    if node.op == "output" or not getattr(action, "is_permutation", False):
+        return None
+    if _reads_metadata(node):
+        return INVARIANT  # permutations keep shapes
+    if len(equivariant) == 1:  # moves_past refuses other per-slot (folded) inputs
+        how = moves_past(node, equivariant[0], action, modules)
+        if how == "commutes":
+            return INVARIANT if acts_trivially(action, node, modules) else EQUIVARIANT
+        if how == "invariant":
+            return INVARIANT
+    out = _shape(node)
+    if out is None or any(a % len(out) == 0 for a in action.axes):
+        return None
+    acted = {a % len(out) for a in action.axes}
+    module = modules.get(node.target) if node.op == "call_module" else None
+    rule = lookup(rule_key(node, module))
+    if rule is not None and rule.kind == "pointwise" and not draws_random(node, module):
+        # elementwise: k moves every equivariant operand alike and fixes the others, which must
+        # be constant along the acted axes (an invariant gate, a per-channel bias ...)
+        axes = sorted(acted)
+        for a in node.all_input_nodes:
+            shape = _shape(a)
+            if shape is None:
+                return None
+            offset = len(out) - len(shape)  # broadcasting aligns shapes on the right
+            along = [shape[ax - offset] if ax >= offset else 1 for ax in axes]
+            if a in equivariant:
+                if along != [out[ax] for ax in axes]:  # broadcast along an acted axis
+                    return None
+            elif any(n != 1 for n in along):
+                return None
+        return EQUIVARIANT
+    if node.op == "call_function" and node.target is torch.cat:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if (
+            isinstance(dim, int)
+            and dim % len(out) not in acted | {0}
+            and isinstance(tensors, (list, tuple))
+            and all(t in equivariant for t in tensors)  # k must move every block alike
+        ):
+            return EQUIVARIANT
+    return None
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_function" and node.target is len
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
 def generated_subgroup(G, elements) -> tuple[int, ...]:

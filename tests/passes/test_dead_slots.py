@@ -323,16 +323,95 @@ def test_nothing_is_eliminated_where_the_ops_can_tell_shifts_apart(model, why):
     assert fast.equivfx_lift.slots == tuple(range(8)), why
 
 
-class Branching(CircularSeq):
+class Residual(CircularSeq):
     def forward(self, x):
         h = torch.relu(self.a(x))
         return self.fc((h + self.b(h)).mean(-1))
 
 
-def test_a_branch_after_the_lift_stops_the_search():
-    # invariant too, but only chains of single-user ops are followed (like defer-lift's moves)
-    fast = equivfx.compile(Branching().eval(), "ShiftRev4", example_inputs=X_SEQ, chunk=None)
+class Gated(CircularSeq):
+    """A squeeze-and-excitation gate: an invariant per-channel scale times the equivariant map."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        gate = torch.sigmoid(h.mean(-1, keepdim=True))  # (B, 8, 1): invariant, constant in L
+        return self.fc((self.b(h) * gate).amax(-1))
+
+
+class Concat(CircularSeq):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.fc = nn.Linear(16 if dim == 1 else 8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(torch.cat([h, self.b(h)], self.dim).mean(-1))
+
+
+class SizeRead(CircularSeq):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(h.sum(-1) / h.size(-1))
+
+
+@pytest.mark.parametrize(
+    "model", [Residual(), Gated(), Concat(dim=1), SizeRead()], ids=lambda m: type(m).__name__
+)
+@pytest.mark.parametrize("chunk", [None, "auto"])
+def test_branches_after_the_lift_are_followed(model, chunk):
+    model.eval()
+    G = equivfx.group("ShiftRev4")
+    fast, slow = both(model, G, X_SEQ, chunk=chunk)
+    assert flat(fast).equivfx_lift.slots == (0, 4)
+    with torch.no_grad():
+        fast(X_SEQ)
+        torch.testing.assert_close(fast(X_SEQ), slow(X_SEQ), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(X_SEQ), loop_oracle(model, G, X_SEQ), rtol=1e-5, atol=1e-6)
+    assert rows_seen(model.a, lambda: fast(X_SEQ)) == 3 * 2  # of 3 * 8
+
+
+class Positional(CircularSeq):
+    """A learned per-position offset: shifts move the input but not the offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.a(x) + self.pos).mean(-1))
+
+
+class UngatedGate(CircularSeq):
+    """The gate keeps the sequence axis: a per-position scale computed from an invariant."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        gate = h.mean(-1, keepdim=True).expand(-1, -1, 16) * torch.linspace(0, 1, 16)
+        return self.fc((self.b(h) * gate).mean(-1))
+
+
+class LeakyOutput(CircularSeq):
+    """A second output that keeps the sequence: not invariant."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(h.mean(-1)), h
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Concat(dim=-1), Positional(), UngatedGate(), LeakyOutput()],
+    ids=["cat-along-the-sequence", "positional", "per-position-gate", "equivariant-output"],
+)
+def test_branches_that_can_tell_shifts_apart_keep_every_slot(model):
+    model.eval()
+    G = equivfx.group("ShiftRev4")
+    kwargs = dict(readout="slots") if isinstance(model, LeakyOutput) else {}
+    fast, slow = both(model, G, X_SEQ, chunk=None, **kwargs)
     assert fast.equivfx_lift.slots == tuple(range(8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X_SEQ), slow(X_SEQ), rtol=1e-5, atol=1e-6)
 
 
 def test_the_search_leaves_training_mode_dropout_and_batch_norm_alone():
