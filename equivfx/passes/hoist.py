@@ -186,8 +186,8 @@ def _known(node: fx.Node) -> bool:
 
 def _batch_free(node: fx.Node) -> bool:
     """``node`` is a shape value the head re-reads (see ``_private_shapes``), or a value that
-    depends on neither a folded value nor a batch size: ``torch.arange(x.size(0))`` has |G| B rows
-    and would not line up with a pooled operand."""
+    depends on neither a folded value nor a batch size: ``torch.zeros(x.size(0), 1)`` has |G| B
+    rows and would not line up with a pooled operand."""
     if isinstance(node.meta.get(REP), BatchSize):
         return True
     stack, seen = [node], set()

@@ -830,13 +830,33 @@ def getattr_rule(ctx: BatchCtx) -> Rep:
     return Trivial()  # dtype, device, ndim, is_cuda, requires_grad ...
 
 
+def _reads_batch_size(ctx: BatchCtx) -> bool:
+    """Whether an input of the node is the batch size read off a folded tensor (|G| B there)."""
+    return any(
+        isinstance(r, BatchSize) and r.batch_dims
+        for r in (ctx.rep(a) for a in ctx.node.all_input_nodes)
+    )
+
+
+def _batch_size_as_value(ctx: BatchCtx, what: str) -> BatchMixingError:
+    return ctx.mixing(
+        f"{what} the batch size read off a tensor's shape, as a value: the compiled model reads "
+        "|G| B there, not B, so its result would differ from the model's",
+        "compute the value from a sample axis, or pass the batch size in as an argument",
+    )
+
+
 def int_arith(ctx: BatchCtx) -> Rep:
-    """Arithmetic on Python ints read off shapes: the batch size stays a batch size."""
+    """Arithmetic on Python ints read off shapes: the batch size stays a batch size. With a
+    batch-carrying tensor, the ints are values: the batch size may not be one of them."""
     reps = [ctx.rep(a) for a in ctx.node.args]
+    if any(isinstance(r, (Folded, InputRep)) for r in reps):
+        if _reads_batch_size(ctx):
+            name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+            raise _batch_size_as_value(ctx, f"{name!r} combines a tensor with")
+        return same_axis(ctx)
     if any(isinstance(r, BatchSize) and r.batch_dims for r in reps):
         return BatchSize((0,))
-    if any(isinstance(r, (Folded, InputRep)) for r in reps):
-        return same_axis(ctx)
     if any(isinstance(r, BatchSize) for r in reps):
         return BatchSize(())
     return Trivial()
@@ -1826,22 +1846,24 @@ register(
         note="random per element: not equivariant unless the result is unused in eval",
     ),
 )
+
+
+def constant_rule(ctx: BatchCtx) -> Rep:
+    """Values made from Python numbers (``torch.arange(n)``, ``math.sqrt(d)``): constants, but
+    not of the batch size, which the compiled model reads as |G| B."""
+    if _reads_batch_size(ctx):
+        name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
+        raise _batch_size_as_value(ctx, f"{name!r} reads")
+    return Trivial()
+
+
 register(
-    [
-        torch.arange,
-        torch.linspace,
-        torch.eye,
-        torch.tensor,
-        torch.as_tensor,
-        math.sqrt,
-        math.log,
-        math.ceil,
-        math.floor,
-        int,
-        float,
-        range,
-    ],
-    OpRule("constant", "creation", trivial_only, example=None),
+    [torch.arange, torch.linspace, torch.eye, torch.tensor, torch.as_tensor, math.sqrt, math.log],
+    OpRule("constant", "creation", constant_rule, example=None),
+)
+register(
+    [math.ceil, math.floor, int, float, range],
+    OpRule("number", "creation", int_arith, example=None),
 )
 
 # ----------------------------------------------------------------------------------------------

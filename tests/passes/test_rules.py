@@ -8,6 +8,8 @@ group action is checked on every generator.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.fx as fx
@@ -228,8 +230,23 @@ def test_register_a_rule_for_a_user_op():
         (lambda x: x[0], "selects samples"),
         (lambda x: x.flatten(1) @ x.flatten(1).t(), "matmul"),
         (lambda x: torch.softmax(x, 0), "batch axis"),
+        (lambda x: x.flatten(1).sum(1) + x.size(0), "'add' combines a tensor with the batch size"),
+        (lambda x: x / x.shape[0], "'truediv' combines a tensor with the batch size"),
+        (lambda x: x.flatten(1) + torch.arange(x.size(0))[:, None], "'arange' reads the batch"),
+        (lambda x: x * math.sqrt(x.size(0)), "'sqrt' reads the batch size"),
     ],
-    ids=["mean0", "sum-all", "cat0", "index0", "gram", "softmax0"],
+    ids=[
+        "mean0",
+        "sum-all",
+        "cat0",
+        "index0",
+        "gram",
+        "softmax0",
+        "plus-batch-size",
+        "over-batch-size",
+        "arange-batch-size",
+        "sqrt-batch-size",
+    ],  # fmt: skip
 )
 def test_batch_mixing_is_refused(body, needle):
     class M(torch.nn.Module):
@@ -239,6 +256,28 @@ def test_batch_mixing_is_refused(body, needle):
     with pytest.raises(BatchMixingError, match=needle) as info:
         equivfx.compile(M(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
     assert "node:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda x: x.reshape(x.size(0), -1).sum(1),
+        lambda x: x.reshape(x.shape[0] * 1, -1) + x.size(1),
+        lambda x: x.new_zeros(x.size(0), 3) + x.flatten(1)[:, :3],
+        lambda x: x.flatten(1) / math.sqrt(x.size(-1)),
+    ],
+    ids=["reshape", "reshape-product", "new-zeros", "sqrt-feature-size"],
+)
+def test_the_batch_size_as_a_shape_or_other_sizes_as_values_compile(body):
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return body(x)
+
+    x = torch.randn(2, 1, 4, 4)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(M(), G, example_inputs=x)
+    want = torch.stack([M()(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+    torch.testing.assert_close(emodel(x), want)
 
 
 def _conv_claim(conv, group, shape):
