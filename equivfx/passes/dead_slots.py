@@ -52,11 +52,17 @@ import torch.fx as fx
 
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP
-from equivfx.passes.defer import acts_trivially, moves_past
+from equivfx.passes.defer import acts_trivially, check_tiling, moves_past
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
-from equivfx.passes.rules import draws_random, lookup, rule_key, training_sensitive
+from equivfx.passes.rules import (
+    draws_random,
+    lookup,
+    rule_key,
+    tiling_window,
+    training_sensitive,
+)
 
 __all__ = [
     "EliminateDeadSlots",
@@ -92,12 +98,20 @@ class EliminateDeadSlots(Pass):
             shape = tuple(tm.shape[1:])
             kernel = module.action.kernel((1, *shape))
         shape_kernel = kernel
-        kernel = generated_subgroup(G, (*kernel, *invariant_subgroup(lift, module.action, modules)))
+        blind, relied = (), []
+        if shape is not None:
+            blind, relied = invariant_subgroup(lift, module.action, modules)
+        kernel = generated_subgroup(G, (*kernel, *blind))
         if len(kernel) == 1:
             return PassResult(gm, False)
+        for pool in relied:
+            check_tiling(gm, pool, modules, self.name)
         slots = coset_representatives(G, kernel)
-        module.slots, module.kernel, module.kernel_shape = slots, kernel, shape
-        module.shape_kernel = shape_kernel
+        module.slots, module.kernel, module.shape_kernel = slots, kernel, shape_kernel
+        # only the elements found acting trivially on the example's shape need that shape: on
+        # others, the run-time check sees whether they still do (the invariant part does not
+        # depend on the shape, but for the pools checked above)
+        module.kernel_shape = shape if len(shape_kernel) > 1 else None
         slot_map = slot_positions(G, slots, kernel)
         for _, m in gm.named_modules():
             if isinstance(m, Broadcast):
@@ -107,7 +121,7 @@ class EliminateDeadSlots(Pass):
         return PassResult(gm, True)
 
 
-def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[int, ...]:
+def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[tuple[int, ...], list[fx.Node]]:
     """Elements k of the group whose slots the ops after the lift cannot tell apart: every value
     computed from the lifted one commutes with k's action until an op is invariant under it (a
     symmetric reduction over the acted axes, a pool to 1x1), and only invariant values reach the
@@ -117,19 +131,24 @@ def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[int, ...]:
     Checked per subgroup the action names (:meth:`~equivfx.groups.actions.Action.restrictions`:
     the shifts of ShiftRev, one factor of a product, ...) with the rule table, as ``defer-lift``
     checks the whole group (:func:`blind_to`); the result is the subgroup those found generate
-    (invariance under k1 and k2 is invariance under k1 k2). Empty where none is found."""
+    (invariance under k1 and k2 is invariance under k1 k2), empty where none is found; and the
+    pools whose commutation, found on the example's shape, it relies on (see
+    :func:`~equivfx.passes.defer.check_tiling`)."""
     found: list[int] = []
+    relied: list[fx.Node] = []
     for sub in action.restrictions():
-        if blind_to(lift, sub.action, modules):
+        pools = blind_to(lift, sub.action, modules)
+        if pools is not None:
             found += sub.elements
-    return tuple(found)
+            relied += [p for p in pools if p not in relied]
+    return tuple(found), relied
 
 
 EQUIVARIANT, INVARIANT = "equivariant", "invariant"
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"})
 
 
-def blind_to(lift: fx.Node, action, modules) -> bool:
+def blind_to(lift: fx.Node, action, modules) -> list[fx.Node] | None:
     """Whether the graph's output is invariant under ``action`` applied to the lifted value.
 
     Every node computed from the lift gets a status, in graph order: *equivariant* (op(k.x) =
@@ -139,8 +158,14 @@ def blind_to(lift: fx.Node, action, modules) -> bool:
     ``defer-lift`` does; shapes, dtypes and sizes read off it are invariant. A node reading
     several equivariant values is equivariant if it is an elementwise op on values of one shape
     (a residual sum) or a concatenation along an axis the action leaves alone. Anything else
-    reading an equivariant value, or an equivariant value reaching the output, fails."""
+    reading an equivariant value, or an equivariant value reaching the output, fails; so does
+    any op drawing random numbers from a lift-derived value (``torch.randn(mu.shape)``: one draw
+    per slot, not copies).
+
+    Returns None where the output is not found invariant, else the pools whose commutation with
+    the action holds only on tiled shapes like the example's (they need a run-time check)."""
     status = {lift: EQUIVARIANT}
+    pools = []
     seen_lift = False
     for node in lift.graph.nodes:
         if not seen_lift:
@@ -149,15 +174,20 @@ def blind_to(lift: fx.Node, action, modules) -> bool:
         read = [a for a in node.all_input_nodes if a in status]
         if not read:
             continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if draws_random(node, module):
+            return None
         equivariant = [a for a in read if status[a] == EQUIVARIANT]
         if not equivariant:
             status[node] = INVARIANT
             continue
         how = _status(node, equivariant, action, modules)
         if how is None:
-            return False
+            return None
+        if tiling_window(node, module) is not None:
+            pools.append(node)
         status[node] = how
-    return True
+    return pools
 
 
 def _status(node: fx.Node, equivariant, action, modules) -> str | None:

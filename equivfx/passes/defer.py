@@ -19,6 +19,9 @@ invariance (a symmetric reduction over every acted axis: sum, mean, amax ...). P
 or once the action fixes the value's shape (a global pool to 1x1), G acts trivially: the lift's
 action becomes the trivial one, every later op that treats samples alone moves too, and
 ``eliminate-dead-slots`` computes a single slot.
+A pool whose windows tile the example's grid commutes with rotations there, not on every grid
+(MaxPool2d(2) on 7x7 drops a row and a column): where a pass relies on it, a ``TilingCheck`` before
+it raises :class:`~equivfx.errors.InputShapeError` on inputs it does not tile.
 Dropout is never moved: its masks would be shared across slots in training. Outputs are unchanged up
 to float rounding.
 """
@@ -31,10 +34,17 @@ from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP, Folded, InputRep, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME, find_lift
-from equivfx.passes.modules import CheckInput
-from equivfx.passes.rules import BatchCtx, draws_random, lookup, rule_key, training_sensitive
+from equivfx.passes.modules import CheckInput, TilingCheck
+from equivfx.passes.rules import (
+    BatchCtx,
+    draws_random,
+    lookup,
+    rule_key,
+    tiling_window,
+    training_sensitive,
+)
 
-__all__ = ["DeferLift", "CHECK_NAME", "acts_trivially", "moves_past"]
+__all__ = ["DeferLift", "CHECK_NAME", "acts_trivially", "check_tiling", "moves_past"]
 
 CHECK_NAME = "equivfx_check_input"
 
@@ -80,6 +90,7 @@ class DeferLift(Pass):
                 action = TrivialAction().bind(action.group)
                 lift_module.action = action
             set_rep(node, InputRep(action), node.meta.get("equivfx.rule"))
+            check_tiling(gm, node, modules, self.name)
             moved.append(node)
         return PassResult(gm, bool(moved))
 
@@ -112,6 +123,27 @@ def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
         return "invariant" if rule.invariant(ctx, action) else None
     except Exception:  # noqa: BLE001 - a rule that cannot decide does not move the op
         return None
+
+
+def check_tiling(gm: fx.GraphModule, node: fx.Node, modules, origin: str) -> None:
+    """Put a :class:`~equivfx.passes.modules.TilingCheck` before ``node`` if it is a pool whose
+    commutation with rotations holds only where its windows tile the input (found on the
+    example's shape): another input shape must not silently break what a pass relied on."""
+    window = tiling_window(node, modules.get(node.target) if node.op == "call_module" else None)
+    if window is None:
+        return
+    src = node.args[0]
+    i = 0
+    while hasattr(gm, f"equivfx_tiles_{i}"):
+        i += 1
+    gm.add_submodule(f"equivfx_tiles_{i}", TilingCheck(window))
+    with gm.graph.inserting_before(node):
+        check = gm.graph.call_module(f"equivfx_tiles_{i}", (src,))
+    new_node_origin(check, origin)
+    set_rep(check, src.meta.get(REP), "tiling-check")
+    if "tensor_meta" in src.meta:
+        check.meta["tensor_meta"] = src.meta["tensor_meta"]
+    node.replace_input_with(src, check)
 
 
 def acts_trivially(action, node: fx.Node, modules) -> bool:

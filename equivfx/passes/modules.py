@@ -23,6 +23,7 @@ from equivfx.groups.actions import Action
 __all__ = [
     "CheckInput",
     "Lift",
+    "TilingCheck",
     "Broadcast",
     "Readout",
     "READOUTS",
@@ -142,21 +143,23 @@ class Lift(nn.Module):
         return run(x)
 
     def _check(self, x: torch.Tensor) -> None:
-        """``x`` fits the action, and on its per-sample shape the same elements act trivially
-        as on the shape the computed slots were chosen for."""
+        """``x`` fits the action, and on its per-sample shape the elements found acting trivially
+        on the shape the computed slots were chosen for still do (more may)."""
         self.action.check(x)
         shape = tuple(x.shape[1:])
         if self.kernel_shape is not None and shape != self.kernel_shape:
-            if shape not in self._kernels:  # the same kernel on this shape is fine too
+            if shape not in self._kernels:
                 self._kernels[shape] = self.action.kernel((1, *shape))
-            if self._kernels[shape] != self.__dict__.get("shape_kernel", self.kernel):
+            assumed = self.__dict__.get("shape_kernel", self.kernel)  # older pickles: kernel
+            if not set(assumed) <= set(self._kernels[shape]):
                 raise InputShapeError(
                     explain(
                         "this model computes one slot per coset of the elements that act "
                         "trivially on the lifted value's shape, found at compile time; on a "
-                        "value of this shape other elements act trivially (per-sample shape)",
+                        "value of this shape some of them do not (per-sample shape)",
                         shape,
-                        f"{self.kernel_shape}, or a shape with the same kernel",
+                        f"{self.kernel_shape}, or a shape on which elements "
+                        f"{list(assumed)} act trivially",
                         "compile with example inputs of the shape you run, or optimize=False",
                     )
                 )
@@ -334,6 +337,34 @@ class CheckInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.action.check(x)
         return x
+
+
+class TilingCheck(nn.Module):
+    """Checks that a pool's windows tile its input: the last two axes equal and divisible by the
+    window. A cost pass relied on the pool commuting with rotations, which it does only then (on
+    a 7x7 input, MaxPool2d(2) drops the last row and column, and a rotated input loses others)."""
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        if h != w or h % self.window:
+            raise InputShapeError(
+                explain(
+                    "the cost passes rely on a pool commuting with rotations, found on the "
+                    f"example's shape, which holds only where its {self.window}x{self.window} "
+                    "windows tile a square input (the pool's input shape)",
+                    tuple(x.shape),
+                    f"equal last two axes divisible by {self.window}",
+                    "compile with example inputs of the shape you run, or optimize=False",
+                )
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}"
 
 
 class Broadcast(nn.Module):

@@ -231,8 +231,23 @@ RANDOM_FUNCTIONS = (
     torch.bernoulli,
     torch.rand_like,
     torch.randn_like,
+    torch.randint_like,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.normal,
+    torch.poisson,
+    torch.multinomial,
 )
-"""Functions that draw random numbers per sample (see RANDOM_MODULES)."""
+"""Functions that draw random numbers (see RANDOM_MODULES): per sample, or a tensor whose shape
+is read off a folded value (``torch.randn(mu.shape)``), one draw per slot."""
+
+RANDOM_METHODS = frozenset(
+    {"bernoulli", "bernoulli_", "uniform_", "normal_", "exponential_", "random_", "geometric_",
+     "log_normal_", "cauchy_", "multinomial"}
+)  # fmt: skip
+"""Tensor methods that draw random numbers."""
 
 BATCH_STAT_MODULES = (nn.modules.batchnorm._BatchNorm,)
 """Modules that normalise with statistics over the batch in training (BatchNorm, SyncBatchNorm)."""
@@ -245,7 +260,7 @@ def draws_random(node: fx.Node, module: nn.Module | None = None) -> bool:
         return isinstance(module, RANDOM_MODULES)
     if node.op == "call_function":
         return node.target in RANDOM_FUNCTIONS
-    return node.op == "call_method" and node.target in ("bernoulli", "bernoulli_", "uniform_")
+    return node.op == "call_method" and node.target in RANDOM_METHODS
 
 
 def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
@@ -1217,6 +1232,23 @@ def tiling_pool_commutes(ctx: BatchCtx, action) -> bool:
     return shape[-1] == shape[-2] and shape[-1] % k[0] == 0
 
 
+TILING_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.LPPool2d,
+)  # fmt: skip
+"""Pools whose commutation claim (:func:`tiling_pool_commutes`) holds only on the shapes seen."""
+
+
+def tiling_window(node: fx.Node, module: nn.Module | None) -> int | None:
+    """The window of a pool whose commutation with rotations the cost passes rely on: it holds
+    only where the windows tile a square input (checked on the example's shape), so the passes
+    put a :class:`~equivfx.passes.modules.TilingCheck` before it. None for other nodes."""
+    if node.op != "call_module" or not isinstance(module, TILING_POOLS):
+        return None
+    k = module.kernel_size
+    return int(k[0] if isinstance(k, tuple) else k)
+
+
 def global_pool_commutes(ctx: BatchCtx, action) -> bool:
     """Pooling to 1x1 maps every spatial permutation to the identity on a 1x1 output."""
     m = ctx.module
@@ -1987,15 +2019,7 @@ _m(
     example=_mod(lambda: nn.Softmax(dim=1), IMG),
 )
 _m(
-    [
-        nn.MaxPool1d,
-        nn.MaxPool2d,
-        nn.MaxPool3d,
-        nn.AvgPool1d,
-        nn.AvgPool2d,
-        nn.AvgPool3d,
-        nn.LPPool2d,
-    ],
+    list(TILING_POOLS),
     "pool",
     first_axis(0),
     commutes=tiling_pool_commutes,

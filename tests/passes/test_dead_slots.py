@@ -460,3 +460,89 @@ def test_restrictions_are_subgroups_acting_as_the_whole_group_does(spec):
             # ... under which the restricted action is the whole group's
             torch.testing.assert_close(r.action.apply(i, x), G.action.apply(a, x), rtol=0, atol=0)
     assert equivfx.group("C4").action.restrictions() == ()
+
+
+# ------------------------------------------------------------- what the example's shape decides
+class ResidualPool(nn.Module):
+    """1x1 convolutions in a residual block (defer-lift stops at the branch), a 2x2 max pool,
+    and a global mean: blind to the rotations where the pool's windows tile the grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(self.pool(h + torch.relu(self.b(h))).mean((-2, -1)))
+
+
+class PoolFirst(nn.Module):
+    """A pool defer-lift moves before the lift (it commutes with D4 on tiled grids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = nn.MaxPool2d(2)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.pool(x)).mean((-2, -1))
+
+
+@pytest.mark.parametrize("model", [ResidualPool(), PoolFirst()], ids=lambda m: type(m).__name__)
+def test_a_pool_relied_on_is_checked_on_other_shapes(model):
+    model.eval()
+    G = equivfx.group("D4")
+    fast = equivfx.compile(model, G, example_inputs=torch.randn(2, 3, 6, 6))
+    checks = [m for n, m in flat(fast).named_modules() if n.startswith("equivfx_tiles_")]
+    assert [c.window for c in checks] == [2]
+    if isinstance(model, ResidualPool):
+        assert flat(fast).equivfx_lift.slots == (0, 4)  # one per coset of the rotations
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fast(x).detach(), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputShapeError, match=r"2x2 windows tile a square input.*, 7, 7\)"):
+        fast(torch.randn(2, 3, 7, 7))  # the pool drops a row and a column: not a rotation's
+
+
+class ShiftBlind(nn.Module):
+    """A mean over the shifted axis (-2), then positions along the reversed one (-1) mixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(x).mean(-2).transpose(1, 2)).sum(1)
+
+
+def test_an_invariant_subgroup_needs_no_particular_shape():
+    # found on width 5 (the reversal acts there); on width 1 it acts trivially too: no error
+    G = equivfx.group("Rev@-1xShift4@-2")
+    model = ShiftBlind().eval()
+    fast = equivfx.compile(model, G, example_inputs=torch.randn(2, 3, 8, 5), chunk=None)
+    assert (fast.equivfx_lift.slots, fast.equivfx_lift.kernel_shape) == ((0, 4), None)
+    for shape in [(2, 3, 8, 1), (2, 3, 4, 6)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(fast(x).detach(), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
+
+
+class Sampler(CircularSeq):
+    """A VAE-style draw after a shift-invariant encoder: one independent draw per slot."""
+
+    def forward(self, x):
+        mu = self.fc(torch.relu(self.a(x)).mean(-1))
+        return mu + 0.1 * torch.randn(mu.shape)
+
+
+def test_slots_that_draw_random_numbers_are_not_copies():
+    fast = equivfx.compile(Sampler().eval(), "ShiftRev4", example_inputs=X_SEQ, chunk=None)
+    assert fast.equivfx_lift.slots == tuple(range(8))
+    torch.manual_seed(0)
+    draws = torch.stack([fast(X_SEQ).detach() for _ in range(400)])
+    # the mean of 8 independent draws of sd 0.1: sd 0.1 / sqrt(8) = 0.035 (2 draws: 0.071)
+    assert 0.030 < float(draws.std(0).mean()) < 0.041
