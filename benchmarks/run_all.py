@@ -296,7 +296,8 @@ def summarize(out: Path) -> str:
         parts = [
             f"{r.get('case', 'stem-head')} {r['group']} B={r['batch']} {r['speedup']:.2f}x"
             + (
-                f" ({r['slots_computed']} of {r['slots']} slots)"
+                f" ({r['slots_computed']} of {r['slots']} slots"
+                + (" up to the coset lift)" if r.get("coset_lift") else ")")
                 if r.get("slots_computed", r.get("slots")) != r.get("slots")
                 else ""
             )
@@ -346,7 +347,8 @@ def tables(out: Path) -> list[str]:
                 r.get("case", "stem-head"),
                 r["group"],
                 str(r["batch"]),
-                f"{r.get('slots_computed', '-')} of {r.get('slots', '-')}",
+                f"{r.get('slots_computed', '-')} of {r.get('slots', '-')}"
+                + (", then all" if r.get("coset_lift") else ""),
                 f"{r['plain_ms']:.2f}",
                 f"{r['optimized_ms']:.2f}",
                 f"{r['speedup']:.2f}x",

@@ -28,6 +28,7 @@ from equivfx.meta import annotated_output_action
 from equivfx.passes.annotate import AnnotateReps
 from equivfx.passes.chunks import chunked_module
 from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
+from equivfx.passes.coset_lift import DeferLiftToCosets
 from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
@@ -110,11 +111,12 @@ def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Acti
 
 def global_pipeline(options: LiftOptions, check: bool = False, optimize: bool = True) -> Pipeline:
     """The global construction: annotate-reps, insert-lift, to-map, fuse-projection, and with
-    ``optimize`` the cost passes defer-lift, hoist-projection and eliminate-dead-slots."""
+    ``optimize`` the cost passes defer-lift, hoist-projection, eliminate-dead-slots and
+    defer-lift-to-cosets."""
     passes = [AnnotateReps(options), InsertLift(options), ToMap()]
     passes += [DeferLift()] if optimize else []
     passes += [FuseProjection(options)]
-    passes += [HoistProjection(), EliminateDeadSlots()] if optimize else []
+    passes += [HoistProjection(), EliminateDeadSlots(), DeferLiftToCosets()] if optimize else []
     return Pipeline(passes, check=check)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from equivfx.meta import ORIGIN, REP, RULE, Folded, InputRep, OutputRep
+from equivfx.meta import ORIGIN, REP, RULE, CosetFolded, Folded, InputRep, OutputRep
 
 __all__ = ["describe_graph"]
 
@@ -22,6 +22,8 @@ def describe_graph(gm: fx.GraphModule) -> list[dict]:
         slot_axis = None
         if isinstance(rep, Folded):
             slot_axis = rep.batch_axis  # the slots are folded, slot-major, into this axis
+        elif isinstance(rep, CosetFolded):
+            slot_axis = 0  # one slot per coset, folded slot-major
         elif isinstance(rep, OutputRep) and rep.readout in ("slots", "pose"):
             slot_axis = 1
         params = None

@@ -91,6 +91,18 @@ class Folded(Rep):
 
 
 @dataclass(frozen=True)
+class CosetFolded(Rep):
+    """One slot per left coset gK of a subgroup K, folded slot-major into axis 0: block j holds the
+    network applied to ``slots[j]^-1 . x``. A later :class:`~equivfx.passes.modules.CosetLift`
+    makes every slot from these by acting with K (``defer-lift-to-cosets``)."""
+
+    slots: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        return f"map(G) folded in axis 0, one slot per coset ({len(self.slots)})"
+
+
+@dataclass(frozen=True)
 class BatchSize(Rep):
     """A Python int or tuple read off a folded tensor's shape; ``batch_dims`` holds the batch size.
 

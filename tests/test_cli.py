@@ -199,6 +199,7 @@ def test_inspect_text_and_json():
         "fuse-projection",
         "hoist-projection",
         "eliminate-dead-slots",
+        "defer-lift-to-cosets",
     ]
 
 

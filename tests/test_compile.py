@@ -162,6 +162,7 @@ def test_info_records_the_compilation():
         "fuse-projection",
         "hoist-projection",
         "eliminate-dead-slots",
+        "defer-lift-to-cosets",
     )
     plain = equivfx.compile(small_cnn(), "D4", readout="slots", optimize=False).equivfx_info
     assert plain.passes == ("annotate-reps", "insert-lift", "to-map", "fuse-projection")

@@ -22,6 +22,7 @@ from equivfx.groups.actions import Action
 
 __all__ = [
     "CheckInput",
+    "CosetLift",
     "Lift",
     "TilingCheck",
     "Broadcast",
@@ -337,6 +338,86 @@ class CheckInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.action.check(x)
         return x
+
+
+class CosetLift(nn.Module):
+    """The lift after ops that commute with a subgroup K's action (``defer-lift-to-cosets``): it
+    reads one slot per left coset gK, folded (block j holds F(r_j^-1 . x) for the representative
+    r_j), and makes slot g = r k (k in K) as k^-1 . F(r^-1 . x), which is F(g^-1 . x).
+
+    Args:
+        group: G.
+        action: K's action on the value read, bound to a group whose slot i is ``elements[i]``.
+        elements: K's elements as slot indices of G.
+        reps: the coset representatives, in the order of the blocks read.
+    """
+
+    def __init__(self, group, action, elements, reps):
+        super().__init__()
+        self.group = group
+        self.action = action
+        self.reps = tuple(reps)
+        self.slots: tuple[int, ...] = tuple(range(group.order))
+        table, inv = group.table, group.inverse_table
+        position = {k: i for i, k in enumerate(elements)}
+        where = []
+        for g in range(group.order):
+            j = next(j for j, r in enumerate(self.reps) if table[inv[r]][g] in position)
+            k = table[inv[self.reps[j]]][g]  # g = r k
+            where.append((j, position[inv[k]]))  # block j, acted on by k^-1
+        self.where: tuple[tuple[int, int], ...] = tuple(where)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.lift_slots(y, self.slots)
+
+    def lift_slots(self, y: torch.Tensor, slots) -> torch.Tensor:
+        """Slots ``slots`` only, folded in their order: (len(slots) B, ...). One sample's slots
+        are one gather (an index cached per shape, as the lift's); otherwise one action per
+        slot, then a cat."""
+        slots = tuple(slots)
+        if y.shape[0] == len(self.reps) and eager_tensor(y) and self.action.is_permutation:
+            key = (tuple(y.shape), y.device, slots)
+            index = self.__dict__.setdefault("_indices", {}).get(key)
+            if index is None and y.numel() * len(slots) <= Lift.INDEX_LIMIT:
+                index = self._index_for(y, slots)
+                if len(self._indices) >= Lift.CACHED_SHAPES:
+                    self._indices.clear()
+                self._indices[key] = index
+            if index is not None:
+                return y.reshape(-1).index_select(0, index).view(len(slots), *y.shape[1:])
+        blocks = torch.unflatten(y, 0, (len(self.reps), -1))
+        return torch.cat(
+            [self.action._apply(i, blocks[j]) for j, i in map(self.where.__getitem__, slots)], 0
+        )
+
+    def _index_for(self, y: torch.Tensor, slots) -> torch.Tensor:
+        """The entries of ``y`` (one sample per coset) that slots ``slots`` read, in order: the
+        actions applied to a probe of entry numbers (float64: exact)."""
+        with torch.inference_mode(False):
+            probe = torch.arange(y.numel(), dtype=torch.float64).view(y.shape)
+            index = torch.cat(
+                [
+                    self.action._apply(i, probe[j : j + 1])
+                    for j, i in map(self.where.__getitem__, slots)
+                ],
+                0,
+            )
+            return index.reshape(-1).to(torch.int64).to(y.device)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_indices", None)  # a cache: not pickled
+        return state
+
+    def slot_permutation(self, h: int) -> list[int]:
+        """The regular action of ``h`` on the slots (all are made here)."""
+        return list(self.group.regular_permutation(h))
+
+    def extra_repr(self) -> str:
+        return (
+            f"group={self.group!r}, from {len(self.reps)} cosets of the subgroup on which "
+            f"{self.action.describe()}"
+        )
 
 
 class TilingCheck(nn.Module):

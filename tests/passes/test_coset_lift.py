@@ -1,0 +1,194 @@
+"""defer-lift-to-cosets: ops that commute with a subgroup's action run on one slot per coset, and a
+coset lift after them makes every slot (slot r k = k^-1 . slot r).
+
+Oracles: the unoptimised pipeline (``optimize=False``) and the loop over every element.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import equivfx
+from equivfx.meta import REP, CosetFolded
+from equivfx.passes.modules import CosetLift, Lift
+
+X = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0))
+X_GRID = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+READOUTS = [
+    dict(readout="invariant"),
+    dict(readout="invariant", pool="max"),
+    dict(readout="invariant", pool="logsumexp"),
+    dict(readout="slots"),
+    dict(readout="pose"),
+]
+
+
+class FlatHead(nn.Module):
+    """Circular convolutions (they commute with the shifts, not the reversal), then a linear
+    layer over every position: no op is invariant under the shifts."""
+
+    def __init__(self, length: int = 16, norm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv1d(3, 8, 5, padding=2, padding_mode="circular")
+        self.b = nn.Conv1d(8, 4, 3, padding=1, padding_mode="circular")
+        self.norm = nn.BatchNorm1d(4) if norm else nn.Identity()
+        self.fc = nn.Linear(4 * length, 5)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.relu(self.b(torch.relu(self.a(x))))).flatten(1))
+
+
+class Pooled(FlatHead):
+    """An adaptive pool to 4 positions after the convolutions: any length divisible by 4."""
+
+    def __init__(self) -> None:
+        super().__init__(length=4)
+        self.pool = nn.AdaptiveAvgPool1d(4)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.b(torch.relu(self.a(x))))).flatten(1))
+
+
+class GridHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(4 * 64, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def flat(emodel):
+    return getattr(emodel, "equivfx_flat", emodel)
+
+
+def rows_seen(module: nn.Module, run) -> int:
+    rows = []
+    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return sum(rows)
+
+
+def loop_oracle(model, G, x, readout="invariant", pool="mean"):
+    with torch.no_grad():
+        slots = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
+    if readout == "slots":
+        return slots
+    if readout == "pose":
+        return slots.flatten(1)
+    if pool == "logsumexp":
+        return torch.logsumexp(slots, 1) - torch.log(torch.tensor(float(G.order)))
+    return {"mean": slots.mean(1), "max": slots.amax(1)}[pool]
+
+
+@pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
+@pytest.mark.parametrize("chunk", [None, 1, "auto"])
+def test_commuting_ops_run_once_per_coset(kwargs, chunk):
+    model = FlatHead().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, chunk=chunk, check=True, **kwargs)
+    slow = equivfx.compile(model, G, example_inputs=X, chunk=chunk, optimize=False, **kwargs)
+    f = flat(fast)
+    assert type(f.equivfx_lift_cosets) is Lift and f.equivfx_lift_cosets.slots == (0, 4)
+    assert isinstance(f.equivfx_lift, CosetLift)
+    reps = {n.target: n.meta.get(REP) for n in f.graph.nodes if n.op == "call_module"}
+    assert reps["a"] == reps["b"] == CosetFolded((0, 4)) and reps["fc"] != CosetFolded((0, 4))
+    with torch.no_grad():
+        fast(X)  # chunk="auto" measures at the first call
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            fast(X), loop_oracle(model, G, X, **kwargs), rtol=1e-5, atol=1e-5
+        )
+    assert rows_seen(model.b, lambda: fast(X)) == 3 * 2  # of 3 * 8
+    hoisted = kwargs == dict(readout="invariant")  # the mean pools before the linear head
+    assert rows_seen(model.fc, lambda: fast(X)) == (3 if hoisted else 3 * 8)  # every slot
+    assert equivfx.verify(fast, X).ok
+
+
+def test_one_factor_of_a_product():
+    model = GridHead().eval()
+    G = equivfx.group("Rev@-1xShift4@-2")  # the conv commutes with the row shifts (elements 0..3)
+    fast = equivfx.compile(model, G, example_inputs=X_GRID, chunk=None)
+    assert fast.equivfx_lift_cosets.slots == (0, 4)
+    assert rows_seen(model.conv, lambda: fast(X_GRID)) == 2 * 2
+    torch.testing.assert_close(fast(X_GRID).detach(), loop_oracle(model, G, X_GRID))
+
+
+def test_other_lengths_and_a_saved_model():
+    model = Pooled().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X)
+    assert flat(fast).equivfx_lift_cosets.slots == (0, 4)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for length in (8, 40):
+        x = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length))
+        want = loop_oracle(model, G, x)
+        torch.testing.assert_close(fast(x).detach(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(x).detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_statistics_after_the_coset_lift_see_every_slot():
+    # in training, the chain stops before the batch norm, which then normalises over |G| B rows
+    model = FlatHead(norm=True).train()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, chunk=None)
+    slow = equivfx.compile(model, G, example_inputs=X, chunk=None, optimize=False)
+    assert fast.equivfx_lift_cosets.slots == (0, 4)
+    assert rows_seen(model.norm, lambda: fast(X)) == 3 * 8
+    torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory, spec, x",
+    [
+        (FlatHead, "Shift4", X),  # defer-lift moves the convolutions: one slot
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten()), "D4", X_GRID),
+        (lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Flatten()), "ShiftRev4", X),
+        (
+            lambda: nn.Sequential(
+                nn.Dropout(), nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular")
+            ),
+            "ShiftRev4",
+            X,
+        ),
+    ],
+    ids=["whole-group", "zero-padded-3x3-under-D4", "zero-padding", "dropout-first"],
+)
+def test_the_lift_stays_where_nothing_commutes_with_a_subgroup_alone(factory, spec, x):
+    fast = equivfx.compile(factory().eval(), spec, example_inputs=x, chunk=None)
+    assert not hasattr(fast, "equivfx_lift_cosets")
+    assert type(fast.equivfx_lift) is Lift
+
+
+@pytest.mark.parametrize("readout", ["slots", "pose"])
+def test_one_sample_is_lifted_by_one_cached_gather(readout):
+    model = FlatHead().eval()
+    G = equivfx.group("ShiftRev4")
+    x = X[:1]
+    fast = equivfx.compile(model, G, example_inputs=x, chunk=None, readout=readout)
+    coset_lift = fast.equivfx_lift
+    with torch.no_grad():
+        got = fast(x)
+    assert len(coset_lift._indices) == 1  # the gather ran, for this shape
+    torch.testing.assert_close(got, loop_oracle(model, G, x, readout), rtol=1e-5, atol=1e-6)
+    # the gather and the per-slot actions agree exactly on the same block values
+    y = torch.randn(2, 4, 16)
+    by_gather = coset_lift.lift_slots(y, range(8))
+    blocks = torch.unflatten(y, 0, (2, -1))
+    for g, (j, i) in enumerate(coset_lift.where):
+        assert torch.equal(by_gather[g : g + 1], coset_lift.action._apply(i, blocks[j]))
+    assert "_indices" not in coset_lift.__getstate__()  # a cache, not pickled
