@@ -17,10 +17,11 @@ so the ops run on one slot per left coset gK (the representatives r, identity fi
 Where the ops reach an op invariant under K, ``eliminate-dead-slots`` (which runs first) has
 already computed one slot per coset for the whole network; this pass is for networks whose later
 ops can tell the slots apart (a flatten before a linear layer, an output that keeps the sequence).
-Only a chain of single-user ops right after the lift moves, checked by the rule table on the
-example's shapes like ``defer-lift``'s moves; ops that draw random numbers or use batch statistics
-do not (in training they would see |G/K| B samples instead of |G| B). The values between the two
-lifts are :class:`~equivfx.meta.CosetFolded`: ``verify``'s localisation does not read them.
+Only a chain of single-user ops right after the lift moves, checked by the rule table like
+``defer-lift``'s moves; ops that draw random numbers or use batch statistics do not (in training
+they would see |G/K| B samples instead of |G| B), nor ops whose claim holds on the example's shapes
+only (a pool tiling the example's grid; an operand from another model input). The values between
+the two lifts are :class:`~equivfx.meta.CosetFolded`: ``verify``'s localisation does not read them.
 Outputs are unchanged up to float rounding.
 """
 
@@ -31,11 +32,11 @@ import torch.fx as fx
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP, CosetFolded, Folded, set_rep
 from equivfx.passes.dead_slots import coset_representatives
-from equivfx.passes.defer import check_tiling, moves_past
+from equivfx.passes.defer import moves_past
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import CosetLift, Lift
-from equivfx.passes.rules import training_sensitive
+from equivfx.passes.rules import tiling_window, training_sensitive
 
 __all__ = ["DeferLiftToCosets", "COSETS_NAME"]
 
@@ -78,7 +79,6 @@ class DeferLiftToCosets(Pass):
         set_rep(lift, rep, lift.meta.get("equivfx.rule"))
         for node in chain:
             set_rep(node, rep, node.meta.get("equivfx.rule"))
-            check_tiling(gm, node, modules, self.name)
         # ... and the lift after them makes every slot from its coset's block
         last = chain[-1]
         gm.add_submodule(LIFT_NAME, CosetLift(G, sub.action, sub.elements, reps))
@@ -100,8 +100,8 @@ def _commuting_chain(lift: fx.Node, action, modules) -> list[fx.Node]:
     while len(prev.users) == 1:
         node = next(iter(prev.users))
         module = modules.get(node.target) if node.op == "call_module" else None
-        if training_sensitive(node, module):
-            break
+        if training_sensitive(node, module) or tiling_window(node, module) is not None:
+            break  # batch statistics would see fewer rows; a pool's claim holds on tiled grids only
         if moves_past(node, prev, action, modules) != "commutes":
             break
         chain.append(node)

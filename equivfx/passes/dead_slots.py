@@ -52,7 +52,7 @@ import torch.fx as fx
 
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP
-from equivfx.passes.defer import acts_trivially, check_tiling, moves_past
+from equivfx.passes.defer import acts_trivially, moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
@@ -98,19 +98,15 @@ class EliminateDeadSlots(Pass):
             shape = tuple(tm.shape[1:])
             kernel = module.action.kernel((1, *shape))
         shape_kernel = kernel
-        blind, relied = (), []
-        if shape is not None:
-            blind, relied = invariant_subgroup(lift, module.action, modules)
+        blind = invariant_subgroup(lift, module.action, modules) if shape is not None else ()
         kernel = generated_subgroup(G, (*kernel, *blind))
         if len(kernel) == 1:
             return PassResult(gm, False)
-        for pool in relied:
-            check_tiling(gm, pool, modules, self.name)
         slots = coset_representatives(G, kernel)
         module.slots, module.kernel, module.shape_kernel = slots, kernel, shape_kernel
         # only the elements found acting trivially on the example's shape need that shape: on
         # others, the run-time check sees whether they still do (the invariant part does not
-        # depend on the shape, but for the pools checked above)
+        # depend on the shape: it relies on no claim that does, see blind_to)
         module.kernel_shape = shape if len(shape_kernel) > 1 else None
         slot_map = slot_positions(G, slots, kernel)
         for _, m in gm.named_modules():
@@ -121,7 +117,7 @@ class EliminateDeadSlots(Pass):
         return PassResult(gm, True)
 
 
-def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[tuple[int, ...], list[fx.Node]]:
+def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[int, ...]:
     """Elements k of the group whose slots the ops after the lift cannot tell apart: every value
     computed from the lifted one commutes with k's action until an op is invariant under it (a
     symmetric reduction over the acted axes, a pool to 1x1), and only invariant values reach the
@@ -131,24 +127,19 @@ def invariant_subgroup(lift: fx.Node, action, modules) -> tuple[tuple[int, ...],
     Checked per subgroup the action names (:meth:`~equivfx.groups.actions.Action.restrictions`:
     the shifts of ShiftRev, one factor of a product, ...) with the rule table, as ``defer-lift``
     checks the whole group (:func:`blind_to`); the result is the subgroup those found generate
-    (invariance under k1 and k2 is invariance under k1 k2), empty where none is found; and the
-    pools whose commutation, found on the example's shape, it relies on (see
-    :func:`~equivfx.passes.defer.check_tiling`)."""
+    (invariance under k1 and k2 is invariance under k1 k2). Empty where none is found."""
     found: list[int] = []
-    relied: list[fx.Node] = []
     for sub in action.restrictions():
-        pools = blind_to(lift, sub.action, modules)
-        if pools is not None:
+        if blind_to(lift, sub.action, modules):
             found += sub.elements
-            relied += [p for p in pools if p not in relied]
-    return tuple(found), relied
+    return tuple(found)
 
 
 EQUIVARIANT, INVARIANT = "equivariant", "invariant"
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"})
 
 
-def blind_to(lift: fx.Node, action, modules) -> list[fx.Node] | None:
+def blind_to(lift: fx.Node, action, modules) -> bool:
     """Whether the graph's output is invariant under ``action`` applied to the lifted value.
 
     Every node computed from the lift gets a status, in graph order: *equivariant* (op(k.x) =
@@ -162,10 +153,10 @@ def blind_to(lift: fx.Node, action, modules) -> list[fx.Node] | None:
     any op drawing random numbers from a lift-derived value (``torch.randn(mu.shape)``: one draw
     per slot, not copies).
 
-    Returns None where the output is not found invariant, else the pools whose commutation with
-    the action holds only on tiled shapes like the example's (they need a run-time check)."""
+    Claims that hold on the example's shapes only are not relied on (the found subgroup must hold
+    on every input the model accepts): an operand computed from another model input (its shape
+    may differ at run time), a pool whose windows tile the example's grid."""
     status = {lift: EQUIVARIANT}
-    pools = []
     seen_lift = False
     for node in lift.graph.nodes:
         if not seen_lift:
@@ -176,18 +167,20 @@ def blind_to(lift: fx.Node, action, modules) -> list[fx.Node] | None:
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         if draws_random(node, module):
-            return None
+            return False
         equivariant = [a for a in read if status[a] == EQUIVARIANT]
         if not equivariant:
             status[node] = INVARIANT
             continue
+        if any(a not in status and reads_inputs(a) for a in node.all_input_nodes):
+            return False  # an operand from another input: its shape was seen on the example only
+        if tiling_window(node, module) is not None:
+            return False  # its claim holds on tiled grids only: no new errors on other shapes
         how = _status(node, equivariant, action, modules)
         if how is None:
-            return None
-        if tiling_window(node, module) is not None:
-            pools.append(node)
+            return False
         status[node] = how
-    return pools
+    return True
 
 
 def _status(node: fx.Node, equivariant, action, modules) -> str | None:

@@ -44,7 +44,14 @@ from equivfx.passes.rules import (
     training_sensitive,
 )
 
-__all__ = ["DeferLift", "CHECK_NAME", "acts_trivially", "check_tiling", "moves_past"]
+__all__ = [
+    "DeferLift",
+    "CHECK_NAME",
+    "acts_trivially",
+    "check_tiling",
+    "moves_past",
+    "reads_inputs",
+]
 
 CHECK_NAME = "equivfx_check_input"
 
@@ -105,6 +112,8 @@ def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
     folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
     if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
         return None
+    if any(reads_inputs(a) for a in node.all_input_nodes if a is not lift):
+        return None  # another input's shape, seen on the example only, may differ at run time
     module = modules.get(node.target) if node.op == "call_module" else None
     if draws_random(node, module):
         return None
@@ -123,6 +132,21 @@ def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
         return "invariant" if rule.invariant(ctx, action) else None
     except Exception:  # noqa: BLE001 - a rule that cannot decide does not move the op
         return None
+
+
+def reads_inputs(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from a model input (a placeholder): an operand whose
+    shape the rule saw on the example only (a mask of shape (1, 1, 1) there, (1, 1, L) at run
+    time would not commute with shifts). Parameters, buffers and constants are not."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def check_tiling(gm: fx.GraphModule, node: fx.Node, modules, origin: str) -> None:

@@ -267,11 +267,13 @@ class Lift(nn.Module):
 
     def extra_repr(self) -> str:
         computed = ""
-        if len(self.slots) < self.group.order:
+        if len(self.slots) < self.group.order and len(self.kernel) > 1:
             computed = (
                 f", slots={list(self.slots)} (one per coset of the {len(self.kernel)} elements "
                 "whose slots equal the identity's)"
             )
+        elif len(self.slots) < self.group.order:  # defer-lift-to-cosets
+            computed = f", slots={list(self.slots)} (one per coset; a coset lift makes the rest)"
         return f"group={self.group!r}, action={self.action.describe()}{computed}"
 
 
@@ -375,16 +377,23 @@ class CosetLift(nn.Module):
         are one gather (an index cached per shape, as the lift's); otherwise one action per
         slot, then a cat."""
         slots = tuple(slots)
-        if y.shape[0] == len(self.reps) and eager_tensor(y) and self.action.is_permutation:
+        if (
+            y.shape[0] == len(self.reps)
+            and y.numel() * len(slots) <= Lift.GATHER_LIMIT  # above it, actions op by op are
+            and eager_tensor(y)  # as fast (see Lift.GATHER_LIMIT); the index stays small
+            and self.action.is_permutation
+        ):
             key = (tuple(y.shape), y.device, slots)
-            index = self.__dict__.setdefault("_indices", {}).get(key)
-            if index is None and y.numel() * len(slots) <= Lift.INDEX_LIMIT:
+            indices = self.__dict__.setdefault("_indices", {})
+            index = indices.get(key)
+            if index is None:
                 index = self._index_for(y, slots)
-                if len(self._indices) >= Lift.CACHED_SHAPES:
-                    self._indices.clear()
-                self._indices[key] = index
-            if index is not None:
-                return y.reshape(-1).index_select(0, index).view(len(slots), *y.shape[1:])
+                cached = list(indices.values())  # a snapshot: other threads may be adding
+                entries = sum(i.numel() for i in cached) + index.numel()
+                if len(cached) >= Lift.CACHED_SHAPES or entries > 4 * Lift.INDEX_LIMIT:
+                    indices.clear()
+                indices[key] = index
+            return y.reshape(-1).index_select(0, index).view(len(slots), *y.shape[1:])
         blocks = torch.unflatten(y, 0, (len(self.reps), -1))
         return torch.cat(
             [self.action._apply(i, blocks[j]) for j, i in map(self.where.__getitem__, slots)], 0

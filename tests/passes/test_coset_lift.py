@@ -192,3 +192,41 @@ def test_one_sample_is_lifted_by_one_cached_gather(readout):
     for g, (j, i) in enumerate(coset_lift.where):
         assert torch.equal(by_gather[g : g + 1], coset_lift.action._apply(i, blocks[j]))
     assert "_indices" not in coset_lift.__getstate__()  # a cache, not pickled
+
+
+class MaskedHead(FlatHead):
+    def forward(self, x, mask):
+        return self.fc((torch.relu(self.b(torch.relu(self.a(x)))) * mask).flatten(1))
+
+
+class PooledGrid(nn.Module):
+    """Under D4 x Shift8@-3 a 1x1 convolution commutes with the rotations and flips only (the
+    shift moves the channels), and so does a 2x2 pool, on grids it tiles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.p = nn.MaxPool2d(2)
+        self.ap = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.fc(self.ap(self.p(torch.relu(self.c(x)))).flatten(1))
+
+
+def test_claims_seen_on_the_example_only_end_the_chain():
+    G = equivfx.group("ShiftRev4")
+    model = MaskedHead().eval()
+    fast = equivfx.compile(model, G, example_inputs=(X, torch.ones(1, 1, 1)), chunk=None)
+    mask = torch.linspace(0, 1, 16).view(1, 1, 16)  # per position at run time
+    with torch.no_grad():
+        want = torch.stack([model(G.act(G.inverse(g), X), mask) for g in G.elements]).mean(0)
+        torch.testing.assert_close(fast(X, mask), want, rtol=1e-5, atol=1e-6)
+    G = equivfx.group("D4xShift8@-3")
+    model = PooledGrid().eval()
+    fast = equivfx.compile(model, G, example_inputs=torch.randn(2, 8, 8, 8), chunk=None)
+    chain = [n.target for n in fast.graph.nodes if n.op == "call_module"]
+    assert chain.index("equivfx_lift") < chain.index("p")  # the pool runs after the coset lift
+    x = torch.randn(2, 8, 7, 7)  # the unoptimised model takes it: so does this one
+    torch.testing.assert_close(fast(x).detach(), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)

@@ -493,19 +493,47 @@ class PoolFirst(nn.Module):
         return self.conv(self.pool(x)).mean((-2, -1))
 
 
-@pytest.mark.parametrize("model", [ResidualPool(), PoolFirst()], ids=lambda m: type(m).__name__)
-def test_a_pool_relied_on_is_checked_on_other_shapes(model):
-    model.eval()
+def test_a_pool_defer_lift_moves_is_checked_on_other_shapes():
+    model = PoolFirst().eval()
     G = equivfx.group("D4")
     fast = equivfx.compile(model, G, example_inputs=torch.randn(2, 3, 6, 6))
     checks = [m for n, m in flat(fast).named_modules() if n.startswith("equivfx_tiles_")]
     assert [c.window for c in checks] == [2]
-    if isinstance(model, ResidualPool):
-        assert flat(fast).equivfx_lift.slots == (0, 4)  # one per coset of the rotations
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(fast(x).detach(), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(InputShapeError, match=r"2x2 windows tile a square input.*, 7, 7\)"):
         fast(torch.randn(2, 3, 7, 7))  # the pool drops a row and a column: not a rotation's
+
+
+def test_the_subgroup_search_does_not_rely_on_a_pool_tiling_the_example():
+    # blind to the rotations on 6x6 and 8x8, not on 7x7: the search keeps every slot rather
+    # than raise on grids that the unoptimised model accepts
+    model = ResidualPool().eval()
+    G = equivfx.group("D4")
+    fast = equivfx.compile(model, G, example_inputs=torch.randn(2, 3, 6, 6))
+    assert flat(fast).equivfx_lift.slots == tuple(range(8))
+    for size in (6, 7):
+        x = torch.randn(2, 3, size, size)
+        want = loop_oracle(model, G, x)
+        torch.testing.assert_close(fast(x).detach(), want, rtol=1e-5, atol=1e-6)
+
+
+class Masked(CircularSeq):
+    """A second, unbatched input multiplies the features: constant along the sequence in the
+    example (1, 1, 1), a per-position mask at run time (1, 1, L)."""
+
+    def forward(self, x, mask):
+        return self.fc((torch.relu(self.b(torch.relu(self.a(x)))) * mask).mean(-1))
+
+
+def test_an_operand_from_another_input_is_not_relied_on():
+    model = Masked().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=(X_SEQ, torch.ones(1, 1, 1)))
+    mask = torch.linspace(0, 1, 16).view(1, 1, 16)
+    with torch.no_grad():
+        want = torch.stack([model(G.act(G.inverse(g), X_SEQ), mask) for g in G.elements]).mean(0)
+        torch.testing.assert_close(fast(X_SEQ, mask), want, rtol=1e-5, atol=1e-6)
 
 
 class ShiftBlind(nn.Module):
