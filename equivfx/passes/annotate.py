@@ -28,7 +28,14 @@ import torch.fx as fx
 from equivfx.meta import REP, BatchSize, Folded, InputRep, Trivial, set_rep
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.options import LiftOptions
-from equivfx.passes.rules import BatchCtx, describe_node, lookup, missing_rule, rule_key
+from equivfx.passes.rules import (
+    BatchCtx,
+    describe_node,
+    lookup,
+    missing_rule,
+    node_module,
+    rule_key,
+)
 
 __all__ = ["AnnotateReps", "BATCH_LITERAL", "OpaqueLeafWarning"]
 
@@ -77,7 +84,7 @@ class AnnotateReps(Pass):
                 set_rep(node, Trivial())
                 reps[node] = Trivial()
                 continue
-            module = modules.get(node.target) if node.op == "call_module" else None
+            module = node_module(node, modules)
             key = rule_key(node, module)
             rule = lookup(key)
             ctx = BatchCtx(

@@ -36,7 +36,7 @@ from equivfx.passes.defer import moves_past
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import CosetLift, Lift
-from equivfx.passes.rules import tiling_window, training_sensitive
+from equivfx.passes.rules import node_module, tiling_window, training_sensitive
 
 __all__ = ["DeferLiftToCosets", "COSETS_NAME"]
 
@@ -99,7 +99,7 @@ def _commuting_chain(lift: fx.Node, action, modules) -> list[fx.Node]:
     prev = lift
     while len(prev.users) == 1:
         node = next(iter(prev.users))
-        module = modules.get(node.target) if node.op == "call_module" else None
+        module = node_module(node, modules)
         if training_sensitive(node, module) or tiling_window(node, module) is not None:
             break  # batch statistics would see fewer rows; a pool's claim holds on tiled grids only
         if moves_past(node, prev, action, modules) != "commutes":

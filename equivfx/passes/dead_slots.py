@@ -59,6 +59,7 @@ from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
 from equivfx.passes.rules import (
     draws_random,
     lookup,
+    node_module,
     rule_key,
     tiling_window,
     training_sensitive,
@@ -84,7 +85,7 @@ class EliminateDeadSlots(Pass):
             return PassResult(gm, False)
         modules = dict(gm.named_modules())
         for n in _after(lift):  # in training, slots past these are not copies of one another
-            if training_sensitive(n, modules.get(n.target) if n.op == "call_module" else None):
+            if training_sensitive(n, node_module(n, modules)):
                 return PassResult(gm, False)
         module: Lift = gm.get_submodule(LIFT_NAME)
         G = module.group
@@ -165,7 +166,7 @@ def blind_to(lift: fx.Node, action, modules) -> bool:
         read = [a for a in node.all_input_nodes if a in status]
         if not read:
             continue
-        module = modules.get(node.target) if node.op == "call_module" else None
+        module = node_module(node, modules)
         if draws_random(node, module):
             return False
         equivariant = [a for a in read if status[a] == EQUIVARIANT]
@@ -200,7 +201,7 @@ def _status(node: fx.Node, equivariant, action, modules) -> str | None:
     if out is None or any(a % len(out) == 0 for a in action.axes):
         return None
     acted = {a % len(out) for a in action.axes}
-    module = modules.get(node.target) if node.op == "call_module" else None
+    module = node_module(node, modules)
     rule = lookup(rule_key(node, module))
     if rule is not None and rule.kind == "pointwise" and not draws_random(node, module):
         # elementwise: k moves every equivariant operand alike and fixes the others, which must

@@ -39,6 +39,7 @@ from equivfx.passes.rules import (
     BatchCtx,
     draws_random,
     lookup,
+    node_module,
     rule_key,
     tiling_window,
     training_sensitive,
@@ -114,7 +115,7 @@ def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
         return None
     if any(reads_inputs(a) for a in node.all_input_nodes if a is not lift):
         return None  # another input's shape, seen on the example only, may differ at run time
-    module = modules.get(node.target) if node.op == "call_module" else None
+    module = node_module(node, modules)
     if draws_random(node, module):
         return None
     rule = lookup(rule_key(node, module))
@@ -153,7 +154,7 @@ def check_tiling(gm: fx.GraphModule, node: fx.Node, modules, origin: str) -> Non
     """Put a :class:`~equivfx.passes.modules.TilingCheck` before ``node`` if it is a pool whose
     commutation with rotations holds only where its windows tile the input (found on the
     example's shape): another input shape must not silently break what a pass relied on."""
-    window = tiling_window(node, modules.get(node.target) if node.op == "call_module" else None)
+    window = tiling_window(node, node_module(node, modules))
     if window is None:
         return
     src = node.args[0]
@@ -177,7 +178,7 @@ def acts_trivially(action, node: fx.Node, modules) -> bool:
     tm = node.meta.get("tensor_meta")
     if tm is None or not hasattr(tm, "shape") or isinstance(action, TrivialAction):
         return False
-    size = getattr(modules.get(node.target) if node.op == "call_module" else None, "output_size", 0)
+    size = getattr(node_module(node, modules), "output_size", 0)
     sizes = size if isinstance(size, tuple) else (size,)
     if not all(s == 1 for s in sizes):
         return False

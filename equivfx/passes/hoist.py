@@ -42,7 +42,7 @@ from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import Readout
 from equivfx.passes.projection import READOUT_NAME
-from equivfx.passes.rules import draws_random, lookup, rule_key
+from equivfx.passes.rules import draws_random, lookup, node_module, rule_key
 
 __all__ = ["HoistProjection", "POOL_NAME"]
 
@@ -88,7 +88,7 @@ class HoistProjection(Pass):
             return False
         if node.meta.get("equivfx.mixing") or node.meta.get("equivfx.rule") == "mix-gather":
             return False
-        module = modules.get(node.target) if node.op == "call_module" else None
+        module = node_module(node, modules)
         if draws_random(node, module):
             return False
         rule = lookup(rule_key(node, module))
@@ -208,7 +208,7 @@ input alone, and is not here); their in-place forms are refused by ``_mutation_f
 
 
 def _jointly_linear(node: fx.Node, modules) -> bool:
-    module = modules.get(node.target) if node.op == "call_module" else None
+    module = node_module(node, modules)
     rule = lookup(rule_key(node, module))
     return rule is not None and rule.name in JOINTLY_LINEAR
 

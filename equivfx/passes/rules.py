@@ -49,6 +49,7 @@ __all__ = [
     "draws_random",
     "training_sensitive",
     "register",
+    "node_module",
     "rule_key",
     "lookup",
     "describe_node",
@@ -272,6 +273,11 @@ def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
     if node.op == "call_module":
         return isinstance(module, BATCH_STAT_MODULES)
     return node.op == "call_function" and node.target is F.batch_norm
+
+
+def node_module(node: fx.Node, modules: dict) -> nn.Module | None:
+    """The module ``node`` calls (from ``dict(gm.named_modules())``), None for other nodes."""
+    return modules.get(node.target) if node.op == "call_module" else None
 
 
 def rule_key(node: fx.Node, module: nn.Module | None = None):
