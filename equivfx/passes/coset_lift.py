@@ -34,7 +34,7 @@ from equivfx.meta import REP, CosetFolded, Folded, set_rep
 from equivfx.passes.dead_slots import coset_representatives
 from equivfx.passes.defer import moves_past
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.lift import LIFT_NAME, find_lift
+from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import CosetLift, Lift
 from equivfx.passes.rules import node_module, tiling_window, training_sensitive
 
@@ -49,8 +49,8 @@ class DeferLiftToCosets(Pass):
     provides = frozenset({REP})
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        lift = find_lift(gm)
-        if lift is None or any(n.meta.get("equivfx.mixing") for n in gm.graph.nodes):
+        lift = find_global_lift(gm)
+        if lift is None:
             return PassResult(gm, False)
         module = gm.get_submodule(LIFT_NAME)
         G = module.group

@@ -54,7 +54,7 @@ from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP
 from equivfx.passes.defer import acts_trivially, moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult
-from equivfx.passes.lift import LIFT_NAME, find_lift
+from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
 from equivfx.passes.rules import (
     draws_random,
@@ -80,8 +80,8 @@ class EliminateDeadSlots(Pass):
     provides = frozenset({REP})
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        lift = find_lift(gm)
-        if lift is None or any(n.meta.get("equivfx.mixing") for n in gm.graph.nodes):
+        lift = find_global_lift(gm)
+        if lift is None:
             return PassResult(gm, False)
         modules = dict(gm.named_modules())
         for n in _after(lift):  # in training, slots past these are not copies of one another

@@ -22,7 +22,7 @@ from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.modules import Broadcast, Lift
 from equivfx.passes.options import LiftOptions
 
-__all__ = ["InsertLift", "LIFT_NAME", "find_lift"]
+__all__ = ["InsertLift", "LIFT_NAME", "find_global_lift", "find_lift"]
 
 LIFT_NAME = "equivfx_lift"
 
@@ -68,3 +68,11 @@ def find_lift(gm: fx.GraphModule) -> fx.Node | None:
     return next(
         (n for n in gm.graph.nodes if n.op == "call_module" and n.target == LIFT_NAME), None
     )
+
+
+def find_global_lift(gm: fx.GraphModule) -> fx.Node | None:
+    """The node that calls the lift in a global-mode graph; None without one, and for layer-wise
+    graphs, whose mixing layers read every slot (the passes that choose slots leave them alone)."""
+    if any(n.meta.get("equivfx.mixing") for n in gm.graph.nodes):
+        return None
+    return find_lift(gm)

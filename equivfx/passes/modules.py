@@ -321,8 +321,9 @@ class _Hit(NamedTuple):
 def slot_positions(group, slots, kernel) -> tuple[int, ...]:
     """For each element g, the position in ``slots`` of the computed slot equal to slot g.
 
-    ``slots`` holds one element per coset of ``kernel``, a normal subgroup acting trivially where
-    the lift sits: slot g = slot r for the r in ``slots`` with r^-1 g in ``kernel``."""
+    ``slots`` holds one element per left coset r K of ``kernel``, a subgroup (not necessarily
+    normal) whose slots are copies where the lift sits: slot g = slot r for the r in ``slots`` with
+    r^-1 g in ``kernel``."""
     table, inv, kernel = group.table, group.inverse_table, set(kernel)
     return tuple(
         next(j for j, r in enumerate(slots) if table[inv[r]][g] in kernel)
@@ -363,8 +364,7 @@ class CosetLift(nn.Module):
         table, inv = group.table, group.inverse_table
         position = {k: i for i, k in enumerate(elements)}
         where = []
-        for g in range(group.order):
-            j = next(j for j, r in enumerate(self.reps) if table[inv[r]][g] in position)
+        for g, j in enumerate(slot_positions(group, self.reps, elements)):
             k = table[inv[self.reps[j]]][g]  # g = r k
             where.append((j, position[inv[k]]))  # block j, acted on by k^-1
         self.where: tuple[tuple[int, int], ...] = tuple(where)
