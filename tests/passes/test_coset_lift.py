@@ -10,6 +10,7 @@ import io
 
 import pytest
 import torch
+from slot_checks import flat, loop_oracle, rows_seen
 from torch import nn
 
 import equivfx
@@ -63,33 +64,6 @@ class GridHead(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
-
-
-def flat(emodel):
-    return getattr(emodel, "equivfx_flat", emodel)
-
-
-def rows_seen(module: nn.Module, run) -> int:
-    rows = []
-    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return sum(rows)
-
-
-def loop_oracle(model, G, x, readout="invariant", pool="mean"):
-    with torch.no_grad():
-        slots = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
-    if readout == "slots":
-        return slots
-    if readout == "pose":
-        return slots.flatten(1)
-    if pool == "logsumexp":
-        return torch.logsumexp(slots, 1) - torch.log(torch.tensor(float(G.order)))
-    return {"mean": slots.mean(1), "max": slots.amax(1)}[pool]
 
 
 @pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slot_checks import flat, loop_oracle, rows_seen
 from torch import nn
 
 import equivfx
@@ -81,22 +82,6 @@ def both(model, spec, x, **kwargs):
     fast = equivfx.compile(model, spec, example_inputs=x, check=True, **kwargs)
     slow = equivfx.compile(model, spec, example_inputs=x, optimize=False, **kwargs)
     return fast, slow
-
-
-def flat(emodel):
-    return getattr(emodel, "equivfx_flat", emodel)
-
-
-def rows_seen(module: nn.Module, run) -> int:
-    """Rows ``module`` sees in one run, over all its calls (chunks run it once per chunk)."""
-    rows = []
-    handle = module.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        handle.remove()
-    return sum(rows)
 
 
 @pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
@@ -244,15 +229,6 @@ class CircularGrid(nn.Module):
 
 X_SEQ = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(5))
 X_GRID = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
-
-
-def loop_oracle(model, G, x, readout="invariant", pool="mean"):
-    """The definition, element by element: F(g^-1 . x) for every g, then the readout."""
-    with torch.no_grad():
-        slots = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
-    if readout == "slots":
-        return slots
-    return {"mean": slots.mean(1), "max": slots.amax(1)}[pool]
 
 
 @pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
