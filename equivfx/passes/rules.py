@@ -11,7 +11,8 @@ what
 - **commutes**: does ``op(g . x) == g . op(x)`` hold for a given input action (pointwise ops under
   any permutation of entries, 1x1 convolutions under spatial actions, circular convolutions under
   cyclic shifts, ...)? Used by cost passes.
-- **invariant**: does ``op(g . x) == op(x)`` hold (symmetric reductions over every acted axis)?
+- **invariant**: does ``op(g . x) == op(x)`` hold (symmetric reductions over every acted axis,
+  adaptive pools to size 1 along every acted axis)?
   Used by cost passes: past such an op every slot holds the same value.
 - **linear**: is the op linear in its tensor inputs?
 
@@ -1267,6 +1268,38 @@ def global_pool_commutes(ctx: BatchCtx, action) -> bool:
     )
 
 
+_ADAPTIVE_POOL_DIMS = {
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def adaptive_pool_invariant(ctx: BatchCtx, action) -> bool:
+    """An adaptive pool over the last d axes (d = 1, 2, 3) is invariant under actions that only
+    permute entries along axes it pools to size 1: each output entry is then a mean (or max)
+    over the whole of those axes, pool(g . x) == pool(x). An output size of None keeps its axis
+    (not pooled to 1); the indices of ``return_indices=True`` move with the entries."""
+    m = ctx.module
+    d = next((n for cls, n in _ADAPTIVE_POOL_DIMS.items() if isinstance(m, cls)), None)
+    x = ctx.node.args[0] if ctx.node.args else None
+    r = ctx.rank(x) if isinstance(x, fx.Node) else None
+    if d is None or r is None or r <= d or getattr(m, "return_indices", False):
+        return False
+    if not getattr(action, "is_permutation", False):
+        return False
+    size = m.output_size
+    sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,) * d
+    if len(sizes) != d:
+        return False
+    acted = _acted_axes(action, r)
+    reduced = {r - d + i for i, s in enumerate(sizes) if s == 1}
+    return bool(acted) and 0 not in acted and acted <= reduced
+
+
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
@@ -1909,10 +1942,28 @@ register(
 # ----------------------------------------------------------------------------------------------
 
 
-def _m(cls_list, name, batch, linear=False, commutes=lambda ctx, a: False, example=None, note=""):
+def _m(
+    cls_list,
+    name,
+    batch,
+    linear=False,
+    commutes=lambda ctx, a: False,
+    invariant=lambda ctx, a: False,
+    example=None,
+    note="",
+):
     register(
         cls_list,
-        OpRule(name, "module", batch, linear=linear, commutes=commutes, example=example, note=note),
+        OpRule(
+            name,
+            "module",
+            batch,
+            linear=linear,
+            commutes=commutes,
+            example=example,
+            note=note,
+            invariant=invariant,
+        ),
     )
 
 
@@ -2043,6 +2094,7 @@ _m(
     "adaptive_pool",
     first_axis(0),
     commutes=global_pool_commutes,
+    invariant=adaptive_pool_invariant,
     example=_mod(lambda: nn.AdaptiveAvgPool2d(1), IMG),
 )
 _m([nn.Flatten], "flatten", flatten_rule(), linear=True, example=_mod(nn.Flatten, IMG))

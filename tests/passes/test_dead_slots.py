@@ -347,6 +347,41 @@ def test_branches_after_the_lift_are_followed(model, chunk):
     assert rows_seen(model.a, lambda: fast(X_SEQ)) == 3 * 2  # of 3 * 8
 
 
+class AdaptiveHead(CircularSeq):
+    """CircularSeq with an adaptive pool to length 1, a flatten and the linear head instead of a
+    mean over the sequence: the pool is as blind to the shifts as the mean. (Without the pool's
+    invariance claim, defer-lift-to-cosets still runs the convolutions on 2 slots, but the pool
+    and the head on all 8.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+@pytest.mark.parametrize("kwargs", READOUTS, ids=lambda k: "-".join(k.values()))
+@pytest.mark.parametrize("chunk", [None, "auto"])
+def test_an_adaptive_pool_to_one_is_blind_to_the_shifts(kwargs, chunk):
+    model = AdaptiveHead().eval()
+    G = equivfx.group("ShiftRev4")
+    fast, slow = both(model, G, X_SEQ, chunk=chunk, **kwargs)
+    lift = flat(fast).equivfx_lift
+    assert lift.slots == (0, 4)
+    assert (lift.kernel, lift.shape_kernel) == ((0, 1, 2, 3), (0,))
+    with torch.no_grad():
+        fast(X_SEQ)  # chunk="auto" measures at the first call
+        torch.testing.assert_close(fast(X_SEQ), slow(X_SEQ), rtol=1e-5, atol=1e-6)
+        want = loop_oracle(model, G, X_SEQ, kwargs["readout"], kwargs.get("pool", "mean"))
+        torch.testing.assert_close(fast(X_SEQ), want, rtol=1e-5, atol=1e-6)
+    assert rows_seen(model.a, lambda: fast(X_SEQ)) == 3 * 2  # of 3 * 8
+    assert rows_seen(model.pool, lambda: fast(X_SEQ)) == 3 * 2
+    assert rows_seen(model.pool, lambda: slow(X_SEQ)) == 3 * 8
+    assert equivfx.verify(fast, X_SEQ).ok
+
+
 class Positional(CircularSeq):
     """A learned per-position offset: shifts move the input but not the offset."""
 

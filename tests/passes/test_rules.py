@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import equivfx
@@ -360,3 +361,46 @@ def test_unbind_reads_its_dim_second(form):
                 return torch.unbind(x, 0)[0]
 
         equivfx.compile(Batch(), "Rev", example_inputs=x)
+
+
+def _pool_claims_invariance(pool, group, shape):
+    """The adaptive pool's invariance claim under ``group`` on an input of ``shape``; where it
+    claims invariance, pool(g . x) == pool(x) is checked on every generator."""
+    rule = lookup(type(pool))
+    module = _Wrap(pool).double()
+    xs = [torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))]
+    gm, G = _traced(module, xs, group)
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    claims = rule.invariant(_ctx(gm, node, gm.get_submodule(node.target), shape[0]), G.action)
+    if claims:
+        with torch.no_grad():
+            y = module(xs[0])
+            for g in G.generators:
+                torch.testing.assert_close(module(G.act(g, xs[0])), y, rtol=1e-9, atol=1e-9)
+    return claims
+
+
+@pytest.mark.parametrize(
+    "pool, group, shape, claims",
+    [
+        (nn.AdaptiveAvgPool1d(1), "Shift4", (2, 3, 8), True),
+        (nn.AdaptiveAvgPool1d(1), "Rev", (2, 3, 8), True),
+        (nn.AdaptiveMaxPool1d(1), "ShiftRev4", (2, 3, 8), True),
+        (nn.AdaptiveAvgPool1d(1), "Perm4@-1", (2, 3, 4), True),  # a set on the pooled axis
+        (nn.AdaptiveAvgPool2d(1), "C4", (2, 3, 6, 6), True),
+        (nn.AdaptiveAvgPool2d(1), "D4", (2, 3, 6, 6), True),
+        (nn.AdaptiveMaxPool2d(1), "C4", (2, 3, 6, 6), True),
+        (nn.AdaptiveMaxPool2d(1), "D4", (2, 3, 6, 6), True),
+        (nn.AdaptiveAvgPool2d((1, None)), "Rev@-2", (2, 3, 6, 5), True),  # the rows pool to 1
+        (nn.AdaptiveAvgPool3d((None, 1, 1)), "D4", (2, 3, 4, 6, 6), True),
+        (nn.AdaptiveAvgPool2d(2), "C4", (2, 3, 6, 6), False),  # a 2x2 grid turns
+        (nn.AdaptiveAvgPool2d((1, None)), "C4", (2, 3, 6, 6), False),  # None keeps the columns
+        (nn.AdaptiveAvgPool2d((1, None)), "Rev", (2, 3, 6, 5), False),
+        (nn.AdaptiveAvgPool2d(1), "C8", (2, 3, 6, 6), False),  # interpolated: not a permutation
+        (nn.AdaptiveAvgPool1d(1), "Perm3@-2", (2, 3, 8), False),  # the set axis is not pooled
+        (nn.AdaptiveMaxPool2d(1, return_indices=True), "C4", (2, 3, 6, 6), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
+)
+def test_adaptive_pools_claim_invariance_only_over_axes_pooled_to_one(pool, group, shape, claims):
+    assert _pool_claims_invariance(pool, group, shape) is claims
