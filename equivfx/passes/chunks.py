@@ -45,7 +45,14 @@ from equivfx.errors import NotYetSupportedError, explain
 from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
-from equivfx.passes.modules import MEASURING, averageable, is_tracing, repeat_per_slot
+from equivfx.passes.modules import (
+    MEASURING,
+    averageable,
+    devices_of,
+    is_tracing,
+    repeat_per_slot,
+    synchronize,
+)
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
 
@@ -241,14 +248,17 @@ class SlotChunks(nn.Module):
         bookkeeping, so a chunk size must be clearly faster to be chosen."""
         sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
         best = {k: float("inf") for k in sizes}
+        devices = devices_of(args, self)  # CUDA kernels run after the call returns
         start = time.perf_counter()
         shuffle = random.Random(0).shuffle
         for round_ in range(21):
             order = list(sizes)
             shuffle(order)
             for k in order:
+                synchronize(devices)
                 t = time.perf_counter()
                 self._run(args, k)
+                synchronize(devices)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
             if round_ >= 3 and time.perf_counter() - start > 0.3:

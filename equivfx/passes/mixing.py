@@ -49,7 +49,13 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from equivfx.errors import EquivFXError, InputShapeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.modules import MEASURING, eager_tensor, is_tracing
+from equivfx.passes.modules import (
+    MEASURING,
+    devices_of,
+    eager_tensor,
+    is_tracing,
+    synchronize,
+)
 
 __all__ = [
     "MixLayers",
@@ -382,8 +388,9 @@ class MixingLayer:
     gather_format: str = "auto"  # "auto": follow GATHER_FORMAT; "nchw" or "nhwc": fixed
 
     def _set_group(self, group, layout: str = "fused") -> None:
-        table = torch.tensor(group.table, dtype=torch.long)
-        inverse = torch.tensor(group.inverse_table, dtype=torch.long)
+        device = self.weight.device  # a model compiled where it lives (on a GPU) keeps it there
+        table = torch.tensor(group.table, dtype=torch.long, device=device)
+        inverse = torch.tensor(group.inverse_table, dtype=torch.long, device=device)
         self.order = group.order
         self.layout = layout
         self.formats: dict[tuple, str] = {}  # gather layout: input (shape, dtype) -> memory format
@@ -535,11 +542,14 @@ class _MixingConv(MixingLayer):
         be at least 3 % faster (channels-first computes what the original layer computes on the
         identity block, bitwise)."""
         best = {False: math.inf, True: math.inf}
+        devices = devices_of(x, weight)  # CUDA kernels run after the call returns
         start = time.perf_counter()
         for round_ in range(6):
             for channels_last in (False, True) if round_ % 2 == 0 else (True, False):
+                synchronize(devices)
                 t = time.perf_counter()
                 self._gather_conv(x, weight, bias, channels_last)
+                synchronize(devices)
                 if round_:
                     best[channels_last] = min(best[channels_last], time.perf_counter() - t)
             if round_ and time.perf_counter() - start > 0.1:
@@ -744,7 +754,8 @@ class MixLayers(Pass):
             axis = 1 if not isinstance(m, nn.Linear) else -1
             groups = getattr(m, "groups", 1)
             gather_name = "equivfx_gather_" + name.replace(".", "_")
-            gm.add_submodule(gather_name, SlotGather(G, axis, groups, opts.twist))
+            gather = SlotGather(G, axis, groups, opts.twist).to(m.weight.device)
+            gm.add_submodule(gather_name, gather)
             for node in calls[name]:
                 arg = node.args[0]
                 rep = arg.meta.get(REP)

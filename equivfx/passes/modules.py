@@ -44,6 +44,40 @@ each other's work, and a thread that waited finds the decision made. Reentrant: 
 may run another that measures."""
 
 
+def devices_of(*values) -> set[torch.device]:
+    """The devices other than the CPU that the tensors in ``values`` (and in the lists, tuples and
+    dicts among them, and the parameters and buffers of the modules among them) live on."""
+    found: set[torch.device] = set()
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            found.add(v.device)
+        elif isinstance(v, nn.Module):
+            stack.extend(v.parameters())
+            stack.extend(v.buffers())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return {d for d in found if d.type != "cpu"}
+
+
+def synchronize(devices) -> None:
+    """Wait until the work queued on ``devices`` has run. Kernels on CUDA (and other accelerators)
+    run asynchronously: a timer that reads the clock without waiting measures how long they took
+    to queue, not to run. Device types without a ``synchronize`` (meta) are skipped."""
+    for device in devices:
+        backend = getattr(torch, device.type, None)
+        sync = getattr(backend, "synchronize", None)
+        if sync is None:
+            continue
+        if device.type in ("cuda", "xpu"):
+            sync(device)
+        else:
+            sync()
+
+
 def eager_tensor(x) -> bool:
     """``x`` is a plain tensor in an eager call: not traced, compiled, exported or vmapped, so a
     cached index or a reused buffer may stand in for the ops a tracer would have to record."""

@@ -15,6 +15,7 @@ from torch import nn
 import equivfx
 from equivfx.errors import NotYetSupportedError
 from equivfx.passes.chunks import SlotChunks, _distance
+from equivfx.passes.modules import devices_of, synchronize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import ZOO  # noqa: E402
@@ -78,6 +79,44 @@ def test_auto_varies_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
     # a candidate does not always follow the same other one (its freed memory)
     after = {k: {r[r.index(k) - 1] for r in rounds if r.index(k)} for k in sizes}
     assert any(len(before) > 1 for before in after.values())
+
+
+def test_auto_times_the_work_a_device_runs_after_the_call_returns(monkeypatch):
+    # on CUDA a forward returns once its kernels are queued; they run later. A fake device:
+    # each candidate queues its cost, and only waiting for the device moves the clock
+    model, x, spec = ZOO["resnet"]()
+    runner = _compile(model.eval(), spec, x, chunk="auto").equivfx_chunks
+    clock, queued, waited = [0.0], [0.0], []
+    cost = {1: 3.0, 2: 1.0, 4: 2.0}
+
+    def fake_run(args, k):
+        queued[0] += cost[k]
+
+    def fake_synchronize(devices):
+        waited.append(devices)
+        clock[0] += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr("equivfx.passes.chunks.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("equivfx.passes.chunks.synchronize", fake_synchronize)
+    monkeypatch.setattr("equivfx.passes.chunks.devices_of", lambda *v: {torch.device("cuda", 0)})
+    assert runner._measure((x,)) == 2  # without waiting: every candidate 0 s, a tie, all slots
+    assert len(waited) == 2 * 3 * 4 and all(d == {torch.device("cuda", 0)} for d in waited)
+
+
+def test_devices_of_finds_tensors_in_containers_and_modules_and_synchronize_waits_on_them(
+    monkeypatch,
+):
+    meta = torch.empty(2, device="meta")
+    layer = nn.Linear(2, 2, device="meta")
+    assert devices_of(torch.zeros(2), [1, (meta, {"a": torch.zeros(1)})]) == {meta.device}
+    assert devices_of(nn.Linear(2, 2)) == set() and devices_of(layer) == {meta.device}
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    cuda = torch.device("cuda", 1)
+    synchronize({cuda, meta.device})  # meta has no queue to wait for
+    assert waited == [cuda]
 
 
 def test_auto_measures_a_bounded_number_of_shapes_then_reuses_the_nearest(monkeypatch):

@@ -667,6 +667,32 @@ def test_channels_last_layer_agrees_is_bitwise_equivariant_and_returns_channels_
     assert layer.formats == {}  # nothing measured: the format was fixed
 
 
+def test_auto_format_times_the_work_a_device_runs_after_the_call_returns(monkeypatch):
+    # on CUDA the layer returns once its kernels are queued: only waiting moves the fake clock
+    G, layer, plain = _gather_conv("C4", cin=2, cout=2)
+    monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
+    clock, queued, waited = [0.0], [0.0], []
+    real = layer._gather_conv
+
+    def fake(x, weight, bias, channels_last):
+        queued[0] += 0.004 if channels_last else 0.005
+        return real(x, weight, bias, channels_last)
+
+    def fake_synchronize(devices):
+        waited.append(devices)
+        clock[0] += queued[0]
+        queued[0] = 0.0
+
+    monkeypatch.setattr(layer, "_gather_conv", fake)
+    monkeypatch.setattr(mixing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(mixing, "synchronize", fake_synchronize)
+    monkeypatch.setattr(mixing, "devices_of", lambda *v: {torch.device("cuda", 0)})
+    with torch.no_grad():
+        layer(torch.randn(4, 2, 5, 5))
+    assert layer.formats == {((4, 2, 5, 5), torch.float32): "nhwc"}  # a tie would keep nchw
+    assert len(waited) == 2 * 2 * 6
+
+
 def test_auto_format_measures_once_per_shape_and_keeps_the_clearly_faster(monkeypatch):
     G, layer, plain = _gather_conv("C4", cin=2, cout=2)
     monkeypatch.setattr(mixing, "GATHER_FORMAT", "auto")
