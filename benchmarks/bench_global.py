@@ -159,7 +159,12 @@ def median_ms(timers: dict, rounds: int, min_run: float) -> dict:
 
 
 def paired_ms(
-    fns: dict, estimate_ms: dict, budget_s: float, block_s: float = 0.05, seed: int | None = 0
+    fns: dict,
+    estimate_ms: dict,
+    budget_s: float,
+    block_s: float = 0.05,
+    seed: int | None = 0,
+    sync=None,
 ) -> dict:
     """Per-call times (ms) of each callable in R rounds; in each round every callable runs one
     block of about ``block_s`` (at least one call), in an order shuffled anew each round (a
@@ -171,7 +176,8 @@ def paired_ms(
     predecessor, and a predecessor that frees large blocks (which glibc hands back to the system)
     makes the next callable page-fault its own. R fits ``budget_s`` (11 to 41 rounds). Two
     entries may time the same callable: their ratio is an A/A control, whose spread is the
-    resolution of the measurement.
+    resolution of the measurement. ``sync`` (if given) runs after each block, before the clock
+    is read: on a CUDA device, waiting for the block's kernels.
     """
     calls = {k: max(1, round(block_s * 1e3 / estimate_ms[k])) for k in fns}
     per_round = sum(calls[k] * estimate_ms[k] / 1e3 for k in fns)
@@ -190,6 +196,8 @@ def paired_ms(
             t = time.perf_counter()
             for _ in range(n):
                 fn()
+            if sync is not None:
+                sync()
             samples[k].append((time.perf_counter() - t) * 1e3 / n)
     return samples
 

@@ -459,6 +459,12 @@ def fill_docs(out: Path) -> dict[str, str]:
         "{{TABLES}}": "\n".join(targets[tables:]).rstrip("\n"),
         "{{MIX_TABLE}}": "\n".join(targets[mix + 2 : mix_end]),
     }
+    cuda = _load(out, "bench_cuda")  # from the GPU machine, not from run_all (no GPU here)
+    if cuda:
+        sys.path.insert(0, str(HERE))
+        from bench_cuda import render_markdown as render_cuda
+
+        fills["{{CUDA}}"] = render_cuda(cuda).rstrip("\n")
     pages = {}
     for name in DOCS:
         text = (HERE / "templates" / name).read_text()
