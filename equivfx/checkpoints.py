@@ -459,7 +459,17 @@ def _dynamic_batch():
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 
+def _export_example(example: torch.Tensor) -> torch.Tensor:
+    """The example to export with: torch.export specialises a dimension of size 1 (a batch-1
+    example made "Constraints violated (batch)"), so a batch of 1 is traced as 2 copies; the
+    artifact still takes any batch from 1 (the dimension's range)."""
+    if example.dim() and example.shape[0] == 1:
+        return torch.cat([example, example])
+    return example
+
+
 def _export_pt2(emodel: nn.Module, example: torch.Tensor, path: Path) -> None:
+    example = _export_example(example)
     with torch.no_grad():
         ep = torch.export.export(emodel, (example,), dynamic_shapes=({0: _dynamic_batch()},))
     torch.export.save(ep, str(path))
@@ -476,6 +486,7 @@ def _export_onnx(emodel: nn.Module, example: torch.Tensor, path: Path) -> None:
                 "pip install 'equivfx[onnx]'",
             )
         ) from err
+    example = _export_example(example)
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:

@@ -127,6 +127,30 @@ def test_compile_to_onnx_runs_under_onnxruntime(tmp_path, weights):
     run("verify", out, check_code=0)
 
 
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_an_example_batch_of_one_exports_a_dynamic_batch(tmp_path, weights, suffix):
+    # torch.export specialises a dimension of size 1: "Constraints violated (batch)" before
+    if suffix == ".onnx":
+        ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / f"cnn{suffix}"
+    run(
+        "compile", FACTORY, "--group", "C4", "--input-shape", "1,1,8,8", "-o", out,
+        "--weights", weights, check_code=0,
+    )  # fmt: skip
+    assert json.loads(Path(f"{out}.json").read_text())["input_shape"] == [1, 1, 8, 8]
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 8, 8)
+        if suffix == ".pt2":
+            with torch.no_grad():
+                y = torch.export.load(str(out)).module()(x)
+        else:
+            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(y, reference(weights)(x), rtol=1e-4, atol=1e-4)
+    run("verify", out, check_code=0)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dict_outputs_load_into_the_compiled_model(tmp_path, weights, suffix):
     out = tmp_path / f"cnn{suffix}"
