@@ -6,7 +6,8 @@ dispatch, launches; the GPU waits): ``bench_cuda.py`` measured the compiled mode
 every slot (the same graph). For each variant this prints the kernels one call launches (the
 profiler's CUDA events), the CPU time of a call (queued calls, the clock read before the device
 is waited for, so the GPU's own time only shows when it is the longer one) and the time of a call
-waited for.
+waited for. Also the lift as one gather at any input size (``Lift.GATHER_LIMIT``, tuned on the
+CPU, lifts inputs over 32K elements op by op: one kernel per slot and a cat).
 
 Run: ``python benchmarks/diagnose_cuda.py [--model resnet] [--group C4] [--batch 8]``
 """
@@ -65,12 +66,16 @@ def main() -> None:
     glob = equivfx.compile(model, G, example_inputs=x).eval()
     fold = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
     runner = glob.equivfx_chunks
+    gather = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
+    gather.equivfx_lift.GATHER_LIMIT = 1 << 40  # one gather at any size (the CPU's limit off)
     fns = {
         "base@GB": lambda: model(xg),
         "global (auto)": lambda: glob(x),
         "global (chunk=None)": lambda: fold(x),
         "auto's flat graph": lambda: glob.equivfx_flat(x),
         "lift alone": lambda: fold.equivfx_lift(x),
+        "global, one-gather lift": lambda: gather(x),
+        "one-gather lift alone": lambda: gather.equivfx_lift(x),
         "auto's decision alone": lambda: runner._decided((x,)),
     }
     with torch.no_grad():

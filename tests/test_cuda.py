@@ -178,6 +178,21 @@ def test_the_cached_lift_follows_the_model_between_devices():
         _close(emodel.to(CUDA)(x.to(CUDA)), want)
 
 
+def test_large_inputs_are_lifted_by_one_gather_on_the_device():
+    # on the CPU inputs over Lift.GATHER_LIMIT go op by op; on the device every size is gathered
+    from equivfx.passes.modules import Lift
+
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    x = torch.randn(64, 3, 32, 32)
+    assert x.numel() > Lift.GATHER_LIMIT
+    want = torch.cat([G.act(G.inverse(g), x) for g in G.elements])
+    y = lift(x.to(CUDA))
+    assert len(lift._gathers) == 1
+    assert torch.equal(y.cpu(), want)
+    assert torch.equal(lift(x.to(CUDA)).cpu(), want)  # the cached gather
+
+
 class _Seq(nn.Module):
     """Circular convolutions, then a mean over positions (``pool``) or a linear layer over every
     position: the first computes 2 of ShiftRev4's 8 slots, the second lifts to cosets."""

@@ -205,11 +205,14 @@ class Lift(nn.Module):
         return torch.cat([self.action._apply(self.inverses[i], x) for i in slots], 0)
 
     GATHER_LIMIT = 1 << 15
-    """Largest input (elements, all samples) lifted by one gather. Below it the per-slot ops
-    and the cat cost more than the data they move (D4 on one 3x32x32 image: 68 us op by op, 20
-    us by gather; Perm5's 120 slots on a set of 5: 686 -> 11 us); above it both move the same
-    data, and rolls, which copy whole blocks, are faster op by op (ShiftRev4 on 64 sequences of
-    8x128: 176 against 326 us); ``benchmarks/diagnose_overhead.py``."""
+    """Largest input on the CPU (elements, all samples) lifted by one gather. Below it the
+    per-slot ops and the cat cost more than the data they move (D4 on one 3x32x32 image: 68 us op
+    by op, 20 us by gather; Perm5's 120 slots on a set of 5: 686 -> 11 us); above it both move the
+    same data, and rolls, which copy whole blocks, are faster op by op (ShiftRev4 on 64 sequences
+    of 8x128: 176 against 326 us); ``benchmarks/diagnose_overhead.py``. On other devices every
+    size is gathered (``INDEX_LIMIT`` still holds): a GPU call is bound by its launches, one per
+    slot and the cat op by op (on an H200, D4 on 64 3x32x32 images: 11 kernels and 149 us of
+    CPU per call op by op, 1 kernel and 36 us by gather; ``benchmarks/diagnose_cuda.py``)."""
 
     INDEX_LIMIT = 1 << 18
     """Largest gather index (int64 entries: |slots| x per-sample size, 2 MiB), and 4x that cached
@@ -224,11 +227,13 @@ class Lift(nn.Module):
         checked at every call): in traced, compiled, exported or vmapped calls (the ops are what
         a tracer records), under actions that do more than move entries or that act on the batch
         axis (the index, and the checks, would depend on the batch size), for inputs with one
-        axis, quantized or not strided (no gather kernel), and for inputs over
+        axis, quantized or not strided (no gather kernel), and for inputs on the CPU over
         ``GATHER_LIMIT``."""
         if not eager_tensor(x) or not self.action.is_permutation or x.dim() < 2:
             return None
-        if x.numel() > self.GATHER_LIMIT or x.is_quantized or x.layout != torch.strided:
+        if x.is_quantized or x.layout != torch.strided:
+            return None
+        if over_gather_limit(x, x.numel(), self.GATHER_LIMIT):
             return None
         if any(a % x.dim() == 0 for a in self.action.axes):
             return None
@@ -312,6 +317,12 @@ class Lift(nn.Module):
 
 
 _UNSEEN = object()
+
+
+def over_gather_limit(x: torch.Tensor, elements: int, limit: int) -> bool:
+    """A lift of ``elements`` entries of ``x`` goes op by op rather than by one gather: on the
+    CPU above ``limit`` (:attr:`Lift.GATHER_LIMIT`); never on other devices (see there)."""
+    return x.device.type == "cpu" and elements > limit
 
 
 @dataclass(frozen=True)
@@ -413,8 +424,8 @@ class CosetLift(nn.Module):
         slots = tuple(slots)
         if (
             y.shape[0] == len(self.reps)
-            and y.numel() * len(slots) <= Lift.GATHER_LIMIT  # above it, actions op by op are
-            and eager_tensor(y)  # as fast (see Lift.GATHER_LIMIT); the index stays small
+            and not over_gather_limit(y, y.numel() * len(slots), Lift.GATHER_LIMIT)
+            and eager_tensor(y)  # the index stays small
             and self.action.is_permutation
         ):
             key = (tuple(y.shape), y.device, slots)

@@ -64,6 +64,17 @@ def test_large_inputs_and_other_actions_lift_op_by_op():
     assert torch.equal(lift8(small), oracle(C8, small)) and lift8._gathers == {}
 
 
+def test_inputs_off_the_cpu_are_one_gather_at_any_size():
+    # a GPU call is bound by its launches (one per slot and the cat op by op): the limit is the
+    # CPU's; meta tensors stand in for a device here (tests/test_cuda.py checks CUDA's values)
+    G = equivfx.group("D4")
+    lift = Lift(G, G.action)
+    x = torch.empty(Lift.GATHER_LIMIT // (3 * 4 * 4) + 1, 3, 4, 4, device="meta")
+    y = lift(x)
+    assert y.shape == (G.order * x.shape[0], 3, 4, 4) and y.device == x.device
+    assert list(lift._gathers) == [((3, 4, 4), x.device, tuple(range(G.order)))]
+
+
 def test_the_cache_follows_the_action_and_the_inverses():
     G = equivfx.group("C4")
     lift = Lift(G, G.action)
