@@ -13,6 +13,9 @@
 - ``seq1d-flat`` (defer-lift-to-cosets): the same convolutions, then a linear layer over every
   position (no op is invariant under the shifts): the convolutions run on one slot per coset of
   the shifts (2 of 8), and the coset lift after them makes the 8 slots the linear layer reads.
+- ``seq1d-res`` (defer-lift-to-cosets through residual blocks): a circular stem and two residual
+  blocks of circular convolutions, then a linear layer over every position: the whole residual
+  network runs on 2 of 8 slots.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -20,7 +23,7 @@ and its pick, which ``bench_chunks.py`` judges, would blur what the passes save)
 short blocks, round after round in a shuffled order (``bench_global.paired_ms``): the speed-up is
 the median over rounds of the ratio within a round, with its quartiles.
 
-Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads 2]``
+Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads 2] [--cases ...]``
 """
 
 from __future__ import annotations
@@ -100,6 +103,29 @@ class FlatSeq(Seq1d):
         return self.fc(self.net(x).flatten(1))
 
 
+class ResSeq(nn.Module):
+    """Circular convolutions in two residual blocks, then a linear layer over every position."""
+
+    def __init__(self, c: int = 32, classes: int = 10, length: int = 128):
+        super().__init__()
+        self.stem = nn.Conv1d(8, c, 5, padding=2, padding_mode="circular")
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"),
+                nn.ReLU(),
+                nn.Conv1d(c, c, 5, padding=2, padding_mode="circular"),
+            )
+            for _ in range(2)
+        )
+        self.fc = nn.Linear(c * length, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = torch.relu(h + block(h))
+        return self.fc(h.flatten(1))
+
+
 CASES = [
     ("stem-head", StemHead, "C4", (3, 32, 32)),
     ("stem-head", StemHead, "D4", (3, 32, 32)),
@@ -107,13 +133,17 @@ CASES = [
     ("strip", Strip, "Rev@-1xRev@-2", (8, 1, 64)),
     ("seq1d", Seq1d, "ShiftRev4", (8, 128)),
     ("seq1d-flat", FlatSeq, "ShiftRev4", (8, 128)),
+    ("seq1d-res", ResSeq, "ShiftRev4", (8, 128)),
 ]
 
 
 def main() -> None:
-    args = parse_timing_args(timing_parser(__doc__))
+    ap = timing_parser(__doc__)
+    ap.add_argument("--cases", nargs="+", choices=sorted({c[0] for c in CASES}), help="only these")
+    args = parse_timing_args(ap)
     rows = []
-    for case, factory, spec, shape in CASES[1:] if args.quick else CASES:
+    cases = CASES[1:] if args.quick else CASES
+    for case, factory, spec, shape in [c for c in cases if c[0] in (args.cases or [c[0]])]:
         torch.manual_seed(0)
         model = factory().eval()
         for batch in (1, 16):

@@ -17,10 +17,13 @@ so the ops run on one slot per left coset gK (the representatives r, identity fi
 Where the ops reach an op invariant under K, ``eliminate-dead-slots`` (which runs first) has
 already computed one slot per coset for the whole network; this pass is for networks whose later
 ops can tell the slots apart (a flatten before a linear layer, an output that keeps the sequence).
-Only a chain of single-user ops right after the lift moves, checked by the rule table like
-``defer-lift``'s moves; ops that draw random numbers or use batch statistics do not (in training
-they would see |G/K| B samples instead of |G| B), nor ops whose claim holds on the example's shapes
-only (a pool tiling the example's grid; an operand from another model input). The values between
+The ops that move form a region after the lift (see :func:`_commuting_region`): each reads the
+lift or ops of the region only; one reading one of them commutes by the rule table, like
+``defer-lift``'s moves, one reading several is a residual sum or a concatenation along an axis the
+action leaves alone; and one value leaves the region, its last op's. Ops that draw random numbers
+or use batch statistics do not move (in training they would see |G/K| B samples instead of |G| B),
+nor ops whose claim holds on the example's shapes only (a pool tiling the example's grid; an
+operand from another model input). The values between
 the two lifts are :class:`~equivfx.meta.CosetFolded`: ``verify``'s localisation does not read them.
 Outputs are unchanged up to float rounding.
 """
@@ -31,12 +34,12 @@ import torch.fx as fx
 
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP, CosetFolded, Folded, set_rep
-from equivfx.passes.dead_slots import coset_representatives
-from equivfx.passes.defer import moves_past
+from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
+from equivfx.passes.defer import moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import CosetLift, Lift
-from equivfx.passes.rules import node_module, tiling_window, training_sensitive
+from equivfx.passes.rules import draws_random, node_module, tiling_window, training_sensitive
 
 __all__ = ["DeferLiftToCosets", "COSETS_NAME"]
 
@@ -63,7 +66,7 @@ class DeferLiftToCosets(Pass):
         modules = dict(gm.named_modules())
         best = None
         for sub in module.action.restrictions():
-            chain = _commuting_chain(lift, sub.action, modules)
+            chain = _commuting_region(lift, sub.action, modules)
             # the most work saved: the largest subgroup, then the longest chain
             if chain and (best is None or (len(sub.elements), len(chain)) > best[0]):
                 best = ((len(sub.elements), len(chain)), sub, chain)
@@ -92,18 +95,61 @@ class DeferLiftToCosets(Pass):
         return PassResult(gm, True)
 
 
-def _commuting_chain(lift: fx.Node, action, modules) -> list[fx.Node]:
-    """The single-user ops right after the lift that commute with ``action`` (a subgroup's):
-    they may run on one slot per coset."""
-    chain: list[fx.Node] = []
-    prev = lift
-    while len(prev.users) == 1:
-        node = next(iter(prev.users))
-        module = node_module(node, modules)
-        if training_sensitive(node, module) or tiling_window(node, module) is not None:
-            break  # batch statistics would see fewer rows; a pool's claim holds on tiled grids only
-        if moves_past(node, prev, action, modules) != "commutes":
-            break
-        chain.append(node)
-        prev = node
-    return chain
+def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
+    """The ops after the lift that commute with ``action`` (a subgroup's) and may run on one slot
+    per coset, in graph order: each reads the lift or such ops and nothing else computed from the
+    lift; one op reading one of them must commute by its rule (as a ``defer-lift`` move), one
+    reading several must be elementwise on aligned values (a residual sum) or a concatenation
+    along an axis the action leaves alone. Of those, the longest prefix out of which one value
+    leaves: every op but the last (and the lift) has all its users in it, so one coset lift
+    after the last makes every slot. A chain of single-user ops is the simplest such region."""
+    region = {lift}
+    derived = {lift}
+    outside = {lift: len(lift.users)}  # users not (yet) in the region
+    open_ = 1 if lift.users else 0  # region values with users outside it
+    taken: list[fx.Node] = []
+    best: list[fx.Node] = []
+    seen_lift = False
+    for node in lift.graph.nodes:
+        if not seen_lift:
+            seen_lift = node is lift
+            continue
+        inputs = node.all_input_nodes
+        read = [a for a in inputs if a in derived]
+        if not read:
+            continue
+        derived.add(node)
+        if not _commutes(node, read, region, action, modules):
+            continue
+        region.add(node)
+        taken.append(node)
+        for a in dict.fromkeys(read):  # a.users counts node once
+            outside[a] -= 1
+            if outside[a] == 0:
+                open_ -= 1
+        outside[node] = len(node.users)
+        if outside[node]:
+            open_ += 1
+            if open_ == 1:  # only this op's value leaves the region
+                best = list(taken)
+    return best
+
+
+def _commutes(node: fx.Node, read, region, action, modules) -> bool:
+    """``node``, which reads the lift-derived values ``read``, commutes with ``action`` given
+    that those values do (they are all in ``region``)."""
+    if any(a not in region for a in read):
+        return False
+    module = node_module(node, modules)
+    if training_sensitive(node, module) or tiling_window(node, module) is not None:
+        return False  # batch statistics would see fewer rows; a pool's claim holds on tiled grids
+    if len(set(read)) == 1 and len(read) == 1:
+        return moves_past(node, read[0], action, modules) == "commutes"
+    rep = node.meta.get(REP)
+    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+        return False
+    if draws_random(node, module) or any(
+        reads_inputs(a) for a in node.all_input_nodes if a not in region
+    ):
+        return False
+    return equivariant_status(node, list(dict.fromkeys(read)), action, modules) == EQUIVARIANT

@@ -177,14 +177,14 @@ def blind_to(lift: fx.Node, action, modules) -> bool:
             return False  # an operand from another input: its shape was seen on the example only
         if tiling_window(node, module) is not None:
             return False  # its claim holds on tiled grids only: no new errors on other shapes
-        how = _status(node, equivariant, action, modules)
+        how = equivariant_status(node, equivariant, action, modules)
         if how is None:
             return False
         status[node] = how
     return True
 
 
-def _status(node: fx.Node, equivariant, action, modules) -> str | None:
+def equivariant_status(node: fx.Node, equivariant, action, modules) -> str | None:
     """The status of ``node``, which reads the equivariant values ``equivariant`` (and perhaps
     invariant ones), or None where no rule says."""
     if node.op == "output" or not getattr(action, "is_permutation", False):

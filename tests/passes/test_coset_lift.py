@@ -7,6 +7,7 @@ Oracles: the unoptimised pipeline (``optimize=False``) and the loop over every e
 from __future__ import annotations
 
 import io
+import operator
 
 import pytest
 import torch
@@ -204,3 +205,60 @@ def test_claims_seen_on_the_example_only_end_the_chain():
     assert chain.index("equivfx_lift") < chain.index("p")  # the pool runs after the coset lift
     x = torch.randn(2, 8, 7, 7)  # the unoptimised model takes it: so does this one
     torch.testing.assert_close(fast(x).detach(), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
+
+
+class ResidualHead(nn.Module):
+    """A residual block of circular convolutions (they commute with the shifts, not the
+    reversal), then a linear layer over every position. ``leak``: the block's inner value is
+    also read outside it (by a linear layer over positions), so only the ops before it run once
+    per coset."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.leak = leak
+        self.a = nn.Conv1d(3, 8, 5, padding=2, padding_mode="circular")
+        self.b = nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular")
+        self.c = nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(8 * 16, 5)
+        self.side = nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        inner = torch.relu(self.b(h))
+        y = torch.relu(h + self.c(inner))
+        out = self.fc(y.flatten(1))
+        return out + self.side(inner.flatten(1)) if self.leak else out
+
+
+@pytest.mark.parametrize("readout", ["invariant", "slots"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_residual_block_runs_once_per_coset(readout, chunk):
+    model = ResidualHead().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, chunk=chunk, readout=readout, check=True)
+    slow = equivfx.compile(model, G, example_inputs=X, chunk=chunk, readout=readout, optimize=False)
+    f = flat(fast)
+    assert f.equivfx_lift_cosets.slots == (0, 4) and isinstance(f.equivfx_lift, CosetLift)
+    (coset_lift,) = [n for n in f.graph.nodes if n.target == "equivfx_lift"]
+    assert coset_lift.args[0].target is torch.relu  # after the residual sum's relu
+    assert coset_lift.args[0].args[0].target is operator.add
+    for conv in (model.a, model.b, model.c):
+        assert rows_seen(conv, lambda: fast(X)) == 3 * 2  # of 3 * 8
+    assert rows_seen(model.fc, lambda: fast(X)) == 3 * (1 if readout == "invariant" else 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(X), loop_oracle(model, G, X, readout), rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(fast, X).ok
+
+
+def test_a_value_read_outside_the_block_ends_the_region_before_the_block():
+    model = ResidualHead(leak=True).eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, chunk=None)
+    (coset_lift,) = [n for n in fast.graph.nodes if n.target == "equivfx_lift"]
+    assert coset_lift.args[0].target is torch.relu and coset_lift.args[0].args[0].target == "a"
+    assert rows_seen(model.a, lambda: fast(X)) == 3 * 2
+    assert rows_seen(model.b, lambda: fast(X)) == rows_seen(model.c, lambda: fast(X)) == 3 * 8
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), loop_oracle(model, G, X), rtol=1e-5, atol=1e-5)
