@@ -11,6 +11,8 @@ import operator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from slot_checks import flat, loop_oracle, rows_seen
 from torch import nn
 
@@ -262,3 +264,76 @@ def test_a_value_read_outside_the_block_ends_the_region_before_the_block():
     assert rows_seen(model.b, lambda: fast(X)) == rows_seen(model.c, lambda: fast(X)) == 3 * 8
     with torch.no_grad():
         torch.testing.assert_close(fast(X), loop_oracle(model, G, X), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- drawn networks
+class Drawn(nn.Module):
+    """A network drawn as a program over values: v0 = a circular stem on x; each step makes one
+    value from earlier ones (a circular convolution, which commutes with the shifts; a
+    zero-padded one, which does not; a relu; a residual sum; a concatenation along channels and a
+    1x1 convolution; a value scaled by its own length, a shape read); the head reads the last
+    value over every position, and another one if ``leak`` is set."""
+
+    def __init__(self, steps, leak) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.steps, self.leak = steps, leak
+        self.stem = nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular")
+        self.convs = nn.ModuleList()
+        for op, *_ in steps:
+            if op in ("circular", "zeros"):
+                self.convs.append(nn.Conv1d(4, 4, 3, padding=1, padding_mode=op))
+            elif op == "cat":
+                self.convs.append(nn.Conv1d(8, 4, 1))
+            else:
+                self.convs.append(nn.Identity())
+        self.fc = nn.Linear(4 * 16, 5)
+        self.side = nn.Linear(4 * 16, 5)
+
+    def forward(self, x):
+        values = [self.stem(x)]
+        for (op, a, b), conv in zip(self.steps, self.convs, strict=True):
+            va, vb = values[a % len(values)], values[b % len(values)]
+            if op in ("circular", "zeros"):
+                values.append(conv(va))
+            elif op == "relu":
+                values.append(torch.relu(va))
+            elif op == "add":
+                values.append(va + vb)
+            elif op == "cat":
+                values.append(conv(torch.cat([va, vb], 1)))
+            else:  # "length": a shape read of a value computed from the lift
+                values.append(va * (va.size(-1) / 16))
+        out = self.fc(values[-1].flatten(1))
+        if self.leak is not None:
+            out = out + self.side(values[self.leak % len(values)].flatten(1))
+        return out
+
+
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["circular", "circular", "relu", "add", "cat", "zeros", "length"]),
+        st.integers(0, 7),
+        st.integers(0, 7),
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+@given(
+    steps=STEPS,
+    leak=st.none() | st.integers(0, 7),
+    readout=st.sampled_from(["invariant", "slots"]),
+    chunk=st.sampled_from([None, 2]),
+)
+@settings(deadline=None)
+def test_drawn_networks_compute_what_the_plain_construction_computes(steps, leak, readout, chunk):
+    model = Drawn(steps, leak).eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, readout=readout, chunk=chunk)
+    slow = equivfx.compile(model, G, example_inputs=X, readout=readout, chunk=chunk, optimize=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), slow(X), rtol=1e-4, atol=1e-5)
+        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(len(steps)))
+        torch.testing.assert_close(fast(x), loop_oracle(model, G, x, readout), rtol=1e-4, atol=1e-5)
