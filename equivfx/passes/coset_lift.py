@@ -123,7 +123,7 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
             continue
         region.add(node)
         taken.append(node)
-        for a in dict.fromkeys(read):  # a.users counts node once
+        for a in read:  # all_input_nodes and a.users count node once
             outside[a] -= 1
             if outside[a] == 0:
                 open_ -= 1
@@ -143,7 +143,7 @@ def _commutes(node: fx.Node, read, region, action, modules) -> bool:
     module = node_module(node, modules)
     if training_sensitive(node, module) or tiling_window(node, module) is not None:
         return False  # batch statistics would see fewer rows; a pool's claim holds on tiled grids
-    if len(set(read)) == 1 and len(read) == 1:
+    if len(read) == 1:
         return moves_past(node, read[0], action, modules) == "commutes"
     rep = node.meta.get(REP)
     if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
@@ -152,4 +152,4 @@ def _commutes(node: fx.Node, read, region, action, modules) -> bool:
         reads_inputs(a) for a in node.all_input_nodes if a not in region
     ):
         return False
-    return equivariant_status(node, list(dict.fromkeys(read)), action, modules) == EQUIVARIANT
+    return equivariant_status(node, read, action, modules) == EQUIVARIANT

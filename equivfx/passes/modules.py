@@ -425,7 +425,8 @@ class CosetLift(nn.Module):
         if (
             y.shape[0] == len(self.reps)
             and not over_gather_limit(y, y.numel() * len(slots), Lift.GATHER_LIMIT)
-            and eager_tensor(y)  # the index stays small
+            and len(slots) * (y.numel() // len(self.reps)) <= Lift.INDEX_LIMIT  # the index
+            and eager_tensor(y)
             and self.action.is_permutation
         ):
             key = (tuple(y.shape), y.device, slots)

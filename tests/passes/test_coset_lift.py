@@ -171,6 +171,20 @@ def test_one_sample_is_lifted_by_one_cached_gather(readout):
     assert "_indices" not in coset_lift.__getstate__()  # a cache, not pickled
 
 
+def test_the_coset_gather_index_is_bounded_off_the_cpu():
+    # off the CPU every size is gathered (Lift.GATHER_LIMIT is the CPU's); the index, as large as
+    # the lifted value, stays within Lift.INDEX_LIMIT (meta tensors stand in for a device)
+    fast = equivfx.compile(FlatHead().eval(), "ShiftRev4", example_inputs=X[:1], chunk=None)
+    coset_lift = fast.equivfx_lift
+    coset_lift.__dict__.pop("_indices", None)  # the compile's test run gathered for X[:1]
+    big = torch.empty(2, 64, 8192, device="meta")  # one sample's 2 blocks: 8 x 512K > the limit
+    assert coset_lift.lift_slots(big, range(8)).shape == (8, 64, 8192)
+    assert coset_lift.__dict__.get("_indices", {}) == {}
+    small = torch.empty(2, 4, 16, device="meta")
+    coset_lift.lift_slots(small, range(8))
+    assert list(coset_lift._indices) == [((2, 4, 16), small.device, tuple(range(8)))]
+
+
 class MaskedHead(FlatHead):
     def forward(self, x, mask):
         return self.fc((torch.relu(self.b(torch.relu(self.a(x)))) * mask).flatten(1))
