@@ -178,9 +178,7 @@ class SlotChunks(nn.Module):
                 part = _pool_chunk(pool, values[j.args[0]], len(chunk), _axis(j))
                 # the first part is copied (it may be a view of a body value); later ones are
                 # folded in place, so the running pool needs one buffer
-                acc[i] = (
-                    _tree(torch.clone, part) if acc[i] is None else _combine(pool, acc[i], part)
-                )
+                acc[i] = _tree(_copy, part) if acc[i] is None else _combine(pool, acc[i], part)
             for i, (value, _) in enumerate(self._joined):
                 parts[i].append(values[value])
             del values
@@ -338,11 +336,59 @@ def _pool_of(flat: fx.GraphModule, join: fx.Node) -> str | None:
     return module.pool if getattr(module, "readout", None) == "invariant" else None
 
 
+class _MeanExp(NamedTuple):
+    """The running ``logsumexp`` readout over n slots seen so far: max ``m``, ``p`` = sum of
+    exp(x - m), ``e`` = sum of expm1(x - m) (see :func:`~equivfx.passes.modules.logmeanexp`,
+    which the unchunked readout computes in one go), in float64 where the device has it (one
+    join per chunk: 64 joins in float32 lost 3 ulps of the output), in ``dtype`` at the end."""
+
+    m: torch.Tensor
+    p: torch.Tensor
+    e: torch.Tensor
+    n: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(s: torch.Tensor) -> _MeanExp:
+        """Of the slots on axis 0 of ``s``."""
+        dtype = s.dtype
+        s = s.to(torch.float64 if s.device.type in ("cpu", "cuda") else torch.float32)
+        m = s.amax(0)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp
+        d = s - m
+        return _MeanExp(m, torch.exp(d).sum(0), torch.expm1(d).sum(0), s.shape[0], dtype)
+
+    def join(self, other: _MeanExp) -> _MeanExp:
+        """Both sets of slots, rescaled to the larger max: sum expm1(x - M) = e exp(m - M) +
+        n expm1(m - M), without the cancellation of p exp(m - M) - n."""
+        m = torch.maximum(self.m, other.m)
+        p, e = 0, 0
+        for part in (self, other):
+            d = part.m - m
+            p = p + part.p * torch.exp(d)
+            e = e + part.e * torch.exp(d) + part.n * torch.expm1(d)
+        return _MeanExp(m, p, e, self.n + other.n, self.dtype)
+
+    def value(self) -> torch.Tensor:
+        n = self.n
+        close = self.p > 0.5 * n  # slots close to each other: log1p keeps the digits
+        value = self.m + torch.where(close, torch.log1p(self.e / n), torch.log(self.p / n))
+        return value.to(self.dtype)
+
+
 def _tree(fn, *values):
     first = values[0]
+    if isinstance(first, _MeanExp):
+        return fn(*values)
     if isinstance(first, (tuple, list)):
         return type(first)(_tree(fn, *parts) for parts in zip(*values, strict=True))
     return fn(*values) if isinstance(first, torch.Tensor) else first
+
+
+def _copy(value):
+    """A copy of a chunk's pooled part (it may be a view of a body value); running logsumexps
+    are new tensors already."""
+    return value if isinstance(value, _MeanExp) else torch.clone(value)
 
 
 def _pool_chunk(pool: str, y, slots: int, axis: int):
@@ -353,6 +399,8 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
         if pool == "mean":  # bools would add as a logical or, integers as integers
             t = averageable(t)
         s = t.movedim(axis, 0).unflatten(0, (slots, -1))
+        if pool == "logsumexp" and s.is_floating_point():
+            return _MeanExp.of(s)
         if slots == 1:
             return s[0]
         if pool == "mean":
@@ -367,6 +415,8 @@ def _combine(pool: str, acc, part):
     (``out=`` and in-place updates of recorded tensors do not differentiate)."""
 
     def fn(a, b):
+        if isinstance(a, _MeanExp):
+            return a.join(b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             op = {"mean": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}[pool]
             return op(a, b)
@@ -384,9 +434,11 @@ def _finish(pool: str, total, slots: int, axis: int):
     subtracts log|G| after a logsumexp; with dead slots eliminated every coset counts once)."""
 
     def fn(t):
-        if pool == "mean":
+        if isinstance(t, _MeanExp):
+            t = t.value()
+        elif pool == "mean":
             t = t / slots
-        elif pool == "logsumexp":
+        elif pool == "logsumexp":  # integer slots
             t = t - math.log(slots)
         return t.movedim(0, axis) if axis else t
 
