@@ -15,7 +15,7 @@
   the shifts (2 of 8), and the coset lift after them makes the 8 slots the linear layer reads.
 - ``seq1d-res`` (defer-lift-to-cosets through residual blocks): a circular stem and two residual
   blocks of circular convolutions, then a linear layer over every position: the whole residual
-  network runs on 2 of 8 slots.
+  network runs on 2 of 8 slots; under Shift4 (its convolutions commute with every shift) once.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -134,6 +134,7 @@ CASES = [
     ("seq1d", Seq1d, "ShiftRev4", (8, 128)),
     ("seq1d-flat", FlatSeq, "ShiftRev4", (8, 128)),
     ("seq1d-res", ResSeq, "ShiftRev4", (8, 128)),
+    ("seq1d-res", ResSeq, "Shift4", (8, 128)),
 ]
 
 

@@ -14,6 +14,9 @@ so the ops run on one slot per left coset gK (the representatives r, identity fi
     x -> equivfx_lift_cosets (2 slots: e, v) -> conv -> relu -> conv
       -> equivfx_lift (8 slots, each a roll of its coset's block) -> flatten -> fc -> readout
 
+K may be G itself (one coset): ``defer-lift`` moves chains of ops commuting with G's action before
+the lift, and a residual block of them runs once here.
+
 Where the ops reach an op invariant under K, ``eliminate-dead-slots`` (which runs first) has
 already computed one slot per coset for the whole network; this pass is for networks whose later
 ops can tell the slots apart (a flatten before a linear layer, an output that keeps the sequence).
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from equivfx.groups.actions import TrivialAction
+from equivfx.groups.actions import Restriction, TrivialAction
 from equivfx.meta import REP, CosetFolded, Folded, set_rep
 from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
 from equivfx.passes.defer import moves_past, reads_inputs
@@ -65,7 +68,10 @@ class DeferLiftToCosets(Pass):
             return PassResult(gm, False)
         modules = dict(gm.named_modules())
         best = None
-        for sub in module.action.restrictions():
+        # the whole group too: defer-lift moves chains only, a residual block of ops commuting
+        # with all of G (1x1 convolutions under D4) runs once here, before a "coset lift" of G
+        whole = Restriction(tuple(range(G.order)), module.action)
+        for sub in (whole, *module.action.restrictions()):
             chain = _commuting_region(lift, sub.action, modules)
             # the most work saved: the largest subgroup, then the longest chain
             if chain and (best is None or (len(sub.elements), len(chain)) > best[0]):

@@ -351,3 +351,39 @@ def test_drawn_networks_compute_what_the_plain_construction_computes(steps, leak
         torch.testing.assert_close(fast(X), slow(X), rtol=1e-4, atol=1e-5)
         x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(len(steps)))
         torch.testing.assert_close(fast(x), loop_oracle(model, G, x, readout), rtol=1e-4, atol=1e-5)
+
+
+class PointwiseResidual(nn.Module):
+    """1x1 convolutions in a residual block commute with all of D4; a linear head over every
+    pixel does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 64, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(torch.relu(h + self.b(h)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "factory, spec, x",
+    [(PointwiseResidual, "D4", X_GRID), (ResidualHead, "Shift4", X)],
+    ids=["1x1-residual-D4", "circular-residual-Shift4"],
+)
+def test_a_residual_block_commuting_with_the_whole_group_runs_once(factory, spec, x):
+    # defer-lift moves chains of ops before the lift; a residual block of such ops runs once
+    # before a coset lift of the whole group (one coset)
+    model = factory().eval()
+    G = equivfx.group(spec)
+    fast = equivfx.compile(model, G, example_inputs=x, chunk=None, check=True)
+    slow = equivfx.compile(model, G, example_inputs=x, chunk=None, optimize=False)
+    assert fast.equivfx_lift_cosets.slots == (0,)
+    block = model.b if factory is PointwiseResidual else model.c
+    assert rows_seen(block, lambda: fast(x)) == x.shape[0]  # of |G| B
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), loop_oracle(model, G, x), rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(fast, x).ok
