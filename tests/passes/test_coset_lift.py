@@ -340,11 +340,14 @@ STEPS = st.lists(
     leak=st.none() | st.integers(0, 7),
     readout=st.sampled_from(["invariant", "slots"]),
     chunk=st.sampled_from([None, 2]),
+    spec=st.sampled_from(["ShiftRev4", "Shift4"]),  # Shift4: regions commuting with all of G
 )
 @settings(deadline=None)
-def test_drawn_networks_compute_what_the_plain_construction_computes(steps, leak, readout, chunk):
+def test_drawn_networks_compute_what_the_plain_construction_computes(
+    steps, leak, readout, chunk, spec
+):
     model = Drawn(steps, leak).eval()
-    G = equivfx.group("ShiftRev4")
+    G = equivfx.group(spec)
     fast = equivfx.compile(model, G, example_inputs=X, readout=readout, chunk=chunk)
     slow = equivfx.compile(model, G, example_inputs=X, readout=readout, chunk=chunk, optimize=False)
     with torch.no_grad():
