@@ -64,6 +64,20 @@ CHUNKS_NAME = "equivfx_chunks"
 
 _TRAINING = operator.attrgetter("training")
 
+_REGISTRATIONS = [0]
+"""Submodules registered anywhere in the process so far (set, replaced or added by name at any
+depth): a chunk runner scans its model's modules again when the count moved since its last scan,
+so a layer replaced below the top level (``emodel.layers[0].bn = nn.BatchNorm2d(16)``, in
+training mode) still sends every slot through one pass. One global counter, bumped by a
+registration hook: a comparison per call instead of a walk over every module."""
+
+
+def _count_registration(module, name, submodule):
+    _REGISTRATIONS[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
 
 class SlotChunks(nn.Module):
     """Runs a flat compiled graph k slots at a time. See the module docstring.
@@ -90,7 +104,7 @@ class SlotChunks(nn.Module):
     _DERIVED = (
         "slots", "order", "lift", "repeats", "joins", "_accumulated", "_pools", "_joined",
         "_read", "_pre_out", "_body_in", "_post_from_pre", "_post_from_chunks", "graphs",
-        "_user_modules",
+        "_user_modules", "_scanned",
     )  # fmt: skip
 
     def __getstate__(self):
@@ -142,7 +156,8 @@ class SlotChunks(nn.Module):
 
     def _find_user_modules(self) -> None:
         """The modules whose training flag sends every slot through one pass (batch statistics);
-        again when a top-level submodule is replaced (see :class:`_Chunked`)."""
+        again when a submodule is registered anywhere (``_REGISTRATIONS``)."""
+        self._scanned = _REGISTRATIONS[0]
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
             m
@@ -196,6 +211,8 @@ class SlotChunks(nn.Module):
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
+        if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
+            self._find_user_modules()
         if is_tracing() or any(map(_TRAINING, self._user_modules)):
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":

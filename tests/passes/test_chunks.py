@@ -213,6 +213,24 @@ def test_training_mode_runs_every_slot_in_one_pass():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_a_layer_replaced_deep_in_the_model_in_training_mode_sees_every_slot():
+    # the runner's list of modules whose training flag it reads was made at compile time; a new
+    # batch norm (training by default) set two levels down chunked its batch statistics
+    model, x, spec = ZOO["resnet"]()
+    chunked = _compile(model.eval(), spec, x, chunk=1)
+    name, bn = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    parent, attr = name.rsplit(".", 1)
+    assert "." in parent  # two levels below the top one
+    new = nn.BatchNorm2d(bn.num_features)  # training mode
+    setattr(chunked.get_submodule(parent), attr, new)
+    assert chunked.get_submodule(name) is new and chunked.equivfx_flat.get_submodule(name) is new
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), chunked.equivfx_flat(x), rtol=1e-5, atol=1e-5)
+        new.eval()
+        torch.testing.assert_close(chunked(x), chunked.equivfx_flat(x), rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(chunked.eval(), x).ok
+
+
 def test_state_dict_round_trip_and_dtype():
     model, x, spec = ZOO["vgg"]()
     chunked = _compile(model.eval(), spec, x, chunk=2)
