@@ -76,7 +76,10 @@ def _count_registration(module, name, submodule):
     _REGISTRATIONS[0] += 1
 
 
-nn.modules.module.register_module_module_registration_hook(_count_registration)
+if "_REGISTRATION_HOOK" not in globals():  # once per process, also if this module is reloaded
+    _REGISTRATION_HOOK = nn.modules.module.register_module_module_registration_hook(
+        _count_registration
+    )
 
 
 class SlotChunks(nn.Module):
@@ -157,13 +160,14 @@ class SlotChunks(nn.Module):
     def _find_user_modules(self) -> None:
         """The modules whose training flag sends every slot through one pass (batch statistics);
         again when a submodule is registered anywhere (``_REGISTRATIONS``)."""
-        self._scanned = _REGISTRATIONS[0]
+        count = _REGISTRATIONS[0]  # before the walk: a registration during it scans again
         # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
         self._user_modules = [
             m
             for name, m in self.flat.named_modules()
             if name and not name.startswith("equivfx") and type(m) is not nn.Module
         ]
+        self._scanned = count
 
     # -------------------------------------------------------------------- running
     def forward(self, *args):
@@ -211,9 +215,11 @@ class SlotChunks(nn.Module):
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
+        if is_tracing():  # first: torch.compile would guard on the registration count
+            return self.order
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
             self._find_user_modules()
-        if is_tracing() or any(map(_TRAINING, self._user_modules)):
+        if any(map(_TRAINING, self._user_modules)):
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":
             return int(self.chunk)
@@ -376,14 +382,18 @@ class _MeanExp(NamedTuple):
         return _MeanExp(m, torch.exp(d).sum(0), torch.expm1(d).sum(0), s.shape[0], dtype)
 
     def join(self, other: _MeanExp) -> _MeanExp:
-        """Both sets of slots, rescaled to the larger max: sum expm1(x - M) = e exp(m - M) +
+        """Both sets of slots, rescaled to the larger max of the parts holding any (a part of
+        -inf slots only, p = 0, adds n slots of exp 0): sum expm1(x - M) = e exp(m - M) +
         n expm1(m - M), without the cancellation of p exp(m - M) - n."""
-        m = torch.maximum(self.m, other.m)
+        parts = (self, other)
+        m = torch.maximum(*(torch.where(q.p == 0, -math.inf, q.m) for q in parts))
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no part holds any: -inf
         p, e = 0, 0
-        for part in (self, other):
-            d = part.m - m
-            p = p + part.p * torch.exp(d)
-            e = e + part.e * torch.exp(d) + part.n * torch.expm1(d)
+        for q in parts:
+            empty = q.p == 0
+            d = torch.where(empty, 0.0, q.m - m)  # no overflow on the masked side
+            p = p + torch.where(empty, 0.0, q.p * torch.exp(d))
+            e = e + torch.where(empty, -float(q.n), q.e * torch.exp(d) + q.n * torch.expm1(d))
         return _MeanExp(m, p, e, self.n + other.n, self.dtype)
 
     def value(self) -> torch.Tensor:
@@ -416,8 +426,8 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
         if pool == "mean":  # bools would add as a logical or, integers as integers
             t = averageable(t)
         s = t.movedim(axis, 0).unflatten(0, (slots, -1))
-        if pool == "logsumexp" and s.is_floating_point():
-            return _MeanExp.of(s)
+        if pool == "logsumexp":  # integer slots pool to the default float dtype, as unchunked
+            return _MeanExp.of(s if s.is_floating_point() else s.to(torch.get_default_dtype()))
         if slots == 1:
             return s[0]
         if pool == "mean":
@@ -455,8 +465,6 @@ def _finish(pool: str, total, slots: int, axis: int):
             t = t.value()
         elif pool == "mean":
             t = t / slots
-        elif pool == "logsumexp":  # integer slots
-            t = t - math.log(slots)
         return t.movedim(0, axis) if axis else t
 
     return _tree(fn, total)

@@ -231,6 +231,27 @@ def test_a_layer_replaced_deep_in_the_model_in_training_mode_sees_every_slot():
     assert equivfx.verify(chunked.eval(), x).ok
 
 
+def test_torch_compile_does_not_recompile_when_modules_are_made_elsewhere():
+    # the runner reads a process-wide count of module registrations: read while compiling, dynamo
+    # guarded on it and compiled again whenever any module was built (review)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
+    x = torch.randn(2, 1, 6, 6)
+    emodel = _compile(model, "C4", x, chunk=2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(emodel, backend=backend)
+    with torch.no_grad():
+        for _ in range(3):
+            nn.Linear(2, 2)  # a registration somewhere else in the process
+            torch.testing.assert_close(compiled(x), emodel(x))
+    assert len(graphs) == 1
+
+
 def test_state_dict_round_trip_and_dtype():
     model, x, spec = ZOO["vgg"]()
     chunked = _compile(model.eval(), spec, x, chunk=2)
@@ -402,6 +423,7 @@ def test_the_running_logsumexp_of_chunks_is_the_one_of_all_slots():
         4, 1
     )  # 8 slots
     s[:, 4] = torch.linspace(-40, 30, 8)
+    s[:, 0] = torch.tensor([-inf] * 4 + [-1000.0, -999.0, -1001.0, -1000.5])  # -inf chunks
     want = torch.logsumexp(s, 0) - math.log(8)
     torch.testing.assert_close(logmeanexp(s), want, equal_nan=True)
     for k in (1, 2, 4):
@@ -411,6 +433,22 @@ def test_the_running_logsumexp_of_chunks_is_the_one_of_all_slots():
         torch.testing.assert_close(acc.value(), want, equal_nan=True)
     ints = torch.tensor([[1, 2], [3, 4]])
     torch.testing.assert_close(logmeanexp(ints), torch.logsumexp(ints, 0) - math.log(2))
+    acc = _MeanExp.of(ints[:1].float()).join(_MeanExp.of(ints[1:].float()))
+    torch.testing.assert_close(acc.value(), logmeanexp(ints))
+
+
+class _Counts(nn.Module):
+    def forward(self, x):
+        return (x[:, 0, 0] > 0).sum(-1)  # integer outputs: positives in the first row
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_integer_outputs_pool_by_logsumexp_chunked_or_not(chunk):
+    G = equivfx.group("C4")
+    x = torch.randn(2, 1, 4, 4)
+    emodel = _compile(_Counts(), G, x, pool="logsumexp", chunk=chunk)
+    slots = torch.stack([_Counts()(G.act(G.inverse(g), x)) for g in G.elements]).float()
+    torch.testing.assert_close(emodel(x), torch.logsumexp(slots, 0) - math.log(4))
 
 
 def test_threads_meeting_a_new_shape_measure_it_once(monkeypatch):
