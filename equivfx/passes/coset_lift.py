@@ -73,9 +73,12 @@ class DeferLiftToCosets(Pass):
         whole = Restriction(tuple(range(G.order)), module.action)
         for sub in (whole, *module.action.restrictions()):
             chain = _commuting_region(lift, sub.action, modules)
-            # the most work saved: the largest subgroup, then the longest chain
-            if chain and (best is None or (len(sub.elements), len(chain)) > best[0]):
-                best = ((len(sub.elements), len(chain)), sub, chain)
+            # the most work saved: ops in the region times the share of slots not computed
+            # (1 - 1/|K|; a short block commuting with G must not beat a long region commuting
+            # with a subgroup), then the larger subgroup
+            saved = (len(chain) * (1 - 1 / len(sub.elements)), len(sub.elements))
+            if chain and (best is None or saved > best[0]):
+                best = (saved, sub, chain)
         if best is None:
             return PassResult(gm, False)
         _, sub, chain = best

@@ -390,3 +390,33 @@ def test_a_residual_block_commuting_with_the_whole_group_runs_once(factory, spec
         torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(x), loop_oracle(model, G, x), rtol=1e-5, atol=1e-5)
     assert equivfx.verify(fast, x).ok
+
+
+class ShortBlockThenCircular(nn.Module):
+    """A residual block of 1x1 convolutions (commutes with all of ShiftRev4), then circular
+    convolutions (commute with its shifts only), then a linear head over every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv1d(3, 8, 1), nn.Conv1d(8, 8, 1)
+        self.c = nn.Conv1d(8, 8, 5, padding=2, padding_mode="circular")
+        self.d = nn.Conv1d(8, 8, 5, padding=2, padding_mode="circular")
+        self.fc = nn.Linear(8 * 16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(h + self.b(h))
+        return self.fc(torch.relu(self.d(torch.relu(self.c(h)))).flatten(1))
+
+
+def test_the_subgroup_saving_the_most_work_wins():
+    # the whole group's region (the 1x1 block) is shorter than the shifts' (the block and the
+    # circular convolutions): 3 ops on 1 slot of 8 save less than 7 ops on 2 slots of 8
+    model = ShortBlockThenCircular().eval()
+    G = equivfx.group("ShiftRev4")
+    fast = equivfx.compile(model, G, example_inputs=X, chunk=None)
+    assert fast.equivfx_lift_cosets.slots == (0, 4)
+    assert rows_seen(model.c, lambda: fast(X)) == 3 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(X), loop_oracle(model, G, X), rtol=1e-5, atol=1e-5)
