@@ -1112,10 +1112,24 @@ def pointwise_commutes(ctx: BatchCtx, action) -> bool:
     return bool(getattr(action, "is_permutation", False)) and _other_operands_broadcast(ctx, action)
 
 
+def _moves_entries(action) -> bool:
+    return bool(getattr(action, "is_permutation", False))
+
+
+def _other_linear(action) -> bool:
+    """A linear action that does more than move entries (a rotation by interpolation, zero
+    outside the image): it does not map a constant to itself, so only linear maps commute with
+    it, not affine ones (a bias, a shift, an added constant)."""
+    return not _moves_entries(action) and bool(getattr(action, "linear", False))
+
+
 def linear_pointwise_commutes(ctx: BatchCtx, action) -> bool:
-    """Elementwise linear ops commute with every linear action (interpolated rotations too)."""
-    ok_action = getattr(action, "is_permutation", False) or getattr(action, "linear", False)
-    return bool(ok_action) and _other_operands_broadcast(ctx, action)
+    """Elementwise linear ops commute with every linear action: with actions that move entries
+    given constant operands; with other linear ones (interpolated rotations) with no operand
+    besides the acted value (x + 1 adds a constant)."""
+    if _moves_entries(action):
+        return _other_operands_broadcast(ctx, action)
+    return _other_linear(action) and len(ctx.node.args) == 1 and not ctx.node.kwargs
 
 
 def _channel_axis_untouched(ctx: BatchCtx, action, channel: int = 1) -> bool:
@@ -1128,9 +1142,10 @@ def _channel_axis_untouched(ctx: BatchCtx, action, channel: int = 1) -> bool:
 
 
 def per_channel_commutes(ctx: BatchCtx, action) -> bool:
-    """Per-channel affine maps (eval BatchNorm) commute with linear actions on non-channel axes."""
-    linear = getattr(action, "is_permutation", False) or getattr(action, "linear", False)
-    return bool(linear) and _channel_axis_untouched(ctx, action)
+    """Per-channel maps (eval BatchNorm, PReLU) commute with actions that move entries along the
+    other axes; not with other linear ones (a shift, or PReLU, does not commute with
+    interpolation)."""
+    return _moves_entries(action) and _channel_axis_untouched(ctx, action)
 
 
 def spatial_stats_commutes(ctx: BatchCtx, action) -> bool:
@@ -1155,7 +1170,8 @@ def _dim_untouched_commutes(default_dim: int | None):
 
 
 def pointwise_conv_commutes(ctx: BatchCtx, action) -> bool:
-    """A 1x1, stride-1, unpadded, undilated convolution commutes with linear spatial actions."""
+    """A 1x1, stride-1, unpadded, undilated convolution commutes with spatial actions that move
+    entries, and without a bias with other linear ones (interpolated rotations)."""
     m = ctx.module
     if m is None:
         return False
@@ -1165,6 +1181,8 @@ def pointwise_conv_commutes(ctx: BatchCtx, action) -> bool:
         pass
     elif any(p != 0 for p in m.padding):
         return False
+    if _other_linear(action) and m.bias is None:  # a linear map of the channels
+        return _channel_axis_untouched(ctx, action)
     return per_channel_commutes(ctx, action)
 
 
@@ -1216,8 +1234,17 @@ def last_axis_commutes(ctx: BatchCtx, action) -> bool:
     acted = _acted_axes(action, r)
     if acted is None:
         return False
-    ok_action = getattr(action, "is_permutation", False) or getattr(action, "linear", False)
-    return bool(ok_action) and 0 not in acted and all(a < r - n_last for a in acted)
+    if _other_linear(action):  # a linear map of the last axis only: no bias, no norm
+        m = ctx.module
+        if isinstance(m, nn.Linear):
+            linear = m.bias is None
+        else:
+            linear = ctx.node.target is F.linear and ctx.arg(2, "bias") is None
+        if not linear:
+            return False
+    elif not _moves_entries(action):
+        return False
+    return 0 not in acted and all(a < r - n_last for a in acted)
 
 
 def tiling_pool_commutes(ctx: BatchCtx, action) -> bool:

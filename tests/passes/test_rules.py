@@ -404,3 +404,61 @@ def _pool_claims_invariance(pool, group, shape):
 )
 def test_adaptive_pools_claim_invariance_only_over_axes_pooled_to_one(pool, group, shape, claims):
     assert _pool_claims_invariance(pool, group, shape) is claims
+
+
+# ------------------------------------------------------------------ interpolated rotations
+# C8 rotates by bilinear interpolation with zeros outside the image: a linear action that does
+# not map a constant image to itself, so ops adding a constant (a bias, a shift) or mixing
+# pixels nonlinearly do not commute with it, where they do commute with C4's permutations.
+def _c8_claim(module, shape=(2, 3, 8, 8)):
+    module = module.double().eval()
+    xs = [torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    gm, G = _traced(_Wrap(module), xs, "C8")
+    ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    node = next((n for n in ops if n.op == "call_module"), ops[0])  # the layer, if any
+    mod = dict(gm.named_modules()).get(node.target) if node.op == "call_module" else None
+    claim = lookup(rule_key(node, mod)).commutes(_ctx(gm, node, mod, shape[0]), G.action)
+    g = G.generators[0]
+    x = xs[0]  # the whole module: its other ops (moving the channels last) commute
+    with torch.no_grad():
+        holds = torch.allclose(module(G.act(g, x)), G.act(g, module(x)), rtol=1e-9, atol=1e-9)
+    return claim, holds
+
+
+def _shifted_norm() -> nn.Module:
+    norm = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        norm.running_mean.fill_(0.3)
+    return norm
+
+
+class _ChannelsLast(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.movedim(1, -1)).movedim(-1, 1)
+
+
+@pytest.mark.parametrize(
+    "module, commutes",
+    [
+        (nn.Conv2d(3, 4, 1, bias=False), True),  # a linear map of the channels
+        (nn.Conv2d(3, 4, 1), False),  # its bias is not rotated into the zero corners
+        (_shifted_norm(), False),  # a per-channel shift (eval mode: _c8_claim)
+        (nn.PReLU(), False),  # not linear
+        (nn.ReLU(), False),
+        (nn.Identity(), True),
+        (_Wrap(lambda x: -x), True),
+        (_Wrap(lambda x: x + 1.0), False),
+        (_ChannelsLast(nn.Linear(3, 4, bias=False)), True),
+        (_ChannelsLast(nn.Linear(3, 4)), False),
+        (_ChannelsLast(nn.LayerNorm(3)), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_claims_under_interpolated_rotations_hold_numerically(module, commutes):
+    claim, holds = _c8_claim(module)
+    assert holds == commutes  # the premise of the case
+    assert not claim or holds  # a claim must hold; a missed one only costs time
