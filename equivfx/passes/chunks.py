@@ -50,6 +50,7 @@ from equivfx.passes.modules import (
     averageable,
     devices_of,
     is_tracing,
+    pool_dtype,
     repeat_per_slot,
     synchronize,
 )
@@ -362,8 +363,8 @@ def _pool_of(flat: fx.GraphModule, join: fx.Node) -> str | None:
 class _MeanExp(NamedTuple):
     """The running ``logsumexp`` readout over n slots seen so far: max ``m``, ``p`` = sum of
     exp(x - m), ``e`` = sum of expm1(x - m) (see :func:`~equivfx.passes.modules.logmeanexp`,
-    which the unchunked readout computes in one go), in float64 where the device has it (one
-    join per chunk: 64 joins in float32 lost 3 ulps of the output), in ``dtype`` at the end."""
+    which the unchunked readout computes in one go), in :func:`pool_dtype` (float64 on the CPU:
+    64 joins in float32 lost 3 ulps of the output), in ``dtype`` at the end."""
 
     m: torch.Tensor
     p: torch.Tensor
@@ -375,7 +376,7 @@ class _MeanExp(NamedTuple):
     def of(s: torch.Tensor) -> _MeanExp:
         """Of the slots on axis 0 of ``s``."""
         dtype = s.dtype
-        s = s.to(torch.float64 if s.device.type in ("cpu", "cuda") else torch.float32)
+        s = s.to(pool_dtype(s))
         m = s.amax(0)
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp
         d = s - m

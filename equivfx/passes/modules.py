@@ -44,19 +44,29 @@ each other's work, and a thread that waited finds the decision made. Reentrant: 
 may run another that measures."""
 
 
+def pool_dtype(s: torch.Tensor) -> torch.dtype:
+    """The dtype the logsumexp readout pools in: float64 on the CPU (correctly rounded to
+    float32), float32 elsewhere (float64 runs at 1/32 to 1/64 of float32's rate on many GPUs;
+    the formula keeps float32 within a few ulps); float64 slots stay float64."""
+    if s.device.type == "cpu" or s.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
 def logmeanexp(s: torch.Tensor) -> torch.Tensor:
     """log(mean(exp(s))) over axis 0: the ``logsumexp`` readout (minus log n, so that equal slots
     pool to their common value), as m + log(p) with m the maximum and p = mean(exp(s - m)), or
     m + log1p(mean(expm1(s - m))) where p > 1/2 (slots close to each other). Subtracting log n
     from a logsumexp (about log n + the values) cancels most of its digits: slots of about 0.02
     under a group of 64 elements pooled 1e-6 apart when permuted (50 ulps of the output). Here,
-    in float32 (devices without float64), for 64 slots within 0.05 of each other, 3e-8 from the
-    float64 value (the old formula: 5e-7), and no worse for wider spreads; in float64, correctly
-    rounded to the slots' dtype. Integer slots: the plain formula."""
+    in float32 (off the CPU), for 64 slots within 0.05 of each other, 3e-8 from the
+    float64 value (the old formula: 5e-7), and no worse for wider spreads; in float64 (on the
+    CPU, :func:`pool_dtype`), correctly rounded to the slots' dtype. Integer slots: the plain
+    formula."""
     if not s.is_floating_point():
         return torch.logsumexp(s, 0) - math.log(s.shape[0])
-    dtype = s.dtype  # in float64 where the device has it: a correctly rounded result
-    s = s.to(torch.float64 if s.device.type in ("cpu", "cuda") else torch.float32)
+    dtype = s.dtype  # float64 on the CPU: correctly rounded (on GPUs float64 can be slow)
+    s = s.to(pool_dtype(s))
     m = s.amax(0)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # all -inf, or some +inf: as logsumexp
     d = s - m
@@ -489,6 +499,8 @@ class CosetLift(nn.Module):
         return list(self.group.regular_permutation(h))
 
     def extra_repr(self) -> str:
+        if len(self.reps) == 1:  # the subgroup is the whole group: a lift deferred past a region
+            return f"group={self.group!r}, from one slot: {self.action.describe()}"
         return (
             f"group={self.group!r}, from {len(self.reps)} cosets of the subgroup on which "
             f"{self.action.describe()}"

@@ -545,3 +545,25 @@ def test_whole_compiled_models_pickle(chunk, tmp_path):
         loaded.load_state_dict(state, assign=True)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), _fresh(state, x)(x))
+
+
+def test_the_float32_logsumexp_off_the_cpu_keeps_close_slots_within_a_few_ulps(monkeypatch):
+    # off the CPU the readout pools in float32 (float64 is slow on many GPUs): the formula, not
+    # the precision, keeps the digits of close slots
+    import equivfx.passes.chunks as chunks
+    import equivfx.passes.modules as modules
+
+    for where in (chunks, modules):
+        monkeypatch.setattr(where, "pool_dtype", lambda s: torch.float32)
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randn(64, 1000, generator=g, dtype=torch.float64) * 0.05 + 0.02
+    want = torch.logsumexp(slots, 0) - math.log(64)
+    s = slots.float()
+    old = (torch.logsumexp(s, 0) - math.log(64)).double()
+    new = modules.logmeanexp(s).double()
+    acc = chunks._MeanExp.of(s[:8])
+    for i in range(8, 64, 8):
+        acc = acc.join(chunks._MeanExp.of(s[i : i + 8]))
+    assert (old - want).abs().max() > 2e-7  # the cancellation
+    assert (new - want).abs().max() < 1e-7
+    assert (acc.value().double() - want).abs().max() < 1e-7
