@@ -47,6 +47,7 @@ from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import (
     MEASURING,
+    PRECISE_POOL_LIMIT,
     averageable,
     devices_of,
     is_tracing,
@@ -361,47 +362,42 @@ def _pool_of(flat: fx.GraphModule, join: fx.Node) -> str | None:
 
 
 class _MeanExp(NamedTuple):
-    """The running ``logsumexp`` readout over n slots seen so far: max ``m``, ``p`` = sum of
-    exp(x - m), ``e`` = sum of expm1(x - m) (see :func:`~equivfx.passes.modules.logmeanexp`,
-    which the unchunked readout computes in one go), in :func:`pool_dtype` (float64 on the CPU:
-    64 joins in float32 lost 3 ulps of the output), in ``dtype`` at the end."""
+    """The running ``logsumexp`` readout over the n slots seen so far: their max ``m`` and ``p``
+    = sum of exp(x - m), summed in :func:`~equivfx.passes.modules.pool_dtype` (see
+    :func:`~equivfx.passes.modules.logmeanexp`, which the unchunked readout computes in one go;
+    a running logaddexp rounded log n + the result once per chunk), ``dtype`` at the end."""
 
     m: torch.Tensor
     p: torch.Tensor
-    e: torch.Tensor
     n: int
     dtype: torch.dtype
 
     @staticmethod
     def of(s: torch.Tensor) -> _MeanExp:
         """Of the slots on axis 0 of ``s``."""
-        dtype = s.dtype
-        s = s.to(pool_dtype(s))
-        m = s.amax(0)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # as logsumexp
-        d = s - m
-        return _MeanExp(m, torch.exp(d).sum(0), torch.expm1(d).sum(0), s.shape[0], dtype)
+        m = s.amax(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # as logmeanexp
+        acc = pool_dtype(s)
+        if s[0].numel() > PRECISE_POOL_LIMIT:  # dense maps: the fused kernel, as logmeanexp
+            p = torch.exp(torch.logsumexp(s, 0) - m).to(acc)
+        else:
+            p = torch.exp(s - m).sum(0, dtype=acc)
+        return _MeanExp(m.to(acc), p, s.shape[0], s.dtype)
 
     def join(self, other: _MeanExp) -> _MeanExp:
         """Both sets of slots, rescaled to the larger max of the parts holding any (a part of
-        -inf slots only, p = 0, adds n slots of exp 0): sum expm1(x - M) = e exp(m - M) +
-        n expm1(m - M), without the cancellation of p exp(m - M) - n."""
+        -inf slots only, p = 0, adds n slots of exp 0)."""
         parts = (self, other)
         m = torch.maximum(*(torch.where(q.p == 0, -math.inf, q.m) for q in parts))
         m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no part holds any: -inf
-        p, e = 0, 0
+        p = 0
         for q in parts:
             empty = q.p == 0
             d = torch.where(empty, 0.0, q.m - m)  # no overflow on the masked side
             p = p + torch.where(empty, 0.0, q.p * torch.exp(d))
-            e = e + torch.where(empty, -float(q.n), q.e * torch.exp(d) + q.n * torch.expm1(d))
-        return _MeanExp(m, p, e, self.n + other.n, self.dtype)
+        return _MeanExp(m, p, self.n + other.n, self.dtype)
 
     def value(self) -> torch.Tensor:
-        n = self.n
-        close = self.p > 0.5 * n  # slots close to each other: log1p keeps the digits
-        value = self.m + torch.where(close, torch.log1p(self.e / n), torch.log(self.p / n))
-        return value.to(self.dtype)
+        return (self.m + torch.log(self.p / self.n)).to(self.dtype)
 
 
 def _tree(fn, *values):
