@@ -55,6 +55,25 @@ VARIANTS = [
 ]
 
 
+def _paired_on(device: torch.device, fns: dict, quick: bool) -> dict:
+    """``paired_ms`` of ``fns`` (warmed up), the device waited for at the end of each block; a
+    first estimate of each from 5 calls."""
+    estimate = {}
+    for k, fn in fns.items():
+        t = time.perf_counter()
+        for _ in range(5):
+            fn()
+        synchronize({device})
+        estimate[k] = (time.perf_counter() - t) * 1e3 / 5
+    return paired_ms(
+        fns,
+        estimate,
+        budget_s=1.0 if quick else 4.0,
+        block_s=0.02,
+        sync=lambda: synchronize({device}),
+    )
+
+
 def _peak_mib(fn, device) -> float | None:
     if device.type != "cuda":
         return None
@@ -107,20 +126,7 @@ def bench(quick: bool, device: torch.device) -> list[dict]:
                     for fn in fns.values():  # warm-up; chunk="auto" and the mixing layers measure
                         fn()
                     synchronize({device})
-                    estimate = {}
-                    for k, fn in fns.items():
-                        t = time.perf_counter()
-                        for _ in range(5):
-                            fn()
-                        synchronize({device})
-                        estimate[k] = (time.perf_counter() - t) * 1e3 / 5
-                    samples = paired_ms(
-                        fns,
-                        estimate,
-                        budget_s=1.0 if quick else 4.0,
-                        block_s=0.02,
-                        sync=lambda: synchronize({device}),
-                    )
+                    samples = _paired_on(device, fns, quick)
                     peak = {k: _peak_mib(fns[k], device) for k in VARIANTS if "A/A" not in k}
                 chunks = getattr(glob, "equivfx_chunks", None)
                 chose = sorted(set(chunks.chosen.values())) if chunks is not None else None
@@ -194,20 +200,7 @@ def bench_torch_compile(quick: bool, device: torch.device, out: Path | None) -> 
                 "compiled global (A/A)": lambda m=cglob, x=x: m(x),
                 "compiled base@GB": lambda m=cbase, xg=xg: m(xg),
             }
-            estimate = {}
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                synchronize({device})
-                estimate[k] = (time.perf_counter() - t) * 1e3 / 5
-            samples = paired_ms(
-                fns,
-                estimate,
-                budget_s=1.0 if quick else 4.0,
-                block_s=0.02,
-                sync=lambda: synchronize({device}),
-            )
+            samples = _paired_on(device, fns, quick)
         n = len(samples["global"])
         ratio = [samples["compiled global"][i] / samples["compiled base@GB"][i] for i in range(n)]
         aa = [samples["compiled global"][i] / samples["compiled global (A/A)"][i] for i in range(n)]

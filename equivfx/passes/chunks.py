@@ -47,11 +47,10 @@ from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import (
     MEASURING,
-    PRECISE_POOL_LIMIT,
     averageable,
     devices_of,
+    exp_mass,
     is_tracing,
-    pool_dtype,
     repeat_per_slot,
     synchronize,
 )
@@ -375,13 +374,8 @@ class _MeanExp(NamedTuple):
     @staticmethod
     def of(s: torch.Tensor) -> _MeanExp:
         """Of the slots on axis 0 of ``s``."""
-        m = s.amax(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # as logmeanexp
-        acc = pool_dtype(s)
-        if s[0].numel() > PRECISE_POOL_LIMIT:  # dense maps: the fused kernel, as logmeanexp
-            p = torch.exp(torch.logsumexp(s, 0) - m).to(acc)
-        else:
-            p = torch.exp(s - m).sum(0, dtype=acc)
-        return _MeanExp(m.to(acc), p, s.shape[0], s.dtype)
+        m, p = exp_mass(s)
+        return _MeanExp(m.to(p.dtype), p, s.shape[0], s.dtype)
 
     def join(self, other: _MeanExp) -> _MeanExp:
         """Both sets of slots, rescaled to the larger max of the parts holding any (a part of

@@ -6,6 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+READOUTS = [
+    dict(readout="invariant"),
+    dict(readout="invariant", pool="max"),
+    dict(readout="invariant", pool="logsumexp"),
+    dict(readout="slots"),
+    dict(readout="pose"),
+]
+"""Every readout and pool a slot-choosing pass must leave unchanged."""
+
 
 def flat(emodel):
     """A compiled model's flat graph module (the chunk runner keeps it as ``equivfx_flat``)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from slot_checks import flat, loop_oracle, rows_seen
+from slot_checks import READOUTS, flat, loop_oracle, rows_seen
 from torch import nn
 
 import equivfx
@@ -22,13 +22,6 @@ from equivfx.passes.modules import CosetLift, Lift
 
 X = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0))
 X_GRID = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-READOUTS = [
-    dict(readout="invariant"),
-    dict(readout="invariant", pool="max"),
-    dict(readout="invariant", pool="logsumexp"),
-    dict(readout="slots"),
-    dict(readout="pose"),
-]
 
 
 class FlatHead(nn.Module):

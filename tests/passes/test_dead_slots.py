@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slot_checks import flat, loop_oracle, rows_seen
+from slot_checks import READOUTS, flat, loop_oracle, rows_seen
 from torch import nn
 
 import equivfx
 from equivfx.errors import InputShapeError
 from equivfx.passes.dead_slots import coset_representatives, generated_subgroup
 from equivfx.passes.modules import slot_positions
-
-READOUTS = [
-    dict(readout="invariant"),
-    dict(readout="invariant", pool="max"),
-    dict(readout="invariant", pool="logsumexp"),
-    dict(readout="slots"),
-    dict(readout="pose"),
-]
 
 
 class DeepSets(nn.Module):
