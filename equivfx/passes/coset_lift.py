@@ -117,14 +117,13 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
     outside = {lift: len(lift.users)}  # users not (yet) in the region
     open_ = 1 if lift.users else 0  # region values with users outside it
     taken: list[fx.Node] = []
-    best: list[fx.Node] = []
+    end = 0  # the region is taken[:end]
     seen_lift = False
     for node in lift.graph.nodes:
         if not seen_lift:
             seen_lift = node is lift
             continue
-        inputs = node.all_input_nodes
-        read = [a for a in inputs if a in derived]
+        read = [a for a in node.all_input_nodes if a in derived]
         if not read:
             continue
         derived.add(node)
@@ -140,8 +139,8 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
         if outside[node]:
             open_ += 1
             if open_ == 1:  # only this op's value leaves the region
-                best = list(taken)
-    return best
+                end = len(taken)
+    return taken[:end]
 
 
 def _commutes(node: fx.Node, read, region, action, modules) -> bool:
