@@ -321,14 +321,7 @@ class Lift(nn.Module):
                         gather = None
                 if gather is not None:
                     gather = _Gather(gather.index.to(x.device))
-        cached = list(self._gathers.values())  # a snapshot: other threads may be adding
-        entries = sum(g.index.numel() for g in cached if g is not None)
-        if (
-            len(cached) >= self.CACHED_SHAPES
-            or entries + (gather.index.numel() if gather else 0) > 4 * self.INDEX_LIMIT
-        ):
-            self._gathers.clear()
-        self._gathers[key] = gather
+        cache_bounded(self._gathers, key, gather, gather.index.numel() if gather else 0, self)
         return gather
 
     def __getstate__(self):
@@ -357,6 +350,25 @@ class Lift(nn.Module):
 
 
 _UNSEEN = object()
+
+
+def _index_entries(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    return 0 if value is None else value.index.numel()  # a _Gather, or a refused shape
+
+
+def cache_bounded(cache: dict, key, value, entries: int, limits=None) -> None:
+    """Store ``value`` (an index of ``entries`` int64 entries, a gather holding one, or None
+    for a refused shape) in a lift's cache, emptied first where it would hold more than
+    ``CACHED_SHAPES`` keys or 4 ``INDEX_LIMIT`` entries (of ``limits``, a lift; default
+    :class:`Lift`'s)."""
+    limits = Lift if limits is None else limits
+    cached = list(cache.values())  # a snapshot: other threads may be adding
+    total = sum(map(_index_entries, cached)) + entries
+    if len(cached) >= limits.CACHED_SHAPES or total > 4 * limits.INDEX_LIMIT:
+        cache.clear()
+    cache[key] = value
 
 
 def over_gather_limit(x: torch.Tensor, elements: int, limit: int) -> bool:
@@ -474,12 +486,12 @@ class CosetLift(nn.Module):
             index = indices.get(key)
             if index is None:
                 index = self._index_for(y, slots)
-                cached = list(indices.values())  # a snapshot: other threads may be adding
-                entries = sum(i.numel() for i in cached) + index.numel()
-                if len(cached) >= Lift.CACHED_SHAPES or entries > 4 * Lift.INDEX_LIMIT:
-                    indices.clear()
-                indices[key] = index
+                cache_bounded(indices, key, index, index.numel())
             return y.reshape(-1).index_select(0, index).view(len(slots), *y.shape[1:])
+        return self._each_slot(y, slots)
+
+    def _each_slot(self, y: torch.Tensor, slots) -> torch.Tensor:
+        """The slots op by op: k^-1 . block j for each slot's (block j, k), folded."""
         blocks = torch.unflatten(y, 0, (len(self.reps), -1))
         return torch.cat(
             [self.action._apply(i, blocks[j]) for j, i in map(self.where.__getitem__, slots)], 0
@@ -490,14 +502,7 @@ class CosetLift(nn.Module):
         actions applied to a probe of entry numbers (float64: exact)."""
         with torch.inference_mode(False):
             probe = torch.arange(y.numel(), dtype=torch.float64).view(y.shape)
-            index = torch.cat(
-                [
-                    self.action._apply(i, probe[j : j + 1])
-                    for j, i in map(self.where.__getitem__, slots)
-                ],
-                0,
-            )
-            return index.reshape(-1).to(torch.int64).to(y.device)
+            return self._each_slot(probe, slots).reshape(-1).to(torch.int64).to(y.device)
 
     def __getstate__(self):
         state = super().__getstate__()
