@@ -1090,6 +1090,11 @@ def _other_operands_broadcast(ctx: BatchCtx, action) -> bool:
     return True
 
 
+def _moves_entries(action) -> bool:
+    """The action only moves entries (a permutation): constants and elementwise maps commute."""
+    return bool(getattr(action, "is_permutation", False))
+
+
 def symmetric_reduction_invariant(dim_pos: int = 1, dim_name: str = "dim"):
     """A symmetric reduction (sum, mean, max, norm ...) over dims that include every acted axis is
     invariant under actions that only permute entries along those axes: op(g . x) == op(x)."""
@@ -1098,7 +1103,7 @@ def symmetric_reduction_invariant(dim_pos: int = 1, dim_name: str = "dim"):
         x = ctx.node.args[0]
         r = ctx.rank(x)
         dims = _dims(ctx.arg(dim_pos, dim_name))
-        if r is None or not dims or not getattr(action, "is_permutation", False):
+        if r is None or not dims or not _moves_entries(action):
             return False
         acted = _acted_axes(action, r)
         reduced = {d % r for d in dims if isinstance(d, int)}
@@ -1109,11 +1114,7 @@ def symmetric_reduction_invariant(dim_pos: int = 1, dim_name: str = "dim"):
 
 def pointwise_commutes(ctx: BatchCtx, action) -> bool:
     """Elementwise ops commute with any action that only moves entries, given constant operands."""
-    return bool(getattr(action, "is_permutation", False)) and _other_operands_broadcast(ctx, action)
-
-
-def _moves_entries(action) -> bool:
-    return bool(getattr(action, "is_permutation", False))
+    return _moves_entries(action) and _other_operands_broadcast(ctx, action)
 
 
 def _other_linear(action) -> bool:
@@ -1150,7 +1151,7 @@ def per_channel_commutes(ctx: BatchCtx, action) -> bool:
 
 def spatial_stats_commutes(ctx: BatchCtx, action) -> bool:
     """Norms whose statistics run over the spatial axes commute with permutations of those axes."""
-    return bool(getattr(action, "is_permutation", False)) and _channel_axis_untouched(ctx, action)
+    return _moves_entries(action) and _channel_axis_untouched(ctx, action)
 
 
 def _dim_untouched_commutes(default_dim: int | None):
@@ -1161,7 +1162,7 @@ def _dim_untouched_commutes(default_dim: int | None):
         x = ctx.node.args[0]
         r = ctx.rank(x)
         dim = ctx.arg(1, "dim", default_dim)
-        if r is None or dim is None or not getattr(action, "is_permutation", False):
+        if r is None or dim is None or not _moves_entries(action):
             return False
         acted = _acted_axes(action, r)
         return acted is not None and 0 not in acted and (dim % r) not in acted
@@ -1251,7 +1252,7 @@ def tiling_pool_commutes(ctx: BatchCtx, action) -> bool:
     """Pooling whose windows tile the grid (kernel == stride, no padding, size divisible) commutes
     with exact rotations and flips of the last two axes."""
     m = ctx.module
-    if m is None or not getattr(action, "is_permutation", False):
+    if m is None or not _moves_entries(action):
         return False
     if type(action).__name__ != "RotFlipAction":
         return False
@@ -1289,7 +1290,7 @@ def global_pool_commutes(ctx: BatchCtx, action) -> bool:
     size = getattr(m, "output_size", None)
     sizes = size if isinstance(size, tuple) else (size, size)
     return (
-        bool(getattr(action, "is_permutation", False))
+        _moves_entries(action)
         and all(s == 1 for s in sizes)
         and type(action).__name__ == "RotFlipAction"
     )
@@ -1316,7 +1317,7 @@ def adaptive_pool_invariant(ctx: BatchCtx, action) -> bool:
     r = ctx.rank(x) if isinstance(x, fx.Node) else None
     if d is None or r is None or r <= d or getattr(m, "return_indices", False):
         return False
-    if not getattr(action, "is_permutation", False):
+    if not _moves_entries(action):
         return False
     size = m.output_size
     sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,) * d
