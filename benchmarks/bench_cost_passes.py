@@ -16,6 +16,13 @@
 - ``seq1d-res`` (defer-lift-to-cosets through residual blocks): a circular stem and two residual
   blocks of circular convolutions, then a linear layer over every position: the whole residual
   network runs on 2 of 8 slots; under Shift4 (its convolutions commute with every shift) once.
+- ``gcnn-chain`` (keep-channel-layout, layer-wise with ``mix_layout="fused"``): a stem, then four
+  3x3 convolutions of 16 channels with ReLUs and a max pool between: every fused mixing layer
+  moved the slots onto the channel axis and back; with the pass the values between stay there.
+- ``gcnn-1x1``: the same with four 1x1 convolutions of 32 channels, where the moves are a larger
+  share of each layer.
+- ``gcnn-res`` (the same through residual sums): a stem, then four blocks x + relu(conv(x)) at
+  16x16: the residual stream is moved onto the channel axis once.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -28,6 +35,7 @@ Run: ``python benchmarks/bench_cost_passes.py [--quick] [--json PATH] [--threads
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -126,15 +134,46 @@ class ResSeq(nn.Module):
         return self.fc(h.flatten(1))
 
 
-CASES = [
-    ("stem-head", StemHead, "C4", (3, 32, 32)),
-    ("stem-head", StemHead, "D4", (3, 32, 32)),
-    ("deepsets", DeepSets, "Perm5", (5, 16)),
-    ("strip", Strip, "Rev@-1xRev@-2", (8, 1, 64)),
-    ("seq1d", Seq1d, "ShiftRev4", (8, 128)),
-    ("seq1d-flat", FlatSeq, "ShiftRev4", (8, 128)),
-    ("seq1d-res", ResSeq, "ShiftRev4", (8, 128)),
-    ("seq1d-res", ResSeq, "Shift4", (8, 128)),
+class GChain(nn.Module):
+    def __init__(self, c: int = 16, classes: int = 10, k: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2) for _ in range(4))
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for i, conv in enumerate(self.convs):
+            h = torch.relu(conv(h))
+            if i == 1:
+                h = self.pool(h)
+        return self.fc(h.mean((2, 3)))
+
+
+class GRes(GChain):
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for conv in self.convs:
+            h = h + torch.relu(conv(h))
+        return self.fc(h.mean((2, 3)))
+
+
+FUSED = {"mode": "layerwise", "mix_layout": "fused"}
+
+CASES = [  # (case, model, group, per-sample shape, compile keywords)
+    ("stem-head", StemHead, "C4", (3, 32, 32), {}),
+    ("stem-head", StemHead, "D4", (3, 32, 32), {}),
+    ("deepsets", DeepSets, "Perm5", (5, 16), {}),
+    ("strip", Strip, "Rev@-1xRev@-2", (8, 1, 64), {}),
+    ("seq1d", Seq1d, "ShiftRev4", (8, 128), {}),
+    ("seq1d-flat", FlatSeq, "ShiftRev4", (8, 128), {}),
+    ("seq1d-res", ResSeq, "ShiftRev4", (8, 128), {}),
+    ("seq1d-res", ResSeq, "Shift4", (8, 128), {}),
+    ("gcnn-chain", GChain, "C4", (3, 32, 32), FUSED),
+    ("gcnn-1x1", functools.partial(GChain, 32, k=1), "C4", (3, 32, 32), FUSED),
+    ("gcnn-res", GRes, "C4", (3, 16, 16), FUSED),
+    ("gcnn-res", GRes, "D4", (3, 16, 16), FUSED),
 ]
 
 
@@ -144,15 +183,17 @@ def main() -> None:
     args = parse_timing_args(ap)
     rows = []
     cases = CASES[1:] if args.quick else CASES
-    for case, factory, spec, shape in [c for c in cases if c[0] in (args.cases or [c[0]])]:
+    for case, factory, spec, shape, kw in [c for c in cases if c[0] in (args.cases or [c[0]])]:
         torch.manual_seed(0)
         model = factory().eval()
         for batch in (1, 16):
             x = torch.randn(batch, *shape)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fast = equivfx.compile(model, spec, example_inputs=x, chunk=None)
-                slow = equivfx.compile(model, spec, example_inputs=x, optimize=False, chunk=None)
+                fast = equivfx.compile(model, spec, example_inputs=x, chunk=None, **kw)
+                slow = equivfx.compile(
+                    model, spec, example_inputs=x, optimize=False, chunk=None, **kw
+                )
             fns = {"fast": lambda fast=fast, x=x: fast(x), "slow": lambda slow=slow, x=x: slow(x)}
             with torch.no_grad():
                 estimate = {
@@ -175,6 +216,7 @@ def main() -> None:
             row = dict(
                 case=case,
                 group=spec,
+                mode=kw.get("mode", "global"),
                 slots_computed=len(first.slots),
                 coset_lift=first is not lift,
                 slots=lift.group.order,

@@ -26,6 +26,7 @@ from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.meta import annotated_output_action
 from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.channel_layout import KeepChannelLayout
 from equivfx.passes.chunks import chunked_module
 from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
 from equivfx.passes.coset_lift import DeferLiftToCosets
@@ -123,13 +124,16 @@ def global_pipeline(options: LiftOptions, check: bool = False, optimize: bool = 
 def layerwise_pipeline(
     options: LiftOptions, mix: MixOptions, check: bool = False, optimize: bool = True
 ) -> Pipeline:
-    """The layer-wise construction: the global passes with mix-layers before the readout."""
+    """The layer-wise construction: the global passes with mix-layers before the readout (and,
+    for the fused layout, keep-channel-layout)."""
     # mix-layers decides on the unoptimised graph (which layers are past the input stage); the
     # gathers it inserts do not commute with the action, so defer-lift never moves them
     passes = [AnnotateReps(options), InsertLift(options), ToMap(), MixLayers(mix)]
     passes += [DeferLift()] if optimize else []
     passes += [FuseProjection(options)]
     passes += [HoistProjection()] if optimize else []
+    # the fused layout's moves between layers cancel where the ops between keep the channels
+    passes += [KeepChannelLayout()] if optimize and mix.layout == "fused" else []
     return Pipeline(passes, check=check)
 
 

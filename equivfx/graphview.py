@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from equivfx.meta import ORIGIN, REP, RULE, CosetFolded, Folded, InputRep, OutputRep
+from equivfx.meta import (
+    ORIGIN,
+    REP,
+    RULE,
+    ChannelFolded,
+    CosetFolded,
+    Folded,
+    InputRep,
+    OutputRep,
+)
 
 __all__ = ["describe_graph"]
 
@@ -24,6 +33,8 @@ def describe_graph(gm: fx.GraphModule) -> list[dict]:
             slot_axis = rep.batch_axis  # the slots are folded, slot-major, into this axis
         elif isinstance(rep, CosetFolded):
             slot_axis = 0  # one slot per coset, folded slot-major
+        elif isinstance(rep, ChannelFolded):
+            slot_axis = 1  # the channel blocks (keep-channel-layout)
         elif isinstance(rep, OutputRep) and rep.readout in ("slots", "pose"):
             slot_axis = 1
         params = None

@@ -11,6 +11,8 @@ passes can compare them, tests can construct them, and ``equivfx inspect`` can p
   ``batch_axis`` the tensor holds |G| blocks of the original batch, block i being slot g_i. G acts
   by
   the regular action, which permutes the blocks.
+- :class:`ChannelFolded`: a Map(G, .) value whose slots are folded slot-major into the channel
+  axis (axis 1) of a (B, |G| C, ...) tensor: the fused layer-wise layout between mixing layers.
 - :class:`BatchSize`: a Python int (or tuple of ints) read off a folded tensor's shape;
 ``batch_dims``
   lists which entries hold the (folded) batch size.
@@ -32,6 +34,7 @@ __all__ = [
     "Trivial",
     "InputRep",
     "Folded",
+    "ChannelFolded",
     "BatchSize",
     "OutputRep",
     "get_rep",
@@ -100,6 +103,18 @@ class CosetFolded(Rep):
 
     def describe(self) -> str:
         return f"map(G) folded in axis 0, one slot per coset ({len(self.slots)})"
+
+
+@dataclass(frozen=True)
+class ChannelFolded(Rep):
+    """Map(G, .) with the |G| slots folded slot-major into the channel axis: a (B, |G| C, ...)
+    tensor whose channel block i is slot g_i (``keep-channel-layout``, between fused mixing
+    layers); G permutes the channel blocks."""
+
+    slots: int = 1
+
+    def describe(self) -> str:
+        return f"map(G) folded in axis 1 (channels, {self.slots} blocks)"
 
 
 @dataclass(frozen=True)

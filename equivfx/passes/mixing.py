@@ -70,6 +70,8 @@ __all__ = [
     "GATHER_FORMAT",
     "release_workspace",
     "widen",
+    "slots_to_channels",
+    "channels_to_slots",
     "MIXABLE",
 ]
 
@@ -286,6 +288,17 @@ def gather_channels_last(
     return flat.view(part.shape[0] * batch, h, w, n * c).permute(0, 3, 1, 2)
 
 
+def slots_to_channels(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Folded slots (n B, C, ...) to the channel layout (B, n C, ...): channel block i is slot i."""
+    return x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)
+
+
+def channels_to_slots(y: torch.Tensor, n: int) -> torch.Tensor:
+    """The channel layout (B, n C, ...) back to folded slots (n B, C, ...): a cat of the channel
+    blocks (a permute-then-flatten makes exporters guard on the batch size being 1)."""
+    return torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
+
+
 class SlotGather(nn.Module):
     """For each slot g, concatenate s(g u) over u on the feature axis (the input of a mixing layer).
 
@@ -458,8 +471,26 @@ class MixingLayer:
 
 
 class _MixingConv(MixingLayer):
-    def forward(self, x: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch_axis: int = 0,
+        channels_in: bool = False,
+        channels_out: bool = False,
+    ) -> torch.Tensor:
+        """The folded slots (|G| B, C, ...) to (|G| B, Cout, ...). The fused layout takes and
+        gives (B, |G| C, ...) instead with ``channels_in`` and ``channels_out``
+        (``keep-channel-layout`` sets them where the values between fused layers keep it)."""
         n = self.order
+        if (channels_in or channels_out) and self.layout != "fused":
+            raise EquivFXError(
+                explain(
+                    "channels_in/channels_out need the fused layout",
+                    self.layout,
+                    "layout='fused'",
+                    "call the gather layout on folded slots (|G| B, C, ...)",
+                )
+            )
         if batch_axis:
             x = x.movedim(batch_axis, 0)
         if self.layout == "gather":
@@ -471,11 +502,11 @@ class _MixingConv(MixingLayer):
             else:
                 out = self._conv_forward(gather_rows(x, self.table), weight, bias)
         else:
-            t = x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n C, *spatial)
+            t = x if channels_in else slots_to_channels(x, n)  # (B, n C, *spatial)
             y = self._conv_forward(t, *self._block_params())
-            # (n B, Cout, *spatial): a cat of the slot blocks (a permute-then-flatten makes
-            # exporters guard on the batch size being 1)
-            out = torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
+            if channels_out:  # (B, n Cout, *spatial): the next fused layer reads it as it is
+                return y
+            out = channels_to_slots(y, n)
         return out.movedim(0, batch_axis) if batch_axis else out
 
     def _gather_conv(self, x, weight, bias, channels_last: bool) -> torch.Tensor:

@@ -20,7 +20,14 @@ from torch.utils import _pytree as pytree
 from equivfx.errors import GroupSpecError, ModelTypeError, explain
 from equivfx.groups import FiniteGroup, TrivialAction
 from equivfx.groups import group as as_group
-from equivfx.meta import REP, Folded, InputRep, OutputRep, annotated_output_action
+from equivfx.meta import (
+    REP,
+    ChannelFolded,
+    Folded,
+    InputRep,
+    OutputRep,
+    annotated_output_action,
+)
 from equivfx.verify.report import Report
 from equivfx.verify.tolerance import abs_error, tolerance, within
 
@@ -245,17 +252,18 @@ def _expected(rep, G, h, vx, perm):
         return _act_tree(rep.action, h, vx)
     if isinstance(rep, OutputRep):
         return _act_tree(rep.action, h, vx)
-    if isinstance(rep, Folded):
+    if isinstance(rep, (Folded, ChannelFolded)):
+        axis = rep.batch_axis if isinstance(rep, Folded) else 1  # the slots' blocks are there
 
         def permute(t):
-            if not isinstance(t, torch.Tensor) or t.dim() <= rep.batch_axis:
+            if not isinstance(t, torch.Tensor) or t.dim() <= axis:
                 return t
-            n, slots = t.shape[rep.batch_axis], len(perm)
+            n, slots = t.shape[axis], len(perm)
             if n % slots:
                 return t
-            s = t.unflatten(rep.batch_axis, (slots, n // slots))
-            s = s.index_select(rep.batch_axis, perm.to(t.device))
-            return s.flatten(rep.batch_axis, rep.batch_axis + 1)
+            s = t.unflatten(axis, (slots, n // slots))
+            s = s.index_select(axis, perm.to(t.device))
+            return s.flatten(axis, axis + 1)
 
         return pytree.tree_map(permute, vx)
     return None

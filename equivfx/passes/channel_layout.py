@@ -1,0 +1,284 @@
+"""``keep-channel-layout``: between fused mixing layers, the slots stay on the channel axis.
+
+A fused mixing convolution (``mix_layout="fused"``) moves the folded slots onto the channel axis,
+(|G| B, C, ...) -> (B, |G| C, ...), runs one convolution with the block weight and moves its output
+back. Ops between two such layers that treat every channel of every sample alike (activations,
+pools, residual sums) give the same values in either layout, so the moves between them cancel::
+
+    conv2 (fused) -> [move back] -> relu -> [move] -> conv3 (fused)
+
+    conv2 (fused, channels_out) -> relu -> conv3 (fused, channels_in)
+
+This is the layout a G-CNN library keeps throughout (e2cnn's regular fields are (B, |G| C, H, W)).
+The values between are :class:`~equivfx.meta.ChannelFolded`; each is moved back to folded slots
+right before any other op that reads it (a flatten, a readout, a batch norm). The outputs are
+those of the fused layout without the pass, bitwise: the convolutions read the same tensors, and
+the ops between are elementwise or per channel.
+
+The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`UNARY_MODULES`,
+:data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
+indices); ``nn.Identity``; and sums, differences and products of two such values with the same
+channels per slot (a residual sum), or of one with a number. Not: anything with per-channel
+parameters (batch norm, PReLU with several weights: their channels would have to repeat per slot),
+anything that reads a dimension (softmax, flatten), or draws random numbers (dropout: its masks
+would fall elsewhere). A value is kept in the channel layout only where it reaches a fused layer's
+input through such ops, and not where an op that writes in place follows its first reader outside
+the region (that reader gets a copy, which the write would not reach).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from equivfx.meta import REP, ChannelFolded, Folded, set_rep
+from equivfx.passes.hoist import _mutates
+from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_channels
+
+__all__ = ["KeepChannelLayout", "UNARY_MODULES", "UNARY_FUNCTIONS", "UNARY_METHODS"]
+
+UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+"""Module types (exactly these: a subclass may override ``forward``) that act on every channel
+of every sample alike."""
+
+UNARY_FUNCTIONS = frozenset(
+    {
+        torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu,
+        F.gelu, F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardtanh,
+        F.hardswish, F.hardsigmoid, F.softplus, F.softsign, torch.abs,
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    }
+)  # fmt: skip
+"""Functions of one tensor (and numbers) that act on every channel of every sample alike."""
+
+UNARY_METHODS = frozenset(
+    {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "abs", "abs_", "clamp", "clamp_"}
+)
+"""Tensor methods of the same kind."""
+
+BINARY = frozenset(
+    {
+        operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+        torch.add, torch.sub, torch.mul,
+        "add", "add_", "sub", "sub_", "mul", "mul_",
+    }
+)  # fmt: skip
+"""Elementwise sums, differences and products (functions, and method names)."""
+
+_POOLS_WITH_INDICES = {  # the position of return_indices among the function's arguments
+    F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6,
+    F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 2,
+}  # fmt: skip
+
+
+class KeepChannelLayout(Pass):
+    name = "keep-channel-layout"
+    requires = frozenset({REP, "equivfx.mixed"})
+    provides = frozenset({REP})
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modules = dict(gm.named_modules())
+        mixers = {n: m for n in gm.graph.nodes if (m := _fused_mixer(n, modules)) is not None}
+        if len(mixers) < 2:
+            return PassResult(gm, False)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        refused: set[fx.Node] = set()
+        while True:
+            kept, entries = _region(gm.graph, mixers, modules, refused)
+            hazards = _hazards(kept, entries, mixers, modules, order)
+            if not hazards:
+                break
+            refused |= hazards
+        if not kept:
+            return PassResult(gm, False)
+        slots = next(iter(mixers.values())).order
+        graph = gm.graph
+        for value in entries:  # moved once, right after it is computed
+            with graph.inserting_after(value):
+                moved = graph.call_function(slots_to_channels, (value, slots))
+            new_node_origin(moved, self.name)
+            set_rep(moved, ChannelFolded(slots), "channel-layout")
+            for user in list(value.users):
+                if user is not moved and _reads_kept(user, value, kept, mixers):
+                    user.replace_input_with(value, moved)
+            kept.add(moved)
+        for node in list(graph.nodes):
+            if node not in kept:
+                continue
+            for user in [u for u in node.users if not _reads_kept(u, node, kept, mixers)]:
+                with graph.inserting_before(user):  # a copy in folded slots, made right before
+                    back = graph.call_function(channels_to_slots, (node, slots))
+                new_node_origin(back, self.name)
+                set_rep(back, Folded(0), "channel-layout")
+                if "tensor_meta" in node.meta:
+                    back.meta["tensor_meta"] = node.meta["tensor_meta"]
+                user.replace_input_with(node, back)
+            set_rep(node, ChannelFolded(slots), node.meta.get("equivfx.rule"))
+            node.meta.pop("tensor_meta", None)  # its shape is (B, |G| C, ...) now
+        for node in mixers:
+            flags = {}
+            if node.args[0] in kept:
+                flags["channels_in"] = True
+            if node in kept:
+                flags["channels_out"] = True
+            if flags:
+                node.kwargs = {**node.kwargs, **flags}
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+def _fused_mixer(node: fx.Node, modules) -> _MixingConv | None:
+    """The fused mixing convolution ``node`` calls on folded slots in axis 0, if it does."""
+    if node.op != "call_module" or not node.meta.get("equivfx.mixing"):
+        return None
+    m = modules.get(node.target)
+    if not isinstance(m, _MixingConv) or m.layout != "fused":
+        return None
+    if (
+        node.kwargs.get("batch_axis", 0)
+        or len(node.args) != 1
+        or not node.kwargs.keys() <= {"batch_axis"}
+    ):
+        return None
+    rep = node.args[0].meta.get(REP) if isinstance(node.args[0], fx.Node) else None
+    return m if isinstance(rep, Folded) and rep.batch_axis == 0 and not rep.container else None
+
+
+def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
+    """The values kept in the channel layout (fused mixing layers' outputs and ops that keep the
+    layout, where they reach a fused layer's input through such ops), and the values in folded
+    slots moved into it once (``entries``: the other operand of a residual sum)."""
+    shapes: dict[fx.Node, tuple[int, int]] = {}  # kept value -> (rank, channels per slot)
+    movable: dict[fx.Node, tuple[int, int]] = {}  # folded value -> (rank, channels per slot)
+    reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
+    for node in graph.nodes:
+        if node in refused:
+            continue
+        if node in mixers:
+            m = mixers[node]
+            shapes[node] = (m.weight.dim(), m.out_channels)
+            continue
+        kept = _keeps_layout(node, modules, shapes, movable, refused)
+        if kept is not None:
+            shapes[node], reads[node] = kept
+        else:
+            shape = _slot_shape(node, modules, movable)
+            if shape is not None:
+                movable[node] = shape
+    useful: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node in shapes and any(
+            (u in mixers and u.args[0] is node) or (u in useful and u not in mixers)
+            for u in node.users
+        ):
+            useful.add(node)
+    entries = {v for n in useful for v in reads.get(n, ())}
+    return useful, entries
+
+
+def _reads_kept(user: fx.Node, node: fx.Node, kept: set, mixers: dict) -> bool:
+    """``user`` reads ``node`` in the channel layout (it keeps it, or is a fused layer reading it
+    as its input)."""
+    if user in mixers:
+        return user.args[0] is node
+    return user in kept
+
+
+def _hazards(kept: set, entries: set, mixers: dict, modules, order: dict) -> set[fx.Node]:
+    """What must not keep the layout because of writes in place.
+
+    A kept value read outside the region gets a copy made right before the reader; a later write
+    (to the value, or to an alias that reader made) would reach one and not the other. A value
+    moved in (an entry) is copied once; a later write anywhere but into a kept op's own result
+    may be a write to it or an alias. An in-place sum into an entry would write the copy."""
+    writes = [n for n in order if _mutates(n, modules)]
+    foreign = [order[n] for n in writes if n not in kept or n.args[0] in entries]
+    last_write = max((order[n] for n in writes), default=-1)
+    hazards = set()
+    for node in kept:
+        outside = [order[u] for u in node.users if not _reads_kept(u, node, kept, mixers)]
+        if outside and min(outside) < last_write:
+            hazards.add(node)
+    for value in entries:
+        if any(w > order[value] for w in foreign):
+            hazards.add(value)
+    return hazards
+
+
+def _slot_shape(node: fx.Node, modules, movable: dict) -> tuple[int, int] | None:
+    """(rank, channels per slot) of a value in folded slots, where known: from the example
+    inputs' shapes, a convolution's or batch norm's module, or an op that keeps the layout of
+    one such value."""
+    rep = node.meta.get(REP)
+    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is not None:
+        return (len(shape), shape[1]) if len(shape) >= 3 else None
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(m, _MixingConv):
+        return m.weight.dim(), m.out_channels
+    inputs = node.all_input_nodes
+    if len(inputs) == 1 and inputs[0] in movable:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or _unary(node, modules):
+            return movable[inputs[0]]
+    return None
+
+
+def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: set):
+    """((rank, channels per slot), folded values to move in) if ``node`` keeps the channel
+    layout of the kept values it reads (``shapes``), else None."""
+    if node.op not in ("call_module", "call_function", "call_method") or "out" in node.kwargs:
+        return None
+    rep = node.meta.get(REP)
+    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+        return None
+    inputs = node.all_input_nodes
+    kept = [a for a in inputs if a in shapes]
+    if not kept:
+        return None
+    if node.target in BINARY:
+        if len(node.args) != 2 or any(
+            not isinstance(v, (int, float)) for v in node.kwargs.values()
+        ):
+            return None  # alpha= only
+        moved = [a for a in inputs if a not in shapes]
+        if any(a not in movable or a in refused for a in moved):
+            return None
+        if len({*(shapes[a] for a in kept), *(movable[a] for a in moved)}) != 1:
+            return None
+        return shapes[kept[0]], moved
+    if len(inputs) != 1 or not _unary(node, modules):
+        return None
+    return shapes[kept[0]], []
+
+
+def _unary(node: fx.Node, modules) -> bool:
+    """``node`` applies an op of one tensor (and numbers) that acts on every channel of every
+    sample alike (activations, pools) to its first argument."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return type(m) in UNARY_MODULES and not getattr(m, "return_indices", False)
+    unary = UNARY_FUNCTIONS if node.op == "call_function" else UNARY_METHODS
+    if node.op not in ("call_function", "call_method") or node.target not in unary:
+        return False
+    at = _POOLS_WITH_INDICES.get(node.target)
+    return not node.kwargs.get("return_indices") and (at is None or len(node.args) <= at)

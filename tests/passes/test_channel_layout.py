@@ -1,0 +1,358 @@
+"""keep-channel-layout: between fused mixing layers the slots stay on the channel axis, and the
+outputs are those of the fused layout without the pass, bitwise."""
+
+from __future__ import annotations
+
+import copy
+import io
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import equivfx
+import equivfx.passes.channel_layout as channel_layout
+from equivfx.graphview import describe_graph
+from equivfx.meta import REP, ChannelFolded
+from equivfx.passes.mixing import channels_to_slots, slots_to_channels
+
+
+def _without_pass(monkeypatch, model, spec="C4", **kwargs):
+    """The same compile with keep-channel-layout doing nothing (the oracle)."""
+    with monkeypatch.context() as m:
+        m.setattr(
+            channel_layout.KeepChannelLayout,
+            "__call__",
+            lambda self, gm: channel_layout.PassResult(gm, False),
+        )
+        return equivfx.compile(model, spec, mode="layerwise", mix_layout="fused", **kwargs)
+
+
+def _with_pass(model, spec="C4", **kwargs):
+    return equivfx.compile(model, spec, mode="layerwise", mix_layout="fused", **kwargs)
+
+
+def _flags(emodel) -> dict[str, dict]:
+    """Each mixing layer's channel-layout flags, by node name."""
+    return {
+        n.name: {k: v for k, v in n.kwargs.items() if k.startswith("channels_")}
+        for n in emodel.graph.nodes
+        if n.meta.get("equivfx.mixing")
+    }
+
+
+def _moves(emodel) -> list[str]:
+    return [
+        n.target.__name__
+        for n in emodel.graph.nodes
+        if n.op == "call_function" and n.target in (slots_to_channels, channels_to_slots)
+    ]
+
+
+class Chain(nn.Module):
+    def __init__(self, c=4, inplace=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.ReLU(inplace=inplace)
+        self.pool = nn.MaxPool2d(2)
+        self.c3 = nn.Conv2d(c, c, 1)
+        self.c4 = nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.pool(self.act(self.c2(x)))
+        x = F.gelu(self.c3(x)) * 0.5
+        return self.fc(torch.tanh(self.c4(x)).mean((2, 3)))
+
+
+class Residual(nn.Module):
+    def __init__(self, c=4, blocks=3, inplace_add=False):
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(blocks))
+        self.inplace_add = inplace_add
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for conv in self.convs:
+            y = F.relu(conv(x))
+            if self.inplace_add:
+                y += x
+                x = y
+            else:
+                x = x + y
+        return self.fc(x.mean((2, 3)))
+
+
+def _same(monkeypatch, model, x, spec="C4", grads=True):
+    """The compiled model with and without the pass: outputs equal bitwise in eval mode and in
+    training mode, gradients too; returns the one with the pass."""
+    torch.manual_seed(0)
+    on = _with_pass(model, spec)
+    off = _without_pass(monkeypatch, model, spec)
+    off.load_state_dict(on.state_dict())
+    for mode in (False, True):
+        on.train(mode), off.train(mode)
+        with torch.no_grad():
+            assert torch.equal(on(x), off(x))
+    if grads:
+        outs = []
+        for m in (on, off):
+            m.zero_grad()
+            m(x).square().sum().backward()
+            outs.append([p.grad for p in m.parameters()])
+        for a, b in zip(*outs, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    on.eval()
+    return on
+
+
+def test_the_moves_round_trip_exactly():
+    s = torch.arange(4 * 3 * 2 * 5, dtype=torch.float64).view(4 * 3, 2, 5)
+    c = slots_to_channels(s, 4)
+    assert c.shape == (3, 8, 5)
+    # channel block i of sample b is slot i's sample b
+    for i in range(4):
+        assert torch.equal(c[:, 2 * i : 2 * i + 2], s[3 * i : 3 * i + 3])
+    assert torch.equal(channels_to_slots(c, 4), s)
+
+
+def test_a_chain_of_fused_layers_keeps_the_channel_layout(monkeypatch):
+    model = Chain().eval()
+    x = torch.randn(3, 2, 8, 8)
+    on = _same(monkeypatch, model, x)
+    # c1 reads the lifted input (the input stage): a plain layer. c2 moves in, c4 moves out, fc
+    # is a mixing linear layer (no channel layout)
+    assert _flags(on) == {
+        "c2": {"channels_out": True},
+        "c3": {"channels_in": True, "channels_out": True},
+        "c4": {"channels_in": True},
+        "fc": {},
+    }
+    assert _moves(on) == []
+    reps = {n.name: n.meta.get(REP) for n in on.graph.nodes}
+    for name in ("c2", "act", "pool", "c3", "gelu", "mul"):
+        assert reps[name] == ChannelFolded(4), name
+    rows = {r["node"]: r for r in describe_graph(on)}
+    assert rows["pool"]["slot_axis"] == 1 and "channels" in rows["pool"]["rep"]
+    assert "keep-channel-layout" in on.equivfx_info.passes
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+def test_residual_sums_move_the_stream_in_once(monkeypatch):
+    model = Residual().eval()
+    x = torch.randn(2, 2, 8, 8)
+    on = _same(monkeypatch, model, x)
+    # the stem's output (folded slots) moves in once and feeds the first layer and the first sum;
+    # the last sum's operands leave the region (the mean reads them)
+    assert _moves(on).count("slots_to_channels") == 1
+    assert _flags(on)["convs_0"] == {"channels_in": True, "channels_out": True}
+    assert _flags(on)["convs_1"] == {"channels_in": True, "channels_out": True}
+    assert _flags(on)["convs_2"] == {"channels_in": True}
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+def test_in_place_activations_and_sums_keep_their_values(monkeypatch):
+    _same(monkeypatch, Chain(inplace=True).eval(), torch.randn(2, 2, 8, 8))
+    on = _same(monkeypatch, Residual(inplace_add=True).eval(), torch.randn(2, 2, 8, 8))
+    # y += x writes into the moved stream's reader, never into the moved copy: x's copy is read
+    # by the first sum and that sum is not in place on it
+    assert any(f for f in _flags(on).values())
+
+
+class ViewThenWrite(nn.Module):
+    """Reads c2's output through a view outside the region, then writes c2's output in place:
+    the view must see the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        flat = y.view(y.shape[0], -1)  # an alias, read after the write below
+        y.relu_()
+        z = self.c3(y)
+        return z.mean((1, 2, 3)) + flat.sum(1)
+
+
+def test_a_value_read_outside_before_a_write_stays_in_folded_slots(monkeypatch):
+    on = _same(monkeypatch, ViewThenWrite().eval(), torch.randn(2, 2, 6, 6), grads=False)
+    assert _flags(on)["c2"] == {}  # c2's output is read by the view before relu_ writes it
+
+
+class WriteBeforeTheSum(nn.Module):
+    """The residual stream is written in place between its first reader and the sum: a copy
+    moved in when it was computed would miss the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        y = torch.relu(self.c1(s))
+        s.mul_(2.0)
+        return self.c2(s + y).mean((1, 2, 3))
+
+
+def test_a_stream_written_after_it_is_computed_is_not_moved_in(monkeypatch):
+    on = _same(monkeypatch, WriteBeforeTheSum().eval(), torch.randn(2, 2, 6, 6), grads=False)
+    assert "slots_to_channels" not in _moves(on)
+
+
+class Mixed(nn.Module):
+    """Ops that do not keep the layout: batch norm (per-channel statistics), a product with a
+    one-channel gate (it broadcasts over the channels of a slot, not of all slots), softmax over
+    channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.gate = nn.Conv2d(4, 1, 1)
+        self.c4 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c5 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.c3(self.bn(self.c2(x)))
+        x = self.c4(x * torch.sigmoid(self.gate(x)))
+        return self.c5(torch.softmax(x, 1)).mean((1, 2, 3))
+
+
+def test_ops_that_do_not_keep_the_layout_end_it(monkeypatch):
+    on = _same(monkeypatch, Mixed().eval(), torch.randn(2, 2, 6, 6))
+    # only c3 -> gate (a fused layer reading another's output) keeps it; the product reads c3's
+    # output moved back to folded slots
+    assert _flags(on) == {
+        "c2": {},
+        "c3": {"channels_out": True},
+        "gate": {"channels_in": True},
+        "c4": {},
+        "c5": {},
+    }
+    assert _moves(on) == ["channels_to_slots"]
+    reps = {n.name: n.meta.get(REP) for n in on.graph.nodes}
+    assert not any(isinstance(reps[k], ChannelFolded) for k in ("bn", "sigmoid", "mul", "softmax"))
+
+
+def test_other_layouts_and_optimize_false_leave_the_graph_alone():
+    model = Chain().eval()
+    gather = equivfx.compile(model, "C4", mode="layerwise")
+    plain = equivfx.compile(model, "C4", mode="layerwise", mix_layout="fused", optimize=False)
+    for emodel in (gather, plain):
+        assert "keep-channel-layout" not in emodel.equivfx_info.passes
+        assert all(flags == {} for flags in _flags(emodel).values())
+
+
+def test_the_flags_need_the_fused_layout():
+    G = equivfx.group("C4")
+    layer = equivfx.passes.mixing.widen(nn.Conv2d(2, 2, 3), G.order, group=G, layout="gather")
+    with pytest.raises(equivfx.errors.EquivFXError, match="fused layout"):
+        layer(torch.randn(4, 2, 5, 5), channels_out=True)
+
+
+def test_the_verifier_locates_a_broken_op_inside_the_region(monkeypatch):
+    model = Chain().eval()
+    x = torch.randn(2, 2, 8, 8)
+    on = _with_pass(model)
+    node = next(n for n in on.graph.nodes if n.name == "gelu")
+    assert node.meta[REP] == ChannelFolded(4)
+    node.target = _gelu_then_weigh  # not equivariant: weighs the slots' channel blocks apart
+    on.recompile()
+    report = equivfx.verify(on, x, rtol=1e-4, atol=1e-5)
+    assert not report.ok and report.first_bad_node == "gelu"
+
+
+def _gelu_then_weigh(t):
+    # (G permutes the channel blocks; an op acting on each block alike would commute with that)
+    return F.gelu(t) * torch.arange(t.shape[1], dtype=t.dtype).view(1, -1, 1, 1)
+
+
+def test_pickles_copies_and_exports(monkeypatch):
+    model = Residual().eval()
+    x = torch.randn(3, 2, 8, 8)
+    on = _with_pass(model)
+    assert any(_flags(on).values())
+    with torch.no_grad():
+        want = on(x)
+        buf = io.BytesIO()
+        torch.save(on, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x), want)
+        assert torch.equal(copy.deepcopy(on)(x), want)
+    batch = torch.export.Dim("batch", max=1024)
+    ep = torch.export.export(on, (x,), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        for n in (1, 5):
+            xs = torch.randn(n, 2, 8, 8)
+            torch.testing.assert_close(ep.module()(xs), on(xs))
+
+
+# ------------------------------------------------------------------ drawn networks
+OPS = ("relu", "relu_", "maxpool", "avgpool", "scale", "residual", "iadd", "bn", "gelu", "conv")
+
+
+class Drawn(nn.Module):
+    def __init__(self, ops, c=3):
+        super().__init__()
+        self.ops = ops
+        self.stem = nn.Conv2d(2, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in ops)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in ops)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for op, conv, bn in zip(self.ops, self.convs, self.bns, strict=True):
+            y = conv(x)
+            if op == "relu":
+                x = torch.relu(y)
+            elif op == "relu_":
+                x = y.relu_()
+            elif op == "maxpool":
+                x = F.max_pool2d(y, 3, 1, 1)
+            elif op == "avgpool":
+                x = nn.functional.avg_pool2d(y, 3, 1, 1)
+            elif op == "scale":
+                x = 0.5 * y - 1.0
+            elif op == "residual":
+                x = operator.add(x, F.silu(y))
+            elif op == "iadd":
+                y += x
+                x = y
+            elif op == "bn":
+                x = bn(y)
+            elif op == "gelu":
+                x = F.gelu(y)
+            else:
+                x = y
+        return x.mean((2, 3))
+
+
+@given(
+    ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=5),
+    spec=st.sampled_from(["C4", "D4"]),
+)
+def test_drawn_networks_give_the_outputs_of_the_fused_layout(ops, spec):
+    # a fresh monkeypatch per example (the function-scoped fixture is shared by examples)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        torch.manual_seed(0)
+        model = Drawn(ops).eval()
+        x = torch.randn(2, 2, 8, 8)
+        on = _same(monkeypatch, model, x, spec)
+        assert sum(n.meta.get("equivfx.mixing", False) for n in on.graph.nodes) == len(ops)
