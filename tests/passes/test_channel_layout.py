@@ -212,6 +212,112 @@ def test_a_stream_written_after_it_is_computed_is_not_moved_in(monkeypatch):
     assert "slots_to_channels" not in _moves(on)
 
 
+class WriteAsAStatement(nn.Module):
+    """``y.relu_()`` with its result unread: the write is the value's only reader besides c3."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        y.relu_()
+        return self.c3(y).mean((1, 2, 3))
+
+
+class WriteOutsideWithOut(WriteAsAStatement):
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        torch.add(y, 1.0, out=y)  # a write the region does not keep, into the value itself
+        return self.c3(y).mean((1, 2, 3))
+
+
+def test_a_write_in_place_as_a_statement_reaches_the_next_layer(monkeypatch):
+    on = _same(monkeypatch, WriteAsAStatement().eval(), torch.randn(2, 2, 6, 6))
+    # the write is kept in the region, so c2 -> c3 still keeps the layout
+    assert _flags(on)["c3"] == {"channels_in": True}
+    on = _same(monkeypatch, WriteOutsideWithOut().eval(), torch.randn(2, 2, 6, 6), grads=False)
+    assert _flags(on)["c3"] == {}
+
+
+class ReadThenWrite(nn.Module):
+    """c3 reads c2's output, then relu_ writes it: c3 saved it for its weight's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2, self.c3, self.c4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        z = self.c3(y)
+        return self.c4(y.relu_() + z).mean((1, 2, 3))
+
+
+def test_a_layer_reading_a_value_written_later_keeps_backward_working(monkeypatch):
+    on = _same(monkeypatch, ReadThenWrite(), torch.randn(2, 2, 6, 6))
+    assert _flags(on)["c3"] == {}  # c3 reads c2's output in folded slots, through its own copy
+
+
+class _FlipSum(nn.Module):
+    """Not traceable (data-dependent control flow): an opaque leaf that mixes the channels."""
+
+    def forward(self, a, b):
+        if bool(a.sum() != 12345.0):
+            return a + b.flip(1)
+        return a
+
+
+class ModuleNamedAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        self.add = _FlipSum()
+        self.c4 = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c4(self.add(self.c2(h), self.c3(h))).flatten(1)
+
+
+def test_a_module_named_like_a_sum_is_not_one(monkeypatch):
+    torch.manual_seed(0)
+    model = ModuleNamedAdd().eval()
+    x = torch.randn(2, 2, 6, 6)
+    on = _with_pass(model, readout="slots")
+    off = _without_pass(monkeypatch, model, readout="slots")
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+    kept = {n.name for n in on.graph.nodes if isinstance(n.meta.get(REP), ChannelFolded)}
+    assert "add" not in kept
+
+
+class ReadTwiceOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(c, 3, 3, padding=1) for c in (2, 3, 3))
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        side = torch.cat([y, y], 1).mean((1, 2, 3))
+        return self.c3(torch.tanh(y)).mean((1, 2, 3)) + side
+
+
+def test_gradients_are_equal_up_to_the_order_autograd_sums_them(monkeypatch):
+    # y's gradient has three terms; moved back once for the cat, two of them are summed first
+    torch.manual_seed(0)
+    model = ReadTwiceOutside()
+    x = torch.randn(2, 2, 6, 6)
+    on, off = _with_pass(model), _without_pass(monkeypatch, model)
+    assert torch.equal(on(x), off(x))
+    for m in (on, off):
+        m(x).square().sum().backward()
+    for a, b in zip(on.parameters(), off.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
 class Mixed(nn.Module):
     """Ops that do not keep the layout: batch norm (per-channel statistics), a product with a
     one-channel gate (it broadcasts over the channels of a slot, not of all slots), softmax over
