@@ -23,6 +23,8 @@
   share of each layer.
 - ``gcnn-res`` (the same through residual sums): a stem, then four blocks x + relu(conv(x)) at
   16x16: the residual stream is moved onto the channel axis once.
+- ``resnet-fused`` (the same through batch norms and shortcuts): ``bench_global.py``'s
+  ResNet-style CNN (conv, batch norm, ReLU; identity and 1x1 shortcuts), layer-wise fused.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -49,6 +51,7 @@ from torch.utils import benchmark
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_global import (  # noqa: E402
+    ResNetish,
     Seq1d,
     _quartiles,
     paired_ms,
@@ -174,6 +177,7 @@ CASES = [  # (case, model, group, per-sample shape, compile keywords)
     ("gcnn-1x1", functools.partial(GChain, 32, k=1), "C4", (3, 32, 32), FUSED),
     ("gcnn-res", GRes, "C4", (3, 16, 16), FUSED),
     ("gcnn-res", GRes, "D4", (3, 16, 16), FUSED),
+    ("resnet-fused", ResNetish, "C4", (3, 32, 32), FUSED),
 ]
 
 

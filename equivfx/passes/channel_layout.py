@@ -11,7 +11,7 @@ pools, residual sums) give the same values in either layout, so the moves betwee
 
 This is the layout a G-CNN library keeps throughout (e2cnn's regular fields are (B, |G| C, H, W)).
 The values between are :class:`~equivfx.meta.ChannelFolded`; each is moved back to folded slots
-right before any other op that reads it (a flatten, a readout, a batch norm). The outputs are
+right before any other op that reads it (a flatten, a readout, a softmax). The outputs are
 those of the fused layout without the pass, bitwise: the convolutions read the same tensors, and
 the ops between are elementwise or per channel. Gradients are too, up to the order in which
 autograd sums a value's gradient terms (a value read twice by one op outside the region gets
@@ -19,12 +19,17 @@ those two terms summed before the others: 1.5e-8 apart in a test).
 
 The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`UNARY_MODULES`,
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
-indices); ``nn.Identity``; and sums, differences and products of two such values with the same
-channels per slot (a residual sum), or of one with a number. Not: anything with per-channel
-parameters (batch norm, PReLU with several weights: their channels would have to repeat per slot),
-anything that reads a dimension (softmax, flatten), or draws random numbers (dropout: its masks
-would fall elsewhere). A value is kept in the channel layout only where it reaches a fused layer's
-input through such ops (an in-place op on it joins it, ``y.relu_()`` as a statement), and not
+indices); ``nn.Identity``; sums, differences and products of two such values with the same
+channels per slot (a residual sum), or of one with a number; and batch norms (``nn.BatchNorm1d``
+to ``3d``, each called once), replaced by :class:`ChannelBatchNorm2d` and its kin, which hold the
+same tensors: in eval mode they normalise a view of the layout as (B |G|, C, ...), in training
+they move back and forth (their batch statistics must sum in the same order). Not: other
+modules with per-channel parameters (PReLU with several weights), anything that reads a
+dimension (softmax, flatten), or draws random numbers (dropout: its masks would fall elsewhere).
+A value in folded slots that such an op reads moves in once, and feeds the fused layers reading
+it too (a residual stream, a shortcut ``nn.Identity`` beside a block's first convolution). A
+value is kept in the channel layout only where it reaches a fused layer's input through such ops
+(an in-place op on it joins it, ``y.relu_()`` as a statement), and not
 where a write in place follows its first reader outside the region (that reader gets a copy,
 which the write would not reach), or a fused layer's read (that layer saved it for backward).
 """
@@ -32,6 +37,7 @@ which the write would not reach), or a fused layer's read (that layer saved it f
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -41,9 +47,22 @@ from torch import nn
 from equivfx.meta import REP, ChannelFolded, Folded, set_rep
 from equivfx.passes.hoist import _mutates
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_channels
+from equivfx.passes.mixing import (
+    _MixingConv,
+    _set_submodule,
+    channels_to_slots,
+    slots_to_channels,
+)
 
-__all__ = ["KeepChannelLayout", "UNARY_MODULES", "UNARY_FUNCTIONS", "UNARY_METHODS"]
+__all__ = [
+    "KeepChannelLayout",
+    "ChannelBatchNorm1d",
+    "ChannelBatchNorm2d",
+    "ChannelBatchNorm3d",
+    "UNARY_MODULES",
+    "UNARY_FUNCTIONS",
+    "UNARY_METHODS",
+]
 
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -90,6 +109,60 @@ _POOLS_WITH_INDICES = {  # the position of return_indices among the function's a
 }  # fmt: skip
 
 
+class _ChannelNorm:
+    """A batch norm reading the channel layout (B, |G| C, ...) of its |G| slots (``slots``).
+
+    In eval mode with running statistics it runs the module's own forward on a view of that
+    layout as (B |G|, C, ...) (each sample and channel is normalised alone, so the order of the
+    samples does not matter): per element the same arithmetic as on folded slots. Otherwise
+    (training, or no running statistics: batch statistics, whose sums would run in another
+    order) it moves the slots back, runs the module's forward, and moves them in again.
+    Same parameters, buffers and state-dict keys as the batch norm it replaces (the same
+    tensors)."""
+
+    slots: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.slots
+        if self.training or self.running_mean is None or self.running_var is None:
+            return slots_to_channels(super().forward(channels_to_slots(x, n)), n)
+        samples = x.unflatten(1, (n, -1)).flatten(0, 1)  # (B, n, C, ...) -> (B n, C, ...)
+        return super().forward(samples).unflatten(0, (-1, n)).flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, slots={self.slots} (channel layout)"
+
+
+class ChannelBatchNorm1d(_ChannelNorm, nn.BatchNorm1d):
+    """See :class:`_ChannelNorm`."""
+
+
+class ChannelBatchNorm2d(_ChannelNorm, nn.BatchNorm2d):
+    """See :class:`_ChannelNorm`."""
+
+
+class ChannelBatchNorm3d(_ChannelNorm, nn.BatchNorm3d):
+    """See :class:`_ChannelNorm`."""
+
+
+_CHANNEL_NORMS = {
+    nn.BatchNorm1d: ChannelBatchNorm1d,
+    nn.BatchNorm2d: ChannelBatchNorm2d,
+    nn.BatchNorm3d: ChannelBatchNorm3d,
+}
+
+
+def _channel_norm(bn: nn.Module, slots: int) -> nn.Module:
+    """A :class:`_ChannelNorm` holding ``bn``'s parameters, buffers, hooks and attributes (the
+    same tensors; its own dicts, so registering on one does not touch the other)."""
+    new = _CHANNEL_NORMS[type(bn)].__new__(_CHANNEL_NORMS[type(bn)])
+    new.__dict__.update(
+        {k: (type(v)(v) if isinstance(v, (dict, set)) else v) for k, v in bn.__dict__.items()}
+    )
+    new.slots = slots
+    return new
+
+
 class KeepChannelLayout(Pass):
     name = "keep-channel-layout"
     requires = frozenset({REP, "equivfx.mixed"})
@@ -134,6 +207,10 @@ class KeepChannelLayout(Pass):
                 user.replace_input_with(node, back)
             set_rep(node, ChannelFolded(slots), node.meta.get("equivfx.rule"))
             node.meta.pop("tensor_meta", None)  # its shape is (B, |G| C, ...) now
+        for node in kept:  # batch norms read the channel layout themselves
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if type(module) in _CHANNEL_NORMS:
+                _set_submodule(gm, node.target, _channel_norm(module, slots))
         for node in mixers:
             flags = {}
             if node.args[0] in kept:
@@ -179,6 +256,8 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
             shapes[node] = (m.weight.dim(), m.out_channels)
             continue
         kept = _keeps_layout(node, modules, shapes, movable, refused)
+        if kept is None:
+            kept = _moves_in(node, modules, movable, refused)
         if kept is not None:
             shapes[node], reads[node] = kept
         else:
@@ -300,9 +379,38 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
         if len({*(shapes[a] for a in kept), *(movable[a] for a in moved)}) != 1:
             return None
         return shapes[kept[0]], moved
-    if len(inputs) != 1 or not _unary(node, modules):
+    if len(inputs) != 1:
+        return None
+    if not _unary(node, modules) and not _lone_norm(node, modules):
         return None
     return shapes[kept[0]], []
+
+
+def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
+    """((rank, channels per slot), [its input]) if ``node`` is an op that keeps the layout
+    applied to a value in folded slots that could move in (``movable``) and that others read
+    too: moved in, the value also feeds the fused layers reading it (a shortcut ``nn.Identity``
+    beside a block's first convolution: one move instead of two), else None."""
+    inputs = node.all_input_nodes
+    if len(inputs) != 1 or inputs[0] not in movable or inputs[0] in refused:
+        return None
+    if len(inputs[0].users) < 2:  # read by this op alone: moving its result in costs the same
+        return None
+    rep = node.meta.get(REP)
+    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+        return None
+    if not _unary(node, modules) and not _lone_norm(node, modules):
+        return None
+    return movable[inputs[0]], [inputs[0]]
+
+
+def _lone_norm(node: fx.Node, modules) -> bool:
+    """``node`` calls a batch norm (of exactly a torch type) on one tensor, and the graph calls
+    that module nowhere else (its replacement reads the channel layout)."""
+    if node.op != "call_module" or type(modules.get(node.target)) not in _CHANNEL_NORMS:
+        return False
+    calls = Counter(n.target for n in node.graph.nodes if n.op == "call_module")
+    return calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs
 
 
 def _unary(node: fx.Node, modules) -> bool:

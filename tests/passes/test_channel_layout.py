@@ -319,25 +319,27 @@ def test_gradients_are_equal_up_to_the_order_autograd_sums_them(monkeypatch):
 
 
 class Mixed(nn.Module):
-    """Ops that do not keep the layout: batch norm (per-channel statistics), a product with a
+    """Ops that do not keep the layout: PReLU with a weight per channel, a product with a
     one-channel gate (it broadcasts over the channels of a slot, not of all slots), softmax over
-    channels."""
+    channels, a batch norm called twice (its replacement would read one layout only)."""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(2, 4, 3, padding=1)
         self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
+        self.prelu = nn.PReLU(4)
         self.c3 = nn.Conv2d(4, 4, 3, padding=1)
         self.gate = nn.Conv2d(4, 1, 1)
+        self.bn = nn.BatchNorm2d(4)
         self.c4 = nn.Conv2d(4, 4, 3, padding=1)
         self.c5 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
-        x = self.c3(self.bn(self.c2(x)))
+        x = self.c3(self.prelu(self.c2(x)))
         x = self.c4(x * torch.sigmoid(self.gate(x)))
-        return self.c5(torch.softmax(x, 1)).mean((1, 2, 3))
+        x = self.c5(self.bn(torch.softmax(x, 1)))
+        return self.bn(x).mean((1, 2, 3))
 
 
 def test_ops_that_do_not_keep_the_layout_end_it(monkeypatch):
@@ -353,7 +355,61 @@ def test_ops_that_do_not_keep_the_layout_end_it(monkeypatch):
     }
     assert _moves(on) == ["channels_to_slots"]
     reps = {n.name: n.meta.get(REP) for n in on.graph.nodes}
-    assert not any(isinstance(reps[k], ChannelFolded) for k in ("bn", "sigmoid", "mul", "softmax"))
+    dropped = ("prelu", "sigmoid", "mul", "softmax", "bn", "bn_1")
+    assert not any(isinstance(reps[k], ChannelFolded) for k in dropped)
+
+
+class WithNorms(nn.Module):
+    """conv -> batch norm -> relu blocks with a residual sum, as in a ResNet."""
+
+    def __init__(self, dim=2):
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1]
+        self.stem = conv(2, 4, 3, padding=1)
+        self.c1, self.c2, self.c3 = (conv(4, 4, 3, padding=1) for _ in range(3))
+        self.b1, self.b2 = norm(4), norm(4, affine=False)
+        self.short = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = self.short(h) + F.relu(self.b1(self.c1(h)))
+        h = F.relu(self.b2(self.c2(h)))
+        return self.fc(self.c3(h).flatten(2).mean(-1))
+
+
+@pytest.mark.parametrize("dim, spec, size", [(1, "ShiftRev4", 8), (2, "C4", 5), (3, "D4", 4)])
+def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec, size):
+    torch.manual_seed(0)
+    model = WithNorms(dim)
+    with torch.no_grad():  # running statistics that are not the defaults
+        for bn in (model.b1, model.b2):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 2, *(size,) * dim)
+    on = _same(monkeypatch, model, x, spec)  # bitwise in eval and in training, gradients too
+    assert _flags(on) == {
+        "c1": {"channels_in": True, "channels_out": True},
+        "c2": {"channels_in": True, "channels_out": True},
+        "c3": {"channels_in": True},
+        "fc": {},
+    }
+    # the stem's output moves in once, for c1 and the identity shortcut alike
+    assert _moves(on) == ["slots_to_channels"]
+    b1 = on.get_submodule("b1")
+    assert type(b1).__name__ == f"ChannelBatchNorm{dim}d"
+    assert b1.slots == equivfx.group(spec).order
+    assert type(model.b1) is type(model.b2)  # the user's modules are not changed ...
+    assert b1.weight is model.b1.weight and b1.running_mean is model.b1.running_mean  # ... shared
+    assert on.state_dict().keys() == _without_pass(monkeypatch, model, spec).state_dict().keys()
+    # training updates the running statistics as the module does on folded slots
+    off = _without_pass(monkeypatch, copy.deepcopy(model), spec)
+    on.train(), off.train()
+    on(x), off(x)
+    for (k, a), (_, b) in zip(on.state_dict().items(), off.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    on.eval()
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
 
 
 def test_other_layouts_and_optimize_false_leave_the_graph_alone():
@@ -389,8 +445,8 @@ def _gelu_then_weigh(t):
     return F.gelu(t) * torch.arange(t.shape[1], dtype=t.dtype).view(1, -1, 1, 1)
 
 
-def test_pickles_copies_and_exports(monkeypatch):
-    model = Residual().eval()
+@pytest.mark.parametrize("model", [Residual().eval(), WithNorms().eval()])
+def test_pickles_copies_and_exports(model):
     x = torch.randn(3, 2, 8, 8)
     on = _with_pass(model)
     assert any(_flags(on).values())
@@ -412,6 +468,7 @@ def test_pickles_copies_and_exports(monkeypatch):
 
 # ------------------------------------------------------------------ drawn networks
 OPS = ("relu", "relu_", "maxpool", "avgpool", "scale", "residual", "iadd", "bn", "gelu", "conv")
+# (each "bn" has its own module: the pass moves a batch norm into the channel layout)
 
 
 class Drawn(nn.Module):
