@@ -368,7 +368,7 @@ class WithNorms(nn.Module):
         norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1]
         self.stem = conv(2, 4, 3, padding=1)
         self.c1, self.c2, self.c3 = (conv(4, 4, 3, padding=1) for _ in range(3))
-        self.b1, self.b2 = norm(4), norm(4, affine=False)
+        self.b1, self.b2, self.b3 = norm(4), norm(4, affine=False), norm(4)
         self.short = nn.Identity()
         self.fc = nn.Linear(4, 3)
 
@@ -376,7 +376,7 @@ class WithNorms(nn.Module):
         h = F.relu(self.stem(x))
         h = self.short(h) + F.relu(self.b1(self.c1(h)))
         h = F.relu(self.b2(self.c2(h)))
-        return self.fc(self.c3(h).flatten(2).mean(-1))
+        return self.fc(self.c3(self.b3(h)).flatten(2).mean(-1))  # a norm right before a layer
 
 
 @pytest.mark.parametrize("dim, spec, size", [(1, "ShiftRev4", 8), (2, "C4", 5), (3, "D4", 4)])
@@ -384,7 +384,7 @@ def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec
     torch.manual_seed(0)
     model = WithNorms(dim)
     with torch.no_grad():  # running statistics that are not the defaults
-        for bn in (model.b1, model.b2):
+        for bn in (model.b1, model.b2, model.b3):
             bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 2, *(size,) * dim)
     on = _same(monkeypatch, model, x, spec)  # bitwise in eval and in training, gradients too
@@ -396,11 +396,10 @@ def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec
     }
     # the stem's output moves in once, for c1 and the identity shortcut alike
     assert _moves(on) == ["slots_to_channels"]
-    b1 = on.get_submodule("b1")
-    assert type(b1).__name__ == f"ChannelBatchNorm{dim}d"
-    assert b1.slots == equivfx.group(spec).order
-    assert type(model.b1) is type(model.b2)  # the user's modules are not changed ...
-    assert b1.weight is model.b1.weight and b1.running_mean is model.b1.running_mean  # ... shared
+    # the user's batch norms, called through the channel layout
+    norms = [n for n in on.graph.nodes if n.target is channel_layout.channel_batch_norm]
+    assert [n.args[1].target for n in norms] == ["b1", "b2", "b3"]
+    assert on.get_submodule("b1") is model.b1 and type(model.b1) is type(model.b2)
     assert on.state_dict().keys() == _without_pass(monkeypatch, model, spec).state_dict().keys()
     # training updates the running statistics as the module does on folded slots
     off = _without_pass(monkeypatch, copy.deepcopy(model), spec)
@@ -410,6 +409,82 @@ def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec
         assert torch.equal(a, b), k
     on.eval()
     assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+class WriteThroughShortcut(nn.Module):
+    """An Identity shortcut returns its input: a write into it writes the stem's output, which
+    c1 and the last mean read too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        self.short = nn.Identity()
+
+    def forward(self, x):
+        h = self.stem(x)
+        t = self.short(h)
+        t.relu_()
+        return self.c2(self.c1(h) + t).mean((1, 2, 3)) + h.mean((1, 2, 3))
+
+
+def test_a_write_through_a_shortcut_reaches_every_reader(monkeypatch):
+    _same(monkeypatch, WriteThroughShortcut().eval(), torch.randn(2, 2, 6, 6), grads=False)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        self.bn, self.act = nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        return self.c2(self.act(self.bn(self.c1(F.relu(self.stem(x)))))).mean((1, 2, 3))
+
+
+def _per_channel(module, inputs, output):
+    return output * torch.arange(1.0, 1 + output.shape[1]).view(1, -1, 1, 1)
+
+
+def test_hooks_see_the_shapes_they_saw(monkeypatch):
+    model = Hooked().eval()
+    shapes = []
+    model.bn.register_forward_pre_hook(lambda m, i: shapes.append(tuple(i[0].shape)))
+    model.bn.register_forward_hook(_per_channel)  # runs, on a batch of the same shape
+    on = _same(monkeypatch, model, torch.randn(2, 2, 6, 6))
+    assert set(shapes) == {(8, 4, 6, 6)}  # (B |G|, C, ...) for (|G| B, C, ...)
+    assert _flags(on) == {"c1": {"channels_out": True}, "c2": {"channels_in": True}}
+    model.act.register_forward_hook(_per_channel)  # would see (B, |G| C, ...): not kept
+    on = _same(monkeypatch, model, torch.randn(2, 2, 6, 6))
+    assert _flags(on) == {"c1": {}, "c2": {}}
+
+
+class _NormsInside(nn.Module):
+    """Not traceable: an opaque leaf that calls its own batch norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, a):
+        return self.bn(a) if bool(a.sum() != 1e9) else a
+
+
+class SharedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        self.block = _NormsInside()
+
+    def forward(self, x):
+        y = self.c2(F.relu(self.block.bn(self.c1(F.relu(self.stem(x))))))
+        return self.block(y).mean((1, 2, 3))
+
+
+def test_a_batch_norm_a_leaf_also_calls_stays_the_users(monkeypatch):
+    model = SharedNorm().eval()
+    on = _same(monkeypatch, model, torch.randn(2, 2, 6, 6))
+    assert type(model.block.bn) is nn.BatchNorm2d
+    assert _flags(on)["c2"] == {"channels_in": True}
 
 
 def test_other_layouts_and_optimize_false_leave_the_graph_alone():
