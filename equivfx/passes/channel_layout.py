@@ -22,10 +22,12 @@ The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
 indices); ``nn.Identity``; sums, differences and products of two such values with the same
 channels per slot (a residual sum), or of one with a number; and batch norms (``nn.BatchNorm1d``
-to ``3d``), the user's module called by :func:`channel_batch_norm`: in eval mode on a view of the
-layout as (B |G|, C, ...) (the same samples in another order), in training on the slots moved
-back and forth (batch statistics must sum in the same order). Modules with hooks do not keep it
-(the hooks would see (B, |G| C, ...); a batch norm's see (B |G|, C, ...)), nor other modules with
+to ``3d``). Modules stay the model's own, called by :func:`channel_call`: a batch norm in eval
+mode on a view of the layout as (B |G|, C, ...) (the same samples in another order), in training
+on the slots moved back and forth (batch statistics must sum in the same order), and any module
+with hooks added after compiling, or put in its place, on the slots moved back and forth too.
+Modules with hooks at compile time do not keep it (nor does anything while global module hooks
+exist: they would see the mixing layers' channel layout), nor other modules with
 per-channel parameters (PReLU with several weights), anything that reads a dimension (softmax,
 flatten), or draws random numbers (dropout: its masks would fall elsewhere). A value in folded
 slots that such an op reads moves in once, and feeds the fused layers reading it too (a residual
@@ -53,7 +55,7 @@ from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_chann
 
 __all__ = [
     "KeepChannelLayout",
-    "channel_batch_norm",
+    "channel_call",
     "UNARY_MODULES",
     "UNARY_FUNCTIONS",
     "UNARY_METHODS",
@@ -105,20 +107,32 @@ _POOLS_WITH_INDICES = {  # the position of return_indices among the function's a
 
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-"""Batch norms (exactly these types) that :func:`channel_batch_norm` runs on the channel
-layout."""
+"""Batch norms (exactly these types) that keep the channel layout."""
 
 
-def channel_batch_norm(x: torch.Tensor, norm: nn.Module, n: int) -> torch.Tensor:
-    """The batch norm ``norm`` (the user's module, called: its hooks run) on the channel layout
-    (B, n C, ...) of n slots. In eval mode with running statistics: on a view of it as
-    (B n, C, ...), which holds the same samples as the folded slots in another order, each sample
-    and channel normalised alone (per element the same arithmetic). Otherwise (training, or no
-    running statistics: batch statistics, whose sums would run in another order) on the slots
-    moved back, then moved in again."""
-    if norm.training or norm.running_mean is None or norm.running_var is None:
-        return slots_to_channels(norm(channels_to_slots(x, n)), n)
-    return norm(x.unflatten(1, (n, -1)).flatten(0, 1)).unflatten(0, (-1, n)).flatten(1, 2)
+def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
+    """``module`` (the model's own, called: hooks run) on the channel layout (B, n C, ...) of n
+    slots, as the compiled graph calls every module that keeps the layout.
+
+    - an activation or pool of :data:`UNARY_MODULES`: on the layout itself;
+    - a batch norm in eval mode with running statistics: on a view of the layout as
+      (B n, C, ...), the same samples as the folded slots in another order, each sample and
+      channel normalised alone (per element the same arithmetic);
+    - otherwise on the slots moved back, then moved in again: a batch norm in training (batch
+      statistics, whose sums would run in another order), a module with hooks (added after
+      compiling: they see the folded slots as before), a module put in its place after compiling
+      (``emodel.bn = nn.Identity()`` after folding it into the convolution)."""
+    kind = type(module)
+    if not _hooked(module):
+        if kind in UNARY_MODULES and not getattr(module, "return_indices", False):
+            return module(x)
+        if kind in NORMS and not module.training and module.running_mean is not None:
+            samples = x.unflatten(1, (n, -1)).flatten(0, 1)
+            return module(samples).unflatten(0, (-1, n)).flatten(1, 2)
+    out = slots_to_channels(module(channels_to_slots(x, n)), n)
+    if getattr(module, "inplace", False) is True:  # it wrote a copy: write x, as it would have
+        return x.copy_(out)
+    return out
 
 
 class KeepChannelLayout(Pass):
@@ -129,7 +143,7 @@ class KeepChannelLayout(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         mixers = {n: m for n in gm.graph.nodes if (m := _fused_mixer(n, modules)) is not None}
-        if len(mixers) < 2:
+        if len(mixers) < 2 or _global_hooks():  # global hooks would see the mixers' layout
             return PassResult(gm, False)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         refused: set[fx.Node] = set()
@@ -173,16 +187,17 @@ class KeepChannelLayout(Pass):
                 flags["channels_out"] = True
             if flags:
                 node.kwargs = {**node.kwargs, **flags}
-        for node in [n for n in graph.nodes if n in kept]:  # batch norms: through the layout
-            if node.op == "call_module" and type(modules.get(node.target)) in NORMS:
-                with graph.inserting_before(node):
-                    norm = graph.get_attr(node.target)
-                    call = graph.call_function(channel_batch_norm, (node.args[0], norm, slots))
-                new_node_origin(norm, self.name)
-                set_rep(norm, Trivial(), "channel-layout")
-                call.meta.update(node.meta)
-                node.replace_all_uses_with(call)
-                graph.erase_node(node)
+        for node in [n for n in graph.nodes if n in kept and n.op == "call_module"]:
+            if node in mixers:
+                continue
+            with graph.inserting_before(node):  # modules: through channel_call (see there)
+                module = graph.get_attr(node.target)
+                call = graph.call_function(channel_call, (node.args[0], module, slots))
+            new_node_origin(module, self.name)
+            set_rep(module, Trivial(), "channel-layout")
+            call.meta.update(node.meta)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -372,25 +387,32 @@ def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
 
 
 def _norm(node: fx.Node, modules) -> bool:
-    """``node`` calls a batch norm (of exactly a torch type) on one tensor."""
+    """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor."""
     if node.op != "call_module" or type(modules.get(node.target)) not in NORMS:
         return False
-    return len(node.args) == 1 and not node.kwargs
+    return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``register_module_forward_hook`` and kin)."""
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Hooks would see the module's input: on the channel layout, (B, |G| C, ...) for (|G| B,
-    C, ...) (a batch norm's see the same shape, (B |G|, C, ...), in another order of samples)."""
+    """Hooks would see the module's input and output: on the channel layout, (B, |G| C, ...)
+    for (|G| B, C, ...); a batch norm's (B |G|, C, ...), the samples in another order."""
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
-        or torch.nn.modules.module._global_forward_hooks
-        or torch.nn.modules.module._global_forward_pre_hooks
-        or torch.nn.modules.module._global_backward_hooks
-        or torch.nn.modules.module._global_backward_pre_hooks
+        or _global_hooks()
     )
 
 

@@ -45,6 +45,15 @@ def _flags(emodel) -> dict[str, dict]:
     }
 
 
+def _reps(emodel) -> dict:
+    """Each node's rep by name; a module the graph calls through ``channel_call`` by the
+    module's name."""
+    return {
+        (n.args[1].target if n.target is channel_layout.channel_call else n.name): n.meta.get(REP)
+        for n in emodel.graph.nodes
+    }
+
+
 def _moves(emodel) -> list[str]:
     return [
         n.target.__name__
@@ -137,11 +146,11 @@ def test_a_chain_of_fused_layers_keeps_the_channel_layout(monkeypatch):
         "fc": {},
     }
     assert _moves(on) == []
-    reps = {n.name: n.meta.get(REP) for n in on.graph.nodes}
+    reps = _reps(on)
     for name in ("c2", "act", "pool", "c3", "gelu", "mul"):
         assert reps[name] == ChannelFolded(4), name
     rows = {r["node"]: r for r in describe_graph(on)}
-    assert rows["pool"]["slot_axis"] == 1 and "channels" in rows["pool"]["rep"]
+    assert rows["mul"]["slot_axis"] == 1 and "channels" in rows["mul"]["rep"]
     assert "keep-channel-layout" in on.equivfx_info.passes
     assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
 
@@ -354,7 +363,7 @@ def test_ops_that_do_not_keep_the_layout_end_it(monkeypatch):
         "c5": {},
     }
     assert _moves(on) == ["channels_to_slots"]
-    reps = {n.name: n.meta.get(REP) for n in on.graph.nodes}
+    reps = _reps(on)
     dropped = ("prelu", "sigmoid", "mul", "softmax", "bn", "bn_1")
     assert not any(isinstance(reps[k], ChannelFolded) for k in dropped)
 
@@ -397,8 +406,8 @@ def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec
     # the stem's output moves in once, for c1 and the identity shortcut alike
     assert _moves(on) == ["slots_to_channels"]
     # the user's batch norms, called through the channel layout
-    norms = [n for n in on.graph.nodes if n.target is channel_layout.channel_batch_norm]
-    assert [n.args[1].target for n in norms] == ["b1", "b2", "b3"]
+    calls = [n.args[1].target for n in on.graph.nodes if n.target is channel_layout.channel_call]
+    assert [t for t in calls if t.startswith("b")] == ["b1", "b2", "b3"]
     assert on.get_submodule("b1") is model.b1 and type(model.b1) is type(model.b2)
     assert on.state_dict().keys() == _without_pass(monkeypatch, model, spec).state_dict().keys()
     # training updates the running statistics as the module does on folded slots
@@ -445,17 +454,54 @@ def _per_channel(module, inputs, output):
     return output * torch.arange(1.0, 1 + output.shape[1]).view(1, -1, 1, 1)
 
 
-def test_hooks_see_the_shapes_they_saw(monkeypatch):
+@pytest.mark.parametrize("hooked", ["bn", "act"])
+def test_modules_with_hooks_keep_the_folded_slots(monkeypatch, hooked):
     model = Hooked().eval()
     shapes = []
-    model.bn.register_forward_pre_hook(lambda m, i: shapes.append(tuple(i[0].shape)))
-    model.bn.register_forward_hook(_per_channel)  # runs, on a batch of the same shape
+    module = getattr(model, hooked)
+    module.register_forward_pre_hook(lambda m, i: shapes.append(tuple(i[0].shape)))
+    module.register_forward_hook(_per_channel)
     on = _same(monkeypatch, model, torch.randn(2, 2, 6, 6))
-    assert set(shapes) == {(8, 4, 6, 6)}  # (B |G|, C, ...) for (|G| B, C, ...)
-    assert _flags(on) == {"c1": {"channels_out": True}, "c2": {"channels_in": True}}
-    model.act.register_forward_hook(_per_channel)  # would see (B, |G| C, ...): not kept
-    on = _same(monkeypatch, model, torch.randn(2, 2, 6, 6))
+    assert set(shapes) == {(8, 4, 6, 6)}  # (|G| B, C, ...), as without the pass
     assert _flags(on) == {"c1": {}, "c2": {}}
+
+
+def test_modules_hooked_or_replaced_after_compiling_see_folded_slots(monkeypatch):
+    torch.manual_seed(0)
+    model = Hooked().eval()
+    x = torch.randn(2, 2, 6, 6)
+    on, off = _with_pass(model), _without_pass(monkeypatch, model)
+    assert _flags(on) == {"c1": {"channels_out": True}, "c2": {"channels_in": True}}
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+        seen = {"on": [], "off": []}
+        for name, m in (("on", on), ("off", off)):  # features, sample by sample, as before
+            handles = [
+                m.bn.register_forward_hook(lambda mod, i, o, k=name: seen[k].append(o.clone())),
+                m.act.register_forward_hook(_per_channel),
+                m.bn.register_forward_hook(
+                    lambda mod, i, o: o * torch.arange(1.0, 1 + o.shape[0]).view(-1, 1, 1, 1)
+                ),
+            ]
+            seen[name].append(m(x))
+            for h in handles:
+                h.remove()
+        assert all(torch.equal(a, b) for a, b in zip(seen["on"], seen["off"], strict=True))
+        # a batch norm folded away after compiling, an in-place activation hooked later
+        for m in (on, off):
+            m.bn = nn.Identity()
+            m.act.inplace = True
+            m.act.register_forward_pre_hook(lambda mod, i: None)
+        assert torch.equal(on(x), off(x))
+
+
+def test_global_hooks_at_compile_time_keep_the_folded_slots():
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        on = _with_pass(Chain().eval())
+    finally:
+        handle.remove()
+    assert all(flags == {} for flags in _flags(on).values())
 
 
 class _NormsInside(nn.Module):
