@@ -37,6 +37,12 @@ it joins it, ``y.relu_()`` as a statement), and not where a write in place follo
 reader outside the region (that reader gets a copy, which the write would not reach) or a fused
 layer's read (that layer saved it for backward), nor a value moved in that a write reaches
 afterwards (directly, or through an alias such as a shortcut ``nn.Identity``).
+
+Not covered (compile after such changes, or with ``optimize=False``): hooks added after compiling
+on the mixing layers themselves, and global module hooks added after compiling, see a mixing
+layer's input or output in the channel layout where the pass keeps it; and which modules write in
+place is read at compile time (``inplace = True`` set later on a module whose input is kept may
+write a copy that another reader does not see).
 """
 
 from __future__ import annotations
@@ -121,7 +127,11 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
     - otherwise on the slots moved back, then moved in again: a batch norm in training (batch
       statistics, whose sums would run in another order), a module with hooks (added after
       compiling: they see the folded slots as before), a module put in its place after compiling
-      (``emodel.bn = nn.Identity()`` after folding it into the convolution)."""
+      (``emodel.bn = nn.Identity()`` after folding it into the convolution). What the module
+      wrote into its input is written into ``x`` (whether a module writes in place is otherwise
+      read at compile time: ``inplace`` set later is not seen by the pass's analysis)."""
+    if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
+        return x.tracer.create_proxy("call_function", channel_call, (x, module, n), {})
     kind = type(module)
     if not _hooked(module):
         if kind in UNARY_MODULES and not getattr(module, "return_indices", False):
@@ -129,10 +139,13 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
         if kind in NORMS and not module.training and module.running_mean is not None:
             samples = x.unflatten(1, (n, -1)).flatten(0, 1)
             return module(samples).unflatten(0, (-1, n)).flatten(1, 2)
-    out = slots_to_channels(module(channels_to_slots(x, n)), n)
-    if getattr(module, "inplace", False) is True:  # it wrote a copy: write x, as it would have
-        return x.copy_(out)
-    return out
+    slots = channels_to_slots(x, n)
+    version = slots._version
+    out = module(slots)
+    if slots._version == version:
+        return slots_to_channels(out, n)
+    x.copy_(slots_to_channels(slots, n))  # what it wrote into its input, written into x
+    return x if out is slots else slots_to_channels(out, n)
 
 
 class KeepChannelLayout(Pass):
@@ -197,7 +210,9 @@ class KeepChannelLayout(Pass):
             set_rep(module, Trivial(), "channel-layout")
             call.meta.update(node.meta)
             node.replace_all_uses_with(call)
+            name = node.name
             graph.erase_node(node)
+            call._rename(name)  # the module's node name, as verify and inspect report it
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)

@@ -495,6 +495,71 @@ def test_modules_hooked_or_replaced_after_compiling_see_folded_slots(monkeypatch
         assert torch.equal(on(x), off(x))
 
 
+class InPlaceBranch(nn.Module):
+    """An in-place ReLU on c1's output, which c3 reads too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2, self.c3 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4, 4))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.c1(F.relu(self.stem(x)))
+        z = self.act(y)
+        return (self.c2(z) + self.c3(y)).mean((1, 2, 3))
+
+
+class _ReluInPlace(nn.Module):
+    def forward(self, x):
+        return x.relu_()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.act.register_forward_hook(lambda mod, i, o: o * 2),
+        lambda m: m.act.register_forward_pre_hook(lambda mod, i: (-i[0],)),
+        lambda m: setattr(m, "act", _ReluInPlace()),
+    ],
+    ids=["hook-on-output", "hook-on-input", "replaced"],
+)
+def test_an_in_place_module_changed_after_compiling_writes_what_it_wrote(monkeypatch, change):
+    torch.manual_seed(0)
+    model = InPlaceBranch()
+    x = torch.randn(2, 2, 6, 6)
+    on, off = _with_pass(model), _without_pass(monkeypatch, model)
+    assert _flags(on)["c1"] == {"channels_out": True}
+    for m in (on, off):
+        change(m)
+    for mode in (False, True):
+        on.train(mode), off.train(mode)
+        with torch.no_grad():
+            assert torch.equal(on(x), off(x))
+    grads = []
+    for m in (on, off):
+        m(x).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_loaded_module_still_calls_kept_modules_through_channel_call():
+    on = _with_pass(WithNorms().eval())
+    buf = io.BytesIO()
+    torch.save(on, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # fx traces the saved code again
+    calls = [n for n in loaded.graph.nodes if n.target is channel_layout.channel_call]
+    assert len(calls) == len([n for n in on.graph.nodes if n.target is channel_layout.channel_call])
+    x = torch.randn(2, 2, 5, 5)
+    seen = {}
+    for name, m in (("on", on), ("loaded", loaded)):
+        m.b1.register_forward_hook(lambda mod, i, o, k=name: seen.setdefault(k, o.clone()))
+        with torch.no_grad():
+            m(x)
+    assert torch.equal(seen["on"], seen["loaded"])
+
+
 def test_global_hooks_at_compile_time_keep_the_folded_slots():
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
