@@ -40,6 +40,13 @@ def describe_graph(gm: fx.GraphModule) -> list[dict]:
         params = None
         if node.op == "call_module" and node.target in modules:
             params = sum(p.numel() for p in modules[node.target].parameters())
+        called = [  # a module a function calls (keep-channel-layout's channel_call, mixer_call)
+            a.target
+            for a in node.args
+            if isinstance(a, fx.Node) and a.op == "get_attr" and a.target in modules
+        ]
+        if node.op == "call_function" and called:
+            params = sum(p.numel() for p in modules[called[0]].parameters())
         target = (
             node.target
             if isinstance(node.target, str)

@@ -38,11 +38,11 @@ reader outside the region (that reader gets a copy, which the write would not re
 layer's read (that layer saved it for backward), nor a value moved in that a write reaches
 afterwards (directly, or through an alias such as a shortcut ``nn.Identity``).
 
-Not covered (compile after such changes, or with ``optimize=False``): hooks added after compiling
-on the mixing layers themselves, and global module hooks added after compiling, see a mixing
-layer's input or output in the channel layout where the pass keeps it; and which modules write in
-place is read at compile time (``inplace = True`` set later on a module whose input is kept may
-write a copy that another reader does not see).
+The fused layers that take or give the layout are called through :func:`mixer_call` (their
+``channels_in``/``channels_out`` keywords), which calls a layer hooked after compiling on folded
+slots as before. Not covered (compile after such a change, or with ``optimize=False``): which
+modules write in place is read at compile time (``inplace = True`` set later on a module whose
+input is kept may write a copy that another reader does not see).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_chann
 __all__ = [
     "KeepChannelLayout",
     "channel_call",
+    "mixer_call",
     "UNARY_MODULES",
     "UNARY_FUNCTIONS",
     "UNARY_METHODS",
@@ -148,6 +149,20 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
     return x if out is slots else slots_to_channels(out, n)
 
 
+def mixer_call(x: torch.Tensor, mixer: nn.Module, n: int, cin: bool, cout: bool) -> torch.Tensor:
+    """The fused mixing layer ``mixer`` taking (``cin``) or giving (``cout``) the channel layout
+    of n slots, as the compiled graph calls it where the values around it keep that layout. A
+    mixer hooked after compiling (global hooks included), or another module put in its place, is
+    called on folded slots, as without the pass (its hooks see (|G| B, C, ...)), and the moves are
+    made around it."""
+    if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
+        return x.tracer.create_proxy("call_function", mixer_call, (x, mixer, n, cin, cout), {})
+    if isinstance(mixer, _MixingConv) and mixer.layout == "fused" and not _hooked(mixer):
+        return mixer(x, channels_in=cin, channels_out=cout)
+    y = mixer(channels_to_slots(x, n) if cin else x)
+    return slots_to_channels(y, n) if cout else y
+
+
 class KeepChannelLayout(Pass):
     name = "keep-channel-layout"
     requires = frozenset({REP, "equivfx.mixed"})
@@ -192,30 +207,30 @@ class KeepChannelLayout(Pass):
                 user.replace_input_with(node, back)
             set_rep(node, ChannelFolded(slots), node.meta.get("equivfx.rule"))
             node.meta.pop("tensor_meta", None)  # its shape is (B, |G| C, ...) now
-        for node in mixers:
-            flags = {}
-            if node.args[0] in kept:
-                flags["channels_in"] = True
-            if node in kept:
-                flags["channels_out"] = True
-            if flags:
-                node.kwargs = {**node.kwargs, **flags}
+        # through mixer_call where they take or give the channel layout (decided for all first:
+        # replacing one changes its readers' arguments)
+        flags = {node: (node.args[0] in kept, node in kept) for node in mixers}
+        for node, (cin, cout) in flags.items():
+            if cin or cout:
+                _call_through(gm, node, mixer_call, (node.args[0], None, slots, cin, cout))
         for node in [n for n in graph.nodes if n in kept and n.op == "call_module"]:
-            if node in mixers:
-                continue
-            with graph.inserting_before(node):  # modules: through channel_call (see there)
-                module = graph.get_attr(node.target)
-                call = graph.call_function(channel_call, (node.args[0], module, slots))
-            new_node_origin(module, self.name)
-            set_rep(module, Trivial(), "channel-layout")
-            call.meta.update(node.meta)
-            node.replace_all_uses_with(call)
-            name = node.name
-            graph.erase_node(node)
-            call._rename(name)  # the module's node name, as verify and inspect report it
+            if node not in mixers:  # modules: through channel_call (see there)
+                _call_through(gm, node, channel_call, (node.args[0], None, slots))
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+
+def _call_through(gm: fx.GraphModule, node: fx.Node, fn, args: tuple) -> None:
+    """Make the call of a module a call of ``fn(*args)``, the module (a ``get_attr`` of it) in
+    place of the None in ``args``: the same node, so its name (which ``verify`` reports), its
+    metadata and its users stay."""
+    with gm.graph.inserting_before(node):
+        module = gm.graph.get_attr(node.target)
+    new_node_origin(module, KeepChannelLayout.name)
+    set_rep(module, Trivial(), "channel-layout")
+    node.op, node.target = "call_function", fn
+    node.args, node.kwargs = tuple(module if a is None else a for a in args), {}
 
 
 def _fused_mixer(node: fx.Node, modules) -> _MixingConv | None:

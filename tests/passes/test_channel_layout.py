@@ -37,19 +37,25 @@ def _with_pass(model, spec="C4", **kwargs):
 
 
 def _flags(emodel) -> dict[str, dict]:
-    """Each mixing layer's channel-layout flags, by node name."""
-    return {
-        n.name: {k: v for k, v in n.kwargs.items() if k.startswith("channels_")}
-        for n in emodel.graph.nodes
-        if n.meta.get("equivfx.mixing")
-    }
+    """Each mixing layer's channel-layout flags (``mixer_call``'s arguments), by node name (a
+    layer called through ``mixer_call`` by its module's name as fx names nodes)."""
+    flags = {}
+    for n in emodel.graph.nodes:
+        if n.target is channel_layout.mixer_call:
+            cin, cout = n.args[3:5]
+            named = {"channels_in": cin, "channels_out": cout}
+            flags[n.args[1].target.replace(".", "_")] = {k: v for k, v in named.items() if v}
+        elif n.meta.get("equivfx.mixing"):
+            flags[n.name] = {}
+    return flags
 
 
 def _reps(emodel) -> dict:
     """Each node's rep by name; a module the graph calls through ``channel_call`` by the
     module's name."""
+    called = (channel_layout.channel_call, channel_layout.mixer_call)
     return {
-        (n.args[1].target if n.target is channel_layout.channel_call else n.name): n.meta.get(REP)
+        (n.args[1].target if n.target in called else n.name): n.meta.get(REP)
         for n in emodel.graph.nodes
     }
 
@@ -549,8 +555,9 @@ def test_a_loaded_module_still_calls_kept_modules_through_channel_call():
     torch.save(on, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)  # fx traces the saved code again
-    calls = [n for n in loaded.graph.nodes if n.target is channel_layout.channel_call]
-    assert len(calls) == len([n for n in on.graph.nodes if n.target is channel_layout.channel_call])
+    for fn in (channel_layout.channel_call, channel_layout.mixer_call):
+        calls = [n for n in loaded.graph.nodes if n.target is fn]
+        assert calls and len(calls) == len([n for n in on.graph.nodes if n.target is fn])
     x = torch.randn(2, 2, 5, 5)
     seen = {}
     for name, m in (("on", on), ("loaded", loaded)):
@@ -558,6 +565,33 @@ def test_a_loaded_module_still_calls_kept_modules_through_channel_call():
         with torch.no_grad():
             m(x)
     assert torch.equal(seen["on"], seen["loaded"])
+
+
+def test_mixing_layers_hooked_after_compiling_see_folded_slots(monkeypatch):
+    torch.manual_seed(0)
+    model = Chain().eval()
+    x = torch.randn(2, 2, 8, 8)
+    on, off = _with_pass(model), _without_pass(monkeypatch, model)
+    assert _flags(on)["c3"] == {"channels_in": True, "channels_out": True}
+    seen = {"on": [], "off": []}
+    for name, m in (("on", on), ("off", off)):
+        m.c3.register_forward_hook(lambda mod, i, o, k=name: seen[k].append((i[0].clone(), o)))
+        m.c3.register_forward_hook(_per_channel)
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+    (i_on, o_on), (i_off, o_off) = seen["on"][0], seen["off"][0]
+    assert i_on.shape == (4 * 2, 4, 4, 4) and torch.equal(i_on, i_off) and torch.equal(o_on, o_off)
+    # global hooks added after compiling: every module, the mixing layers too, as before
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: (
+            _per_channel(mod, i, o) if isinstance(o, torch.Tensor) and o.dim() == 4 else o
+        )
+    )
+    try:
+        with torch.no_grad():
+            assert torch.equal(on(x), off(x))
+    finally:
+        handle.remove()
 
 
 def test_global_hooks_at_compile_time_keep_the_folded_slots():
