@@ -410,8 +410,9 @@ def _copy(value):
 
 
 def _pool_chunk(pool: str, y, slots: int, axis: int):
-    """The pool's partial result over one chunk's slots (folded on ``axis``): a sum, a max or a
-    logsumexp over the chunk, on axis 0 (a view of ``y`` for a single slot)."""
+    """The pool's partial result over one chunk's slots (folded on ``axis``): a sum or a max over
+    the chunk on axis 0 (a view of ``y`` for a single slot), or its running logsumexp
+    (:class:`_MeanExp`)."""
 
     def fn(t):
         if pool == "mean":  # bools would add as a logical or, integers as integers
@@ -421,9 +422,7 @@ def _pool_chunk(pool: str, y, slots: int, axis: int):
             return _MeanExp.of(s if s.is_floating_point() else s.to(torch.get_default_dtype()))
         if slots == 1:
             return s[0]
-        if pool == "mean":
-            return s.sum(0)
-        return s.amax(0) if pool == "max" else torch.logsumexp(s, 0)
+        return s.sum(0) if pool == "mean" else s.amax(0)
 
     return _tree(fn, y)
 
@@ -433,23 +432,19 @@ def _combine(pool: str, acc, part):
     (``out=`` and in-place updates of recorded tensors do not differentiate)."""
 
     def fn(a, b):
-        if isinstance(a, _MeanExp):
+        if isinstance(a, _MeanExp):  # logsumexp
             return a.join(b)
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            op = {"mean": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}[pool]
-            return op(a, b)
-        if pool == "mean":
-            return a.add_(b)
-        if pool == "max":
-            return torch.maximum(a, b, out=a)
-        return torch.logaddexp(a, b, out=a)
+            return torch.add(a, b) if pool == "mean" else torch.maximum(a, b)
+        return a.add_(b) if pool == "mean" else torch.maximum(a, b, out=a)
 
     return _tree(fn, acc, part)
 
 
 def _finish(pool: str, total, slots: int, axis: int):
-    """The readout's value from the accumulated pool over ``slots`` computed slots (the readout
-    subtracts log|G| after a logsumexp; with dead slots eliminated every coset counts once)."""
+    """The readout's value from the accumulated pool over ``slots`` computed slots (a running
+    logsumexp divides its mass by the slots it saw; with dead slots eliminated every coset counts
+    once)."""
 
     def fn(t):
         if isinstance(t, _MeanExp):
