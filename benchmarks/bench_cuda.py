@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_global import MODELS, _quartiles, paired_ms  # noqa: E402
+from bench_global import MODELS, _quartiles, paired_ms, paired_ratios  # noqa: E402
 
 import equivfx  # noqa: E402
 from equivfx.passes.modules import synchronize  # noqa: E402
@@ -130,34 +130,21 @@ def bench(quick: bool, device: torch.device) -> list[dict]:
                     peak = {k: _peak_mib(fns[k], device) for k in VARIANTS if "A/A" not in k}
                 chunks = getattr(glob, "equivfx_chunks", None)
                 chose = sorted(set(chunks.chosen.values())) if chunks is not None else None
-                n = len(samples["global"])
-                best = [
-                    samples["global"][i] / min(samples["base@GB"][i], samples["loop"][i])
-                    for i in range(n)
-                ]
-                like = [
-                    samples["global"][i] / min(samples["fold-by-hand"][i], samples["loop"][i])
-                    for i in range(n)
-                ]
-                aa = [samples["global"][i] / samples["global (A/A)"][i] for i in range(n)]
                 ms = {k: statistics.median(v) for k, v in samples.items()}
-                row = dict(
+                row = dict(  # rounds, global_over_best, global_over_by_hand, a_over_a
                     model=name,
                     group=G.spec,
                     batch=B,
                     ms=ms,
                     peak_mib=peak,
                     auto_chose=chose,
-                    rounds=n,
-                    global_over_best=_quartiles(best),
-                    global_over_by_hand=_quartiles(like),
-                    a_over_a=_quartiles(aa),
+                    **paired_ratios(samples),
                 )
                 rows.append(row)
                 print(
                     f"{name:7s} {G.spec:9s} B={B:<3d} "
                     + " ".join(f"{k}={v:.3f}" for k, v in ms.items())
-                    + f" | chose={chose} | paired over {n} rounds: global/best="
+                    + f" | chose={chose} | paired over {row['rounds']} rounds: global/best="
                     f"{row['global_over_best']['median']:.3f} global/by-hand="
                     f"{row['global_over_by_hand']['median']:.3f} A/A="
                     f"{row['a_over_a']['median']:.3f} | peak MiB "
