@@ -38,6 +38,7 @@ __all__ = [
     "BatchSize",
     "OutputRep",
     "get_rep",
+    "slot_major",
     "set_rep",
     "annotated_output_action",
     "check_meta",
@@ -140,6 +141,11 @@ class OutputRep(Rep):
 
     def describe(self) -> str:
         return f"{self.readout}({self.action.describe()})"
+
+
+def slot_major(rep) -> bool:
+    """``rep`` is a :class:`Folded` tensor (not a container) with its slots in axis 0."""
+    return isinstance(rep, Folded) and rep.batch_axis == 0 and not rep.container
 
 
 def get_rep(node) -> Rep | None:

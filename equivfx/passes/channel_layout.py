@@ -54,10 +54,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from equivfx.meta import REP, ChannelFolded, Folded, Trivial, set_rep
-from equivfx.passes.hoist import _mutates
+from equivfx.meta import REP, ChannelFolded, Folded, Trivial, set_rep, slot_major
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_channels
+from equivfx.passes.rules import mutates
 
 __all__ = [
     "KeepChannelLayout",
@@ -247,7 +247,7 @@ def _fused_mixer(node: fx.Node, modules) -> _MixingConv | None:
     ):
         return None
     rep = node.args[0].meta.get(REP) if isinstance(node.args[0], fx.Node) else None
-    return m if isinstance(rep, Folded) and rep.batch_axis == 0 and not rep.container else None
+    return m if slot_major(rep) else None
 
 
 def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
@@ -287,7 +287,7 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
         writers = {
             n
             for n in shapes
-            if n not in useful and _mutates(n, modules) and n.args and n.args[0] in useful
+            if n not in useful and mutates(n, modules) and n.args and n.args[0] in useful
         }
         useful |= writers
         grown = bool(writers)
@@ -316,18 +316,18 @@ def _hazards(kept: set, entries: set, mixers: dict, modules, order: dict) -> set
 
     Kept ops write only kept values (an in-place op's result is its input: they share storage);
     those are tracked exactly, other writes by position."""
+    writes = {n for n in order if mutates(n, modules)}
     storage: dict[fx.Node, fx.Node] = {}  # kept value -> the kept value whose memory it is
     kept_writes: list[tuple[int, fx.Node]] = []
     for n in sorted(kept, key=order.__getitem__):
-        alias = _mutates(n, modules) or type(modules.get(n.target)) is nn.Identity
+        alias = n in writes or type(modules.get(n.target)) is nn.Identity
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if alias and source in entries:  # an alias of a value moved in (without the pass: of it)
             storage[n] = source
         else:
             storage[n] = storage.get(source, source) if alias and source in kept else n
-        if _mutates(n, modules) and (source in kept or source in entries):
+        if n in writes and (source in kept or source in entries):
             kept_writes.append((order[n], storage[n]))
-    writes = [n for n in order if _mutates(n, modules)]
     foreign = [order[n] for n in writes if n not in kept or n.args[0] in entries]
     hazards = set()
     for node in kept:
@@ -350,8 +350,7 @@ def _slot_shape(node: fx.Node, modules, movable: dict) -> tuple[int, int] | None
     """(rank, channels per slot) of a value in folded slots, where known: from the example
     inputs' shapes, a convolution's or batch norm's module, or an op that keeps the layout of
     one such value."""
-    rep = node.meta.get(REP)
-    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+    if not slot_major(node.meta.get(REP)):
         return None
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
@@ -372,8 +371,7 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
     layout of the kept values it reads (``shapes``), else None."""
     if node.op not in ("call_module", "call_function", "call_method") or "out" in node.kwargs:
         return None
-    rep = node.meta.get(REP)
-    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+    if not slot_major(node.meta.get(REP)):
         return None
     inputs = node.all_input_nodes
     kept = [a for a in inputs if a in shapes]
@@ -408,8 +406,7 @@ def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
         return None
     if len(inputs[0].users) < 2:  # read by this op alone: moving its result in costs the same
         return None
-    rep = node.meta.get(REP)
-    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+    if not slot_major(node.meta.get(REP)):
         return None
     if not _unary(node, modules) and not _norm(node, modules):
         return None

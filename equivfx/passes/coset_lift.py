@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from equivfx.groups.actions import Restriction, TrivialAction
-from equivfx.meta import REP, CosetFolded, Folded, set_rep
+from equivfx.meta import REP, CosetFolded, Folded, set_rep, slot_major
 from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
 from equivfx.passes.defer import moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
@@ -153,8 +153,7 @@ def _commutes(node: fx.Node, read, region, action, modules) -> bool:
         return False  # batch statistics would see fewer rows; a pool's claim holds on tiled grids
     if len(read) == 1:
         return moves_past(node, read[0], action, modules) == "commutes"
-    rep = node.meta.get(REP)
-    if not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+    if not slot_major(node.meta.get(REP)):
         return False
     if draws_random(node, module) or any(
         reads_inputs(a) for a in node.all_input_nodes if a not in region

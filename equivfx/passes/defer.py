@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from equivfx.groups.actions import TrivialAction
-from equivfx.meta import REP, Folded, InputRep, set_rep
+from equivfx.meta import REP, Folded, InputRep, set_rep, slot_major
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME, find_lift
 from equivfx.passes.modules import CheckInput, TilingCheck
@@ -120,7 +120,7 @@ def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
         return None
     rule = lookup(rule_key(node, module))
     rep = node.meta.get(REP)
-    if rule is None or not isinstance(rep, Folded) or rep.batch_axis != 0 or rep.container:
+    if rule is None or not slot_major(rep):
         return None
     if isinstance(action, TrivialAction):  # any op that treats samples alone commutes
         # ... except batch statistics in training, which would see B samples, not |G| B

@@ -32,8 +32,6 @@ to float rounding.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -42,7 +40,7 @@ from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import Readout
 from equivfx.passes.projection import READOUT_NAME
-from equivfx.passes.rules import draws_random, lookup, node_module, rule_key
+from equivfx.passes.rules import draws_random, lookup, mutates, node_module, rule_key
 
 __all__ = ["HoistProjection", "POOL_NAME"]
 
@@ -213,44 +211,6 @@ def _jointly_linear(node: fx.Node, modules) -> bool:
     return rule is not None and rule.name in JOINTLY_LINEAR
 
 
-_IN_PLACE_OPERATORS = frozenset(
-    {
-        operator.iadd,
-        operator.isub,
-        operator.imul,
-        operator.itruediv,
-        operator.ifloordiv,
-        operator.imod,
-        operator.ipow,
-        operator.iand,
-        operator.ior,
-        operator.ixor,
-        operator.ilshift,
-        operator.irshift,
-        operator.setitem,
-    }
-)
-
-
-def _mutates(node: fx.Node, modules) -> bool:
-    """The node may write into one of its inputs: an in-place method or function (``add_``,
-    ``torch.relu_``, ``x[i] = v``, ``+=``), ``inplace=True``, or an ``out=`` argument."""
-    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _IN_PLACE_OPERATORS or (
-            name.endswith("_") and not name.startswith("__")
-        )
-    if node.meta.get("equivfx.rule") == "opaque-leaf":  # untraced: anything may happen inside
-        return True
-    if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
-    return False
-
-
 def _mutation_from(first: fx.Node, modules) -> bool:
     """Some node from ``first`` on may write in place. The pool goes right before ``first``; a
     value written after that (the head's source, or any alias of it) would differ between the
@@ -258,7 +218,7 @@ def _mutation_from(first: fx.Node, modules) -> bool:
     whole per-slot body, so any later write counts."""
     node = first
     while node.op != "output":
-        if _mutates(node, modules):
+        if mutates(node, modules):
             return True
         node = node.next
     return False

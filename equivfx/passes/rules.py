@@ -276,6 +276,44 @@ def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
     return node.op == "call_function" and node.target is F.batch_norm
 
 
+IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.setitem,
+    }
+)
+
+
+def mutates(node: fx.Node, modules) -> bool:
+    """The node may write into one of its inputs: an in-place method or function (``add_``,
+    ``torch.relu_``, ``x[i] = v``, ``+=``), ``inplace=True``, or an ``out=`` argument."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in IN_PLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("__")
+        )
+    if node.meta.get("equivfx.rule") == "opaque-leaf":  # untraced: anything may happen inside
+        return True
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
 def node_module(node: fx.Node, modules: dict) -> nn.Module | None:
     """The module ``node`` calls (from ``dict(gm.named_modules())``), None for other nodes."""
     return modules.get(node.target) if node.op == "call_module" else None
