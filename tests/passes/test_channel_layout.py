@@ -68,6 +68,16 @@ def _moves(emodel) -> list[str]:
     ]
 
 
+class Convs(nn.Module):
+    """3x3 convolutions named ``names``: the first from 2 channels, the others from ``c``, all
+    to ``c``."""
+
+    def __init__(self, *names: str, c: int = 4):
+        super().__init__()
+        for i, name in enumerate(names):
+            setattr(self, name, nn.Conv2d(2 if i == 0 else c, c, 3, padding=1))
+
+
 class Chain(nn.Module):
     def __init__(self, c=4, inplace=False):
         super().__init__()
@@ -182,15 +192,12 @@ def test_in_place_activations_and_sums_keep_their_values(monkeypatch):
     assert any(f for f in _flags(on).values())
 
 
-class ViewThenWrite(nn.Module):
+class ViewThenWrite(Convs):
     """Reads c2's output through a view outside the region, then writes c2's output in place:
     the view must see the write."""
 
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+        super().__init__("c1", "c2", "c3")
 
     def forward(self, x):
         y = self.c2(torch.relu(self.c1(x)))
@@ -205,15 +212,12 @@ def test_a_value_read_outside_before_a_write_stays_in_folded_slots(monkeypatch):
     assert _flags(on)["c2"] == {}  # c2's output is read by the view before relu_ writes it
 
 
-class WriteBeforeTheSum(nn.Module):
+class WriteBeforeTheSum(Convs):
     """The residual stream is written in place between its first reader and the sum: a copy
     moved in when it was computed would miss the write."""
 
     def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(2, 4, 3, padding=1)
-        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        super().__init__("stem", "c1", "c2")
 
     def forward(self, x):
         s = torch.relu(self.stem(x))
@@ -227,14 +231,11 @@ def test_a_stream_written_after_it_is_computed_is_not_moved_in(monkeypatch):
     assert "slots_to_channels" not in _moves(on)
 
 
-class WriteAsAStatement(nn.Module):
+class WriteAsAStatement(Convs):
     """``y.relu_()`` with its result unread: the write is the value's only reader besides c3."""
 
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.c3 = nn.Conv2d(4, 4, 3, padding=1)
+        super().__init__("c1", "c2", "c3")
 
     def forward(self, x):
         y = self.c2(torch.relu(self.c1(x)))
@@ -257,13 +258,11 @@ def test_a_write_in_place_as_a_statement_reaches_the_next_layer(monkeypatch):
     assert _flags(on)["c3"] == {}
 
 
-class ReadThenWrite(nn.Module):
+class ReadThenWrite(Convs):
     """c3 reads c2's output, then relu_ writes it: c3 saved it for its weight's gradient."""
 
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
-        self.c2, self.c3, self.c4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        super().__init__("c1", "c2", "c3", "c4")
 
     def forward(self, x):
         y = self.c2(torch.relu(self.c1(x)))
@@ -285,10 +284,9 @@ class _FlipSum(nn.Module):
         return a
 
 
-class ModuleNamedAdd(nn.Module):
+class ModuleNamedAdd(Convs):
     def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.c3 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        super().__init__("c1", "c2", "c3")
         self.add = _FlipSum()
         self.c4 = nn.Conv2d(4, 3, 1)
 
@@ -309,10 +307,9 @@ def test_a_module_named_like_a_sum_is_not_one(monkeypatch):
     assert "add" not in kept
 
 
-class ReadTwiceOutside(nn.Module):
+class ReadTwiceOutside(Convs):
     def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.c3 = (nn.Conv2d(c, 3, 3, padding=1) for c in (2, 3, 3))
+        super().__init__("c1", "c2", "c3", c=3)
 
     def forward(self, x):
         y = self.c2(torch.relu(self.c1(x)))
@@ -426,13 +423,12 @@ def test_batch_norms_keep_the_layout_in_eval_and_training(monkeypatch, dim, spec
     assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
 
 
-class WriteThroughShortcut(nn.Module):
+class WriteThroughShortcut(Convs):
     """An Identity shortcut returns its input: a write into it writes the stem's output, which
     c1 and the last mean read too."""
 
     def __init__(self):
-        super().__init__()
-        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        super().__init__("stem", "c1", "c2")
         self.short = nn.Identity()
 
     def forward(self, x):
@@ -446,10 +442,9 @@ def test_a_write_through_a_shortcut_reaches_every_reader(monkeypatch):
     _same(monkeypatch, WriteThroughShortcut().eval(), torch.randn(2, 2, 6, 6), grads=False)
 
 
-class Hooked(nn.Module):
+class Hooked(Convs):
     def __init__(self):
-        super().__init__()
-        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        super().__init__("stem", "c1", "c2")
         self.bn, self.act = nn.BatchNorm2d(4), nn.ReLU()
 
     def forward(self, x):
@@ -501,12 +496,11 @@ def test_modules_hooked_or_replaced_after_compiling_see_folded_slots(monkeypatch
         assert torch.equal(on(x), off(x))
 
 
-class InPlaceBranch(nn.Module):
+class InPlaceBranch(Convs):
     """An in-place ReLU on c1's output, which c3 reads too."""
 
     def __init__(self):
-        super().__init__()
-        self.stem, self.c1, self.c2, self.c3 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4, 4))
+        super().__init__("stem", "c1", "c2", "c3")
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -614,10 +608,9 @@ class _NormsInside(nn.Module):
         return self.bn(a) if bool(a.sum() != 1e9) else a
 
 
-class SharedNorm(nn.Module):
+class SharedNorm(Convs):
     def __init__(self):
-        super().__init__()
-        self.stem, self.c1, self.c2 = (nn.Conv2d(c, 4, 3, padding=1) for c in (2, 4, 4))
+        super().__init__("stem", "c1", "c2")
         self.block = _NormsInside()
 
     def forward(self, x):
