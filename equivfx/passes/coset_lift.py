@@ -39,7 +39,7 @@ from equivfx.groups.actions import Restriction, TrivialAction
 from equivfx.meta import REP, CosetFolded, Folded, set_rep, slot_major
 from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
 from equivfx.passes.defer import moves_past, reads_inputs
-from equivfx.passes.infra import Pass, PassResult, new_node_origin
+from equivfx.passes.infra import Pass, PassResult, new_node_origin, nodes_after
 from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import CosetLift, Lift
 from equivfx.passes.rules import draws_random, node_module, tiling_window, training_sensitive
@@ -118,11 +118,7 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
     open_ = 1 if lift.users else 0  # region values with users outside it
     taken: list[fx.Node] = []
     end = 0  # the region is taken[:end]
-    seen_lift = False
-    for node in lift.graph.nodes:
-        if not seen_lift:
-            seen_lift = node is lift
-            continue
+    for node in nodes_after(lift):
         read = [a for a in node.all_input_nodes if a in derived]
         if not read:
             continue

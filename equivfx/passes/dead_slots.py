@@ -53,7 +53,7 @@ import torch.fx as fx
 from equivfx.groups.actions import TrivialAction
 from equivfx.meta import REP
 from equivfx.passes.defer import acts_trivially, moves_past, reads_inputs
-from equivfx.passes.infra import Pass, PassResult
+from equivfx.passes.infra import Pass, PassResult, nodes_after
 from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import Broadcast, Lift, Readout, slot_positions
 from equivfx.passes.rules import (
@@ -158,11 +158,7 @@ def blind_to(lift: fx.Node, action, modules) -> bool:
     on every input the model accepts): an operand computed from another model input (its shape
     may differ at run time), a pool whose windows tile the example's grid."""
     status = {lift: EQUIVARIANT}
-    seen_lift = False
-    for node in lift.graph.nodes:
-        if not seen_lift:
-            seen_lift = node is lift
-            continue
+    for node in nodes_after(lift):
         read = [a for a in node.all_input_nodes if a in status]
         if not read:
             continue

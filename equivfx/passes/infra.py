@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from equivfx.errors import PipelineError, explain
 
-__all__ = ["Pass", "Pipeline", "PassResult", "new_node_origin"]
+__all__ = ["Pass", "Pipeline", "PassResult", "new_node_origin", "nodes_after"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ def new_node_origin(node: fx.Node, pass_name: str) -> fx.Node:
 
     node.meta[ORIGIN] = pass_name
     return node
+
+
+def nodes_after(node: fx.Node):
+    """The nodes after ``node`` in its graph's order, the output last."""
+    node = node.next
+    while node.op != "root":
+        yield node
+        node = node.next
 
 
 @dataclass(frozen=True)
