@@ -34,7 +34,7 @@ def describe_graph(gm: fx.GraphModule) -> list[dict]:
         elif isinstance(rep, CosetFolded):
             slot_axis = 0  # one slot per coset, folded slot-major
         elif isinstance(rep, ChannelFolded):
-            slot_axis = 1  # the channel blocks (keep-channel-layout)
+            slot_axis = rep.axis  # the channel blocks (keep-channel-layout)
         elif isinstance(rep, OutputRep) and rep.readout in ("slots", "pose"):
             slot_axis = 1
         params = None

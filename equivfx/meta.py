@@ -110,12 +110,15 @@ class CosetFolded(Rep):
 class ChannelFolded(Rep):
     """Map(G, .) with the |G| slots folded slot-major into the channel axis: a (B, |G| C, ...)
     tensor whose channel block i is slot g_i (``keep-channel-layout``, between fused mixing
-    layers); G permutes the channel blocks."""
+    layers); G permutes the channel blocks. ``axis=-1``: into the last axis, the features of
+    linear layers, (B, ..., |G| F)."""
 
     slots: int = 1
+    axis: int = 1
 
     def describe(self) -> str:
-        return f"map(G) folded in axis 1 (channels, {self.slots} blocks)"
+        where = "1 (channels" if self.axis == 1 else f"{self.axis} (features"
+        return f"map(G) folded in axis {where}, {self.slots} blocks)"
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,20 @@ pools, residual sums) give the same values in either layout, so the moves betwee
 
 This is the layout a G-CNN library keeps throughout (e2cnn's regular fields are (B, |G| C, H, W)).
 The values between are :class:`~equivfx.meta.ChannelFolded`; each is moved back to folded slots
-right before any other op that reads it (a flatten, a readout, a softmax). The outputs are
-those of the fused layout without the pass, bitwise: the convolutions read the same tensors, and
-the ops between are elementwise or per channel. Gradients are too, up to the order in which
-autograd sums a value's gradient terms (where a value is read both inside the region and
-outside it, or twice by one op outside, some terms are summed before the others: 1e-9 to 3e-8
-apart in tests).
+right before any other op that reads it (a flatten, a readout, a softmax). Fused linear layers
+(:class:`~equivfx.passes.mixing.MixingLinear`) do the same on their feature layout
+(B, ..., |G| F) (``ChannelFolded(axis=-1)``; for two dimensions it is the channel layout), through
+the ops that act on every element alike: not pools (they would pool across the blocks on the
+last axis), and batch norms only where the values are known to be two-dimensional (:class:`Layout`).
+
+The outputs are those of the fused layout without the pass, bitwise: the layers read the same
+tensors, and the ops between are elementwise or per channel; but PyTorch's CPU kernels for
+exp-based activations (sigmoid, SiLU, ELU, SELU, CELU, Mish, softplus, tanh-approximated GELU)
+compute a tensor's last partial vector with scalar code, so an element the two layouts place
+differently there may differ in its last bit (rows of fewer than 32 elements per slot). Gradients
+are equal too, up to that and the order in which autograd sums a value's gradient terms (where a
+value is read both inside the region and outside it, or twice by one op outside, some terms are
+summed before the others: 1e-9 to 3e-8 apart in tests).
 
 The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`UNARY_MODULES`,
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
@@ -48,6 +56,7 @@ input is kept may write a copy that another reader does not see).
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -56,7 +65,13 @@ from torch import nn
 
 from equivfx.meta import REP, ChannelFolded, Folded, Trivial, set_rep, slot_major
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
-from equivfx.passes.mixing import _MixingConv, channels_to_slots, slots_to_channels
+from equivfx.passes.mixing import (
+    MixingLayer,
+    MixingLinear,
+    _MixingConv,
+    channels_to_slots,
+    slots_to_channels,
+)
 from equivfx.passes.rules import mutates
 
 __all__ = [
@@ -107,6 +122,24 @@ BINARY_FUNCTIONS = frozenset(
 BINARY_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_"})
 """Tensor methods of the same kind."""
 
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+"""The pools of :data:`UNARY_MODULES`: they act on the trailing axes, so they keep the channel
+layout (B, |G| C, *spatial) but not a layout whose blocks lie on the last axis (the features
+of linear layers, (B, ..., |G| F), and any two-dimensional one)."""
+
+POOL_FUNCTIONS = frozenset(
+    {
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    }
+)  # fmt: skip
+"""The pools of :data:`UNARY_FUNCTIONS`."""
+
 _POOLS_WITH_INDICES = {  # the position of return_indices among the function's arguments
     F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6,
     F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 2,
@@ -117,11 +150,13 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 """Batch norms (exactly these types) that keep the channel layout."""
 
 
-def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
+def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> torch.Tensor:
     """``module`` (the model's own, called: hooks run) on the channel layout (B, n C, ...) of n
-    slots, as the compiled graph calls every module that keeps the layout.
+    slots (``axis=-1``: the feature layout (B, ..., n F)), as the compiled graph calls every
+    module that keeps the layout.
 
-    - an activation or pool of :data:`UNARY_MODULES`: on the layout itself;
+    - an activation or pool of :data:`UNARY_MODULES`: on the layout itself (a pool only where
+      the blocks are not on the last axis);
     - a batch norm in eval mode with running statistics: on a view of the layout as
       (B n, C, ...), the same samples as the folded slots in another order, each sample and
       channel normalised alone (per element the same arithmetic);
@@ -132,35 +167,55 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int) -> torch.Tensor:
       wrote into its input is written into ``x`` (whether a module writes in place is otherwise
       read at compile time: ``inplace`` set later is not seen by the pass's analysis)."""
     if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
-        return x.tracer.create_proxy("call_function", channel_call, (x, module, n), {})
+        args = (x, module, n) if axis == 1 else (x, module, n, axis)
+        return x.tracer.create_proxy("call_function", channel_call, args, {})
     kind = type(module)
+    channels = axis % x.dim() == 1 and x.dim() > 2  # the blocks are not on the last axis
     if not _hooked(module):
-        if kind in UNARY_MODULES and not getattr(module, "return_indices", False):
+        if (
+            kind in UNARY_MODULES
+            and not getattr(module, "return_indices", False)
+            and (channels or kind not in POOL_MODULES)
+        ):
             return module(x)
-        if kind in NORMS and not module.training and module.running_mean is not None:
+        if (
+            kind in NORMS
+            and axis % x.dim() == 1
+            and not module.training
+            and module.running_mean is not None
+        ):
             samples = x.unflatten(1, (n, -1)).flatten(0, 1)
             return module(samples).unflatten(0, (-1, n)).flatten(1, 2)
-    slots = channels_to_slots(x, n)
+    slots = channels_to_slots(x, n, axis)
     version = slots._version
     out = module(slots)
     if slots._version == version:
-        return slots_to_channels(out, n)
-    x.copy_(slots_to_channels(slots, n))  # what it wrote into its input, written into x
-    return x if out is slots else slots_to_channels(out, n)
+        return slots_to_channels(out, n, axis)
+    x.copy_(slots_to_channels(slots, n, axis))  # what it wrote into its input, written into x
+    return x if out is slots else slots_to_channels(out, n, axis)
 
 
-def mixer_call(x: torch.Tensor, mixer: nn.Module, n: int, cin: bool, cout: bool) -> torch.Tensor:
+def mixer_call(
+    x: torch.Tensor, mixer: nn.Module, n: int, cin: bool, cout: bool, axis: int = 1
+) -> torch.Tensor:
     """The fused mixing layer ``mixer`` taking (``cin``) or giving (``cout``) the channel layout
-    of n slots, as the compiled graph calls it where the values around it keep that layout. A
+    of n slots (``axis=-1``: a linear layer's feature layout (B, ..., n F)), as the compiled
+    graph calls it where the values around it keep that layout. A
     mixer hooked after compiling (global hooks included), or another module put in its place, is
     called on folded slots, as without the pass (its hooks see (|G| B, C, ...)), and the moves are
     made around it."""
     if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
-        return x.tracer.create_proxy("call_function", mixer_call, (x, mixer, n, cin, cout), {})
-    if isinstance(mixer, _MixingConv) and mixer.layout == "fused" and not _hooked(mixer):
+        args = (x, mixer, n, cin, cout) if axis == 1 else (x, mixer, n, cin, cout, axis)
+        return x.tracer.create_proxy("call_function", mixer_call, args, {})
+    if (
+        isinstance(mixer, MixingLayer)
+        and mixer.layout == "fused"
+        and isinstance(mixer, MixingLinear) == (axis == -1)
+        and not _hooked(mixer)
+    ):
         return mixer(x, channels_in=cin, channels_out=cout)
-    y = mixer(channels_to_slots(x, n) if cin else x)
-    return slots_to_channels(y, n) if cout else y
+    y = mixer(channels_to_slots(x, n, axis) if cin else x)
+    return slots_to_channels(y, n, axis) if cout else y
 
 
 class KeepChannelLayout(Pass):
@@ -171,51 +226,55 @@ class KeepChannelLayout(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         mixers = {n: m for n in gm.graph.nodes if (m := _fused_mixer(n, modules)) is not None}
+        # each value's layout: (axis of the blocks, rank or None, channels per slot)
         if len(mixers) < 2 or _global_hooks():  # global hooks would see the mixers' layout
             return PassResult(gm, False)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         refused: set[fx.Node] = set()
         while True:
-            kept, entries = _region(gm.graph, mixers, modules, refused)
-            hazards = _hazards(kept, entries, mixers, modules, order)
+            kept, entries, clashes = _region(gm.graph, mixers, modules, refused)
+            hazards = clashes | _hazards(kept, entries, mixers, modules, order)
             if not hazards:
                 break
             refused |= hazards
         if not kept:
             return PassResult(gm, False)
-        slots = next(iter(mixers.values())).order
+        slots = next(iter(mixers.values())).module.order
         graph = gm.graph
-        for value in entries:  # moved once, right after it is computed
+        for value, layout in entries.items():  # moved once, right after it is computed
             with graph.inserting_after(value):
-                moved = graph.call_function(slots_to_channels, (value, slots))
+                moved = graph.call_function(slots_to_channels, _move_args(value, slots, layout))
             new_node_origin(moved, self.name)
-            set_rep(moved, ChannelFolded(slots), "channel-layout")
+            set_rep(moved, ChannelFolded(slots, layout.axis), "channel-layout")
             for user in list(value.users):
-                if user is not moved and _reads_kept(user, value, kept, mixers):
+                if user is not moved and _reads_kept(user, value, kept, mixers, layout):
                     user.replace_input_with(value, moved)
-            kept.add(moved)
+            kept[moved] = layout
         for node in list(graph.nodes):
             if node not in kept:
                 continue
+            layout = kept[node]
             for user in [u for u in node.users if not _reads_kept(u, node, kept, mixers)]:
                 with graph.inserting_before(user):  # a copy in folded slots, made right before
-                    back = graph.call_function(channels_to_slots, (node, slots))
+                    back = graph.call_function(channels_to_slots, _move_args(node, slots, layout))
                 new_node_origin(back, self.name)
                 set_rep(back, Folded(0), "channel-layout")
                 if "tensor_meta" in node.meta:
                     back.meta["tensor_meta"] = node.meta["tensor_meta"]
                 user.replace_input_with(node, back)
-            set_rep(node, ChannelFolded(slots), node.meta.get("equivfx.rule"))
+            set_rep(node, ChannelFolded(slots, layout.axis), node.meta.get("equivfx.rule"))
             node.meta.pop("tensor_meta", None)  # its shape is (B, |G| C, ...) now
         # through mixer_call where they take or give the channel layout (decided for all first:
         # replacing one changes its readers' arguments)
-        flags = {node: (node.args[0] in kept, node in kept) for node in mixers}
+        flags = {n: (_reads_kept(n, n.args[0], kept, mixers), n in kept) for n in mixers}
         for node, (cin, cout) in flags.items():
             if cin or cout:
-                _call_through(gm, node, mixer_call, (node.args[0], None, slots, cin, cout))
+                axis = () if mixers[node].axis == 1 else (mixers[node].axis,)
+                _call_through(gm, node, mixer_call, (node.args[0], None, slots, cin, cout, *axis))
         for node in [n for n in graph.nodes if n in kept and n.op == "call_module"]:
             if node not in mixers:  # modules: through channel_call (see there)
-                _call_through(gm, node, channel_call, (node.args[0], None, slots))
+                args = _move_args(node.args[0], slots, kept[node])
+                _call_through(gm, node, channel_call, (args[0], None, *args[1:]))
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -233,12 +292,42 @@ def _call_through(gm: fx.GraphModule, node: fx.Node, fn, args: tuple) -> None:
     node.args, node.kwargs = tuple(module if a is None else a for a in args), {}
 
 
-def _fused_mixer(node: fx.Node, modules) -> _MixingConv | None:
-    """The fused mixing convolution ``node`` calls on folded slots in axis 0, if it does."""
+class Layout(NamedTuple):
+    """Where a kept value's slot blocks lie: ``axis`` 1 (channels, (B, |G| C, *spatial)) or -1
+    (the features of linear layers, (B, ..., |G| F)), its rank where known, and the channels
+    (features) per slot. Two-dimensional values have one layout, (B, |G| C): axis 1."""
+
+    axis: int
+    rank: int | None
+    channels: int
+
+    @staticmethod
+    def of(axis: int, rank: int | None, channels: int) -> Layout:
+        return Layout(1 if rank == 2 else axis, rank, channels)
+
+    @property
+    def last(self) -> bool:
+        """The blocks lie on the last axis: pools would pool across them, batch norms too
+        (but for two dimensions, where the last axis is the channel axis)."""
+        return self.axis == -1 or self.rank == 2
+
+
+class _Mixer(NamedTuple):
+    """A fused mixing layer the pass may hand the layout to: the layout it reads and gives, and
+    its own convention for ``mixer_call`` (linear layers: -1, also in two dimensions)."""
+
+    module: MixingLayer
+    reads: Layout
+    gives: Layout
+    axis: int
+
+
+def _fused_mixer(node: fx.Node, modules) -> _Mixer | None:
+    """The fused mixing layer ``node`` calls on folded slots in axis 0, if it does."""
     if node.op != "call_module" or not node.meta.get("equivfx.mixing"):
         return None
     m = modules.get(node.target)
-    if not isinstance(m, _MixingConv) or m.layout != "fused":
+    if not isinstance(m, MixingLayer) or m.layout != "fused":
         return None
     if (
         node.kwargs.get("batch_axis", 0)
@@ -247,22 +336,47 @@ def _fused_mixer(node: fx.Node, modules) -> _MixingConv | None:
     ):
         return None
     rep = node.args[0].meta.get(REP) if isinstance(node.args[0], fx.Node) else None
-    return m if slot_major(rep) else None
+    if not slot_major(rep):
+        return None
+    if isinstance(m, _MixingConv):
+        rank = m.weight.dim()
+        return _Mixer(
+            m,
+            Layout.of(1, rank, m.in_channels // m.order),
+            Layout.of(1, rank, m.out_channels),
+            1,
+        )
+    rank = _rank(node.args[0]) or _rank(node)
+    return _Mixer(
+        m,
+        Layout.of(-1, rank, m.in_features // m.order),
+        Layout.of(-1, rank, m.out_features),
+        -1,
+    )
+
+
+def _rank(node: fx.Node) -> int | None:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _move_args(value: fx.Node, slots: int, layout: Layout) -> tuple:
+    """The arguments of a move of ``value`` between folded slots and ``layout``."""
+    return (value, slots) if layout.axis == 1 else (value, slots, layout.axis)
 
 
 def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
     """The values kept in the channel layout (fused mixing layers' outputs and ops that keep the
     layout, where they reach a fused layer's input through such ops), and the values in folded
     slots moved into it once (``entries``: the other operand of a residual sum)."""
-    shapes: dict[fx.Node, tuple[int, int]] = {}  # kept value -> (rank, channels per slot)
-    movable: dict[fx.Node, tuple[int, int]] = {}  # folded value -> (rank, channels per slot)
+    shapes: dict[fx.Node, Layout] = {}  # kept value -> its layout
+    movable: dict[fx.Node, frozenset[Layout]] = {}  # folded value -> the layouts it could take
     reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
     for node in graph.nodes:
         if node in refused:
             continue
         if node in mixers:
-            m = mixers[node]
-            shapes[node] = (m.weight.dim(), m.out_channels)
+            shapes[node] = mixers[node].gives
             continue
         kept = _keeps_layout(node, modules, shapes, movable, refused)
         if kept is None:
@@ -276,7 +390,8 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
     useful: set[fx.Node] = set()
     for node in reversed(graph.nodes):
         if node in shapes and any(
-            (u in mixers and u.args[0] is node) or (u in useful and u not in mixers)
+            (u in mixers and u.args[0] is node and mixers[u].reads == shapes[node])
+            or (u in useful and u not in mixers)
             for u in node.users
         ):
             useful.add(node)
@@ -291,19 +406,24 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
         }
         useful |= writers
         grown = bool(writers)
-    entries = {v for n in useful for v in reads.get(n, ())}
-    return useful, entries
+    entries: dict[fx.Node, Layout] = {}
+    clashes: set[fx.Node] = set()  # ops that would move a value into a second layout
+    for n in sorted(useful, key=list(graph.nodes).index):
+        for v in reads.get(n, ()):
+            if entries.setdefault(v, shapes[n]) != shapes[n]:
+                clashes.add(n)
+    return {n: shapes[n] for n in useful}, entries, clashes
 
 
-def _reads_kept(user: fx.Node, node: fx.Node, kept: set, mixers: dict) -> bool:
+def _reads_kept(user: fx.Node, node: fx.Node, kept: dict, mixers: dict, layout=None) -> bool:
     """``user`` reads ``node`` in the channel layout (it keeps it, or is a fused layer reading it
-    as its input)."""
+    as its input, in its layout: ``node``'s, or ``layout`` for a value moved in)."""
     if user in mixers:
-        return user.args[0] is node
+        return user.args[0] is node and (layout or kept.get(node)) == mixers[user].reads
     return user in kept
 
 
-def _hazards(kept: set, entries: set, mixers: dict, modules, order: dict) -> set[fx.Node]:
+def _hazards(kept: dict, entries: dict, mixers: dict, modules, order: dict) -> set[fx.Node]:
     """What must not keep the layout because of writes in place.
 
     - A kept value read outside the region gets a copy made right before that reader: a later
@@ -332,7 +452,7 @@ def _hazards(kept: set, entries: set, mixers: dict, modules, order: dict) -> set
     hazards = set()
     for node in kept:
         outside = [order[u] for u in node.users if not _reads_kept(u, node, kept, mixers)]
-        saved = [order[u] for u in node.users if u in mixers and u.args[0] is node]
+        saved = [order[u] for u in node.users if u in mixers and _reads_kept(u, node, kept, mixers)]
         written = [at for at, where in kept_writes if where is storage[node]]
         if outside and (
             any(w >= min(outside) for w in foreign) or any(w > min(outside) for w in written)
@@ -346,29 +466,37 @@ def _hazards(kept: set, entries: set, mixers: dict, modules, order: dict) -> set
     return hazards
 
 
-def _slot_shape(node: fx.Node, modules, movable: dict) -> tuple[int, int] | None:
-    """(rank, channels per slot) of a value in folded slots, where known: from the example
-    inputs' shapes, a convolution's or batch norm's module, or an op that keeps the layout of
-    one such value."""
+def _slot_shape(node: fx.Node, modules, movable: dict) -> frozenset[Layout] | None:
+    """The layouts a value in folded slots could move into, where known: from the example
+    inputs' shapes, a convolution's or linear layer's module, or a batch norm or an op that
+    keeps the layout of one such value."""
     if not slot_major(node.meta.get(REP)):
         return None
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
     if shape is not None:
-        return (len(shape), shape[1]) if len(shape) >= 3 else None
+        if len(shape) < 2:
+            return None
+        return frozenset({Layout.of(1, len(shape), shape[1]), Layout.of(-1, len(shape), shape[-1])})
     m = modules.get(node.target) if node.op == "call_module" else None
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(m, _MixingConv):
-        return m.weight.dim(), m.out_channels
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(m, MixingLayer):
+        return frozenset({Layout.of(1, m.weight.dim(), m.out_channels)})
+    if type(m) is nn.Linear:
+        return frozenset({Layout.of(-1, None, m.out_features)})
     inputs = node.all_input_nodes
     if len(inputs) == 1 and inputs[0] in movable:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or _unary(node, modules):
-            return movable[inputs[0]]
+        layouts = movable[inputs[0]]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return frozenset(k for k in layouts if k.axis == 1) or None
+        if _unary(node, modules, pools=False):
+            return layouts
+        if _unary(node, modules):  # a pool: the channels stay, the last axis changes
+            return frozenset(k for k in layouts if not k.last) or None
     return None
 
 
 def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: set):
-    """((rank, channels per slot), folded values to move in) if ``node`` keeps the channel
-    layout of the kept values it reads (``shapes``), else None."""
+    """(layout, folded values to move in) if ``node`` keeps the channel layout of the kept
+    values it reads (``shapes``), else None."""
     if node.op not in ("call_module", "call_function", "call_method") or "out" in node.kwargs:
         return None
     if not slot_major(node.meta.get(REP)):
@@ -386,18 +514,20 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
         moved = [a for a in inputs if a not in shapes]
         if any(a not in movable or a in refused for a in moved):
             return None
-        if len({*(shapes[a] for a in kept), *(movable[a] for a in moved)}) != 1:
+        layout = shapes[kept[0]]
+        if any(shapes[a] != layout for a in kept) or any(layout not in movable[a] for a in moved):
             return None
-        return shapes[kept[0]], moved
+        return layout, moved
     if len(inputs) != 1:
         return None
-    if not _unary(node, modules) and not _norm(node, modules):
+    layout = shapes[kept[0]]
+    if not _unary(node, modules, pools=not layout.last) and not _norm(node, modules, layout):
         return None
-    return shapes[kept[0]], []
+    return layout, []
 
 
 def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
-    """((rank, channels per slot), [its input]) if ``node`` is an op that keeps the layout
+    """(layout, [its input]) if ``node`` is an op that keeps the layout
     applied to a value in folded slots that could move in (``movable``) and that others read
     too: moved in, the value also feeds the fused layers reading it (a shortcut ``nn.Identity``
     beside a block's first convolution: one move instead of two), else None."""
@@ -408,14 +538,18 @@ def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
         return None
     if not slot_major(node.meta.get(REP)):
         return None
-    if not _unary(node, modules) and not _norm(node, modules):
-        return None
-    return movable[inputs[0]], [inputs[0]]
+    for layout in sorted(movable[inputs[0]], key=lambda k: -k.axis):  # channels (1) first
+        if _unary(node, modules, pools=not layout.last) or _norm(node, modules, layout):
+            return layout, [inputs[0]]
+    return None
 
 
-def _norm(node: fx.Node, modules) -> bool:
-    """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor."""
+def _norm(node: fx.Node, modules, layout: Layout) -> bool:
+    """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor whose
+    channels are the layout's blocks (axis 1)."""
     if node.op != "call_module" or type(modules.get(node.target)) not in NORMS:
+        return False
+    if layout.axis != 1:
         return False
     return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
 
@@ -443,18 +577,23 @@ def _hooked(module: nn.Module) -> bool:
     )
 
 
-def _unary(node: fx.Node, modules) -> bool:
+def _unary(node: fx.Node, modules, pools: bool = True) -> bool:
     """``node`` applies an op of one tensor (and numbers) that acts on every channel of every
-    sample alike (activations, pools) to its first argument."""
+    sample alike (activations, and with ``pools`` pools) to its first argument."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
         m = modules.get(node.target)
         return (
-            type(m) in UNARY_MODULES and not getattr(m, "return_indices", False) and not _hooked(m)
+            type(m) in UNARY_MODULES
+            and (pools or type(m) not in POOL_MODULES)
+            and not getattr(m, "return_indices", False)
+            and not _hooked(m)
         )
     unary = UNARY_FUNCTIONS if node.op == "call_function" else UNARY_METHODS
     if node.op not in ("call_function", "call_method") or node.target not in unary:
+        return False
+    if not pools and node.target in POOL_FUNCTIONS:
         return False
     at = _POOLS_WITH_INDICES.get(node.target)
     return not node.kwargs.get("return_indices") and (at is None or len(node.args) <= at)

@@ -288,15 +288,20 @@ def gather_channels_last(
     return flat.view(part.shape[0] * batch, h, w, n * c).permute(0, 3, 1, 2)
 
 
-def slots_to_channels(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Folded slots (n B, C, ...) to the channel layout (B, n C, ...): channel block i is slot i."""
-    return x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)
+def slots_to_channels(x: torch.Tensor, n: int, axis: int = 1) -> torch.Tensor:
+    """Folded slots (n B, C, ...) to the channel layout (B, n C, ...): channel block i is slot i.
+    With ``axis=-1`` the feature layout of linear layers instead: (n B, ..., F) to
+    (B, ..., n F) (the same tensor for two dimensions)."""
+    at = axis % x.dim()
+    return x.unflatten(0, (n, -1)).movedim(0, at).flatten(at, at + 1)
 
 
-def channels_to_slots(y: torch.Tensor, n: int) -> torch.Tensor:
-    """The channel layout (B, n C, ...) back to folded slots (n B, C, ...): a cat of the channel
-    blocks (a permute-then-flatten makes exporters guard on the batch size being 1)."""
-    return torch.cat(y.unflatten(1, (n, -1)).unbind(1), 0)
+def channels_to_slots(y: torch.Tensor, n: int, axis: int = 1) -> torch.Tensor:
+    """The channel layout (B, n C, ...) (or with ``axis=-1`` the feature layout (B, ..., n F))
+    back to folded slots (n B, C, ...): a cat of the blocks (a permute-then-flatten makes
+    exporters guard on the batch size being 1)."""
+    at = axis % y.dim()
+    return torch.cat(y.unflatten(at, (n, -1)).unbind(at), 0)
 
 
 class SlotGather(nn.Module):
@@ -603,13 +608,24 @@ class MixingConv3d(_MixingConv, nn.Conv3d):
 class MixingLinear(MixingLayer, nn.Linear):
     """A Linear mixing layer on the last axis: see :class:`MixingLayer`."""
 
-    def forward(self, x: torch.Tensor, batch_axis: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch_axis: int = 0,
+        channels_in: bool = False,
+        channels_out: bool = False,
+    ) -> torch.Tensor:
+        """The folded slots (|G| B, ..., F) to (|G| B, ..., Fout). ``channels_in`` and
+        ``channels_out`` take and give the feature layout (B, ..., |G| F) instead
+        (``keep-channel-layout``)."""
         n = self.order
         if batch_axis:
             x = x.movedim(batch_axis, 0)
-        t = x.unflatten(0, (n, -1)).movedim(0, -2).flatten(-2)  # (B, ..., n C)
+        t = x if channels_in else slots_to_channels(x, n, -1)  # (B, ..., n F)
         y = nn.functional.linear(t, *self._block_params())
-        out = torch.cat(y.unflatten(-1, (n, -1)).unbind(-2), 0)  # (n B, ..., Cout)
+        if channels_out:  # (B, ..., n Fout): the next fused layer reads it as it is
+            return y
+        out = channels_to_slots(y, n, -1)  # (n B, ..., Fout)
         return out.movedim(0, batch_axis) if batch_axis else out
 
 

@@ -253,11 +253,12 @@ def _expected(rep, G, h, vx, perm):
     if isinstance(rep, OutputRep):
         return _act_tree(rep.action, h, vx)
     if isinstance(rep, (Folded, ChannelFolded)):
-        axis = rep.batch_axis if isinstance(rep, Folded) else 1  # the slots' blocks are there
+        at = rep.batch_axis if isinstance(rep, Folded) else rep.axis  # the slots' blocks
 
         def permute(t):
-            if not isinstance(t, torch.Tensor) or t.dim() <= axis:
+            if not isinstance(t, torch.Tensor) or not -t.dim() <= at < t.dim():
                 return t
+            axis = at % t.dim()
             n, slots = t.shape[axis], len(perm)
             if n % slots:
                 return t
