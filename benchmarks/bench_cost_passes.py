@@ -25,6 +25,9 @@
   16x16: the residual stream is moved onto the channel axis once.
 - ``resnet-fused`` (the same through batch norms and shortcuts): ``bench_global.py``'s
   ResNet-style CNN (conv, batch norm, ReLU; identity and 1x1 shortcuts), layer-wise fused.
+- ``gmlp-tokens`` (the same for fused linear layers, whose feature layout is (B, ..., |G| F)):
+  two residual MLP blocks (64 -> 128 -> 64, GELU) on the 1,024 pixels of a 32x32 image as
+  tokens; ``gmlp-flat``: the same blocks (256 -> 512 -> 256) on the flattened image.
 
 Outputs are equal (tested in tests/passes/); this script times them. Both sides fold every slot
 into one pass (``chunk=None``: how many slots ``chunk="auto"`` folds is measured at the first call,
@@ -162,6 +165,25 @@ class GRes(GChain):
         return self.fc(h.mean((2, 3)))
 
 
+class GMlp(nn.Module):
+    """Residual MLP blocks on the pixels as tokens, (B, 1024, 3) (``tokens=True``), or on the
+    flattened image, (B, 3072): linear layers only after the stem."""
+
+    def __init__(self, width: int = 64, hidden: int = 128, classes: int = 10, tokens=True):
+        super().__init__()
+        self.tokens = tokens
+        self.stem = nn.Linear(3 if tokens else 3 * 32 * 32, width)
+        self.fc1 = nn.ModuleList(nn.Linear(width, hidden) for _ in range(2))
+        self.fc2 = nn.ModuleList(nn.Linear(hidden, width) for _ in range(2))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x.flatten(2).transpose(1, 2) if self.tokens else x.flatten(1))
+        for fc1, fc2 in zip(self.fc1, self.fc2, strict=True):
+            h = h + fc2(torch.nn.functional.gelu(fc1(h)))
+        return self.head(h.mean(1) if self.tokens else h)
+
+
 FUSED = {"mode": "layerwise", "mix_layout": "fused"}
 
 CASES = [  # (case, model, group, per-sample shape, compile keywords)
@@ -178,6 +200,8 @@ CASES = [  # (case, model, group, per-sample shape, compile keywords)
     ("gcnn-res", GRes, "C4", (3, 16, 16), FUSED),
     ("gcnn-res", GRes, "D4", (3, 16, 16), FUSED),
     ("resnet-fused", ResNetish, "C4", (3, 32, 32), FUSED),
+    ("gmlp-tokens", GMlp, "C4", (3, 32, 32), FUSED),
+    ("gmlp-flat", functools.partial(GMlp, 256, 512, tokens=False), "C4", (3, 32, 32), FUSED),
 ]
 
 
