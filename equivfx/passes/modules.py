@@ -77,10 +77,24 @@ def exp_mass(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots' max ``m`` over axis 0 and ``p`` = sum of exp(s - m) in :func:`pool_dtype`, so
     log(mean(exp(s))) = m + log(p / n) (:func:`logmeanexp`; the chunk runner joins chunks' pairs).
     Infinite maxima (all -inf, or some +inf) shift by 0, as logsumexp's; a nan slot stays nan.
-    Outputs over ``PRECISE_POOL_LIMIT`` elements: p from the fused ``torch.logsumexp``."""
-    m = s.amax(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    if s[0].numel() > PRECISE_POOL_LIMIT:
-        return m, torch.exp(torch.logsumexp(s, 0) - m).to(pool_dtype(s))
+    Outputs over ``PRECISE_POOL_LIMIT`` elements: p from the fused ``torch.logsumexp``.
+
+    ``m`` is a shift, not a function of the slots for autograd (detached): the value does not
+    depend on it, so gradients reach the slots through ``p`` alone, softmax(s) as
+    ``torch.logsumexp``'s. Through m they would add terms that cancel only up to rounding, and
+    with a +inf slot in one chunk nan (inf - inf) for the finite slots of the others."""
+    if s[0].numel() > PRECISE_POOL_LIMIT:  # shifted by the logsumexp itself: p = 1 where finite
+        lse = torch.logsumexp(s, 0)
+        m = lse.detach().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        # an infinite logsumexp is p itself (+inf) or no mass (0), not exp(+-inf), whose
+        # gradient (inf x 0) would be nan for every slot (the branch not taken too: exp(0)
+        # there). A chunk of -inf slots only still gets nan, as torch.logsumexp's backward gives.
+        inf, zero = lse.isinf(), torch.zeros_like(lse)
+        p = torch.where(
+            inf, torch.where(lse > 0, lse, zero), torch.exp((lse - m).masked_fill(inf, 0))
+        )
+        return m, p.to(pool_dtype(s))
+    m = s.detach().amax(0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
     return m, torch.exp(s - m).sum(0, dtype=pool_dtype(s))
 
 

@@ -442,6 +442,28 @@ def test_the_running_logsumexp_of_chunks_is_the_one_of_all_slots(monkeypatch, de
     torch.testing.assert_close(acc.value(), logmeanexp(ints))
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["exact", "dense-fused"])
+def test_the_running_logsumexp_differentiates_as_torch_logsumexp(monkeypatch, dense):
+    import equivfx.passes.modules as modules
+    from equivfx.passes.chunks import _MeanExp
+
+    if dense:
+        monkeypatch.setattr(modules, "PRECISE_POOL_LIMIT", 0)
+    s = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s[5, 1] = float("inf")  # a +inf slot in one chunk: the others' finite slots get 0, not nan
+    if not dense:  # chunks of -inf slots only: 0 (torch.logsumexp's backward on them: nan)
+        s[:, 2] = torch.tensor([-float("inf")] * 4 + [-1000.0, -999.0, -1001.0, 3.0])
+    want = torch.autograd.grad((torch.logsumexp(s.requires_grad_(), 0)).sum(), s)[0]
+    s = s.detach()
+    for k in (1, 2, 4, 8):
+        x = s.clone().requires_grad_()
+        acc = _MeanExp.of(x[:k])
+        for i in range(k, 8, k):
+            acc = acc.join(_MeanExp.of(x[i : i + k]))
+        (got,) = torch.autograd.grad(acc.value().sum(), x)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-15)
+
+
 class _Counts(nn.Module):
     def forward(self, x):
         return (x[:, 0, 0] > 0).sum(-1)  # integer outputs: positives in the first row
