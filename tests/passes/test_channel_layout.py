@@ -666,28 +666,6 @@ def _gelu_then_weigh(t):
     return F.gelu(t) * torch.arange(t.shape[1], dtype=t.dtype).view(1, -1, 1, 1)
 
 
-@pytest.mark.parametrize("model", [Residual().eval(), WithNorms().eval()])
-def test_pickles_copies_and_exports(model):
-    x = torch.randn(3, 2, 8, 8)
-    on = _with_pass(model)
-    assert any(_flags(on).values())
-    with torch.no_grad():
-        want = on(x)
-        buf = io.BytesIO()
-        torch.save(on, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
-        assert torch.equal(loaded(x), want)
-        assert torch.equal(copy.deepcopy(on)(x), want)
-    batch = torch.export.Dim("batch", max=1024)
-    ep = torch.export.export(on, (x,), dynamic_shapes=({0: batch},))
-    with torch.no_grad():
-        for n in (1, 5):
-            xs = torch.randn(n, 2, 8, 8)
-            torch.testing.assert_close(ep.module()(xs), on(xs))
-
-
-# ------------------------------------------------------------------ linear layers
 class Tokens(nn.Module):
     """Linear layers on the last axis: of (B, 2, 16) tokens (``tokens=True``), or of (B, 32)."""
 
@@ -708,6 +686,32 @@ class Tokens(nn.Module):
         return out.mean(1) if self.tokens else out
 
 
+@pytest.mark.parametrize(
+    "model, size",
+    [(Residual().eval(), 8), (WithNorms().eval(), 8), (Tokens().eval(), 4)],
+    ids=["residual", "norms", "linear"],
+)
+def test_pickles_copies_and_exports(model, size):
+    x = torch.randn(3, 2, size, size)
+    on = _with_pass(model)
+    assert any(_flags(on).values())
+    with torch.no_grad():
+        want = on(x)
+        buf = io.BytesIO()
+        torch.save(on, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x), want)
+        assert torch.equal(copy.deepcopy(on)(x), want)
+    batch = torch.export.Dim("batch", max=1024)
+    ep = torch.export.export(on, (x,), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        for n in (1, 5):
+            xs = torch.randn(n, 2, size, size)
+            torch.testing.assert_close(ep.module()(xs), on(xs))
+
+
+# ------------------------------------------------------------------ linear layers
 @pytest.mark.parametrize("tokens", [True, False])
 @pytest.mark.parametrize("shapes", [False, True])
 def test_linear_layers_keep_their_feature_layout(monkeypatch, tokens, shapes):
