@@ -13,9 +13,11 @@ This is the layout a G-CNN library keeps throughout (e2cnn's regular fields are 
 The values between are :class:`~equivfx.meta.ChannelFolded`; each is moved back to folded slots
 right before any other op that reads it (a flatten, a readout, a softmax). Fused linear layers
 (:class:`~equivfx.passes.mixing.MixingLinear`) do the same on their feature layout
-(B, ..., |G| F) (``ChannelFolded(axis=-1)``; for two dimensions it is the channel layout), through
-the ops that act on every element alike: not pools (they would pool across the blocks on the
-last axis), and batch norms only where the values are known to be two-dimensional (:class:`Layout`).
+(B, ..., |G| F) (``ChannelFolded(axis=-1)``), through the ops that act on every element alike:
+not pools (they would pool across the blocks on the last axis), and batch norms only where the
+example inputs show the values are two-dimensional (checked again at each call: the same graph
+may be called on other ranks). A pool keeps a convolution's layout only where it pools exactly
+its spatial axes (a 2-D pool on a Conv1d's output would pool the channels too).
 
 The outputs are those of the fused layout without the pass, bitwise: the layers read the same
 tensors, and the ops between are elementwise or per channel; but PyTorch's CPU kernels for
@@ -122,23 +124,24 @@ BINARY_FUNCTIONS = frozenset(
 BINARY_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_"})
 """Tensor methods of the same kind."""
 
-POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-"""The pools of :data:`UNARY_MODULES`: they act on the trailing axes, so they keep the channel
-layout (B, |G| C, *spatial) but not a layout whose blocks lie on the last axis (the features
-of linear layers, (B, ..., |G| F), and any two-dimensional one)."""
+POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}  # fmt: skip
+"""The pools of :data:`UNARY_MODULES`, with the number of trailing axes they pool. They keep
+the channel layout (B, |G| C, *spatial) where they pool exactly the spatial axes: a pool of d
+axes on a tensor of d + 1 (an unbatched input to it) pools the channel axis too, across the
+slots' blocks, and every pool would on the feature layout of linear layers."""
 
-POOL_FUNCTIONS = frozenset(
-    {
-        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    }
-)  # fmt: skip
-"""The pools of :data:`UNARY_FUNCTIONS`."""
+POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
+    F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+}  # fmt: skip
+"""The pools of :data:`UNARY_FUNCTIONS`, likewise."""
 
 _POOLS_WITH_INDICES = {  # the position of return_indices among the function's arguments
     F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6,
@@ -156,7 +159,7 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
     module that keeps the layout.
 
     - an activation or pool of :data:`UNARY_MODULES`: on the layout itself (a pool only where
-      the blocks are not on the last axis);
+      it pools exactly the spatial axes of the channel layout);
     - a batch norm in eval mode with running statistics: on a view of the layout as
       (B n, C, ...), the same samples as the folded slots in another order, each sample and
       channel normalised alone (per element the same arithmetic);
@@ -170,20 +173,15 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
         args = (x, module, n) if axis == 1 else (x, module, n, axis)
         return x.tracer.create_proxy("call_function", channel_call, args, {})
     kind = type(module)
-    channels = axis % x.dim() == 1 and x.dim() > 2  # the blocks are not on the last axis
+    channels = axis % x.dim() == 1  # the blocks on the channel axis (for 2-D: the last one)
     if not _hooked(module):
         if (
             kind in UNARY_MODULES
             and not getattr(module, "return_indices", False)
-            and (channels or kind not in POOL_MODULES)
+            and (kind not in POOL_MODULES or (channels and POOL_MODULES[kind] == x.dim() - 2))
         ):
             return module(x)
-        if (
-            kind in NORMS
-            and axis % x.dim() == 1
-            and not module.training
-            and module.running_mean is not None
-        ):
+        if kind in NORMS and channels and not module.training and module.running_mean is not None:
             samples = x.unflatten(1, (n, -1)).flatten(0, 1)
             return module(samples).unflatten(0, (-1, n)).flatten(1, 2)
     slots = channels_to_slots(x, n, axis)
@@ -269,7 +267,7 @@ class KeepChannelLayout(Pass):
         flags = {n: (_reads_kept(n, n.args[0], kept, mixers), n in kept) for n in mixers}
         for node, (cin, cout) in flags.items():
             if cin or cout:
-                axis = () if mixers[node].axis == 1 else (mixers[node].axis,)
+                axis = () if mixers[node].reads.axis == 1 else (-1,)
                 _call_through(gm, node, mixer_call, (node.args[0], None, slots, cin, cout, *axis))
         for node in [n for n in graph.nodes if n in kept and n.op == "call_module"]:
             if node not in mixers:  # modules: through channel_call (see there)
@@ -293,33 +291,23 @@ def _call_through(gm: fx.GraphModule, node: fx.Node, fn, args: tuple) -> None:
 
 
 class Layout(NamedTuple):
-    """Where a kept value's slot blocks lie: ``axis`` 1 (channels, (B, |G| C, *spatial)) or -1
-    (the features of linear layers, (B, ..., |G| F)), its rank where known, and the channels
-    (features) per slot. Two-dimensional values have one layout, (B, |G| C): axis 1."""
+    """Where a kept value's slot blocks lie: ``axis`` 1 (convolutions' channels,
+    (B, |G| C, *spatial)) or -1 (the features of linear layers, (B, ..., |G| F), whatever the
+    rank at run time: a graph compiled on 2-D example inputs may be called on 3-D ones), its
+    rank where known (convolutions: always; linear layers: from the example inputs), and the
+    channels (features) per slot."""
 
     axis: int
     rank: int | None
     channels: int
 
-    @staticmethod
-    def of(axis: int, rank: int | None, channels: int) -> Layout:
-        return Layout(1 if rank == 2 else axis, rank, channels)
-
-    @property
-    def last(self) -> bool:
-        """The blocks lie on the last axis: pools would pool across them, batch norms too
-        (but for two dimensions, where the last axis is the channel axis)."""
-        return self.axis == -1 or self.rank == 2
-
 
 class _Mixer(NamedTuple):
-    """A fused mixing layer the pass may hand the layout to: the layout it reads and gives, and
-    its own convention for ``mixer_call`` (linear layers: -1, also in two dimensions)."""
+    """A fused mixing layer the pass may hand the layout to: the layout it reads and gives."""
 
     module: MixingLayer
     reads: Layout
     gives: Layout
-    axis: int
 
 
 def _fused_mixer(node: fx.Node, modules) -> _Mixer | None:
@@ -340,19 +328,9 @@ def _fused_mixer(node: fx.Node, modules) -> _Mixer | None:
         return None
     if isinstance(m, _MixingConv):
         rank = m.weight.dim()
-        return _Mixer(
-            m,
-            Layout.of(1, rank, m.in_channels // m.order),
-            Layout.of(1, rank, m.out_channels),
-            1,
-        )
+        return _Mixer(m, Layout(1, rank, m.in_channels // m.order), Layout(1, rank, m.out_channels))
     rank = _rank(node.args[0]) or _rank(node)
-    return _Mixer(
-        m,
-        Layout.of(-1, rank, m.in_features // m.order),
-        Layout.of(-1, rank, m.out_features),
-        -1,
-    )
+    return _Mixer(m, Layout(-1, rank, m.in_features // m.order), Layout(-1, rank, m.out_features))
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -380,7 +358,7 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
             continue
         kept = _keeps_layout(node, modules, shapes, movable, refused)
         if kept is None:
-            kept = _moves_in(node, modules, movable, refused)
+            kept = _moves_in(node, modules, mixers, movable, refused)
         if kept is not None:
             shapes[node], reads[node] = kept
         else:
@@ -474,23 +452,23 @@ def _slot_shape(node: fx.Node, modules, movable: dict) -> frozenset[Layout] | No
         return None
     shape = getattr(node.meta.get("tensor_meta"), "shape", None)
     if shape is not None:
-        if len(shape) < 2:
+        rank = len(shape)
+        if rank < 2:
             return None
-        return frozenset({Layout.of(1, len(shape), shape[1]), Layout.of(-1, len(shape), shape[-1])})
+        linear = Layout(-1, rank, shape[-1])
+        return frozenset({linear, Layout(1, rank, shape[1])} if rank > 2 else {linear})
     m = modules.get(node.target) if node.op == "call_module" else None
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(m, MixingLayer):
-        return frozenset({Layout.of(1, m.weight.dim(), m.out_channels)})
+        return frozenset({Layout(1, m.weight.dim(), m.out_channels)})
     if type(m) is nn.Linear:
-        return frozenset({Layout.of(-1, None, m.out_features)})
+        return frozenset({Layout(-1, None, m.out_features)})
     inputs = node.all_input_nodes
     if len(inputs) == 1 and inputs[0] in movable:
         layouts = movable[inputs[0]]
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return frozenset(k for k in layouts if k.axis == 1) or None
-        if _unary(node, modules, pools=False):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # keeps the values' shape
             return layouts
-        if _unary(node, modules):  # a pool: the channels stay, the last axis changes
-            return frozenset(k for k in layouts if not k.last) or None
+        kept = frozenset(k for k in layouts if _unary(node, modules, k))
+        return kept or None  # a pool keeps the channels (its output's last axis changes)
     return None
 
 
@@ -521,12 +499,12 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
     if len(inputs) != 1:
         return None
     layout = shapes[kept[0]]
-    if not _unary(node, modules, pools=not layout.last) and not _norm(node, modules, layout):
+    if not _unary(node, modules, layout) and not _norm(node, modules, layout):
         return None
     return layout, []
 
 
-def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
+def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set):
     """(layout, [its input]) if ``node`` is an op that keeps the layout
     applied to a value in folded slots that could move in (``movable``) and that others read
     too: moved in, the value also feeds the fused layers reading it (a shortcut ``nn.Identity``
@@ -538,18 +516,21 @@ def _moves_in(node: fx.Node, modules, movable: dict, refused: set):
         return None
     if not slot_major(node.meta.get(REP)):
         return None
-    for layout in sorted(movable[inputs[0]], key=lambda k: -k.axis):  # channels (1) first
-        if _unary(node, modules, pools=not layout.last) or _norm(node, modules, layout):
+    # the layout the fused layers reading the value too take, then a convolution's
+    wanted = {mixers[u].reads for u in inputs[0].users if u in mixers}
+    for layout in sorted(movable[inputs[0]], key=lambda k: (k not in wanted, -k.axis)):
+        if _unary(node, modules, layout) or _norm(node, modules, layout):
             return layout, [inputs[0]]
     return None
 
 
 def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor whose
-    channels are the layout's blocks (axis 1)."""
+    channels are the layout's blocks: a convolution's, or a linear layer's two-dimensional one
+    (which ``channel_call`` checks again at run time)."""
     if node.op != "call_module" or type(modules.get(node.target)) not in NORMS:
         return False
-    if layout.axis != 1:
+    if layout.axis != 1 and layout.rank != 2:
         return False
     return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
 
@@ -577,23 +558,32 @@ def _hooked(module: nn.Module) -> bool:
     )
 
 
-def _unary(node: fx.Node, modules, pools: bool = True) -> bool:
+def _pools(dims: int | None, layout: Layout | None) -> bool:
+    """A pool of ``dims`` trailing axes (None: not a pool) keeps ``layout``: it pools exactly
+    the spatial axes of a convolution's channel layout."""
+    if dims is None:
+        return True
+    return layout is not None and layout.axis == 1 and layout.rank == dims + 2
+
+
+def _unary(node: fx.Node, modules, layout: Layout | None = None) -> bool:
     """``node`` applies an op of one tensor (and numbers) that acts on every channel of every
-    sample alike (activations, and with ``pools`` pools) to its first argument."""
+    sample alike (activations; pools of the spatial axes of ``layout``) to its first
+    argument."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
         m = modules.get(node.target)
         return (
             type(m) in UNARY_MODULES
-            and (pools or type(m) not in POOL_MODULES)
+            and _pools(POOL_MODULES.get(type(m)), layout)
             and not getattr(m, "return_indices", False)
             and not _hooked(m)
         )
     unary = UNARY_FUNCTIONS if node.op == "call_function" else UNARY_METHODS
     if node.op not in ("call_function", "call_method") or node.target not in unary:
         return False
-    if not pools and node.target in POOL_FUNCTIONS:
+    if not _pools(POOL_FUNCTIONS.get(node.target), layout):
         return False
     at = _POOLS_WITH_INDICES.get(node.target)
     return not node.kwargs.get("return_indices") and (at is None or len(node.args) <= at)

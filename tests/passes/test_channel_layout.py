@@ -4,6 +4,7 @@ outputs are those of the fused layout without the pass, bitwise."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import operator
 
@@ -724,15 +725,12 @@ def test_linear_layers_keep_their_feature_layout(monkeypatch, tokens, shapes):
         "l3": {"channels_in": True},
     }
     assert _moves(on) == ["slots_to_channels"]  # the stream, once
-    # (B, ..., |G| F): the blocks on the last axis, which for two dimensions (known from the
-    # example inputs' shapes) is the channel axis
-    axis = 1 if shapes and not tokens else -1
+    # (B, ..., |G| F): the blocks on the last axis, whatever the example inputs' rank
     reps = _reps(on)
     for name in ("l1", "gelu", "add", "act", "l2", "tanh", "mul"):
-        assert reps[name] == ChannelFolded(4, axis), name
+        assert reps[name] == ChannelFolded(4, -1), name
     rows = {r["node"]: r for r in describe_graph(on)}
-    assert rows["mul"]["slot_axis"] == axis
-    assert ("channels" if axis == 1 else "features") in rows["mul"]["rep"]
+    assert rows["mul"]["slot_axis"] == -1 and "features" in rows["mul"]["rep"]
     assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
 
 
@@ -743,9 +741,97 @@ def test_a_batch_norm_on_features_keeps_the_layout_where_it_is_two_dimensional(m
     on = _same(monkeypatch, Tokens(tokens=False, norm=True).eval(), x, **kwargs)
     # without shapes the rank is unknown: (B, L, |G| F) would put the blocks off the norm's
     # channel axis, so it stays on folded slots and ends the region there
-    assert ("bn" in _reps(on) and _reps(on)["bn"] == ChannelFolded(4)) == shapes
+    assert (_reps(on)["bn"] == ChannelFolded(4, -1)) == shapes
     assert _flags(on)["l1"] == ({"channels_in": True, "channels_out": True} if shapes else {})
     assert _flags(on)["l3"] == {"channels_in": True}
+
+
+class AnyRank(nn.Module):
+    """Linear layers on the last axis of (B, F) or (B, L, F); ``residual``: the stream moves in
+    once; otherwise a kept value is also read outside (a copy moves back)."""
+
+    def __init__(self, residual):
+        super().__init__()
+        self.residual = residual
+        self.l0, self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = F.relu(self.l0(x))
+        if self.residual:
+            h = h + self.act(self.l1(h))
+            return self.l2(h)
+        t = torch.tanh(self.l1(h))
+        return self.l2(t) + t.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_graph_compiled_on_two_dimensions_runs_on_three(monkeypatch, residual):
+    # the moves take the feature layout on the last axis at any rank (they took the channel
+    # axis where the example inputs were 2-D: 0.06 off, or a crash, on (B, L, F))
+    torch.manual_seed(0)
+    model = AnyRank(residual).eval()
+    kwargs = {"example_inputs": torch.randn(3, 8)}
+    on, off = (
+        _with_pass(model, "ShiftRev4", **kwargs),
+        _without_pass(monkeypatch, model, "ShiftRev4", **kwargs),
+    )
+    assert any(_flags(on).values())
+    with torch.no_grad():
+        for x in (torch.randn(3, 8), torch.randn(3, 5, 8), torch.randn(2, 3, 4, 8)):
+            assert torch.equal(on(x), off(x))
+
+
+class TokensWithNorm(nn.Module):
+    """A batch norm between linear layers, kept where the example inputs are 2-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1, self.l2 = nn.Linear(8, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.l2(self.bn(self.l1(F.relu(self.l0(x)))))
+
+
+def test_a_batch_norm_kept_on_two_dimensions_checks_the_rank_at_each_call(monkeypatch):
+    torch.manual_seed(0)
+    model = TokensWithNorm().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    kwargs = {"example_inputs": torch.randn(3, 8)}
+    on, off = (
+        _with_pass(model, "ShiftRev4", **kwargs),
+        _without_pass(monkeypatch, model, "ShiftRev4", **kwargs),
+    )
+    assert _reps(on)["bn"] == ChannelFolded(8, -1)
+    with torch.no_grad():  # BatchNorm1d on (B, C, L) normalises axis 1: 6 tokens of 8 features
+        for x in (torch.randn(3, 8), torch.randn(3, 6, 8)):
+            assert torch.equal(on(x), off(x))
+
+
+class IdentityBesideLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.l1, self.l2 = nn.Linear(16, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.idn = nn.Identity()
+
+    def forward(self, x):
+        t = F.relu(self.stem(x.flatten(2)))  # (B, 2, 6)
+        return self.l2(F.relu(self.l1(t) + self.idn(t))).mean(1)
+
+
+@pytest.mark.parametrize("shapes", [False, True])
+def test_a_shortcut_beside_a_linear_layer_moves_into_its_layout(monkeypatch, shapes):
+    # with shapes the shortcut's input could take a convolution's layout (its axis 1) too; it
+    # takes the one the linear layer reading it takes
+    x = torch.randn(3, 2, 4, 4)
+    kwargs = {"example_inputs": x} if shapes else {}
+    on = _same(monkeypatch, IdentityBesideLinear().eval(), x, **kwargs)
+    assert _flags(on) == {
+        "l1": {"channels_in": True, "channels_out": True},
+        "l2": {"channels_in": True},
+    }
+    assert _moves(on) == ["slots_to_channels"]
 
 
 class PoolFeatures(nn.Module):
@@ -777,6 +863,55 @@ def test_pools_do_not_keep_a_layout_on_the_last_axis(monkeypatch, tokens):
             m.act = nn.MaxPool1d(3, 1, 1)
         x = torch.randn(3, 2, 4, 4)
         assert torch.equal(on(x), off(x))
+
+
+class PoolsTheChannels(nn.Module):
+    """A 2-D pool of a Conv1d's (B, C, L) output takes it as one unbatched image (C, B, L):
+    it pools the channels too, across the slots' blocks of the channel layout."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+        self.c1, self.c2, self.c3 = (
+            nn.Conv1d(2 if i == 0 else 4, 4, 3, padding=1) for i in range(3)
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.c2(F.relu(self.c1(x))))
+        return self.c3(self.pool(h) if self.pool is not None else h).mean((1, 2))
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d((3, 1), 1, (1, 0)),
+        functools.partial(F.avg_pool2d, kernel_size=(3, 1), stride=1, padding=(1, 0)),
+        functools.partial(F.adaptive_max_pool2d, output_size=(4, 8)),
+    ],
+    ids=["MaxPool2d", "avg_pool2d", "adaptive_max_pool2d"],
+)
+def test_a_pool_of_more_axes_than_the_spatial_ones_ends_the_layout(monkeypatch, pool):
+    x = torch.randn(3, 2, 8)
+    on = _same(monkeypatch, PoolsTheChannels(pool).eval(), x, "ShiftRev4")
+    assert _flags(on) == {"c2": {}, "c3": {}}
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+def test_a_pool_put_in_after_compiling_pools_the_slots_it_pooled_before(monkeypatch):
+    torch.manual_seed(0)
+    model = PoolsTheChannels(None).eval()
+    x = torch.randn(3, 2, 8)
+    on, off = (
+        _with_pass(model, "ShiftRev4"),
+        _without_pass(monkeypatch, copy.deepcopy(model), "ShiftRev4"),
+    )
+    assert _flags(on) == {"c2": {"channels_out": True}, "c3": {"channels_in": True}}
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        for pool in (nn.MaxPool2d((3, 1), 1, (1, 0)), nn.MaxPool1d(3, 1, 1)):
+            on.act = off.act = pool  # a 2-D pool on (B, |G| C, L): on folded slots
+            assert torch.equal(on(x), off(x))
 
 
 class ConvThenLinear(Convs):
