@@ -31,15 +31,18 @@ summed before the others: 1e-9 to 3e-8 apart in tests).
 The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`UNARY_MODULES`,
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
 indices); ``nn.Identity``; sums, differences and products of two such values with the same
-channels per slot (a residual sum), or of one with a number; and batch norms (``nn.BatchNorm1d``
-to ``3d``). Modules stay the model's own, called by :func:`channel_call`: a batch norm in eval
-mode on a view of the layout as (B |G|, C, ...) (the same samples in another order), in training
-on the slots moved back and forth (batch statistics must sum in the same order), and any module
-with hooks added after compiling, or put in its place, on the slots moved back and forth too.
+channels per slot (a residual sum), or of one with a number; batch norms (``nn.BatchNorm1d``
+to ``3d``); and dropout modules (:data:`DROPOUTS`). Modules stay the model's own, called by
+:func:`channel_call`: a batch norm in eval mode on a view of the layout as (B |G|, C, ...) (the
+same samples in another order), in training on the slots moved back and forth (batch
+statistics must sum in the same order); dropout in eval mode (the identity) on the layout, in
+training on the slots moved back and forth (its masks are drawn in the folded slots' order, the
+same masks as without the pass); and any module with hooks added after compiling, or put in its
+place, on the slots moved back and forth too.
 Modules with hooks at compile time do not keep it (nor does anything while global module hooks
 exist: they would see the mixing layers' channel layout), nor other modules with
 per-channel parameters (PReLU with several weights), anything that reads a dimension (softmax,
-flatten), or draws random numbers (dropout: its masks would fall elsewhere). A value in folded
+flatten), or draws random numbers in functional form (``F.dropout``). A value in folded
 slots that such an op reads moves in once, and feeds the fused layers reading it too (a residual
 stream, a shortcut ``nn.Identity`` beside a block's first convolution). A value is kept in the
 channel layout only where it reaches a fused layer's input through such ops (an in-place op on
@@ -152,6 +155,13 @@ _POOLS_WITH_INDICES = {  # the position of return_indices among the function's a
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 """Batch norms (exactly these types) that keep the channel layout."""
 
+DROPOUTS = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+)  # fmt: skip
+"""Dropout modules (exactly these types): the identity in eval mode, so they keep any layout;
+in training :func:`channel_call` runs them on the slots moved back (their masks are drawn in
+the folded slots' memory order, as without the pass)."""
+
 
 def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> torch.Tensor:
     """``module`` (the model's own, called: hooks run) on the channel layout (B, n C, ...) of n
@@ -160,11 +170,13 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
 
     - an activation or pool of :data:`UNARY_MODULES`: on the layout itself (a pool only where
       it pools exactly the spatial axes of the channel layout);
+    - a dropout module of :data:`DROPOUTS` in eval mode (the identity): on the layout;
     - a batch norm in eval mode with running statistics: on a view of the layout as
       (B n, C, ...), the same samples as the folded slots in another order, each sample and
       channel normalised alone (per element the same arithmetic);
     - otherwise on the slots moved back, then moved in again: a batch norm in training (batch
-      statistics, whose sums would run in another order), a module with hooks (added after
+      statistics, whose sums would run in another order), dropout in training (masks drawn in
+      the folded slots' order), a module with hooks (added after
       compiling: they see the folded slots as before), a module put in its place after compiling
       (``emodel.bn = nn.Identity()`` after folding it into the convolution). What the module
       wrote into its input is written into ``x`` (whether a module writes in place is otherwise
@@ -180,6 +192,8 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
             and not getattr(module, "return_indices", False)
             and (kind not in POOL_MODULES or (channels and POOL_MODULES[kind] == x.dim() - 2))
         ):
+            return module(x)
+        if kind in DROPOUTS and not module.training:
             return module(x)
         if kind in NORMS and channels and not module.training and module.running_mean is not None:
             samples = x.unflatten(1, (n, -1)).flatten(0, 1)
@@ -418,7 +432,7 @@ def _hazards(kept: dict, entries: dict, mixers: dict, modules, order: dict) -> s
     storage: dict[fx.Node, fx.Node] = {}  # kept value -> the kept value whose memory it is
     kept_writes: list[tuple[int, fx.Node]] = []
     for n in sorted(kept, key=order.__getitem__):
-        alias = n in writes or type(modules.get(n.target)) is nn.Identity
+        alias = n in writes or type(modules.get(n.target)) in (nn.Identity, *DROPOUTS)
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if alias and source in entries:  # an alias of a value moved in (without the pass: of it)
             storage[n] = source
@@ -465,7 +479,7 @@ def _slot_shape(node: fx.Node, modules, movable: dict) -> frozenset[Layout] | No
     inputs = node.all_input_nodes
     if len(inputs) == 1 and inputs[0] in movable:
         layouts = movable[inputs[0]]
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # keeps the values' shape
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, *DROPOUTS)):  # keep the shape
             return layouts
         kept = frozenset(k for k in layouts if _unary(node, modules, k))
         return kept or None  # a pool keeps the channels (its output's last axis changes)
@@ -527,8 +541,11 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
 def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor whose
     channels are the layout's blocks: a convolution's, or a linear layer's two-dimensional one
-    (which ``channel_call`` checks again at run time)."""
-    if node.op != "call_module" or type(modules.get(node.target)) not in NORMS:
+    (which ``channel_call`` checks again at run time); or a dropout module (any layout)."""
+    kind = type(modules.get(node.target)) if node.op == "call_module" else None
+    if kind in DROPOUTS:
+        return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
+    if kind not in NORMS:
         return False
     if layout.axis != 1 and layout.rank != 2:
         return False

@@ -119,7 +119,8 @@ class Residual(nn.Module):
 
 def _same(monkeypatch, model, x, spec="C4", grads=True, **kwargs):
     """The compiled model with and without the pass: outputs equal bitwise in eval mode and in
-    training mode, gradients too; returns the one with the pass."""
+    training mode (dropout: from the same random state), gradients too; returns the one with
+    the pass."""
     torch.manual_seed(0)
     on = _with_pass(model, spec, **kwargs)
     off = _without_pass(monkeypatch, model, spec, **kwargs)
@@ -127,17 +128,22 @@ def _same(monkeypatch, model, x, spec="C4", grads=True, **kwargs):
     for mode in (False, True):
         on.train(mode), off.train(mode)
         with torch.no_grad():
-            assert torch.equal(on(x), off(x))
+            assert torch.equal(_seeded(on, x), _seeded(off, x))
     if grads:
         outs = []
         for m in (on, off):
             m.zero_grad()
-            m(x).square().sum().backward()
+            _seeded(m, x).square().sum().backward()
             outs.append([p.grad for p in m.parameters()])
         for a, b in zip(*outs, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
     on.eval()
     return on
+
+
+def _seeded(model, x):
+    torch.manual_seed(1)
+    return model(x)
 
 
 def test_the_moves_round_trip_exactly():
@@ -834,6 +840,43 @@ def test_a_shortcut_beside_a_linear_layer_moves_into_its_layout(monkeypatch, sha
     assert _moves(on) == ["slots_to_channels"]
 
 
+class Head(nn.Module):
+    """A VGG-style classifier head: linear layers with ReLUs and dropout between them; and a
+    convolution block with Dropout2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(2, 4, 3, padding=1),
+            *(nn.Conv2d(4, 4, 3) for _ in range(2)),
+        )
+        self.drop2d = nn.Dropout2d(0.5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 5)
+        self.drop1, self.drop2 = nn.Dropout(0.5), nn.Dropout(0.5, inplace=True)
+
+    def forward(self, x):
+        h = self.c3(self.drop2d(F.relu(self.c2(F.relu(self.c1(x))))))
+        h = F.relu(self.fc1(h.flatten(1)))
+        h = self.drop1(h)
+        h = F.relu(self.drop2(self.fc2(h) + 0.5))  # (a ReLU's output written would fail backward)
+        return self.fc3(h)
+
+
+def test_dropout_keeps_the_layout_and_draws_the_masks_it_drew(monkeypatch):
+    x = torch.randn(3, 2, 6, 6)
+    on = _same(monkeypatch, Head().eval(), x)  # training: the same masks from the same state
+    assert _flags(on) == {
+        "c2": {"channels_out": True},
+        "c3": {"channels_in": True},
+        "fc1": {"channels_out": True},
+        "fc2": {"channels_in": True, "channels_out": True},
+        "fc3": {"channels_in": True},
+    }
+    reps = _reps(on)
+    assert reps["drop2d"] == ChannelFolded(4) and reps["drop2"] == ChannelFolded(4, -1)
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
 class PoolFeatures(nn.Module):
     """A pool over the last axis between linear layers: it would pool across the slots' blocks
     of the feature layout."""
@@ -972,7 +1015,10 @@ def _tanh_then_weigh(t):
 
 
 # ------------------------------------------------------------------ drawn networks
-OPS = ("relu", "relu_", "maxpool", "avgpool", "scale", "residual", "iadd", "bn", "gelu", "conv")
+OPS = (
+    "relu", "relu_", "maxpool", "avgpool", "scale", "residual", "iadd", "bn", "gelu", "conv",
+    "dropout",
+)  # fmt: skip
 # (each "bn" has its own module: the pass moves a batch norm into the channel layout)
 
 
@@ -983,6 +1029,7 @@ class Drawn(nn.Module):
         self.stem = nn.Conv2d(2, c, 3, padding=1)
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in ops)
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in ops)
+        self.drop = nn.Dropout2d(0.3)
 
     def forward(self, x):
         x = self.stem(x)
@@ -1007,6 +1054,8 @@ class Drawn(nn.Module):
                 x = bn(y)
             elif op == "gelu":
                 x = F.gelu(y)
+            elif op == "dropout":
+                x = self.drop(y)
             else:
                 x = y
         return x.mean((2, 3))
@@ -1037,6 +1086,7 @@ class DrawnLinear(nn.Module):
         self.stem = nn.Linear(16 if tokens else 32, f)
         self.lins = nn.ModuleList(nn.Linear(f, f) for _ in ops)
         self.bns = nn.ModuleList(nn.BatchNorm1d(2 if tokens else f) for _ in ops)
+        self.drop = nn.Dropout(0.3)
 
     def forward(self, x):
         x = self.stem(x.flatten(2) if self.tokens else x.flatten(1))
@@ -1061,6 +1111,8 @@ class DrawnLinear(nn.Module):
                 x = bn(y)
             elif op == "gelu":
                 x = F.gelu(y)
+            elif op == "dropout":
+                x = self.drop(y)
             else:
                 x = y
         return x.mean(1) if self.tokens else x
