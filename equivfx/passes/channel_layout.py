@@ -32,7 +32,8 @@ The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
 indices); ``nn.Identity``; sums, differences and products of two such values with the same
 channels per slot (a residual sum), or of one with a number; batch norms (``nn.BatchNorm1d``
-to ``3d``); and dropout modules (:data:`DROPOUTS`). Modules stay the model's own, called by
+to ``3d``); layer and RMS norms of rows within one slot (:data:`ROW_NORMS`); and dropout
+modules (:data:`DROPOUTS`). Modules stay the model's own, called by
 :func:`channel_call`: a batch norm in eval mode on a view of the layout as (B |G|, C, ...) (the
 same samples in another order), in training on the slots moved back and forth (batch
 statistics must sum in the same order); dropout in eval mode (the identity) on the layout, in
@@ -155,6 +156,12 @@ _POOLS_WITH_INDICES = {  # the position of return_indices among the function's a
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 """Batch norms (exactly these types) that keep the channel layout."""
 
+ROW_NORMS = (nn.LayerNorm, nn.RMSNorm)
+"""Norms over a value's trailing axes (exactly these types), row by row: they keep a linear
+layer's feature layout where they normalise the features, (F,) (:func:`channel_call` views the
+layout as (B, ..., |G|, F)), and a convolution's channel layout where they normalise spatial
+axes only (rows within one channel)."""
+
 DROPOUTS = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
 )  # fmt: skip
@@ -171,6 +178,11 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
     - an activation or pool of :data:`UNARY_MODULES`: on the layout itself (a pool only where
       it pools exactly the spatial axes of the channel layout);
     - a dropout module of :data:`DROPOUTS` in eval mode (the identity): on the layout;
+    - a layer norm or RMS norm of :data:`ROW_NORMS`: on the layout where it normalises spatial
+      axes of the channel layout, on a view of the feature layout as (B, ..., n, F) where it
+      normalises the features (rows of the same values, alone); but while autograd records
+      the gradients of its weights, on the slots moved back and forth (they sum over the rows
+      in the rows' order);
     - a batch norm in eval mode with running statistics: on a view of the layout as
       (B n, C, ...), the same samples as the folded slots in another order, each sample and
       channel normalised alone (per element the same arithmetic);
@@ -195,6 +207,14 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
             return module(x)
         if kind in DROPOUTS and not module.training:
             return module(x)
+        if kind in ROW_NORMS and not _learns(module):
+            rows = len(module.normalized_shape)
+            if channels and rows <= x.dim() - 2:  # spatial axes: rows within one channel
+                return module(x)
+            if axis % x.dim() == x.dim() - 1 and tuple(module.normalized_shape) == (
+                x.shape[-1] // n,
+            ):
+                return module(x.unflatten(-1, (n, -1))).flatten(-2)
         if kind in NORMS and channels and not module.training and module.running_mean is not None:
             samples = x.unflatten(1, (n, -1)).flatten(0, 1)
             return module(samples).unflatten(0, (-1, n)).flatten(1, 2)
@@ -479,7 +499,7 @@ def _slot_shape(node: fx.Node, modules, movable: dict) -> frozenset[Layout] | No
     inputs = node.all_input_nodes
     if len(inputs) == 1 and inputs[0] in movable:
         layouts = movable[inputs[0]]
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, *DROPOUTS)):  # keep the shape
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, *DROPOUTS, *ROW_NORMS)):  # same shape
             return layouts
         kept = frozenset(k for k in layouts if _unary(node, modules, k))
         return kept or None  # a pool keeps the channels (its output's last axis changes)
@@ -539,17 +559,33 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
 
 
 def _norm(node: fx.Node, modules, layout: Layout) -> bool:
-    """``node`` calls a batch norm (of exactly a torch type, without hooks) on one tensor whose
-    channels are the layout's blocks: a convolution's, or a linear layer's two-dimensional one
-    (which ``channel_call`` checks again at run time); or a dropout module (any layout)."""
-    kind = type(modules.get(node.target)) if node.op == "call_module" else None
+    """``node`` calls (on one tensor, without hooks) a norm or dropout module (of exactly a
+    torch type) that keeps ``layout``: a batch norm whose channels are the layout's blocks (a
+    convolution's, or a linear layer's two-dimensional one, which ``channel_call`` checks again
+    at run time); a layer or RMS norm of rows within one slot (a linear layer's features, or a
+    convolution's spatial axes); a dropout module (any layout)."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if len(node.args) != 1 or node.kwargs or m is None or _hooked(m):
+        return False
+    kind = type(m)
     if kind in DROPOUTS:
-        return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
-    if kind not in NORMS:
+        return True
+    if kind in ROW_NORMS:
+        shape = tuple(m.normalized_shape)
+        if layout.axis == -1:
+            return shape == (layout.channels,)
+        return layout.rank is not None and len(shape) <= layout.rank - 2
+    return kind in NORMS and (layout.axis == 1 or layout.rank == 2)
+
+
+def _learns(module: nn.Module) -> bool:
+    """Autograd records the gradient of the module's weight or bias."""
+    if not torch.is_grad_enabled():
         return False
-    if layout.axis != 1 and layout.rank != 2:
-        return False
-    return len(node.args) == 1 and not node.kwargs and not _hooked(modules[node.target])
+    return any(
+        p is not None and p.requires_grad
+        for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+    )
 
 
 def _global_hooks() -> bool:
