@@ -27,7 +27,8 @@ median and quartiles over the rounds).
 Also: compile time against graph size (synthetic chains of 10 to 10,000 nodes), verification time
 of a ResNet-style model over all of D4, and ``torch.compile`` of the compiled module.
 
-Run: ``python benchmarks/bench_global.py [--quick] [--json PATH] [--threads 2]``
+Run: ``python benchmarks/bench_global.py [--quick] [--json PATH] [--threads 2]
+[--only SECTION ...]``
 """
 
 from __future__ import annotations
@@ -662,11 +663,24 @@ def render_markdown(result: dict, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+SECTIONS = ("latency", "compile_time", "verify", "e2cnn", "torch_compile")
+"""What ``main`` runs, in this order (``--only`` picks some)."""
+
+
 def main() -> None:
     ap = timing_parser(__doc__)
     ap.add_argument("--skip-torch-compile", action="store_true")
     ap.add_argument("--markdown", help="also write the tables as markdown to this path")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run only these sections (their JSON; the markdown tables need all of them)",
+    )
     args = parse_timing_args(ap)
+    if args.only and args.markdown:
+        ap.error("--markdown renders every section: leave out --only, or --markdown")
+    only = set(args.only or SECTIONS) - ({"torch_compile"} if args.skip_torch_compile else set())
     meta = dict(
         torch=torch.__version__,
         equivfx=equivfx.__version__,
@@ -677,15 +691,17 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
     print(json.dumps(meta), flush=True)
-    result = dict(
-        meta=meta,
-        latency=bench_latency(args.quick, args.threads),
-        compile_time=bench_compile_time(args.quick),
-        verify=bench_verify(args.quick),
-    )
-    result["e2cnn"] = bench_e2cnn(args.quick, args.threads)
-    if not args.skip_torch_compile:
-        result["torch_compile"] = bench_torch_compile(args.quick, args.threads)
+    sections = {
+        "latency": lambda: bench_latency(args.quick, args.threads),
+        "compile_time": lambda: bench_compile_time(args.quick),
+        "verify": lambda: bench_verify(args.quick),
+        "e2cnn": lambda: bench_e2cnn(args.quick, args.threads),
+        "torch_compile": lambda: bench_torch_compile(args.quick, args.threads),
+    }
+    result = dict(meta=meta)
+    for name in SECTIONS:  # in this order, whatever the order of --only
+        if name in only:
+            result[name] = sections[name]()
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
