@@ -166,8 +166,10 @@ DROPOUTS = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
 )  # fmt: skip
 """Dropout modules (exactly these types): the identity in eval mode, so they keep any layout;
-in training :func:`channel_call` runs them on the slots moved back (their masks are drawn in
-the folded slots' memory order, as without the pass)."""
+in training :func:`channel_call` runs them on the slots moved back. Their masks are drawn in the
+input's memory order, so they keep the layout only where their input is computed from fused
+layers' outputs alone (contiguous, as without the pass), not from a value moved in (which
+without the pass may have had other strides: channels-last, a transposed view)."""
 
 
 def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> torch.Tensor:
@@ -221,9 +223,10 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
     slots = channels_to_slots(x, n, axis)
     version = slots._version
     out = module(slots)
-    if slots._version == version:
-        return slots_to_channels(out, n, axis)
-    x.copy_(slots_to_channels(slots, n, axis))  # what it wrote into its input, written into x
+    if slots._version != version:
+        x.copy_(slots_to_channels(slots, n, axis))  # what it wrote into its input, written into x
+    # a module that returns its input (an identity, dropout with p = 0 or in eval mode) returns
+    # x, whose later writes reach its input as without the pass
     return x if out is slots else slots_to_channels(out, n, axis)
 
 
@@ -384,6 +387,9 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
     shapes: dict[fx.Node, Layout] = {}  # kept value -> its layout
     movable: dict[fx.Node, frozenset[Layout]] = {}  # folded value -> the layouts it could take
     reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
+    # kept values computed from a value moved in: contiguous, where without the pass they had
+    # its strides (channels-last, a transposed view), so a dropout would draw another mask
+    restrided: set[fx.Node] = set()
     for node in graph.nodes:
         if node in refused:
             continue
@@ -393,8 +399,12 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
         kept = _keeps_layout(node, modules, shapes, movable, refused)
         if kept is None:
             kept = _moves_in(node, modules, mixers, movable, refused)
+        if kept is not None and _dropout(node, modules) and (kept[1] or node.args[0] in restrided):
+            kept = None
         if kept is not None:
             shapes[node], reads[node] = kept
+            if kept[1] or any(a in restrided for a in node.all_input_nodes):
+                restrided.add(node)
         else:
             shape = _slot_shape(node, modules, movable)
             if shape is not None:
@@ -550,8 +560,9 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
         return None
     if not slot_major(node.meta.get(REP)):
         return None
-    # the layout the fused layers reading the value too take, then a convolution's
-    wanted = {mixers[u].reads for u in inputs[0].users if u in mixers}
+    # the layout the fused layers reading the value, or this op's value, take; then a
+    # convolution's
+    wanted = {mixers[u].reads for u in (*inputs[0].users, *node.users) if u in mixers}
     for layout in sorted(movable[inputs[0]], key=lambda k: (k not in wanted, -k.axis)):
         if _unary(node, modules, layout) or _norm(node, modules, layout):
             return layout, [inputs[0]]
@@ -576,6 +587,10 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
             return shape == (layout.channels,)
         return layout.rank is not None and len(shape) <= layout.rank - 2
     return kind in NORMS and (layout.axis == 1 or layout.rank == 2)
+
+
+def _dropout(node: fx.Node, modules) -> bool:
+    return node.op == "call_module" and type(modules.get(node.target)) in DROPOUTS
 
 
 def _learns(module: nn.Module) -> bool:
