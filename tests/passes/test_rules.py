@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -189,6 +190,36 @@ def _my_op(x):
 
 
 torch.fx.wrap("_my_op")  # traced as one call_function node, which has no rule
+
+
+@pytest.mark.parametrize(
+    "pool, shape",
+    [
+        (lambda t: F.adaptive_max_pool1d(t, 3), (2, 3, 8)),
+        (lambda t: F.lp_pool1d(t, 2, 2), (2, 3, 8)),
+        (lambda t: F.adaptive_avg_pool3d(t, (2, 2, 2)), (2, 3, 4, 4, 4)),
+        (lambda t: F.adaptive_max_pool3d(t, 2), (2, 3, 4, 4, 4)),
+        (lambda t: F.lp_pool3d(t, 2, 2), (2, 3, 4, 4, 4)),
+    ],
+    ids=[
+        "adaptive_max_pool1d",
+        "lp_pool1d",
+        "adaptive_avg_pool3d",
+        "adaptive_max_pool3d",
+        "lp_pool3d",
+    ],
+)
+def test_functional_pools_of_every_dimension_have_a_rule(pool, shape):
+    # (F.adaptive_max_pool1d raised MissingRuleError; its 2-D sibling had a rule)
+    class M(nn.Module):
+        def forward(self, x):
+            return pool(x).flatten(1).sum(1)
+
+    G = equivfx.group("Rev@-1")
+    x = torch.randn(*shape, dtype=torch.float64)
+    emodel = equivfx.compile(M(), G)
+    want = torch.stack([M()(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+    torch.testing.assert_close(emodel(x), want)
 
 
 def test_missing_rule_names_the_op():
