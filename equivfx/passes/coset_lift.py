@@ -26,17 +26,22 @@ lift or ops of the region only; one reading one of them commutes by the rule tab
 action leaves alone; and one value leaves the region, its last op's. Ops that draw random numbers
 or use batch statistics do not move (in training they would see |G/K| B samples instead of |G| B),
 nor ops whose claim holds on the example's shapes only (a pool tiling the example's grid; an
-operand from another model input). The values between
+operand from another model input). Reading sizes of axes other than the batch axis (``h.shape[-1]``,
+``h.size(1)``, ``h.dim()``) does not end the region: between the two lifts only the folded batch
+axis differs, and an elementwise op with such a number commutes as with a constant; reading the
+batch size does. The values between
 the two lifts are :class:`~equivfx.meta.CosetFolded`: ``verify``'s localisation does not read them.
 Outputs are unchanged up to float rounding.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from equivfx.groups.actions import Restriction, TrivialAction
-from equivfx.meta import REP, CosetFolded, Folded, set_rep, slot_major
+from equivfx.meta import REP, BatchSize, CosetFolded, Folded, set_rep, slot_major
 from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
 from equivfx.passes.defer import moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult, new_node_origin, nodes_after
@@ -122,6 +127,12 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
         read = [a for a in node.all_input_nodes if a in derived]
         if not read:
             continue
+        if _shape_read(node):  # the same value on fewer slots: not an outside reader
+            for a in read:
+                if a in region:
+                    outside[a] -= 1
+                    open_ -= outside[a] == 0
+            continue
         derived.add(node)
         if not _commutes(node, read, region, action, modules):
             continue
@@ -139,6 +150,36 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
     return taken[:end]
 
 
+def _batch_free(node: fx.Node) -> bool:
+    """``node`` is a value read off shapes that does not depend on the batch size: a size of
+    another axis, a rank, a shape's item or slice at other positions, or arithmetic on such
+    (not on the batch size, whose rule may call a quotient of it another int)."""
+    rep = node.meta.get(REP)
+    if not isinstance(rep, BatchSize) or rep.batch_dims:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True  # its rule placed the batch size: another position
+    return all(
+        not isinstance(a.meta.get(REP), BatchSize) or _batch_free(a) for a in node.all_input_nodes
+    )
+
+
+def _shape_read(node: fx.Node) -> bool:
+    """``node`` reads a shape that is the same on one slot per coset as on every slot: a value
+    free of the batch size (:func:`_batch_free`), or a shape holding it whose readers all take
+    other positions. Between the two lifts only the folded batch axis differs."""
+    if _batch_free(node):
+        return True
+    rep = node.meta.get(REP)
+    return (
+        isinstance(rep, BatchSize)
+        and node.op in ("call_function", "call_method")
+        and (node.target is getattr or node.target == "size")
+        and bool(node.users)
+        and all(_batch_free(u) for u in node.users)
+    )
+
+
 def _commutes(node: fx.Node, read, region, action, modules) -> bool:
     """``node``, which reads the lift-derived values ``read``, commutes with ``action`` given
     that those values do (they are all in ``region``)."""
@@ -148,7 +189,8 @@ def _commutes(node: fx.Node, read, region, action, modules) -> bool:
     if training_sensitive(node, module) or tiling_window(node, module) is not None:
         return False  # batch statistics would see fewer rows; a pool's claim holds on tiled grids
     if len(read) == 1:
-        return moves_past(node, read[0], action, modules) == "commutes"
+        numbers = frozenset(a for a in node.all_input_nodes if _batch_free(a))
+        return moves_past(node, read[0], action, modules, numbers) == "commutes"
     if not slot_major(node.meta.get(REP)):
         return False
     if draws_random(node, module) or any(

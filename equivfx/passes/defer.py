@@ -103,17 +103,18 @@ class DeferLift(Pass):
         return PassResult(gm, bool(moved))
 
 
-def moves_past(node: fx.Node, lift: fx.Node, action, modules) -> str | None:
+def moves_past(node: fx.Node, lift: fx.Node, action, modules, numbers=frozenset()) -> str | None:
     """Whether ``node``, which reads the lifted value ``lift`` (or what an op moved before the
     lift made of it), can run before the lift: ``"commutes"`` (op(g.x) = g.op(x) for the
     elements of ``action``'s group), ``"invariant"`` (op(g.x) = op(x)) or None (it cannot, or
-    its rule does not say)."""
+    its rule does not say). ``numbers``: operands read off shapes that are the same on every
+    slot (the coset lift's sizes of other axes), taken as the numbers they are."""
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
     folded = [a for a in node.all_input_nodes if isinstance(a.meta.get(REP), Folded)]
     if folded != [lift] or list(node.all_input_nodes).count(lift) != 1:
         return None
-    if any(reads_inputs(a) for a in node.all_input_nodes if a is not lift):
+    if any(reads_inputs(a) for a in node.all_input_nodes if a is not lift and a not in numbers):
         return None  # another input's shape, seen on the example only, may differ at run time
     module = node_module(node, modules)
     if draws_random(node, module):

@@ -1111,10 +1111,14 @@ def _acted_axes(action, rank: int | None) -> set[int] | None:
 
 
 def _other_operands_broadcast(ctx: BatchCtx, action) -> bool:
-    """Every operand that is not the acted tensor is a scalar or constant along the acted axes."""
+    """Every operand that is not the acted tensor is a scalar or constant along the acted axes
+    (a number read off a shape, not the batch size, is a scalar)."""
     main = [a for a in ctx.node.all_input_nodes if ctx.axis(a) is not None]
     for a in ctx.node.all_input_nodes:
         if a in main:
+            continue
+        rep = ctx.rep(a)
+        if isinstance(rep, BatchSize) and not rep.batch_dims:
             continue
         shape = ctx.shape(a)
         if shape is None:
