@@ -14,6 +14,9 @@ All compute out(g) = sum_u W_u * s(g u) for every slot g without a Python loop o
 - fused (``mix_layout="fused"``, :class:`equivfx.passes.mixing.MixingConv2d`): move the slots onto
   the channel axis once, (B, |G| C, H, W), and convolve with the |G| x |G| block weight
   [W_(g^-1 v)]: no permuted copy; equivariant up to float rounding;
+- fused, kept layout: the fused layer as ``keep-channel-layout`` calls it between two fused layers
+  (``channels_in=True, channels_out=True``): its input already (B, |G| C, H, W), its output left
+  there: one convolution with the block weight;
 - blocks: one convolution of the unpermuted slots with the |G| blocks stacked as output channels
   (|G| Cout), then a gather-and-sum of the diagonal Y[T[g][u], u].
 
@@ -44,7 +47,12 @@ from bench_global import parse_timing_args, timing_parser  # noqa: E402
 
 import equivfx  # noqa: E402
 import equivfx.passes.mixing as mixing  # noqa: E402
-from equivfx.passes.mixing import SlotGather, widen  # noqa: E402
+from equivfx.passes.mixing import (  # noqa: E402
+    SlotGather,
+    channels_to_slots,
+    slots_to_channels,
+    widen,
+)
 
 
 def blocks_mix(s, weight_blocks, bias, table, n):
@@ -118,6 +126,9 @@ def main() -> None:
                 m.weight.copy_(w)
                 m.bias.copy_(b)
             torch.testing.assert_close(fused(s), ref, rtol=1e-4, atol=1e-4)
+            kept = slots_to_channels(s, n)  # the layout between fused layers
+            out = fused(kept, channels_in=True, channels_out=True)
+            torch.testing.assert_close(channels_to_slots(out, n), ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(layer(s), ref, rtol=1e-4, atol=1e-4)  # measures its format
             assert torch.equal(channels_first(layer_cf, s), ref)
         chosen = sorted(set(layer.formats.values()))
@@ -145,6 +156,11 @@ def main() -> None:
         t_fused = benchmark.Timer(
             "fused(s)", globals={"fused": fused, "s": s}, num_threads=args.threads
         )
+        t_fused_kept = benchmark.Timer(
+            "fused(kept, channels_in=True, channels_out=True)",
+            globals={"fused": fused, "kept": kept},
+            num_threads=args.threads,
+        )
         timers = {
             "gather": t_gather,
             "gather_cf": t_gather_cf,
@@ -152,6 +168,7 @@ def main() -> None:
             "blocks": t_blocks,
             "single": t_single,
             "fused": t_fused,
+            "fused_kept": t_fused_kept,
         }
         medians = {k: [] for k in timers}
         with torch.no_grad():
@@ -184,6 +201,8 @@ def main() -> None:
             gather_channels_first_over_single_conv=paired("gather_cf"),
             gather_fresh_over_single_conv=paired("fresh"),
             fused_over_single_conv=paired("fused"),
+            fused_kept_ms=statistics.median(medians["fused_kept"]) * 1e3,
+            fused_kept_over_single_conv=paired("fused_kept"),
         )
         rows.append(row)
         print(
@@ -195,7 +214,8 @@ def main() -> None:
             f"{row['gather_over_single_conv']:.2f}, channels-first/single = "
             f"{row['gather_channels_first_over_single_conv']:.2f}, fresh/single = "
             f"{row['gather_fresh_over_single_conv']:.2f}, fused/single = "
-            f"{row['fused_over_single_conv']:.2f}",
+            f"{row['fused_over_single_conv']:.2f}, fused in the kept layout/single = "
+            f"{row['fused_kept_over_single_conv']:.2f}",
             flush=True,
         )
     report(rows, args.threads, args.json)
