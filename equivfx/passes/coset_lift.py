@@ -36,18 +36,23 @@ Outputs are unchanged up to float rounding.
 
 from __future__ import annotations
 
-import operator
-
 import torch.fx as fx
 
 from equivfx.groups.actions import Restriction, TrivialAction
-from equivfx.meta import REP, BatchSize, CosetFolded, Folded, set_rep, slot_major
+from equivfx.meta import REP, CosetFolded, Folded, set_rep, slot_major
 from equivfx.passes.dead_slots import EQUIVARIANT, coset_representatives, equivariant_status
 from equivfx.passes.defer import moves_past, reads_inputs
 from equivfx.passes.infra import Pass, PassResult, new_node_origin, nodes_after
 from equivfx.passes.lift import LIFT_NAME, find_global_lift
 from equivfx.passes.modules import CosetLift, Lift
-from equivfx.passes.rules import draws_random, node_module, tiling_window, training_sensitive
+from equivfx.passes.rules import (
+    draws_random,
+    node_module,
+    number_off_shapes,
+    shape_value,
+    tiling_window,
+    training_sensitive,
+)
 
 __all__ = ["DeferLiftToCosets", "COSETS_NAME"]
 
@@ -150,33 +155,20 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
     return taken[:end]
 
 
-def _batch_free(node: fx.Node) -> bool:
-    """``node`` is a value read off shapes that does not depend on the batch size: a size of
-    another axis, a rank, a shape's item or slice at other positions, or arithmetic on such
-    (not on the batch size, whose rule may call a quotient of it another int)."""
-    rep = node.meta.get(REP)
-    if not isinstance(rep, BatchSize) or rep.batch_dims:
-        return False
-    if node.op == "call_function" and node.target is operator.getitem:
-        return True  # its rule placed the batch size: another position
-    return all(
-        not isinstance(a.meta.get(REP), BatchSize) or _batch_free(a) for a in node.all_input_nodes
-    )
-
-
 def _shape_read(node: fx.Node) -> bool:
-    """``node`` reads a shape that is the same on one slot per coset as on every slot: a value
-    free of the batch size (:func:`_batch_free`), or a shape holding it whose readers all take
-    other positions. Between the two lifts only the folded batch axis differs."""
-    if _batch_free(node):
+    """``node`` reads a shape and holds the same on one slot per coset as on every slot: a
+    number or tuple read off shapes without the batch size (``rules.shape_value``), or a shape
+    holding it whose readers all take other positions. Between the two lifts only the folded
+    batch axis differs."""
+    value = shape_value(node)
+    if value is None:
+        return False
+    if not value.batch:
         return True
-    rep = node.meta.get(REP)
     return (
-        isinstance(rep, BatchSize)
-        and node.op in ("call_function", "call_method")
-        and (node.target is getattr or node.target == "size")
+        value.length is not None
         and bool(node.users)
-        and all(_batch_free(u) for u in node.users)
+        and all((v := shape_value(u)) is not None and not v.batch for u in node.users)
     )
 
 
@@ -189,7 +181,7 @@ def _commutes(node: fx.Node, read, region, action, modules) -> bool:
     if training_sensitive(node, module) or tiling_window(node, module) is not None:
         return False  # batch statistics would see fewer rows; a pool's claim holds on tiled grids
     if len(read) == 1:
-        numbers = frozenset(a for a in node.all_input_nodes if _batch_free(a))
+        numbers = frozenset(a for a in node.all_input_nodes if number_off_shapes(a))
         return moves_past(node, read[0], action, modules, numbers) == "commutes"
     if not slot_major(node.meta.get(REP)):
         return False

@@ -37,7 +37,7 @@ from torch import nn
 
 from equivfx.errors import BatchMixingError, MissingRuleError, explain
 from equivfx.groups.actions import ProductAction, RollAction
-from equivfx.meta import BatchSize, Folded, InputRep, Rep, Trivial
+from equivfx.meta import REP, BatchSize, CosetFolded, Folded, InputRep, Rep, Trivial
 
 __all__ = [
     "OpRule",
@@ -169,6 +169,99 @@ class BatchCtx:
             return d
         r = self.rank(a)
         return None if r is None else d + r
+
+
+@dataclass(frozen=True)
+class ShapeValue:
+    """A Python number (``length`` None) or tuple of numbers read off the shapes of tensors in
+    the graph, and where it holds the folded batch size (``batch``: the tuple's positions that
+    hold it; for a number, {0} where it depends on it)."""
+
+    length: int | None
+    batch: frozenset[int]
+
+
+_NUMBER_OPS = frozenset(
+    {
+        operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+        operator.mod, operator.pow, operator.neg, operator.pos,
+    }
+)  # fmt: skip
+
+
+def shape_value(node) -> ShapeValue | None:
+    """What ``node`` holds, if it is a number or shape tuple read off tensors (with the example
+    inputs' shapes, which give ranks): ``t.shape`` and ``t.size()``; ``t.size(d)`` and ``t.dim()``
+    for literal d; items and slices of such tuples at literal positions; arithmetic on such
+    numbers and literals. None for anything else (tensors included). Positions are computed
+    here from the ranks, not taken from the annotated reps."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    args, target = node.args, node.target
+    if (target is getattr and len(args) == 2 and args[1] == "shape") or (
+        target == "size" and len(args) == 1 and not node.kwargs
+    ):
+        return _shape_of(args[0])
+    if target == "size" and (len(args) == 2 or "dim" in node.kwargs):
+        whole = _shape_of(args[0])
+        d = args[1] if len(args) == 2 else node.kwargs["dim"]
+        if whole is None or type(d) is not int or not -whole.length <= d < whole.length:
+            return None
+        return ShapeValue(None, frozenset({0}) if d % whole.length in whole.batch else frozenset())
+    if target in ("dim", "ndimension") and len(args) == 1 and isinstance(args[0], fx.Node):
+        return ShapeValue(None, frozenset()) if _shape_of(args[0]) is not None else None
+    if target is operator.getitem and len(args) == 2:
+        src = shape_value(args[0])
+        idx = args[1]
+        if src is None or src.length is None:
+            return None
+        if type(idx) is int:
+            if not -src.length <= idx < src.length:
+                return None
+            return ShapeValue(
+                None, frozenset({0}) if idx % src.length in src.batch else frozenset()
+            )
+        if isinstance(idx, slice) and all(
+            v is None or type(v) is int for v in (idx.start, idx.stop, idx.step)
+        ):
+            kept = range(src.length)[idx]
+            return ShapeValue(len(kept), frozenset(j for j, p in enumerate(kept) if p in src.batch))
+        return None
+    if target in _NUMBER_OPS and not node.kwargs:
+        carries = False
+        for a in args:
+            if isinstance(a, fx.Node):
+                v = shape_value(a)
+                if v is None or v.length is not None:
+                    return None
+                carries = carries or bool(v.batch)
+            elif type(a) not in (int, float):
+                return None
+        return ShapeValue(None, frozenset({0}) if carries else frozenset())
+    return None
+
+
+def _shape_of(tensor) -> ShapeValue | None:
+    """The shape of a tensor node with a known rank: where its folded batch axis is."""
+    shape = (
+        getattr(tensor.meta.get("tensor_meta"), "shape", None)
+        if isinstance(tensor, fx.Node)
+        else None
+    )
+    if shape is None:
+        return None
+    rep = tensor.meta.get(REP)
+    batch = getattr(rep, "batch_axis", 0) if isinstance(rep, (Folded, CosetFolded)) else None
+    if isinstance(rep, Folded) and rep.container:
+        return None
+    return ShapeValue(len(shape), frozenset() if batch is None else frozenset({batch}))
+
+
+def number_off_shapes(node) -> bool:
+    """``node`` is a number read off shapes that does not depend on the folded batch size
+    (:func:`shape_value`): a size of another axis, a rank, arithmetic on such."""
+    value = shape_value(node)
+    return value is not None and value.length is None and not value.batch
 
 
 BatchFn = Callable[[BatchCtx], Rep]
@@ -788,18 +881,27 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
     rep = ctx.rep(src)
     if isinstance(rep, BatchSize):
         # indexing a shape tuple
+        # the tuple's length: the rank of the tensor the shape was read off (or of a slice of it)
+        value = shape_value(src)
+        owner = src.args[0] if src.args else None
+        rank = value.length if value is not None else None
+        if rank is None and isinstance(owner, fx.Node):
+            rank = ctx.rank(owner)
         if isinstance(idx, int):
-            if idx < 0:  # x.shape[-k]: count from the end of the tensor the shape was read off
-                owner = src.args[0] if src.args else None
-                rank = ctx.rank(owner) if isinstance(owner, fx.Node) else None
+            if idx < 0:  # x.shape[-k]: count from the end
                 idx = idx + rank if rank is not None else idx
             return BatchSize((0,)) if idx in rep.batch_dims else BatchSize(())
         if isinstance(idx, slice):
+            if rank is not None:  # the positions the slice keeps, in its order
+                kept = range(rank)[idx]
+                return BatchSize(tuple(j for j, p in enumerate(kept) if p in rep.batch_dims))
+            if idx.step not in (None, 1) or (idx.start or 0) < 0:  # where is unknown: kept
+                return BatchSize(rep.batch_dims)
             start = idx.start or 0
-            kept = [
+            kept = [  # a negative stop keeps the leading positions of any longer shape
                 d - start
                 for d in rep.batch_dims
-                if d >= start and (idx.stop is None or d < idx.stop)
+                if d >= start and (idx.stop is None or idx.stop < 0 or d < idx.stop)
             ]
             return BatchSize(tuple(kept))
         return BatchSize(())
@@ -910,11 +1012,13 @@ def int_arith(ctx: BatchCtx) -> Rep:
     """Arithmetic on Python ints read off shapes: the batch size stays a batch size. With a
     batch-carrying tensor, the ints are values: the batch size may not be one of them."""
     reps = [ctx.rep(a) for a in ctx.node.args]
-    if any(isinstance(r, (Folded, InputRep)) for r in reps):
+    # a tensor (a parameter, an arange) is no shape: with a size its result is a tensor
+    tensors = any(isinstance(a, fx.Node) and isinstance(ctx.rep(a), Trivial) for a in ctx.node.args)
+    if tensors or any(isinstance(r, (Folded, InputRep)) for r in reps):
         if _reads_batch_size(ctx):
             name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
             raise _batch_size_as_value(ctx, f"{name!r} combines a tensor with")
-        return same_axis(ctx)
+        return same_axis(ctx) if not tensors or ctx.folded_inputs() else Trivial()
     if any(isinstance(r, BatchSize) and r.batch_dims for r in reps):
         return BatchSize((0,))
     if any(isinstance(r, BatchSize) for r in reps):
@@ -1112,13 +1216,12 @@ def _acted_axes(action, rank: int | None) -> set[int] | None:
 
 def _other_operands_broadcast(ctx: BatchCtx, action) -> bool:
     """Every operand that is not the acted tensor is a scalar or constant along the acted axes
-    (a number read off a shape, not the batch size, is a scalar)."""
+    (a number read off shapes, not the batch size: :func:`number_off_shapes`, is a scalar)."""
     main = [a for a in ctx.node.all_input_nodes if ctx.axis(a) is not None]
     for a in ctx.node.all_input_nodes:
         if a in main:
             continue
-        rep = ctx.rep(a)
-        if isinstance(rep, BatchSize) and not rep.batch_dims:
+        if number_off_shapes(a):
             continue
         shape = ctx.shape(a)
         if shape is None:
@@ -1836,8 +1939,17 @@ register(["Tensor.size"], OpRule("size", "size", size_rule, example=None))
 register([getattr], OpRule("getattr", "size", getattr_rule, example=None))
 register([len], OpRule("len", "size", len_rule, example=None))
 register(
-    ["Tensor.dim", "Tensor.numel", "Tensor.element_size", "Tensor.is_contiguous"],
+    ["Tensor.dim", "Tensor.element_size", "Tensor.is_contiguous"],
     OpRule("dim", "size", lambda ctx: BatchSize(()), example=None),
+)
+register(  # a multiple of the folded batch size where the tensor has a batch axis
+    ["Tensor.numel", torch.numel],
+    OpRule(
+        "numel",
+        "size",
+        lambda ctx: BatchSize((0,) if ctx.axis(ctx.node.args[0]) is not None else ()),
+        example=None,
+    ),
 )
 
 # linear algebra

@@ -263,38 +263,45 @@ def test_a_residual_block_runs_once_per_coset(readout, chunk):
 
 class ReadsShapes(FlatHead):
     """Reads sizes between the convolutions: of other axes (the same on one slot per coset as
-    on every slot), or the batch size (``batch=True``), which the coset lift changes."""
+    on every slot), or the batch size, which the coset lift changes; or scales a tensor by a
+    size (a tensor is no number)."""
 
-    def __init__(self, batch: bool = False) -> None:
+    def __init__(self, mode: str = "other-axes") -> None:
         super().__init__()
-        self.batch = batch
+        self.mode = mode
+        self.pe = nn.Parameter(torch.randn(1, 8, 16))
 
     def forward(self, x):
         h = torch.relu(self.a(x))
-        if self.batch:
-            h = h.reshape(h.shape[0], h.size(1), -1)
-        else:  # a number from a shape's item, a size, a rank; a slice of a shape
+        if self.mode == "other-axes":  # an item, a size, a rank; an item of a slice
             h = h * (1.0 / h.shape[-1]) + h.size(1) * 0.0 - h.dim() + h.size()[1:][-1]
+        elif self.mode == "batch-size":
+            h = h.reshape(h.shape[0], h.size(1), -1)
+        elif self.mode == "scaled-tensor":  # a positional embedding scaled by a size
+            h = h + self.pe * h.shape[1] ** -0.5
+        else:  # a ramp over the positions
+            h = h + torch.arange(16) / h.shape[-1]
         return self.fc(torch.relu(self.b(h)).flatten(1))
 
 
-@pytest.mark.parametrize("batch", [False, True], ids=["other-axes", "batch-size"])
-def test_sizes_of_other_axes_do_not_end_the_region(batch):
-    model = ReadsShapes(batch).eval()
+@pytest.mark.parametrize("mode", ["other-axes", "batch-size", "scaled-tensor", "ramp"])
+def test_sizes_of_other_axes_do_not_end_the_region(mode):
+    model = ReadsShapes(mode).eval()
     G = equivfx.group("ShiftRev4")
     fast = equivfx.compile(model, G, example_inputs=X, chunk=None)
     slow = equivfx.compile(model, G, example_inputs=X, chunk=None, optimize=False)
     f = flat(fast)
     (coset_lift,) = [n for n in f.graph.nodes if n.target == "equivfx_lift"]
     # reading other axes' sizes, both convolutions run once per coset (the region ended at the
-    # first read before); the batch size read ends it there
-    assert coset_lift.args[0].args[0].target == ("a" if batch else "b")
-    assert rows_seen(model.b, lambda: fast(X)) == 3 * (8 if batch else 2)
+    # first read before); a read of the batch size, or a tensor operand, ends it there
+    free = mode == "other-axes"
+    assert (coset_lift.args[0].args[0].target == "b") == free
+    assert rows_seen(model.b, lambda: fast(X)) == 3 * (2 if free else 8)
     x = torch.randn(5, 3, 16)  # another batch size
     with torch.no_grad():
         for v in (X, x):
             torch.testing.assert_close(fast(v), slow(v), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(fast(v), loop_oracle(model, G, v), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(x), loop_oracle(model, G, x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_value_read_outside_the_block_ends_the_region_before_the_block():

@@ -266,6 +266,13 @@ def test_register_a_rule_for_a_user_op():
         (lambda x: x / x.shape[0], "'truediv' combines a tensor with the batch size"),
         (lambda x: x.flatten(1) + torch.arange(x.size(0))[:, None], "'arange' reads the batch"),
         (lambda x: x * math.sqrt(x.size(0)), "'sqrt' reads the batch size"),
+        (lambda x: x * (10.0 / x.numel()), "'mul' combines a tensor with the batch size"),
+        (lambda x: x / x.shape[:-1][0], "'truediv' combines a tensor with the batch size"),
+        (lambda x: x / x.shape[-4:][0], "'truediv' combines a tensor with the batch size"),
+        (
+            lambda x: x + torch.ones(4) * x.shape[0],
+            "'mul' combines a tensor with the batch size",
+        ),
     ],
     ids=[
         "mean0",
@@ -278,16 +285,33 @@ def test_register_a_rule_for_a_user_op():
         "over-batch-size",
         "arange-batch-size",
         "sqrt-batch-size",
+        "numel",
+        "slice-negative-stop",
+        "slice-negative-start",
+        "constant-times-batch-size",
     ],  # fmt: skip
 )
-def test_batch_mixing_is_refused(body, needle):
+@pytest.mark.parametrize("shapes", [True, False], ids=["shapes", "no-shapes"])
+def test_batch_mixing_is_refused(body, needle, shapes):
     class M(torch.nn.Module):
         def forward(self, x):
             return body(x)
 
+    kwargs = {"example_inputs": torch.randn(2, 1, 4, 4)} if shapes else {}
     with pytest.raises(BatchMixingError, match=needle) as info:
-        equivfx.compile(M(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
+        equivfx.compile(M(), "C4", **kwargs)
     assert "node:" in str(info.value)
+
+
+def test_a_reversed_shape_holds_the_batch_size_last():
+    # (with the example inputs' ranks: without them the position in the reversed shape is not
+    # known, and the slice keeps the batch positions it had)
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x / x.shape[::-1][-1]
+
+    with pytest.raises(BatchMixingError, match="'truediv' combines a tensor with the batch size"):
+        equivfx.compile(M(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
 
 
 @pytest.mark.parametrize(
