@@ -1811,13 +1811,23 @@ for _name, _keys, _f, _drops in [
         ),
     )
 register(
-    [torch.flip, "Tensor.flip", torch.roll, "Tensor.roll"],
+    [torch.flip, "Tensor.flip"],
     OpRule(
         "flip",
         "along-dim",
         along_dim(1, "dims"),
         linear=True,
         example=_ex(lambda x: torch.flip(x, (1,))),
+    ),
+)
+register(  # roll(input, shifts, dims): without dims it rolls the flattened tensor
+    [torch.roll, "Tensor.roll"],
+    OpRule(
+        "roll",
+        "along-dim",
+        along_dim(2, "dims"),
+        linear=True,
+        example=_ex(lambda x: torch.roll(x, 1, 1)),
     ),
 )
 register(

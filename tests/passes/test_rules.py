@@ -267,6 +267,8 @@ def test_register_a_rule_for_a_user_op():
         (lambda x: x.flatten(1) + torch.arange(x.size(0))[:, None], "'arange' reads the batch"),
         (lambda x: x * math.sqrt(x.size(0)), "'sqrt' reads the batch size"),
         (lambda x: x * (10.0 / x.numel()), "'mul' combines a tensor with the batch size"),
+        (lambda x: torch.roll(x, 1, 0), "roll acts along the batch axis"),
+        (lambda x: x.roll(1), "roll without a dim"),
         (lambda x: x / x.shape[:-1][0], "'truediv' combines a tensor with the batch size"),
         (lambda x: x / x.shape[-4:][0], "'truediv' combines a tensor with the batch size"),
         (
@@ -286,6 +288,8 @@ def test_register_a_rule_for_a_user_op():
         "arange-batch-size",
         "sqrt-batch-size",
         "numel",
+        "roll-batch",
+        "roll-flat",
         "slice-negative-stop",
         "slice-negative-start",
         "constant-times-batch-size",
