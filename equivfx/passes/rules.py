@@ -165,6 +165,12 @@ class BatchCtx:
 
     def norm_dim(self, d: int, a) -> int | None:
         """Normalise a possibly negative dim of argument ``a``; None when unknown (no rank)."""
+        if isinstance(d, fx.Node):  # computed in the model (x.dim() - 2): not known here
+            raise self.mixing(
+                f"the dim {d.name} is computed in the model, so equivfx cannot tell whether it "
+                "is the batch axis",
+                "pass the dim as a literal int",
+            )
         if d >= 0:
             return d
         r = self.rank(a)

@@ -269,6 +269,7 @@ def test_register_a_rule_for_a_user_op():
         (lambda x: x * (10.0 / x.numel()), "'mul' combines a tensor with the batch size"),
         (lambda x: torch.roll(x, 1, 0), "roll acts along the batch axis"),
         (lambda x: x.roll(1), "roll without a dim"),
+        (lambda x: torch.softmax(x, dim=x.dim() - 4), "is computed in the model"),
         (lambda x: x / x.shape[:-1][0], "'truediv' combines a tensor with the batch size"),
         (lambda x: x / x.shape[-4:][0], "'truediv' combines a tensor with the batch size"),
         (
@@ -290,6 +291,7 @@ def test_register_a_rule_for_a_user_op():
         "numel",
         "roll-batch",
         "roll-flat",
+        "computed-dim",
         "slice-negative-stop",
         "slice-negative-start",
         "constant-times-batch-size",
