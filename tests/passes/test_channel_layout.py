@@ -1158,6 +1158,35 @@ OPS = (
 # (each "bn" has its own module: the pass moves a batch norm into the channel layout)
 
 
+def _drawn_op(op, x, y, bn, drop, norm, pools):
+    """The drawn networks' op ``op`` after a layer: on its output ``y`` (and its input ``x``,
+    for the sums), with the network's own batch norm, dropout, norm and pool functions."""
+    if op == "relu":
+        return torch.relu(y)
+    if op == "relu_":
+        return y.relu_()
+    if op == "maxpool":
+        return pools[0](y, 3, 1, 1)
+    if op == "avgpool":
+        return pools[1](y, 3, 1, 1)
+    if op == "scale":
+        return 0.5 * y - 1.0
+    if op == "residual":
+        return operator.add(x, F.silu(y))
+    if op == "iadd":
+        y += x
+        return y
+    if op == "bn":
+        return bn(y)
+    if op == "gelu":
+        return F.gelu(y)
+    if op == "dropout":
+        return drop(y)
+    if op == "layernorm":
+        return norm(y)
+    return y
+
+
 class Drawn(nn.Module):
     def __init__(self, ops, c=3):
         super().__init__()
@@ -1170,33 +1199,9 @@ class Drawn(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
+        pools = (F.max_pool2d, nn.functional.avg_pool2d)
         for op, conv, bn in zip(self.ops, self.convs, self.bns, strict=True):
-            y = conv(x)
-            if op == "relu":
-                x = torch.relu(y)
-            elif op == "relu_":
-                x = y.relu_()
-            elif op == "maxpool":
-                x = F.max_pool2d(y, 3, 1, 1)
-            elif op == "avgpool":
-                x = nn.functional.avg_pool2d(y, 3, 1, 1)
-            elif op == "scale":
-                x = 0.5 * y - 1.0
-            elif op == "residual":
-                x = operator.add(x, F.silu(y))
-            elif op == "iadd":
-                y += x
-                x = y
-            elif op == "bn":
-                x = bn(y)
-            elif op == "gelu":
-                x = F.gelu(y)
-            elif op == "dropout":
-                x = self.drop(y)
-            elif op == "layernorm":
-                x = self.norm(y)
-            else:
-                x = y
+            x = _drawn_op(op, x, conv(x), bn, self.drop, self.norm, pools)
         return x.mean((2, 3))
 
 
@@ -1230,33 +1235,9 @@ class DrawnLinear(nn.Module):
 
     def forward(self, x):
         x = self.stem(x.flatten(2) if self.tokens else x.flatten(1))
+        pools = (F.max_pool1d, nn.functional.avg_pool1d)  # over the last axis
         for op, lin, bn in zip(self.ops, self.lins, self.bns, strict=True):
-            y = lin(x)
-            if op == "relu":
-                x = torch.relu(y)
-            elif op == "relu_":
-                x = y.relu_()
-            elif op == "maxpool":
-                x = F.max_pool1d(y, 3, 1, 1)
-            elif op == "avgpool":
-                x = nn.functional.avg_pool1d(y, 3, 1, 1)
-            elif op == "scale":
-                x = 0.5 * y - 1.0
-            elif op == "residual":
-                x = operator.add(x, F.silu(y))
-            elif op == "iadd":
-                y += x
-                x = y
-            elif op == "bn":
-                x = bn(y)
-            elif op == "gelu":
-                x = F.gelu(y)
-            elif op == "dropout":
-                x = self.drop(y)
-            elif op == "layernorm":
-                x = self.norm(y)
-            else:
-                x = y
+            x = _drawn_op(op, x, lin(x), bn, self.drop, self.norm, pools)
         return x.mean(1) if self.tokens else x
 
 
