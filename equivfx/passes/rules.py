@@ -704,7 +704,15 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
             i for i, e in enumerate(entries) if isinstance(e, fx.Node) and ctx.is_batch_int(e)
         ]
         if positions:
-            return Folded(positions[0])
+            p = positions[0]
+            reshapes = not produces and ctx.node.target not in ("expand", "repeat")
+            if reshapes and ax == 0 and any(e != 1 for e in entries[:p]):
+                raise ctx.mixing(
+                    f"{_op_name(ctx)} puts (a multiple of) the batch size at position {p}, after "
+                    "other entries: its rows would run across the folded samples",
+                    "keep the batch size first",
+                )
+            return Folded(p)
         if ax is None:
             return Trivial()
         first = entries[0] if entries else None
@@ -893,24 +901,38 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         rank = value.length if value is not None else None
         if rank is None and isinstance(owner, fx.Node):
             rank = ctx.rank(owner)
+        if not rep.batch_dims:  # no batch size in the tuple: none in any part of it
+            return BatchSize(())
+        literal = type(idx) is int or (
+            isinstance(idx, slice)
+            and all(v is None or type(v) is int for v in (idx.start, idx.stop, idx.step))
+        )
+        if not literal:
+            raise ctx.mixing(
+                "a shape holding the batch size is indexed with a value computed in the model, "
+                "so equivfx cannot tell whether the batch size is taken",
+                "index the shape with literal ints",
+            )
         if isinstance(idx, int):
             if idx < 0:  # x.shape[-k]: count from the end
                 idx = idx + rank if rank is not None else idx
             return BatchSize((0,)) if idx in rep.batch_dims else BatchSize(())
-        if isinstance(idx, slice):
-            if rank is not None:  # the positions the slice keeps, in its order
-                kept = range(rank)[idx]
-                return BatchSize(tuple(j for j, p in enumerate(kept) if p in rep.batch_dims))
-            if idx.step not in (None, 1) or (idx.start or 0) < 0:  # where is unknown: kept
-                return BatchSize(rep.batch_dims)
-            start = idx.start or 0
-            kept = [  # a negative stop keeps the leading positions of any longer shape
-                d - start
-                for d in rep.batch_dims
-                if d >= start and (idx.stop is None or idx.stop < 0 or d < idx.stop)
-            ]
-            return BatchSize(tuple(kept))
-        return BatchSize(())
+        if rank is not None:  # the positions the slice keeps, in its order
+            kept = range(rank)[idx]
+            return BatchSize(tuple(j for j, p in enumerate(kept) if p in rep.batch_dims))
+        if idx.step not in (None, 1) or (idx.start or 0) < 0:
+            raise ctx.mixing(
+                "a slice of a shape holding the batch size, with a negative start or a step, "
+                "on a tensor of unknown rank: equivfx cannot tell where the batch size lands",
+                "compile with example_inputs=, or slice from a non-negative start",
+            )
+        start = idx.start or 0
+        kept = [  # a negative stop keeps the leading positions of any longer shape
+            d - start
+            for d in rep.batch_dims
+            if d >= start and (idx.stop is None or idx.stop < 0 or d < idx.stop)
+        ]
+        return BatchSize(tuple(kept))
     if isinstance(rep, Folded) and rep.container:
         return Folded(rep.batch_axis)
     ax = ctx.axis(src)
@@ -1014,17 +1036,20 @@ def _batch_size_as_value(ctx: BatchCtx, what: str) -> BatchMixingError:
     )
 
 
+def _holds_batch(ctx: BatchCtx, a) -> bool:
+    """``a`` is a tensor with a batch axis, or a shape holding the batch size."""
+    return ctx.axis(a) is not None or ctx.is_batch_int(a)
+
+
 def int_arith(ctx: BatchCtx) -> Rep:
     """Arithmetic on Python ints read off shapes: the batch size stays a batch size. With a
     batch-carrying tensor, the ints are values: the batch size may not be one of them."""
     reps = [ctx.rep(a) for a in ctx.node.args]
-    # a tensor (a parameter, an arange) is no shape: with a size its result is a tensor
-    tensors = any(isinstance(a, fx.Node) and isinstance(ctx.rep(a), Trivial) for a in ctx.node.args)
-    if tensors or any(isinstance(r, (Folded, InputRep)) for r in reps):
+    if any(isinstance(r, (Folded, InputRep)) for r in reps):
         if _reads_batch_size(ctx):
             name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
             raise _batch_size_as_value(ctx, f"{name!r} combines a tensor with")
-        return same_axis(ctx) if not tensors or ctx.folded_inputs() else Trivial()
+        return same_axis(ctx)
     if any(isinstance(r, BatchSize) and r.batch_dims for r in reps):
         return BatchSize((0,))
     if any(isinstance(r, BatchSize) for r in reps):
@@ -1963,7 +1988,7 @@ register(  # a multiple of the folded batch size where the tensor has a batch ax
     OpRule(
         "numel",
         "size",
-        lambda ctx: BatchSize((0,) if ctx.axis(ctx.node.args[0]) is not None else ()),
+        lambda ctx: BatchSize((0,) if _holds_batch(ctx, ctx.arg(0, "input")) else ()),
         example=None,
     ),
 )

@@ -270,11 +270,15 @@ def test_register_a_rule_for_a_user_op():
         (lambda x: torch.roll(x, 1, 0), "roll acts along the batch axis"),
         (lambda x: x.roll(1), "roll without a dim"),
         (lambda x: torch.softmax(x, dim=x.dim() - 4), "is computed in the model"),
+        (lambda x: x * x.shape[x.dim() - 4], "indexed with a value computed in the model"),
+        (lambda x: x / x.shape.numel(), "'truediv' combines a tensor with the batch size"),
+        (lambda x: x.reshape(4, x.numel() // 4).softmax(0), "after other entries"),
+        (lambda x: x.reshape(4, x.size(0) * 4), "after other entries"),
         (lambda x: x / x.shape[:-1][0], "'truediv' combines a tensor with the batch size"),
-        (lambda x: x / x.shape[-4:][0], "'truediv' combines a tensor with the batch size"),
+        (lambda x: x / x.shape[-4:][0], "the batch size"),  # (no shapes: where it lands)
         (
             lambda x: x + torch.ones(4) * x.shape[0],
-            "'mul' combines a tensor with the batch size",
+            "'add' combines a tensor with the batch size",
         ),
     ],
     ids=[
@@ -292,6 +296,10 @@ def test_register_a_rule_for_a_user_op():
         "roll-batch",
         "roll-flat",
         "computed-dim",
+        "computed-index",
+        "numel-of-shape",
+        "numel-second",
+        "batch-size-second",
         "slice-negative-stop",
         "slice-negative-start",
         "constant-times-batch-size",
@@ -307,6 +315,50 @@ def test_batch_mixing_is_refused(body, needle, shapes):
     with pytest.raises(BatchMixingError, match=needle) as info:
         equivfx.compile(M(), "C4", **kwargs)
     assert "node:" in str(info.value)
+
+
+class _ShapeUses(torch.nn.Module):
+    """Shapes used as shapes: a parameter's size times the batch size, a computed slice of a
+    shape without the batch size, numel as a keyword, and a permuted tensor's trailing sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.queries = torch.nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2)  # (B, 4, 16)
+        q = self.queries.expand(h.size(0), -1, -1) @ h  # (B, 2, 16)
+        q = q.reshape(h.size(0) * self.queries.size(0), -1).view(h.size(0), -1)
+        z = h.new_zeros(h.shape[:1] + self.queries.shape)  # (B, 2, 4)
+        bias = torch.zeros(h.shape[1:][: h.dim() - 2])  # (4,)
+        flat = h.reshape(torch.numel(input=h) // 4, 4).view(h.size(0), -1)
+        return q.mean(1) + z.sum((1, 2)) + (h + bias[:, None]).sum((1, 2)) + flat.sum(1)
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["shapes", "no-shapes"])
+def test_shapes_used_as_shapes_compile_and_match_the_loop(shapes):
+    torch.manual_seed(0)
+    model = _ShapeUses().eval()
+    G = equivfx.group("C4")
+    x = torch.randn(2, 1, 4, 4)
+    emodel = equivfx.compile(model, G, **({"example_inputs": x} if shapes else {}))
+    with torch.no_grad():
+        want = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["shapes", "no-shapes"])
+def test_a_trailing_slice_of_a_permuted_shape_holds_its_batch_size(shapes):
+    class M(torch.nn.Module):
+        def forward(self, x):
+            t = x.flatten(2).permute(2, 0, 1)  # (HW, B, C): the batch on axis 1
+            return (t / t.shape[-2:][0]).sum(0)
+
+    with pytest.raises(BatchMixingError, match="batch size"):
+        equivfx.compile(
+            M(), "C4", **({"example_inputs": torch.randn(2, 1, 4, 4)} if shapes else {})
+        )
 
 
 def test_a_reversed_shape_holds_the_batch_size_last():
