@@ -704,15 +704,7 @@ def shaped(start: int = 1, produces: bool = False) -> BatchFn:
             i for i, e in enumerate(entries) if isinstance(e, fx.Node) and ctx.is_batch_int(e)
         ]
         if positions:
-            p = positions[0]
-            reshapes = not produces and ctx.node.target not in ("expand", "repeat")
-            if reshapes and ax == 0 and any(e != 1 for e in entries[:p]):
-                raise ctx.mixing(
-                    f"{_op_name(ctx)} puts (a multiple of) the batch size at position {p}, after "
-                    "other entries: its rows would run across the folded samples",
-                    "keep the batch size first",
-                )
-            return Folded(p)
+            return Folded(positions[0])
         if ax is None:
             return Trivial()
         first = entries[0] if entries else None
@@ -920,13 +912,16 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         if rank is not None:  # the positions the slice keeps, in its order
             kept = range(rank)[idx]
             return BatchSize(tuple(j for j, p in enumerate(kept) if p in rep.batch_dims))
-        if idx.step not in (None, 1) or (idx.start or 0) < 0:
-            raise ctx.mixing(
-                "a slice of a shape holding the batch size, with a negative start or a step, "
-                "on a tensor of unknown rank: equivfx cannot tell where the batch size lands",
-                "compile with example_inputs=, or slice from a non-negative start",
-            )
         start = idx.start or 0
+        if idx.step not in (None, 1) or (start < 0 and rep.batch_dims != (0,)):
+            raise ctx.mixing(
+                "a slice of a shape holding the batch size, with a step, or with a negative "
+                "start after the batch axis, on a tensor of unknown rank: equivfx cannot tell "
+                "where the batch size lands",
+                "compile with example_inputs=, or slice with literal non-negative bounds",
+            )
+        if start < 0:  # x.shape[-k:] of a tensor batched on axis 0: its trailing sizes
+            return BatchSize(())
         kept = [  # a negative stop keeps the leading positions of any longer shape
             d - start
             for d in rep.batch_dims
@@ -1036,9 +1031,21 @@ def _batch_size_as_value(ctx: BatchCtx, what: str) -> BatchMixingError:
     )
 
 
-def _holds_batch(ctx: BatchCtx, a) -> bool:
-    """``a`` is a tensor with a batch axis, or a shape holding the batch size."""
-    return ctx.axis(a) is not None or ctx.is_batch_int(a)
+def _counts_batch(ctx: BatchCtx, a) -> bool:
+    """``a`` is a number computed from ``numel`` of a tensor with a batch axis (or of a shape
+    holding the batch size): a multiple of the batch size that its rep does not show."""
+    stack, seen = [a], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node) or not isinstance(ctx.rep(n), BatchSize):
+            continue
+        seen.add(n)
+        if n.target in ("numel", torch.numel):
+            counted = n.args[0] if n.args else n.kwargs.get("input")
+            if ctx.axis(counted) is not None or ctx.is_batch_int(counted):
+                return True
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def int_arith(ctx: BatchCtx) -> Rep:
@@ -1046,9 +1053,15 @@ def int_arith(ctx: BatchCtx) -> Rep:
     batch-carrying tensor, the ints are values: the batch size may not be one of them."""
     reps = [ctx.rep(a) for a in ctx.node.args]
     if any(isinstance(r, (Folded, InputRep)) for r in reps):
+        name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
         if _reads_batch_size(ctx):
-            name = getattr(ctx.node.target, "__name__", str(ctx.node.target))
             raise _batch_size_as_value(ctx, f"{name!r} combines a tensor with")
+        if any(_counts_batch(ctx, a) for a in ctx.node.all_input_nodes):
+            raise ctx.mixing(
+                f"{name!r} combines a tensor with a count of elements (numel) of a tensor or "
+                "shape that holds the batch: the compiled model counts |G| B samples there, not B",
+                "count the elements of one sample (x[0].numel()), or pass the count in",
+            )
         return same_axis(ctx)
     if any(isinstance(r, BatchSize) and r.batch_dims for r in reps):
         return BatchSize((0,))
@@ -1983,14 +1996,9 @@ register(
     ["Tensor.dim", "Tensor.element_size", "Tensor.is_contiguous"],
     OpRule("dim", "size", lambda ctx: BatchSize(()), example=None),
 )
-register(  # a multiple of the folded batch size where the tensor has a batch axis
+register(  # a count, not a position: used as a value with a tensor it is refused (int_arith)
     ["Tensor.numel", torch.numel],
-    OpRule(
-        "numel",
-        "size",
-        lambda ctx: BatchSize((0,) if _holds_batch(ctx, ctx.arg(0, "input")) else ()),
-        example=None,
-    ),
+    OpRule("numel", "size", lambda ctx: BatchSize(()), example=None),
 )
 
 # linear algebra
