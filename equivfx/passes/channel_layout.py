@@ -261,13 +261,12 @@ class KeepChannelLayout(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         mixers = {n: m for n in gm.graph.nodes if (m := _fused_mixer(n, modules)) is not None}
-        # each value's layout: (axis of the blocks, rank or None, channels per slot)
         if len(mixers) < 2 or _global_hooks():  # global hooks would see the mixers' layout
             return PassResult(gm, False)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         refused: set[fx.Node] = set()
         while True:
-            kept, entries, clashes = _region(gm.graph, mixers, modules, refused)
+            kept, entries, clashes = _region(gm.graph, mixers, modules, refused, order)
             hazards = clashes | _hazards(kept, entries, mixers, modules, order)
             if not hazards:
                 break
@@ -380,10 +379,11 @@ def _move_args(value: fx.Node, slots: int, layout: Layout) -> tuple:
     return (value, slots) if layout.axis == 1 else (value, slots, layout.axis)
 
 
-def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
+def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
     """The values kept in the channel layout (fused mixing layers' outputs and ops that keep the
     layout, where they reach a fused layer's input through such ops), and the values in folded
-    slots moved into it once (``entries``: the other operand of a residual sum)."""
+    slots moved into it once (``entries``: the other operand of a residual sum). ``order``: each
+    node's position in the graph."""
     shapes: dict[fx.Node, Layout] = {}  # kept value -> its layout
     movable: dict[fx.Node, frozenset[Layout]] = {}  # folded value -> the layouts it could take
     reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
@@ -430,7 +430,7 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set):
         grown = bool(writers)
     entries: dict[fx.Node, Layout] = {}
     clashes: set[fx.Node] = set()  # ops that would move a value into a second layout
-    for n in sorted(useful, key=list(graph.nodes).index):
+    for n in sorted(useful, key=order.__getitem__):
         for v in reads.get(n, ()):
             if entries.setdefault(v, shapes[n]) != shapes[n]:
                 clashes.add(n)

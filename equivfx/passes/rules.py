@@ -218,21 +218,9 @@ def shape_value(node) -> ShapeValue | None:
         return ShapeValue(None, frozenset()) if _shape_of(args[0]) is not None else None
     if target is operator.getitem and len(args) == 2:
         src = shape_value(args[0])
-        idx = args[1]
-        if src is None or src.length is None:
+        if src is None or src.length is None or not _literal_index(args[1]):
             return None
-        if type(idx) is int:
-            if not -src.length <= idx < src.length:
-                return None
-            return ShapeValue(
-                None, frozenset({0}) if idx % src.length in src.batch else frozenset()
-            )
-        if isinstance(idx, slice) and all(
-            v is None or type(v) is int for v in (idx.start, idx.stop, idx.step)
-        ):
-            kept = range(src.length)[idx]
-            return ShapeValue(len(kept), frozenset(j for j, p in enumerate(kept) if p in src.batch))
-        return None
+        return _index_shape(src.length, src.batch, args[1])
     if target in _NUMBER_OPS and not node.kwargs:
         carries = False
         for a in args:
@@ -245,6 +233,26 @@ def shape_value(node) -> ShapeValue | None:
                 return None
         return ShapeValue(None, frozenset({0}) if carries else frozenset())
     return None
+
+
+def _literal_index(idx) -> bool:
+    """``idx`` is an int, or a slice of ints and Nones (not values computed in the model)."""
+    return type(idx) is int or (
+        isinstance(idx, slice)
+        and all(v is None or type(v) is int for v in (idx.start, idx.stop, idx.step))
+    )
+
+
+def _index_shape(length: int, batch: frozenset[int], idx) -> ShapeValue | None:
+    """``shape[idx]`` (a literal index) of a shape of ``length`` entries holding the batch size at
+    ``batch``: the number at idx, or the tuple the slice keeps, with where the batch size lies
+    in it. None for an int out of range."""
+    if type(idx) is int:
+        if not -length <= idx < length:
+            return None
+        return ShapeValue(None, frozenset({0}) if idx % length in batch else frozenset())
+    kept = range(length)[idx]
+    return ShapeValue(len(kept), frozenset(j for j, p in enumerate(kept) if p in batch))
 
 
 def _shape_of(tensor) -> ShapeValue | None:
@@ -886,8 +894,8 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
     src, idx = ctx.node.args[0], ctx.node.args[1]
     rep = ctx.rep(src)
     if isinstance(rep, BatchSize):
-        # indexing a shape tuple
-        # the tuple's length: the rank of the tensor the shape was read off (or of a slice of it)
+        # indexing a shape tuple, whose length is the rank of the tensor it was read off (or
+        # that of a slice of such a shape)
         value = shape_value(src)
         owner = src.args[0] if src.args else None
         rank = value.length if value is not None else None
@@ -895,23 +903,17 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
             rank = ctx.rank(owner)
         if not rep.batch_dims:  # no batch size in the tuple: none in any part of it
             return BatchSize(())
-        literal = type(idx) is int or (
-            isinstance(idx, slice)
-            and all(v is None or type(v) is int for v in (idx.start, idx.stop, idx.step))
-        )
-        if not literal:
+        if not _literal_index(idx):
             raise ctx.mixing(
                 "a shape holding the batch size is indexed with a value computed in the model, "
                 "so equivfx cannot tell whether the batch size is taken",
                 "index the shape with literal ints",
             )
-        if isinstance(idx, int):
-            if idx < 0:  # x.shape[-k]: count from the end
-                idx = idx + rank if rank is not None else idx
+        if rank is not None:  # the batch size at idx, or where it lies in the slice
+            value = _index_shape(rank, frozenset(rep.batch_dims), idx)
+            return BatchSize(tuple(sorted(value.batch)) if value is not None else ())
+        if isinstance(idx, int):  # rank unknown: x.shape[-k] counts from the end, past axis 0
             return BatchSize((0,)) if idx in rep.batch_dims else BatchSize(())
-        if rank is not None:  # the positions the slice keeps, in its order
-            kept = range(rank)[idx]
-            return BatchSize(tuple(j for j, p in enumerate(kept) if p in rep.batch_dims))
         start = idx.start or 0
         if idx.step not in (None, 1) or (start < 0 and rep.batch_dims != (0,)):
             raise ctx.mixing(
