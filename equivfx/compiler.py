@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,12 @@ from equivfx.errors import (
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.meta import annotated_output_action
-from equivfx.passes.annotate import AnnotateReps
+from equivfx.passes.annotate import (
+    AnnotateReps,
+    BatchMixingWarning,
+    opaque_leaves,
+    per_slot_difference,
+)
 from equivfx.passes.channel_layout import KeepChannelLayout
 from equivfx.passes.chunks import chunked_module
 from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
@@ -34,7 +40,7 @@ from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
-from equivfx.passes.lift import InsertLift
+from equivfx.passes.lift import LIFT_NAME, InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions
 from equivfx.passes.modules import POOLS, READOUTS
 from equivfx.passes.options import LiftOptions
@@ -260,7 +266,11 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         ModelTypeError: ``model`` is not an nn.Module.
         GroupSpecError: ``group`` is not a valid spec.
         ReadoutError: unknown readout or pool, or ``equivariant`` without ``output_action``.
-        BatchMixingError: an op mixes samples of the batch axis.
+        BatchMixingError: an op mixes samples of the batch axis; or, on ``example_inputs``, an
+            opaque leaf (a module with no op rule) computes something else on the folded batch
+            than per slot while ``chunk`` is None, an int above 1, or the mode layer-wise (with
+            ``chunk="auto"`` the model runs one slot per pass instead, with a
+            ``BatchMixingWarning``; without example inputs ``"auto"`` checks at the first call).
         MissingRuleError: an op on batch-carrying tensors has no rule.
         NotYetSupportedError: ``chunk=k`` in layer-wise mode, or for a graph whose output reads
             the slots other than through a readout.
@@ -446,15 +456,26 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mixed=mixer.mixed if mixer is not None else (),
         output_rep_action=annotated_output_action(gm.graph),
     )
+    leaves = opaque_leaves(gm)
+    mixing: dict[str, float] = {}
     if examples is not None:
-        _test_run(gm, examples)
+        mixing = _test_run(gm, examples, leaves)
+        if mixing:
+            chunk = _one_slot_per_pass(mixing, mode, chunk)
     direct_module_access(gm)
     keep_state_through_copies(gm)
     if chunk is not None:
         info = gm.equivfx_info
         try:
-            gm = chunked_module(gm, chunk)
-        except NotYetSupportedError:
+            # without example inputs, chunk="auto" checks the leaves at its first measurement
+            gm = chunked_module(gm, chunk, unchecked_leaves=leaves if examples is None else ())
+        except NotYetSupportedError as err:
+            if mixing:
+                raise BatchMixingError(
+                    f"{err}\nThe compiled model must run one slot per pass here: opaque leaf "
+                    f"module(s) {', '.join(map(repr, mixing))} treat the samples of a batch "
+                    "together. Fix: make them per-sample, or register an op rule for them."
+                ) from err
             if chunk != "auto":
                 raise
             log.info("equivfx: chunk='auto' does not apply to this graph; all slots in one pass")
@@ -471,18 +492,32 @@ def _survive_deepcopy(gm: fx.GraphModule) -> None:
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
 
 
-def _test_run(gm: fx.GraphModule, examples: tuple) -> None:
-    """Run the compiled graph once on the examples; name the node where it fails."""
+def _test_run(gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ()) -> dict:
+    """Run the compiled graph once on the examples; name the node where it fails.
+
+    Each opaque leaf (a module with no op rule, ``leaves``) is also run on each slot's part of
+    its folded input alone: returns {leaf: largest difference} for the leaves whose output on the
+    folded batch is not the concatenation of their outputs per slot (they treat the samples of a
+    batch together, so folding the slots into the batch changes what they compute)."""
     failed: list[fx.Node] = []
+    mixing: dict[str, float] = {}
+    lift = getattr(gm, LIFT_NAME, None)
+    slots = len(lift.slots) if lift is not None else 1
 
     class _Locate(fx.Interpreter):
         def run_node(self, n):
             try:
-                return super().run_node(n)
+                out = super().run_node(n)
             except Exception:
                 if not failed:
                     failed.append(n)
                 raise
+            if n.op == "call_module" and n.target in leaves and slots > 1:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                err = per_slot_difference(self.fetch_attr(n.target), n, args, kwargs, out, slots)
+                if err is not None:
+                    mixing[n.target] = err
+            return out
 
     with eval_mode(gm):
         try:
@@ -501,3 +536,37 @@ def _test_run(gm: fx.GraphModule, examples: tuple) -> None:
                 "Fix: "
                 "derive batch sizes from x.size(0).\n" + where
             ) from err
+    return mixing
+
+
+def _one_slot_per_pass(mixing: dict, mode: str, chunk) -> int:
+    """What compile does when opaque leaves treat a batch's samples together (``mixing``, leaf ->
+    difference): chunk="auto" runs one slot per pass (each leaf then sees the batch the
+    hand-written loop gives it: exact); any other choice is refused."""
+    names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in mixing.items())
+    what = (
+        f"opaque leaf module(s) {names} treat the samples of a batch together: on the |G| slots "
+        "folded into the batch they compute something else than on each slot's batch alone"
+    )
+    if mode == "layerwise":
+        raise BatchMixingError(
+            explain(
+                what,
+                mode,
+                "leaves that treat each sample on its own (mixing layers read every slot at once)",
+                "make the module per-sample (no len(x), batch sums or batch statistics), register "
+                "an op rule for it, or use mode='global'",
+            )
+        )
+    if chunk not in ("auto", 1):
+        raise BatchMixingError(
+            explain(what, chunk, "chunk=1 or chunk='auto'", "pass chunk=1: one slot per pass")
+        )
+    if chunk == "auto":
+        warnings.warn(
+            f"equivfx: {what}; the compiled model runs one slot per pass (chunk=1), like the "
+            "hand-written loop over g.",
+            BatchMixingWarning,
+            stacklevel=3,
+        )
+    return 1

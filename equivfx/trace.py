@@ -207,7 +207,8 @@ def trace(model: nn.Module) -> TraceResult:
             "run "
             f"whole as opaque leaves: {', '.join(discovered)}. Layer-wise passes treat them as "
             "black "
-            "boxes; the global lift is still exact. Run equivfx.verify to check the result.",
+            "boxes; the global lift is still exact where they treat each sample on its own "
+            "(checked on example_inputs). Run equivfx.verify to check the result.",
             FallbackWarning,
             stacklevel=2,
         )
@@ -234,7 +235,8 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
     warnings.warn(
         f"equivfx fallback: {name}.forward could not be traced ({type(err).__name__}: {err}); the "
         "whole "
-        "model runs as one opaque node. The global lift is still exact; layer-wise passes cannot "
+        "model runs as one opaque node. The global lift is still exact where it treats each "
+        "sample on its own (checked on example_inputs); layer-wise passes cannot "
         "look "
         "inside. Run equivfx.verify to check the result.",
         FallbackWarning,

@@ -115,6 +115,140 @@ def test_untraceable_submodule_becomes_a_leaf():
 
 
 # --------------------------------------------------------------------------------------------------
+# opaque leaves that treat a batch's samples together: one slot per pass
+# --------------------------------------------------------------------------------------------------
+
+
+class _PerBatch(torch.nn.Module):
+    """Untraceable (``len``) and not per-sample: divides by the batch size, or centres on the
+    batch mean. Folding the |G| slots into the batch changes what it computes."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, h):
+        if self.how == "len":
+            return h / len(h)
+        return h - h.mean(0, keepdim=True) * (len(h) > 0)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, how: str, whole: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.mid = _PerBatch(how)
+        self.whole = whole  # the len() in forward makes the whole model one opaque node
+        self.fc = torch.nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        h = self.mid(self.conv(x)) if not self.whole else self.conv(x) * (len(x) / len(x))
+        if self.whole:
+            h = self.mid.forward(h)
+        return self.fc(torch.tanh(h).flatten(1))
+
+
+def _mixing_net(how: str, whole: bool):
+    torch.manual_seed(0)
+    return _Net(how, whole).eval(), torch.randn(3, 2, 6, 6)
+
+
+def _compiled(model, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emodel = equivfx.compile(model, "C4", readout="slots", **kw).eval()
+    return emodel, caught
+
+
+def _mixing_warnings(caught) -> list[str]:
+    from equivfx.passes.annotate import BatchMixingWarning
+
+    return [str(w.message) for w in caught if issubclass(w.category, BatchMixingWarning)]
+
+
+@pytest.mark.parametrize("how", ["len", "centre"])
+@pytest.mark.parametrize("whole", [False, True], ids=["leaf", "opaque"])
+def test_leaf_mixing_samples_runs_one_slot_per_pass(how, whole):
+    model, x = _mixing_net(how, whole)
+    G = equivfx.group("C4")
+    emodel, caught = _compiled(model, example_inputs=x)
+    assert emodel.equivfx_info.trace_path == ("opaque" if whole else "symbolic_trace+leaves")
+    leaf = "equivfx_opaque" if whole else "mid"
+    assert any(repr(leaf) in m for m in _mixing_warnings(caught)), [str(w.message) for w in caught]
+    with torch.no_grad():
+        # the loop over g runs the model on batches of 3, as one slot per pass does (bitwise)
+        assert torch.equal(emodel(x), oracle_slots(model, G, x))
+        assert torch.equal(emodel(x[:1]), oracle_slots(model, G, x[:1]))  # len 1 vs len 4
+        # folding every slot would not (what the compiled model computed before this check)
+        folded = emodel.equivfx_flat(x)
+        assert (folded - oracle_slots(model, G, x)).abs().max() > 1e-2
+    assert emodel.equivfx_chunks.chunk == 1
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["leaf", "opaque"])
+def test_leaf_mixing_samples_checked_at_first_call_without_examples(whole):
+    model, x = _mixing_net("len", whole)
+    G = equivfx.group("C4")
+    emodel, caught = _compiled(model)
+    assert not _mixing_warnings(caught)  # nothing to run it on yet
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = emodel(x)
+    assert _mixing_warnings(first), [str(w.message) for w in first]
+    with torch.no_grad():
+        torch.testing.assert_close(y, oracle_slots(model, G, x), **TOL)
+        # every later input, of any batch size, runs one slot per pass too, without measuring
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            torch.testing.assert_close(emodel(x[:2]), oracle_slots(model, G, x[:2]), **TOL)
+    assert not _mixing_warnings(later)
+    runner = emodel.equivfx_chunks
+    assert runner.chunk == 1 and list(runner.chosen.values()) == [1]  # x[:2] was not measured
+
+
+@pytest.mark.parametrize(
+    "kw, fix",
+    [
+        (dict(chunk=None), "chunk=1"),
+        (dict(chunk=2), "chunk=1"),
+        (dict(mode="layerwise"), "mode='global'"),
+    ],
+    ids=["fold-all", "chunk-2", "layerwise"],
+)
+def test_leaf_mixing_samples_refused_where_slots_must_fold(kw, fix):
+    model, x = _mixing_net("len", False)
+    with pytest.raises(BatchMixingError, match="'mid'") as err:
+        _compiled(model, example_inputs=x, **kw)
+    assert fix in str(err.value)
+
+
+def test_leaf_mixing_samples_with_chunk_1_is_not_refused():
+    model, x = _mixing_net("centre", False)
+    emodel, caught = _compiled(model, example_inputs=x, chunk=1)
+    assert not _mixing_warnings(caught)  # what was asked for is exact: nothing to say
+    with torch.no_grad():
+        assert torch.equal(emodel(x), oracle_slots(model, equivfx.group("C4"), x))
+
+
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_per_sample_opaque_leaves_keep_chunk_auto(with_examples):
+    # no false alarm: the zoo's control-flow model and leafy model treat samples on their own
+    for name in ("control_flow", "leafy"):
+        model, x, spec = ZOO[name]()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            emodel = equivfx.compile(
+                model, spec, readout="slots", example_inputs=x if with_examples else None
+            ).eval()
+            with torch.no_grad():
+                y = emodel(x)
+        assert not _mixing_warnings(caught), name
+        assert emodel.equivfx_chunks.chunk == "auto", name
+        torch.testing.assert_close(y, oracle_slots(model, equivfx.group(spec), x), **TOL)
+
+
+# --------------------------------------------------------------------------------------------------
 # baked batch size
 # --------------------------------------------------------------------------------------------------
 

@@ -35,13 +35,16 @@ import math
 import operator
 import random
 import time
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain
+from equivfx.passes.annotate import MIXING_SCALE, BatchMixingWarning
 from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.lift import LIFT_NAME
@@ -56,6 +59,7 @@ from equivfx.passes.modules import (
 )
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
+from equivfx.verify.tolerance import abs_error, tolerance, within
 
 __all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
 
@@ -92,15 +96,19 @@ class SlotChunks(nn.Module):
         chunk: slots per pass, or ``"auto"``.
     """
 
+    unchecked_leaves: tuple[str, ...] = ()
+    """Opaque leaves the first measurement checks (models pickled before it have none)."""
+
     MEASURED_SHAPES = 8
     """``chunk="auto"`` measures at most this many input shapes; later new shapes reuse the
     decision of the nearest measured one (see the module docstring)."""
 
-    def __init__(self, flat: fx.GraphModule, chunk: int | str):
+    def __init__(self, flat: fx.GraphModule, chunk: int | str, unchecked_leaves=()):
         super().__init__()
         object.__setattr__(self, "flat", flat)  # shared, not a child: no duplicate state-dict keys
         self.chunk = chunk
         self.chosen: dict[tuple, int] = {}
+        self.unchecked_leaves = tuple(unchecked_leaves)
         self._build(flat)
 
     # The structure derived from flat's graph: its fx nodes are not pickled (a pickled graph
@@ -273,20 +281,57 @@ class SlotChunks(nn.Module):
         devices = devices_of(args, self)  # CUDA kernels run after the call returns
         start = time.perf_counter()
         shuffle = random.Random(0).shuffle
+        first: dict[int, object] = {}
         for round_ in range(21):
             order = list(sizes)
             shuffle(order)
             for k in order:
                 synchronize(devices)
                 t = time.perf_counter()
-                self._run(args, k)
+                out = self._run(args, k)
                 synchronize(devices)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
+                elif self.unchecked_leaves and k in (1, self.order):
+                    first[k] = out
+                del out
+            if first:
+                if self._leaves_mix(first[1], first[self.order]):
+                    return 1
+                first.clear()
             if round_ >= 3 and time.perf_counter() - start > 0.3:
                 break
         fastest = min(sizes, key=lambda k: (best[k], -k))
         return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
+
+    def _leaves_mix(self, per_slot, folded) -> bool:
+        """The first measurement of a model with opaque leaves not checked at compile (no example
+        inputs): where one slot per pass and every slot in one pass give different outputs, the
+        leaves treat a batch's samples together; from then on this model runs one slot per pass
+        (each leaf sees the batch the loop over g gives it). Checked once per model."""
+        leaves, self.unchecked_leaves = self.unchecked_leaves, ()
+        a, b = (
+            [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+            for v in (per_slot, folded)
+        )
+        errors = [
+            abs_error(x, y)
+            for x, y in zip(a, b, strict=True)
+            if not within(x, y, *(MIXING_SCALE * t for t in tolerance(x.dtype)))
+        ]
+        if not errors:
+            return False
+        self.chunk = 1
+        warnings.warn(
+            f"equivfx: the compiled model's outputs with one slot per pass and with every slot in "
+            f"one pass differ by {max(errors):.3g}: opaque leaf module(s) "
+            f"{', '.join(map(repr, leaves))} treat the samples of a batch together. It runs one "
+            "slot per pass from now on (chunk=1), like the hand-written loop over g; pass "
+            "example_inputs to compile to have this checked (and the leaf named) beforehand.",
+            BatchMixingWarning,
+            stacklevel=4,
+        )
+        return True
 
     def extra_repr(self) -> str:
         chosen = f", chosen={sorted(set(self.chosen.values()))}" if self.chosen else ""
@@ -623,8 +668,11 @@ def _restore_flat(copied: fx.GraphModule) -> None:
     _share_root_tensors(copied, flat)
 
 
-def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
+def chunked_module(flat: fx.GraphModule, chunk: int | str, unchecked_leaves=()) -> fx.GraphModule:
     """A graph module computing what ``flat`` computes, k slots at a time.
+
+    ``unchecked_leaves``: opaque leaves whose independence of the batch's other samples
+    ``chunk="auto"`` checks at its first measurement (see :meth:`SlotChunks._leaves_mix`).
 
     It registers ``flat``'s submodules, parameters and buffers under the same names (so the state
     dict has the original keys) and keeps ``flat`` as ``equivfx_flat`` for localisation and
@@ -639,7 +687,7 @@ def chunked_module(flat: fx.GraphModule, chunk: int | str) -> fx.GraphModule:
                 "pass the number of slots per pass",
             )
         )
-    runner = SlotChunks(flat, chunk)
+    runner = SlotChunks(flat, chunk, unchecked_leaves)
     root = nn.Module()
     root.add_module(CHUNKS_NAME, runner)
     graph = fx.Graph()
