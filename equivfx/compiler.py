@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -506,15 +507,19 @@ def _test_run(gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ())
 
     class _Locate(fx.Interpreter):
         def run_node(self, n):
+            leaf = n.op == "call_module" and n.target in leaves and slots > 1
+            if leaf:  # its inputs as it reads them (it may write them)
+                inputs = pytree.tree_map_only(
+                    torch.Tensor, torch.clone, self.fetch_args_kwargs_from_env(n)
+                )
             try:
                 out = super().run_node(n)
             except Exception:
                 if not failed:
                     failed.append(n)
                 raise
-            if n.op == "call_module" and n.target in leaves and slots > 1:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                err = per_slot_difference(self.fetch_attr(n.target), n, args, kwargs, out, slots)
+            if leaf:
+                err = per_slot_difference(self.fetch_attr(n.target), n, *inputs, out, slots)
                 if err is not None:
                     mixing[n.target] = err
             return out

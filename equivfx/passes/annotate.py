@@ -88,7 +88,8 @@ def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) ->
     its inputs or output cannot be cut into ``slots`` parts), else the largest difference.
 
     Folded inputs (``node.args`` annotated :class:`Folded`) are cut slot-major along their batch
-    axis; other inputs are passed whole, as the folded call gets them."""
+    axis; other inputs are passed whole, as the folded call gets them. The per-slot calls get
+    copies (a leaf may write its input) and the module's buffers are restored after them."""
     from equivfx.verify.tolerance import abs_error, tolerance, within
 
     out_rep = node.meta.get(REP)
@@ -106,18 +107,27 @@ def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) ->
         cuts[key] = value.chunk(slots, axis)
     if not cuts or out.shape[out_rep.batch_axis] % slots:
         return None
+
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) else v
+
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
     parts = []
-    for s in range(slots):
-        args_s = [cuts[i][s] if i in cuts else a for i, a in enumerate(args)]
-        kwargs_s = {k: cuts[k][s] if k in cuts else v for k, v in kwargs.items()}
-        try:
+    try:
+        for s in range(slots):
+            args_s = [copy(cuts[i][s] if i in cuts else a) for i, a in enumerate(args)]
+            kwargs_s = {k: copy(cuts[k][s] if k in cuts else v) for k, v in kwargs.items()}
             part = module(*args_s, **kwargs_s)
-        except Exception as err:  # noqa: BLE001 - the folded call ran; this one cannot tell
-            log.info("equivfx: leaf %s fails on one slot's part: %s", node.target, err)
-            return None
-        if not isinstance(part, torch.Tensor):
-            return None
-        parts.append(part)
+            if not isinstance(part, torch.Tensor):
+                return None
+            parts.append(part)
+    except Exception as err:  # noqa: BLE001 - the folded call ran; this one cannot tell
+        log.info("equivfx: leaf %s fails on one slot's part: %s", node.target, err)
+        return None
+    finally:
+        for name, b in module.named_buffers():
+            if name in buffers and b.shape == buffers[name].shape:
+                b.copy_(buffers[name])
     per_slot = torch.cat(parts, out_rep.batch_axis)
     rtol, atol = tolerance(out.dtype)
     if within(out, per_slot, MIXING_SCALE * rtol, MIXING_SCALE * atol):

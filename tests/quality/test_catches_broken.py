@@ -11,6 +11,7 @@ from torch import nn
 import equivfx
 from equivfx.errors import ActionLawError, EquivarianceError
 from equivfx.meta import Folded, set_rep
+from equivfx.passes.annotate import BatchMixingWarning
 from equivfx.testing import assert_equivariant
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -111,8 +112,18 @@ def test_broken_batch_independence_in_an_opaque_leaf_is_caught():
             return x
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), Leaky(), nn.Flatten(), nn.Linear(72, 3)).eval()
+    # every slot in one pass, unchecked (no example inputs): verify catches it and names the leaf
     with pytest.warns(UserWarning):
-        emodel = equivfx.compile(model, "C4", readout="slots")
+        emodel = equivfx.compile(model, "C4", readout="slots", chunk=None)
     report = equivfx.verify(emodel, X)
     assert not report.ok
     assert report.first_bad_node == "_1"
+    # on example inputs compile catches it, names the leaf and runs one slot per pass: the lift
+    # of what the model computes on a batch (the loop over g), equivariant by construction
+    with pytest.warns(BatchMixingWarning, match="'1'"):
+        emodel = equivfx.compile(model, "C4", readout="slots", example_inputs=X)
+    G = equivfx.group("C4")
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), X)) for g in G.elements], 1)
+        assert torch.equal(emodel(X), loop)
+    assert equivfx.verify(emodel, X).ok
