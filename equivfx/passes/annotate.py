@@ -30,6 +30,7 @@ from equivfx.meta import REP, RULE, BatchSize, Folded, InputRep, Trivial, set_re
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.rules import (
+    OPAQUE_LEAF,
     BatchCtx,
     describe_node,
     lookup,
@@ -61,9 +62,6 @@ class BatchMixingWarning(UserWarning):
     """An opaque leaf treats the samples of a batch together: the compiled model runs one slot
     per pass instead of folding the slots into the batch."""
 
-
-OPAQUE_LEAF = "opaque-leaf"
-"""``node.meta[RULE]`` of a leaf module call with no op rule."""
 
 MIXING_SCALE = 100.0
 """A leaf mixes samples where folded and per-slot outputs differ by more than this many times the

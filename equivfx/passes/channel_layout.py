@@ -43,7 +43,9 @@ place, on the slots moved back and forth too.
 Modules with hooks at compile time do not keep it (nor does anything while global module hooks
 exist: they would see the mixing layers' channel layout), nor other modules with
 per-channel parameters (PReLU with several weights), anything that reads a dimension (softmax,
-flatten), or draws random numbers in functional form (``F.dropout``). A value in folded
+flatten), or draws random numbers in functional form (``F.dropout`` with ``training=True``;
+traced with ``training=self.training`` in eval mode, the flag is False and the call the
+identity, which keeps the layout: :func:`_eval_dropout`). A value in folded
 slots that such an op reads moves in once, and feeds the fused layers reading it too (a residual
 stream, a shortcut ``nn.Identity`` beside a block's first convolution). A value is kept in the
 channel layout only where it reaches a fused layer's input through such ops (an in-place op on
@@ -78,7 +80,7 @@ from equivfx.passes.mixing import (
     channels_to_slots,
     slots_to_channels,
 )
-from equivfx.passes.rules import mutates
+from equivfx.passes.rules import DROPOUT_FUNCTIONS, mutates
 
 __all__ = [
     "KeepChannelLayout",
@@ -170,6 +172,19 @@ in training :func:`channel_call` runs them on the slots moved back. Their masks 
 input's memory order, so they keep the layout only where their input is computed from fused
 layers' outputs alone (contiguous, as without the pass), not from a value moved in (which
 without the pass may have had other strides: channels-last, a transposed view)."""
+
+
+def _eval_dropout(node: fx.Node) -> bool:
+    """``node`` is a functional dropout (:data:`~equivfx.passes.rules.DROPOUT_FUNCTIONS`) whose
+    training flag is literally False (``F.dropout(x, p, self.training)`` traced in eval mode):
+    it returns its input, the identity in any layout. Otherwise it draws masks in the input's
+    memory order and ends the layout."""
+    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+        return False
+    flag = node.kwargs.get(DROPOUT_FUNCTIONS[node.target], True)
+    if len(node.args) > 2:
+        flag = node.args[2]
+    return flag is False
 
 
 def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> torch.Tensor:
@@ -462,7 +477,11 @@ def _hazards(kept: dict, entries: dict, mixers: dict, modules, order: dict) -> s
     storage: dict[fx.Node, fx.Node] = {}  # kept value -> the kept value whose memory it is
     kept_writes: list[tuple[int, fx.Node]] = []
     for n in sorted(kept, key=order.__getitem__):
-        alias = n in writes or type(modules.get(n.target)) in (nn.Identity, *DROPOUTS)
+        alias = (
+            n in writes
+            or type(modules.get(n.target)) in (nn.Identity, *DROPOUTS)
+            or _eval_dropout(n)
+        )
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if alias and source in entries:  # an alias of a value moved in (without the pass: of it)
             storage[n] = source
@@ -640,6 +659,8 @@ def _unary(node: fx.Node, modules, layout: Layout | None = None) -> bool:
     argument."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
+    if _eval_dropout(node):
+        return True
     if node.op == "call_module":
         m = modules.get(node.target)
         return (

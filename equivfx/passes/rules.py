@@ -328,15 +328,18 @@ RANDOM_MODULES = (
 """Modules that draw random masks in training: cost passes never move them across the lift or the
 pool, where a mask would be shared between slots (or drawn once for all of them)."""
 
+DROPOUT_FUNCTIONS = {
+    F.dropout: "training", F.dropout1d: "training", F.dropout2d: "training",
+    F.dropout3d: "training", F.alpha_dropout: "training", F.feature_alpha_dropout: "training",
+    torch.dropout: "train", torch.alpha_dropout: "train", torch.feature_dropout: "train",
+    torch.feature_alpha_dropout: "train",
+}  # fmt: skip
+"""Dropout functions and the name of their training flag (their third argument): in eval mode
+(the flag False) they return their input."""
+
 RANDOM_FUNCTIONS = (
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.dropout3d,
-    F.alpha_dropout,
-    F.feature_alpha_dropout,
+    *DROPOUT_FUNCTIONS,
     F.rrelu,
-    torch.dropout,
     torch.bernoulli,
     torch.rand_like,
     torch.randn_like,
@@ -402,6 +405,10 @@ IN_PLACE_OPERATORS = frozenset(
 )
 
 
+OPAQUE_LEAF = "opaque-leaf"
+"""``node.meta["equivfx.rule"]`` of a leaf module call with no op rule (``annotate-reps``)."""
+
+
 def mutates(node: fx.Node, modules) -> bool:
     """The node may write into one of its inputs: an in-place method or function (``add_``,
     ``torch.relu_``, ``x[i] = v``, ``+=``), ``inplace=True``, or an ``out=`` argument."""
@@ -414,7 +421,7 @@ def mutates(node: fx.Node, modules) -> bool:
         return node.target in IN_PLACE_OPERATORS or (
             name.endswith("_") and not name.startswith("__")
         )
-    if node.meta.get("equivfx.rule") == "opaque-leaf":  # untraced: anything may happen inside
+    if node.meta.get("equivfx.rule") == OPAQUE_LEAF:  # untraced: anything may happen inside
         return True
     if node.op == "call_module":
         return getattr(modules.get(node.target), "inplace", False) is True
@@ -1643,7 +1650,7 @@ _LINEAR_UNARY = {
         lambda x: x.to(x.dtype),
     ),
     "dropout": (
-        [F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout],
+        list(DROPOUT_FUNCTIONS),
         lambda x: F.dropout(x, 0.5, training=False),
     ),
 }

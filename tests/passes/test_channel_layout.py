@@ -971,6 +971,55 @@ def test_a_module_returning_its_input_returns_the_layout_itself(monkeypatch):
             handle.remove()
 
 
+class FunctionalDropout(nn.Module):
+    """Functional dropout between fused layers: ``training=self.training`` (traced as False in
+    eval mode, True in training mode), or ``training=True`` written out."""
+
+    def __init__(self, drop, training=None):
+        super().__init__()
+        self.drop, self.training_flag = drop, training
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(2 if i == 0 else 4, 4, 3, padding=1) for i in range(3)
+        )
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        flag = self.training if self.training_flag is None else self.training_flag
+        h = self.drop(F.relu(self.c2(F.relu(self.c1(x)))), 0.3, flag)
+        flag_name = "train" if self.drop is torch.dropout else "training"  # as a keyword too
+        h = self.drop(self.c3(h), 0.3, **{flag_name: flag}).mean((2, 3))
+        return self.fc2(F.dropout(F.gelu(self.fc1(h)), 0.3, flag))
+
+
+@pytest.mark.parametrize(
+    "drop", [F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout]
+)
+def test_functional_dropout_traced_in_eval_mode_keeps_the_layout(monkeypatch, drop):
+    x = torch.randn(3, 2, 6, 6)
+    on = _same(monkeypatch, FunctionalDropout(drop).eval(), x)
+    assert _flags(on) == {
+        "c2": {"channels_out": True},
+        "c3": {"channels_in": True},
+        "fc1": {"channels_out": True},
+        "fc2": {"channels_in": True},
+    }
+    assert _moves(on) == []
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+@pytest.mark.parametrize("drop", [F.dropout, F.dropout2d, torch.dropout])
+@pytest.mark.parametrize("traced", ["train()", "training=True"])
+def test_functional_dropout_drawing_masks_ends_the_layout(monkeypatch, drop, traced):
+    # masks are drawn in memory order: on the slots moved back, they are the masks it drew
+    model = (
+        FunctionalDropout(drop).train() if traced == "train()" else FunctionalDropout(drop, True)
+    )
+    x = torch.randn(3, 2, 6, 6)
+    on = _same(monkeypatch, model, x)
+    assert _flags(on) == {"c2": {}, "c3": {}, "fc1": {}, "fc2": {}}
+    assert _moves(on) == []
+
+
 class StridedDropout(nn.Module):
     """Dropout of values moved in from strided tensors: the output of a channels-last
     convolution (``conv=True``), or a transposed view of tokens."""
