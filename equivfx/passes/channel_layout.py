@@ -32,7 +32,8 @@ The ops that keep the layout (:func:`_keeps_layout`): the activations of :data:`
 :data:`UNARY_FUNCTIONS` and :data:`UNARY_METHODS`; max, average and adaptive pools (without
 indices); ``nn.Identity``; sums, differences and products of two such values with the same
 channels per slot (a residual sum), or of one with a number; batch norms (``nn.BatchNorm1d``
-to ``3d``); layer and RMS norms of rows within one slot (:data:`ROW_NORMS`); and dropout
+to ``3d``); layer and RMS norms of rows within one slot (:data:`ROW_NORMS`, and their functional
+forms with the model's weights, :data:`ROW_NORM_FUNCTIONS`); and dropout
 modules (:data:`DROPOUTS`). Modules stay the model's own, called by
 :func:`channel_call`: a batch norm in eval mode on a view of the layout as (B |G|, C, ...) (the
 same samples in another order), in training on the slots moved back and forth (batch
@@ -86,6 +87,7 @@ __all__ = [
     "KeepChannelLayout",
     "channel_call",
     "mixer_call",
+    "row_norm_call",
     "UNARY_MODULES",
     "UNARY_FUNCTIONS",
     "UNARY_METHODS",
@@ -172,6 +174,60 @@ in training :func:`channel_call` runs them on the slots moved back. Their masks 
 input's memory order, so they keep the layout only where their input is computed from fused
 layers' outputs alone (contiguous, as without the pass), not from a value moved in (which
 without the pass may have had other strides: channels-last, a transposed view)."""
+
+
+ROW_NORM_FUNCTIONS = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm}
+"""The functional forms of :data:`ROW_NORMS` (a ``nn.LayerNorm`` subclass with its own
+``forward``, as timm's, traces into ``F.layer_norm``): they keep a layout where the module
+would, with the weights as ``get_attr`` arguments; :func:`row_norm_call` calls them."""
+
+
+def row_norm_call(x: torch.Tensor, name: str, n: int, axis: int, *args, **kwargs) -> torch.Tensor:
+    """``F.layer_norm`` or ``F.rms_norm`` (``name``) with the arguments after the input on the
+    layout of n slots (``axis`` 1: (B, n C, ...), -1: (B, ..., n F)), as :func:`channel_call`
+    calls the modules: on the layout where it normalises spatial axes of the channel layout, on
+    a view (B, ..., n, F) where it normalises the features; on the slots moved back and forth
+    while autograd records its weights' gradients (they sum over the rows in the rows' order)."""
+    if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
+        return x.tracer.create_proxy(
+            "call_function", row_norm_call, (x, name, n, axis, *args), kwargs
+        )
+    norm = ROW_NORM_FUNCTIONS[name]
+    shape = tuple(args[0] if args else kwargs["normalized_shape"])
+    weights = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+        if axis % x.dim() == 1 and len(shape) <= x.dim() - 2:  # rows within one channel
+            return norm(x, *args, **kwargs)
+        if axis % x.dim() == x.dim() - 1 and shape == (x.shape[-1] // n,):
+            return norm(x.unflatten(-1, (n, -1)), *args, **kwargs).flatten(-2)
+    slots = channels_to_slots(x, n, axis)
+    return slots_to_channels(norm(slots, *args, **kwargs), n, axis)
+
+
+def _row_norm_function(node: fx.Node) -> tuple | None:
+    """The normalised shape of a call of a :data:`ROW_NORM_FUNCTIONS` function on one value
+    whose other tensor arguments are the model's own (``get_attr``: weights) and whose shape
+    is literal; else None."""
+    if node.op != "call_function" or node.target not in ROW_NORM_FUNCTIONS.values():
+        return None
+    if not node.args or not isinstance(node.args[0], fx.Node) or "out" in node.kwargs:
+        return None
+    if any(a.op != "get_attr" for a in node.all_input_nodes if a is not node.args[0]):
+        return None
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not all(type(d) is int for d in shape):
+        return None
+    return tuple(shape)
+
+
+def _row_norm_keeps(shape: tuple, layout: Layout) -> bool:
+    """A norm of the trailing ``shape`` keeps ``layout``: rows of a slot's features, or spatial
+    axes of a convolution's channel layout."""
+    if layout.axis == -1:
+        return shape == (layout.channels,)
+    return layout.rank is not None and len(shape) <= layout.rank - 2
 
 
 def _eval_dropout(node: fx.Node) -> bool:
@@ -324,6 +380,10 @@ class KeepChannelLayout(Pass):
             if node not in mixers:  # modules: through channel_call (see there)
                 args = _move_args(node.args[0], slots, kept[node])
                 _call_through(gm, node, channel_call, (args[0], None, *args[1:]))
+        for node in [n for n in graph.nodes if n in kept and _row_norm_function(n) is not None]:
+            name = node.target.__name__
+            node.target = row_norm_call
+            node.args = (node.args[0], name, slots, kept[node].axis, *node.args[1:])
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
@@ -559,6 +619,10 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
         if any(shapes[a] != layout for a in kept) or any(layout not in movable[a] for a in moved):
             return None
         return layout, moved
+    shape = _row_norm_function(node)
+    if shape is not None:  # its weights are the other inputs
+        layout = shapes.get(node.args[0])
+        return (layout, []) if layout is not None and _row_norm_keeps(shape, layout) else None
     if len(inputs) != 1:
         return None
     layout = shapes[kept[0]]
@@ -572,7 +636,8 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
     applied to a value in folded slots that could move in (``movable``) and that others read
     too: moved in, the value also feeds the fused layers reading it (a shortcut ``nn.Identity``
     beside a block's first convolution: one move instead of two), else None."""
-    inputs = node.all_input_nodes
+    shape = _row_norm_function(node)
+    inputs = [node.args[0]] if shape is not None else node.all_input_nodes  # not its weights
     if len(inputs) != 1 or inputs[0] not in movable or inputs[0] in refused:
         return None
     if len(inputs[0].users) < 2:  # read by this op alone: moving its result in costs the same
@@ -583,7 +648,10 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
     # convolution's
     wanted = {mixers[u].reads for u in (*inputs[0].users, *node.users) if u in mixers}
     for layout in sorted(movable[inputs[0]], key=lambda k: (k not in wanted, -k.axis)):
-        if _unary(node, modules, layout) or _norm(node, modules, layout):
+        if shape is not None:
+            if _row_norm_keeps(shape, layout):
+                return layout, [inputs[0]]
+        elif _unary(node, modules, layout) or _norm(node, modules, layout):
             return layout, [inputs[0]]
     return None
 
@@ -601,10 +669,7 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     if kind in DROPOUTS:
         return True
     if kind in ROW_NORMS:
-        shape = tuple(m.normalized_shape)
-        if layout.axis == -1:
-            return shape == (layout.channels,)
-        return layout.rank is not None and len(shape) <= layout.rank - 2
+        return _row_norm_keeps(tuple(m.normalized_shape), layout)
     return kind in NORMS and (layout.axis == 1 or layout.rank == 2)
 
 

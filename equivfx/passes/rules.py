@@ -2090,7 +2090,12 @@ for _name, _keys, _f, _comm in [
         lambda x: F.max_pool2d(x, 2),
         lambda ctx, a: False,
     ),
-    ("layer_norm", [F.layer_norm], lambda x: F.layer_norm(x, (6,)), lambda ctx, a: False),
+    (
+        "layer_norm",
+        [F.layer_norm, F.rms_norm],
+        lambda x: F.layer_norm(x, (6,)),
+        lambda ctx, a: False,
+    ),
     ("group_norm", [F.group_norm], lambda x: F.group_norm(x, 1), spatial_stats_commutes),
     ("instance_norm", [F.instance_norm], lambda x: F.instance_norm(x), spatial_stats_commutes),
     (

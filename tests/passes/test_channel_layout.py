@@ -930,6 +930,71 @@ class NormsOfOtherAxes(PreNorm):
         self.norms = nn.ModuleList([nn.LayerNorm((2, 8)), nn.RMSNorm((2, 8))])
 
 
+class FunctionalNorm(nn.LayerNorm):
+    """A layer norm with its own forward, as timm's: fx traces it into ``F.layer_norm`` (or
+    ``F.rms_norm``) with the weights as ``get_attr`` arguments."""
+
+    def __init__(self, f, fn, affine=True):
+        super().__init__(f, elementwise_affine=affine)
+        self.fn = fn
+
+    def forward(self, x):
+        if self.fn is F.rms_norm:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("fn", [F.layer_norm, F.rms_norm])
+def test_functional_norms_of_the_features_keep_the_layout(monkeypatch, fn, affine):
+    x = torch.randn(3, 2, 4, 4)
+    model = PreNorm(norm=lambda f: FunctionalNorm(f, fn, affine)).eval()
+    with torch.no_grad():  # weights that matter; off autograd: the layout's view (B, ..., |G|, F)
+        for m in model.modules():
+            if isinstance(m, FunctionalNorm) and affine:
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    on = _same(monkeypatch, model, x, grads="close")  # with autograd: moved back and forth
+    called = [n.args[1] for n in on.graph.nodes if n.target is channel_layout.row_norm_call]
+    assert called == [fn.__name__] * 3
+    # as with the modules: the stream moves in once, before the first norm
+    assert _moves(on) == ["slots_to_channels"]
+    assert _reps(on)["layer_norm" if fn is F.layer_norm else "rms_norm"] == ChannelFolded(4, -1)
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
+@pytest.mark.parametrize("fn", [F.layer_norm, F.rms_norm])
+def test_functional_norms_pickle_copy_and_export(fn):
+    test_pickles_copies_and_exports(PreNorm(norm=lambda f: FunctionalNorm(f, fn)).eval(), 4)
+
+
+class SpatialNorm(nn.Module):
+    """Functional layer norms over a convolution's spatial axes (rows within one channel),
+    and one over its channels too (which ends the layout)."""
+
+    def __init__(self, over_channels=False):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(2 if i == 0 else 4, 4, 3, padding=1) for i in range(3)
+        )
+        self.w = nn.Parameter(torch.randn(6, 6))
+        self.over_channels = over_channels
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        shape = (4, 6, 6) if self.over_channels else (6, 6)
+        h = F.layer_norm(h, shape, self.w if not self.over_channels else None)
+        return self.c3(h).mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("over_channels", [False, True])
+def test_functional_norms_of_spatial_axes_keep_a_convolutions_layout(monkeypatch, over_channels):
+    x = torch.randn(3, 2, 6, 6)
+    on = _same(monkeypatch, SpatialNorm(over_channels).eval(), x, grads="close")
+    kept = {"c2": {"channels_out": True}, "c3": {"channels_in": True}}
+    assert _flags(on) == ({"c2": {}, "c3": {}} if over_channels else kept)
+    assert equivfx.verify(on, x, rtol=1e-4, atol=1e-5).ok
+
+
 def test_norms_of_other_axes_end_the_layout(monkeypatch):
     x = torch.randn(3, 2, 4, 4)
     on = _same(monkeypatch, NormsOfOtherAxes().eval(), x, grads="close")  # read in and outside
