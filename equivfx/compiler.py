@@ -23,16 +23,12 @@ from equivfx.errors import (
     NotYetSupportedError,
     ReadoutError,
     explain,
+    user_stacklevel,
 )
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
 from equivfx.meta import annotated_output_action
-from equivfx.passes.annotate import (
-    AnnotateReps,
-    BatchMixingWarning,
-    opaque_leaves,
-    per_slot_difference,
-)
+from equivfx.passes.annotate import AnnotateReps, BatchMixingWarning, opaque_leaves
 from equivfx.passes.channel_layout import KeepChannelLayout
 from equivfx.passes.chunks import chunked_module
 from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
@@ -41,6 +37,7 @@ from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
+from equivfx.passes.leaf_check import per_slot_difference
 from equivfx.passes.lift import LIFT_NAME, InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions
 from equivfx.passes.modules import POOLS, READOUTS
@@ -459,8 +456,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     )
     leaves = opaque_leaves(gm)
     mixing: dict[str, float] = {}
+    unchecked = leaves  # without example inputs, chunk="auto" checks them at the first call
     if examples is not None:
-        mixing = _test_run(gm, examples, leaves)
+        mixing, unchecked = _test_run(gm, examples, leaves)
         if mixing:
             chunk = _one_slot_per_pass(mixing, mode, chunk)
     direct_module_access(gm)
@@ -468,8 +466,12 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     if chunk is not None:
         info = gm.equivfx_info
         try:
-            # without example inputs, chunk="auto" checks the leaves at its first measurement
-            gm = chunked_module(gm, chunk, unchecked_leaves=leaves if examples is None else ())
+            gm = chunked_module(
+                gm,
+                chunk,
+                unchecked_leaves=unchecked if chunk == "auto" else (),
+                mixing_leaves=tuple(mixing),
+            )
         except NotYetSupportedError as err:
             if mixing:
                 raise BatchMixingError(
@@ -493,15 +495,20 @@ def _survive_deepcopy(gm: fx.GraphModule) -> None:
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
 
 
-def _test_run(gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ()) -> dict:
+def _test_run(
+    gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ()
+) -> tuple[dict, tuple]:
     """Run the compiled graph once on the examples; name the node where it fails.
 
     Each opaque leaf (a module with no op rule, ``leaves``) is also run on each slot's part of
-    its folded input alone: returns {leaf: largest difference} for the leaves whose output on the
-    folded batch is not the concatenation of their outputs per slot (they treat the samples of a
-    batch together, so folding the slots into the batch changes what they compute)."""
+    its folded input alone (:func:`~equivfx.passes.leaf_check.per_slot_difference`). Returns
+    {leaf: largest difference} for the leaves whose output on the folded batch is not the
+    concatenation of their outputs per slot (they treat the samples of a batch together, so
+    folding the slots into the batch changes what they compute), and the leaves this could not
+    tell (inputs it cannot cut, random draws)."""
     failed: list[fx.Node] = []
     mixing: dict[str, float] = {}
+    undecided: list[str] = []
     lift = getattr(gm, LIFT_NAME, None)
     slots = len(lift.slots) if lift is not None else 1
 
@@ -520,8 +527,10 @@ def _test_run(gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ())
                 raise
             if leaf:
                 err = per_slot_difference(self.fetch_attr(n.target), n, *inputs, out, slots)
-                if err is not None:
-                    mixing[n.target] = err
+                if err is None:
+                    undecided.append(n.target)
+                elif err:
+                    mixing[n.target] = max(err, mixing.get(n.target, 0.0))
             return out
 
     with eval_mode(gm):
@@ -541,7 +550,7 @@ def _test_run(gm: fx.GraphModule, examples: tuple, leaves: tuple[str, ...] = ())
                 "Fix: "
                 "derive batch sizes from x.size(0).\n" + where
             ) from err
-    return mixing
+    return mixing, tuple(dict.fromkeys(u for u in undecided if u not in mixing))
 
 
 def _one_slot_per_pass(mixing: dict, mode: str, chunk) -> int:
@@ -572,6 +581,6 @@ def _one_slot_per_pass(mixing: dict, mode: str, chunk) -> int:
             f"equivfx: {what}; the compiled model runs one slot per pass (chunk=1), like the "
             "hand-written loop over g.",
             BatchMixingWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return 1

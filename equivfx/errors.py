@@ -26,6 +26,7 @@ __all__ = [
     "PipelineError",
     "EquivarianceError",
     "explain",
+    "user_stacklevel",
 ]
 
 
@@ -102,3 +103,21 @@ class PipelineError(EquivFXError, ValueError):
 
 class EquivarianceError(EquivFXError, AssertionError):
     """Raised by :func:`equivfx.testing.assert_equivariant` when a model is not equivariant."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function name the first
+    frame outside equivfx, torch and fx's generated code: the user's line, however deep the
+    call chain (a compiled model's first call goes through nn.Module and generated forwards)."""
+    import os
+    import sys
+
+    import torch
+
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(inside) or frame.f_code.co_filename.startswith("<eval")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

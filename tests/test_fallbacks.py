@@ -231,6 +231,107 @@ def test_leaf_mixing_samples_with_chunk_1_is_not_refused():
         assert torch.equal(emodel(x), oracle_slots(model, equivfx.group("C4"), x))
 
 
+class _Leaf(torch.nn.Module):
+    """Untraceable leaves (a branch on a shape) of several kinds: returning a tuple, reading
+    a list of feature maps (FPN-style), giving infinities, drawing noise; ``centre`` makes
+    them centre on the batch mean (not per-sample)."""
+
+    def __init__(self, kind: str, centre: bool):
+        super().__init__()
+        self.kind, self.centre = kind, centre
+
+    def forward(self, h, feats=None):
+        if h.dim() != 4:
+            raise ValueError("an untraceable branch")
+        if self.centre:
+            h = h - h.mean(0, keepdim=True)
+        if self.kind == "list":
+            h = h + feats[0]
+        elif self.kind == "inf":
+            h = torch.log(torch.relu(h))  # -inf where h <= 0, in either batch
+        elif self.kind == "noise":
+            h = h + 0.1 * torch.randn_like(h)  # per-sample, random: cannot be checked
+        return (h, -h) if self.kind == "tuple" else h
+
+
+class _LeafNet(torch.nn.Module):
+    def __init__(self, kind: str, centre: bool):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.mid = _Leaf(kind, centre)
+        self.fc = torch.nn.Linear(3 * 6 * 6, 4)
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "list":
+            h = self.mid(self.a(x), [self.b(x)])
+        elif self.kind == "tuple":
+            h, _ = self.mid(self.a(x))
+        else:
+            h = self.mid(self.a(x))
+        return self.fc(torch.tanh(h.clamp(min=-5.0)).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["tuple", "list", "inf"])
+def test_leaf_check_sees_tuples_lists_infinities_and_low_precision(kind, batch, dtype):
+    G = equivfx.group("C4")
+    for centre in (False, True):
+        torch.manual_seed(0)
+        model = _LeafNet(kind, centre).eval().to(dtype)
+        x = torch.randn(batch, 2, 6, 6, dtype=dtype)
+        emodel, caught = _compiled(model, example_inputs=x)
+        # mixing leaves are named (bfloat16's tolerance times 100 passed anything), per-sample
+        # ones are not (infinities equal in both runs, a list's maps cut per slot)
+        assert bool(_mixing_warnings(caught)) == centre, [str(w.message) for w in caught]
+        assert emodel.equivfx_chunks.chunk == (1 if centre else "auto")
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), oracle_slots(model, G, x), rtol=0.02, atol=0.02)
+    if kind != "tuple":  # per-sample leaves compile with every slot in one pass
+        _compiled(_LeafNet(kind, False).eval(), example_inputs=x.float(), chunk=None)
+
+
+def test_a_leaf_drawing_noise_is_not_taken_for_one_that_mixes_samples():
+    model, x = _LeafNet("noise", False).eval(), torch.randn(3, 2, 6, 6)
+    emodel, caught = _compiled(model, example_inputs=x, chunk=None)  # compiled: not refused
+    emodel, caught = _compiled(model)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            emodel(x)
+    assert not _mixing_warnings(caught + first)
+    assert emodel.equivfx_chunks.chunk == "auto"
+
+
+def test_one_slot_per_pass_holds_in_training_traced_and_reloaded():
+    import io
+
+    model, x = _mixing_net("len", False)
+    G = equivfx.group("C4")
+    loop = oracle_slots(model, G, x)
+    emodel, _ = _compiled(model, example_inputs=x)
+    with torch.no_grad():
+        emodel.train()  # no batch statistics to share: the loop's per-slot batches still
+        assert torch.equal(emodel(x), loop)
+        emodel.eval()
+        traced = torch.jit.trace(emodel, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), loop, **TOL)
+    # unchecked (no example inputs) and saved before its first call: the check travels
+    emodel, _ = _compiled(model)
+    buf = io.BytesIO()
+    torch.save(emodel, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), loop, **TOL)
+    messages = [w for w in first if "treat the samples" in str(w.message)]
+    assert messages and messages[0].filename == __file__  # the user's line, not the library's
+    assert loaded.equivfx_chunks.mixing_leaves == ("mid",)
+
+
 @pytest.mark.parametrize("with_examples", [True, False])
 def test_per_sample_opaque_leaves_keep_chunk_auto(with_examples):
     # no false alarm: the zoo's control-flow model and leafy model treat samples on their own

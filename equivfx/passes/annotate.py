@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import torch
 import torch.fx as fx
 
 from equivfx.meta import REP, RULE, BatchSize, Folded, InputRep, Trivial, set_rep
@@ -45,7 +44,6 @@ __all__ = [
     "BatchMixingWarning",
     "OpaqueLeafWarning",
     "opaque_leaves",
-    "per_slot_difference",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,12 +61,6 @@ class BatchMixingWarning(UserWarning):
     per pass instead of folding the slots into the batch."""
 
 
-MIXING_SCALE = 100.0
-"""A leaf mixes samples where folded and per-slot outputs differ by more than this many times the
-dtype's verify tolerance: batch-size-dependent kernels round differently, a leaf that reads
-``len(x)`` or sums over the batch differs by far more."""
-
-
 def opaque_leaves(gm: fx.GraphModule) -> tuple[str, ...]:
     """The targets of the leaf module calls annotated without an op rule."""
     return tuple(
@@ -78,59 +70,6 @@ def opaque_leaves(gm: fx.GraphModule) -> tuple[str, ...]:
             if n.op == "call_module" and n.meta.get(RULE) == OPAQUE_LEAF
         )
     )
-
-
-def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) -> float | None:
-    """Whether the leaf ``module`` (called by ``node`` on ``args``, giving ``out``) computes on
-    the folded batch what it computes on each slot's part alone: None where it does (or where
-    its inputs or output cannot be cut into ``slots`` parts), else the largest difference.
-
-    Folded inputs (``node.args`` annotated :class:`Folded`) are cut slot-major along their batch
-    axis; other inputs are passed whole, as the folded call gets them. The per-slot calls get
-    copies (a leaf may write its input) and the module's buffers are restored after them."""
-    from equivfx.verify.tolerance import abs_error, tolerance, within
-
-    out_rep = node.meta.get(REP)
-    if not isinstance(out_rep, Folded) or out_rep.container or not isinstance(out, torch.Tensor):
-        return None
-    cuts = {}
-    for key, arg in [*enumerate(node.args), *node.kwargs.items()]:
-        rep = arg.meta.get(REP) if isinstance(arg, fx.Node) else None
-        if not isinstance(rep, Folded):
-            continue
-        value = args[key] if isinstance(key, int) else kwargs[key]
-        axis = rep.batch_axis
-        if rep.container or not isinstance(value, torch.Tensor) or value.shape[axis] % slots:
-            return None
-        cuts[key] = value.chunk(slots, axis)
-    if not cuts or out.shape[out_rep.batch_axis] % slots:
-        return None
-
-    def copy(v):
-        return v.clone() if isinstance(v, torch.Tensor) else v
-
-    buffers = {name: b.clone() for name, b in module.named_buffers()}
-    parts = []
-    try:
-        for s in range(slots):
-            args_s = [copy(cuts[i][s] if i in cuts else a) for i, a in enumerate(args)]
-            kwargs_s = {k: copy(cuts[k][s] if k in cuts else v) for k, v in kwargs.items()}
-            part = module(*args_s, **kwargs_s)
-            if not isinstance(part, torch.Tensor):
-                return None
-            parts.append(part)
-    except Exception as err:  # noqa: BLE001 - the folded call ran; this one cannot tell
-        log.info("equivfx: leaf %s fails on one slot's part: %s", node.target, err)
-        return None
-    finally:
-        for name, b in module.named_buffers():
-            if name in buffers and b.shape == buffers[name].shape:
-                b.copy_(buffers[name])
-    per_slot = torch.cat(parts, out_rep.batch_axis)
-    rtol, atol = tolerance(out.dtype)
-    if within(out, per_slot, MIXING_SCALE * rtol, MIXING_SCALE * atol):
-        return None
-    return abs_error(out, per_slot)
 
 
 def _carries(rep) -> bool:
@@ -209,9 +148,11 @@ class AnnotateReps(Pass):
             ax = 0
         warnings.warn(
             f"equivfx: leaf module {node.target!r} ({type(module).__name__}) has no op rule; it is "
-            "assumed to treat batch samples independently. compile checks this on example_inputs "
-            "(and chunk='auto' at the first call) and runs one slot per pass where it does not "
-            "hold; register a rule with equivfx.passes.rules.register to make it explicit.",
+            "assumed to treat batch samples independently. In global mode compile checks this on "
+            "example_inputs (without them, chunk='auto' checks the whole model at its first "
+            "call) and runs one slot per pass where it does not hold; layer-wise mode checks it "
+            "on example_inputs only. Register a rule with equivfx.passes.rules.register to make "
+            "it explicit.",
             OpaqueLeafWarning,
             stacklevel=4,
         )

@@ -40,13 +40,13 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
-from equivfx.errors import NotYetSupportedError, explain
-from equivfx.passes.annotate import MIXING_SCALE, BatchMixingWarning
+from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
+from equivfx.passes.annotate import BatchMixingWarning
 from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
+from equivfx.passes.leaf_check import outputs_differ
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import (
     MEASURING,
@@ -59,7 +59,6 @@ from equivfx.passes.modules import (
 )
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
-from equivfx.verify.tolerance import abs_error, tolerance, within
 
 __all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
 
@@ -99,16 +98,22 @@ class SlotChunks(nn.Module):
     unchecked_leaves: tuple[str, ...] = ()
     """Opaque leaves the first measurement checks (models pickled before it have none)."""
 
+    mixing_leaves: tuple[str, ...] = ()
+    """Opaque leaves found to treat a batch's samples together: one slot per pass, always."""
+
     MEASURED_SHAPES = 8
     """``chunk="auto"`` measures at most this many input shapes; later new shapes reuse the
     decision of the nearest measured one (see the module docstring)."""
 
-    def __init__(self, flat: fx.GraphModule, chunk: int | str, unchecked_leaves=()):
+    def __init__(
+        self, flat: fx.GraphModule, chunk: int | str, unchecked_leaves=(), mixing_leaves=()
+    ):
         super().__init__()
         object.__setattr__(self, "flat", flat)  # shared, not a child: no duplicate state-dict keys
         self.chunk = chunk
         self.chosen: dict[tuple, int] = {}
         self.unchecked_leaves = tuple(unchecked_leaves)
+        self.mixing_leaves = tuple(mixing_leaves)
         self._build(flat)
 
     # The structure derived from flat's graph: its fx nodes are not pickled (a pickled graph
@@ -224,6 +229,8 @@ class SlotChunks(nn.Module):
 
     def _decided(self, args) -> int | None:
         """Slots per pass, or None where chunk="auto" has not measured this input yet."""
+        if self.mixing_leaves:  # exact only so, in training and traced too
+            return 1
         if is_tracing():  # first: torch.compile would guard on the registration count
             return self.order
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
@@ -281,7 +288,8 @@ class SlotChunks(nn.Module):
         devices = devices_of(args, self)  # CUDA kernels run after the call returns
         start = time.perf_counter()
         shuffle = random.Random(0).shuffle
-        first: dict[int, object] = {}
+        kept: dict[tuple[int, int], object] = {}  # (round, k) -> output, for _leaves_mix
+        checked = ((0, 1), (0, self.order), (1, self.order))
         for round_ in range(21):
             order = list(sizes)
             shuffle(order)
@@ -292,44 +300,41 @@ class SlotChunks(nn.Module):
                 synchronize(devices)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
-                elif self.unchecked_leaves and k in (1, self.order):
-                    first[k] = out
+                if self.unchecked_leaves and (round_, k) in checked:
+                    kept[round_, k] = out
                 del out
-            if first:
-                if self._leaves_mix(first[1], first[self.order]):
+            if round_ == 1 and kept:
+                if self._leaves_mix(kept[0, 1], kept[0, self.order], kept[1, self.order]):
                     return 1
-                first.clear()
+                kept.clear()
             if round_ >= 3 and time.perf_counter() - start > 0.3:
                 break
         fastest = min(sizes, key=lambda k: (best[k], -k))
         return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
 
-    def _leaves_mix(self, per_slot, folded) -> bool:
+    def _leaves_mix(self, per_slot, folded, again) -> bool:
         """The first measurement of a model with opaque leaves not checked at compile (no example
-        inputs): where one slot per pass and every slot in one pass give different outputs, the
-        leaves treat a batch's samples together; from then on this model runs one slot per pass
-        (each leaf sees the batch the loop over g gives it). Checked once per model."""
+        inputs, or inputs the check could not cut): where one slot per pass (``per_slot``) and
+        every slot in one pass (``folded``) give different outputs, the leaves treat a batch's
+        samples together; from then on this model runs one slot per pass, in every mode (each
+        leaf sees the batch the loop over g gives it). A model whose folded outputs change from
+        one call to the next (``again``: random draws) cannot be checked. Once per model."""
         leaves, self.unchecked_leaves = self.unchecked_leaves, ()
-        a, b = (
-            [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
-            for v in (per_slot, folded)
-        )
-        errors = [
-            abs_error(x, y)
-            for x, y in zip(a, b, strict=True)
-            if not within(x, y, *(MIXING_SCALE * t for t in tolerance(x.dtype)))
-        ]
-        if not errors:
+        if outputs_differ(folded, again) != 0.0:
+            log.info("equivfx: outputs change between calls: leaves %s not checked", leaves)
             return False
-        self.chunk = 1
+        error = outputs_differ(per_slot, folded)
+        if not error:
+            return False
+        self.mixing_leaves, self.chunk = leaves, 1
         warnings.warn(
             f"equivfx: the compiled model's outputs with one slot per pass and with every slot in "
-            f"one pass differ by {max(errors):.3g}: opaque leaf module(s) "
+            f"one pass differ by {error:.3g}: opaque leaf module(s) "
             f"{', '.join(map(repr, leaves))} treat the samples of a batch together. It runs one "
             "slot per pass from now on (chunk=1), like the hand-written loop over g; pass "
             "example_inputs to compile to have this checked (and the leaf named) beforehand.",
             BatchMixingWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return True
 
@@ -643,7 +648,11 @@ class _Chunked(fx.GraphModule):
     def __reduce__(self):
         runner = self._modules[CHUNKS_NAME]
         kept = {k: v for k, v in self.__dict__.items() if k not in _STRUCTURE}
-        return (_unpickle_chunked, (self.equivfx_flat, runner.chunk, dict(runner.chosen), kept))
+        leaves = (runner.unchecked_leaves, runner.mixing_leaves)
+        return (
+            _unpickle_chunked,
+            (self.equivfx_flat, runner.chunk, dict(runner.chosen), kept, leaves),
+        )
 
 
 # what chunked_module builds (everything else a pickled chunked module had is put back)
@@ -653,8 +662,10 @@ _STRUCTURE = frozenset(
 )
 
 
-def _unpickle_chunked(flat: fx.GraphModule, chunk, chosen: dict, kept: dict) -> fx.GraphModule:
-    gm = chunked_module(flat, chunk)
+def _unpickle_chunked(
+    flat: fx.GraphModule, chunk, chosen: dict, kept: dict, leaves=((), ())
+) -> fx.GraphModule:  # leaves: (unchecked, mixing); pickles before them have none
+    gm = chunked_module(flat, chunk, *leaves)
     gm._modules[CHUNKS_NAME].chosen.update(chosen)
     gm.__dict__.update(kept)
     return direct_module_access(gm)
@@ -668,11 +679,14 @@ def _restore_flat(copied: fx.GraphModule) -> None:
     _share_root_tensors(copied, flat)
 
 
-def chunked_module(flat: fx.GraphModule, chunk: int | str, unchecked_leaves=()) -> fx.GraphModule:
+def chunked_module(
+    flat: fx.GraphModule, chunk: int | str, unchecked_leaves=(), mixing_leaves=()
+) -> fx.GraphModule:
     """A graph module computing what ``flat`` computes, k slots at a time.
 
     ``unchecked_leaves``: opaque leaves whose independence of the batch's other samples
-    ``chunk="auto"`` checks at its first measurement (see :meth:`SlotChunks._leaves_mix`).
+    ``chunk="auto"`` checks at its first measurement (see :meth:`SlotChunks._leaves_mix`);
+    ``mixing_leaves``: leaves found to mix them (one slot per pass in every mode).
 
     It registers ``flat``'s submodules, parameters and buffers under the same names (so the state
     dict has the original keys) and keeps ``flat`` as ``equivfx_flat`` for localisation and
@@ -687,7 +701,7 @@ def chunked_module(flat: fx.GraphModule, chunk: int | str, unchecked_leaves=()) 
                 "pass the number of slots per pass",
             )
         )
-    runner = SlotChunks(flat, chunk, unchecked_leaves)
+    runner = SlotChunks(flat, chunk, unchecked_leaves, mixing_leaves)
     root = nn.Module()
     root.add_module(CHUNKS_NAME, runner)
     graph = fx.Graph()

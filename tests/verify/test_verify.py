@@ -81,6 +81,20 @@ def test_scaled_comparison():
     assert abs_error(torch.zeros(2), torch.zeros(3)) == float("inf")
 
 
+def test_infinities_pass_only_against_themselves():
+    inf = float("inf")
+    a = torch.tensor([inf, -inf, 1.0])
+    assert within(a, a.clone(), rtol=1e-5, atol=1e-6) and abs_error(a, a.clone()) == 0.0
+    # the scaled bound is infinite where either value is: it passed -inf against 3.0 before
+    for b in ([inf, -inf, inf], [inf, 3.0, 1.0], [-inf, -inf, 1.0]):
+        assert not within(a, torch.tensor(b), rtol=1e-5, atol=1e-6), b
+        assert abs_error(a, torch.tensor(b)) == inf, b
+    assert not within(torch.tensor([-inf, 1.0]), torch.tensor([3.0, 1.0]), rtol=1e-5, atol=1e-6)
+    nan = float("nan")
+    assert within(torch.tensor([nan, inf]), torch.tensor([nan, inf]), rtol=0.0, atol=0.0)
+    assert not within(torch.tensor([nan]), torch.tensor([inf]), rtol=1.0, atol=1.0)
+
+
 def test_modes_are_restored():
     model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Dropout(0.5)).train()
     equivfx.verify(model, X, group="C4", output_action="C4")
