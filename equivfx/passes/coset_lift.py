@@ -158,8 +158,8 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
 def _shape_read(node: fx.Node) -> bool:
     """``node`` reads a shape and holds the same on one slot per coset as on every slot: a
     number or tuple read off shapes without the batch size (``rules.shape_value``), or a shape
-    holding it whose readers all take other positions. Between the two lifts only the folded
-    batch axis differs."""
+    holding it whose readers all take other positions or are never read (``B, C, L = h.shape``
+    with B unused). Between the two lifts only the folded batch axis differs."""
     value = shape_value(node)
     if value is None:
         return False
@@ -168,8 +168,15 @@ def _shape_read(node: fx.Node) -> bool:
     return (
         value.length is not None
         and bool(node.users)
-        and all((v := shape_value(u)) is not None and not v.batch for u in node.users)
+        and all(
+            ((v := shape_value(u)) is not None and not v.batch) or _unread(u) for u in node.users
+        )
     )
+
+
+def _unread(node: fx.Node) -> bool:
+    """``node`` is an item of a shape that nothing reads (an unpacked name left unused)."""
+    return not node.users and node.op == "call_function" and shape_value(node) is not None
 
 
 def _commutes(node: fx.Node, read, region, action, modules) -> bool:

@@ -275,6 +275,12 @@ class ReadsShapes(FlatHead):
         h = torch.relu(self.a(x))
         if self.mode == "other-axes":  # an item, a size, a rank; an item of a slice
             h = h * (1.0 / h.shape[-1]) + h.size(1) * 0.0 - h.dim() + h.size()[1:][-1]
+        elif self.mode == "unpacked":  # the batch size unpacked, never read
+            B, C, L = h.shape
+            h = h * (1.0 / L) + C * 0.0
+        elif self.mode == "unpacked-and-read":
+            B, C, L = h.shape
+            h = h.reshape(B, C, L)
         elif self.mode == "batch-size":
             h = h.reshape(h.shape[0], h.size(1), -1)
         elif self.mode == "scaled-tensor":  # a positional embedding scaled by a size
@@ -284,7 +290,10 @@ class ReadsShapes(FlatHead):
         return self.fc(torch.relu(self.b(h)).flatten(1))
 
 
-@pytest.mark.parametrize("mode", ["other-axes", "batch-size", "scaled-tensor", "ramp"])
+@pytest.mark.parametrize(
+    "mode",
+    ["other-axes", "unpacked", "unpacked-and-read", "batch-size", "scaled-tensor", "ramp"],
+)
 def test_sizes_of_other_axes_do_not_end_the_region(mode):
     model = ReadsShapes(mode).eval()
     G = equivfx.group("ShiftRev4")
@@ -294,7 +303,7 @@ def test_sizes_of_other_axes_do_not_end_the_region(mode):
     (coset_lift,) = [n for n in f.graph.nodes if n.target == "equivfx_lift"]
     # reading other axes' sizes, both convolutions run once per coset (the region ended at the
     # first read before); a read of the batch size, or a tensor operand, ends it there
-    free = mode == "other-axes"
+    free = mode in ("other-axes", "unpacked")
     assert (coset_lift.args[0].args[0].target == "b") == free
     assert rows_seen(model.b, lambda: fast(X)) == 3 * (2 if free else 8)
     x = torch.randn(5, 3, 16)  # another batch size
