@@ -137,6 +137,8 @@ def _commuting_region(lift: fx.Node, action, modules) -> list[fx.Node]:
                 if a in region:
                     outside[a] -= 1
                     open_ -= outside[a] == 0
+            if open_ == 1 and taken and outside[taken[-1]]:  # the last op's value alone leaves
+                end = len(taken)
             continue
         derived.add(node)
         if not _commutes(node, read, region, action, modules):

@@ -285,14 +285,25 @@ class ReadsShapes(FlatHead):
             h = h.reshape(h.shape[0], h.size(1), -1)
         elif self.mode == "scaled-tensor":  # a positional embedding scaled by a size
             h = h + self.pe * h.shape[1] ** -0.5
-        else:  # a ramp over the positions
+        elif self.mode == "ramp":  # a ramp over the positions
             h = h + torch.arange(16) / h.shape[-1]
-        return self.fc(torch.relu(self.b(h)).flatten(1))
+        g = torch.relu(self.b(h))
+        if self.mode == "read-last":  # a read of h after the last op: only g's value leaves
+            return self.fc(g.flatten(1)) * (1.0 / h.shape[-1])
+        return self.fc(g.flatten(1))
 
 
 @pytest.mark.parametrize(
     "mode",
-    ["other-axes", "unpacked", "unpacked-and-read", "batch-size", "scaled-tensor", "ramp"],
+    [
+        "other-axes",
+        "unpacked",
+        "unpacked-and-read",
+        "read-last",
+        "batch-size",
+        "scaled-tensor",
+        "ramp",
+    ],
 )
 def test_sizes_of_other_axes_do_not_end_the_region(mode):
     model = ReadsShapes(mode).eval()
@@ -303,7 +314,7 @@ def test_sizes_of_other_axes_do_not_end_the_region(mode):
     (coset_lift,) = [n for n in f.graph.nodes if n.target == "equivfx_lift"]
     # reading other axes' sizes, both convolutions run once per coset (the region ended at the
     # first read before); a read of the batch size, or a tensor operand, ends it there
-    free = mode in ("other-axes", "unpacked")
+    free = mode in ("other-axes", "unpacked", "read-last")
     assert (coset_lift.args[0].args[0].target == "b") == free
     assert rows_seen(model.b, lambda: fast(X)) == 3 * (2 if free else 8)
     x = torch.randn(5, 3, 16)  # another batch size
