@@ -292,6 +292,17 @@ def test_leaf_check_sees_tuples_lists_infinities_and_low_precision(kind, batch, 
         _compiled(_LeafNet(kind, False).eval(), example_inputs=x.float(), chunk=None)
 
 
+def test_a_leaf_returning_a_tuple_needs_example_inputs():
+    model, x = _LeafNet("tuple", False).eval(), torch.randn(3, 2, 6, 6)
+    # without example inputs a leaf's output is taken for one tensor: h, _ = leaf(...) reads as
+    # indexing its batch axis; the refusal says what to do
+    with pytest.raises(BatchMixingError, match="if leaf module 'mid' returns a tuple"):
+        _compiled(model)
+    emodel, _ = _compiled(model, example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(emodel(x), oracle_slots(model, equivfx.group("C4"), x))
+
+
 def test_a_leaf_drawing_noise_is_not_taken_for_one_that_mixes_samples():
     model, x = _LeafNet("noise", False).eval(), torch.randn(3, 2, 6, 6)
     emodel, caught = _compiled(model, example_inputs=x, chunk=None)  # compiled: not refused

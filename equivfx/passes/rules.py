@@ -972,10 +972,17 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         if pos == ax:
             if isinstance(e, slice) and e == slice(None):
                 return Folded(out)
-            raise ctx.mixing(
-                f"indexing {e!r} on the batch axis selects samples",
-                "index sample axes only (x[:, ...])",
-            )
+            fix = "index sample axes only (x[:, ...])"
+            if (
+                isinstance(src, fx.Node)
+                and src.meta.get("equivfx.rule") == OPAQUE_LEAF
+                and "tensor_meta" not in src.meta
+            ):  # without example inputs, a leaf's output is taken for one tensor
+                fix += (
+                    f"; or, if leaf module {src.target!r} returns a tuple, compile with "
+                    "example_inputs= so equivfx sees its outputs"
+                )
+            raise ctx.mixing(f"indexing {e!r} on the batch axis selects samples", fix)
         if isinstance(e, int):
             pos += 1
             continue
