@@ -114,7 +114,7 @@ def user_stacklevel() -> int:
 
     import torch
 
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    inside = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and (
         frame.f_code.co_filename.startswith(inside) or frame.f_code.co_filename.startswith("<eval")

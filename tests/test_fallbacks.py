@@ -292,6 +292,95 @@ def test_leaf_check_sees_tuples_lists_infinities_and_low_precision(kind, batch, 
         _compiled(_LeafNet(kind, False).eval(), example_inputs=x.float(), chunk=None)
 
 
+def test_outputs_differ_bounds_each_tensor_by_its_own_scale():
+    from equivfx.passes.leaf_check import outputs_differ
+
+    big = torch.tensor([33.0, 0.0, -40.0])
+    # kernels that round a batch of 8 B rows otherwise move an output near 0 as much as one
+    # near 33 (2.7e-4 in float32 on the CPU): within 100 x float32's rtol of the tensor's scale
+    assert outputs_differ(big, big + torch.tensor([2.7e-4, 2.7e-4, 0.0])) == 0.0
+    assert outputs_differ(big, big + torch.tensor([0.0, 0.1, 0.0])) == pytest.approx(0.1)
+    inf = float("inf")
+    assert outputs_differ(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
+    assert outputs_differ(torch.tensor([inf, 1.0]), torch.tensor([2.0, 1.0])) == inf
+    assert outputs_differ((big,), (big[:2],)) == inf  # a shape that follows the batch
+    assert outputs_differ(torch.arange(3), torch.arange(3).flip(0)) == 2.0  # integers: exact
+
+
+class _Crop(torch.nn.Module):
+    """Crops the columns that are zero in every sample of the batch: its output's width
+    follows the batch (untraceable: a size read off a tensor)."""
+
+    def forward(self, h):
+        cols = (h.abs().sum((0, 1, 2)) > 0).nonzero().flatten()
+        return h[..., int(cols.min()) : int(cols.max()) + 1]
+
+
+class _CropNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.crop, self.fc = _Crop(), torch.nn.Linear(2, 4)
+
+    def forward(self, x):
+        return self.fc(self.crop(x).mean((2, 3)))
+
+
+class _CountNet(torch.nn.Module):
+    """A leaf handed the batch size as a number: per slot, which count would it get?"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid = torch.nn.Conv2d(2, 3, 3, padding=1), _Divide()
+        self.fc = torch.nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.mid(self.conv(x), x.shape[0])).flatten(1))
+
+
+class _Divide(torch.nn.Module):
+    def forward(self, h, n):
+        if h.dim() != 4:
+            raise ValueError("an untraceable branch")
+        return h / n
+
+
+def test_leaves_whose_shape_or_count_follows_the_batch():
+    G = equivfx.group("C4")
+    torch.manual_seed(0)
+    x = torch.zeros(2, 2, 8, 8)
+    x[..., 2:6, 1:3] = torch.randn(2, 2, 4, 2)  # the slots' nonzero columns differ
+    crop = _CropNet().eval()
+    emodel, caught = _compiled(crop, example_inputs=x)  # was a crash joining the slots' crops
+    assert any("'crop'" in m for m in _mixing_warnings(caught))
+    with torch.no_grad():
+        assert torch.equal(emodel(x), oracle_slots(crop, G, x))
+    # a count holding the batch size cannot be cut per slot: the first call checks the model
+    count, x = _CountNet().eval(), torch.randn(3, 2, 6, 6)
+    emodel, caught = _compiled(count, example_inputs=x)
+    assert not _mixing_warnings(caught) and emodel.equivfx_chunks.unchecked_leaves == ("mid",)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), oracle_slots(count, G, x), **TOL)  # 0.14 off
+    assert _mixing_warnings(first)
+
+
+def test_a_first_call_in_training_checks_the_leaves_in_eval_mode():
+    model, x = _mixing_net("len", False)
+    emodel, _ = _compiled(model)  # no example inputs: the first call checks
+    emodel.train()
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = emodel(x)
+    assert _mixing_warnings(first) and emodel.training and emodel.mid.training  # modes kept
+    model.train()
+    torch.testing.assert_close(y, oracle_slots(model, equivfx.group("C4"), x), **TOL)
+    # another thread that waited on the measurement takes the finding, not a fold size
+    runner = emodel.equivfx_chunks
+    assert runner._measured((x[:1],)) == 1 and len(runner.chosen) == 0
+
+
 def test_a_leaf_returning_a_tuple_needs_example_inputs():
     model, x = _LeafNet("tuple", False).eval(), torch.randn(3, 2, 6, 6)
     # without example inputs a leaf's output is taken for one tensor: h, _ = leaf(...) reads as

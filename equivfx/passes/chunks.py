@@ -236,6 +236,10 @@ class SlotChunks(nn.Module):
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
             self._find_user_modules()
         if any(map(_TRAINING, self._user_modules)):
+            if self.unchecked_leaves:  # a first call in training: check the leaves first
+                self._check_in_eval(args)
+                if self.mixing_leaves:
+                    return 1
             return self.order  # training: batch statistics must see every slot
         if self.chunk != "auto":
             return int(self.chunk)
@@ -263,6 +267,8 @@ class SlotChunks(nn.Module):
     def _measured(self, args) -> int:
         key = self._key(args)
         with MEASURING:  # one measurement at a time; another thread may have made this one
+            if self.mixing_leaves:  # ... or found leaves that mix samples
+                return 1
             if key not in self.chosen:
                 with torch.no_grad():
                     self.chosen[key] = self._measure(args)
@@ -311,6 +317,23 @@ class SlotChunks(nn.Module):
                 break
         fastest = min(sizes, key=lambda k: (best[k], -k))
         return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
+
+    def _check_in_eval(self, args) -> None:
+        """:meth:`_leaves_mix` on ``args`` in eval mode without autograd (the modules' modes
+        restored), for a first call in training: the check that ``_measure`` makes in eval."""
+        with MEASURING:
+            if not self.unchecked_leaves:  # another thread checked
+                return
+            modes = [(m, m.training) for m in self.flat.modules()]
+            try:
+                self.flat.eval()
+                with torch.no_grad():
+                    one = self._run(args, 1)
+                    folded, again = self._run(args, self.order), self._run(args, self.order)
+                self._leaves_mix(one, folded, again)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
 
     def _leaves_mix(self, per_slot, folded, again) -> bool:
         """The first measurement of a model with opaque leaves not checked at compile (no example

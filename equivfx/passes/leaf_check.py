@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from equivfx.meta import REP, Folded
-from equivfx.verify.tolerance import abs_error, tolerance, within
+from equivfx.meta import REP, BatchSize, Folded
+from equivfx.verify.tolerance import abs_error, tolerance
 
 __all__ = ["MIXING_SCALE", "MIXING_CAP", "outputs_differ", "per_slot_difference"]
 
@@ -37,20 +37,32 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
-def outputs_differ(a, b) -> float | None:
-    """0.0 where the tensors of ``a`` and ``b`` (pytrees of one structure) agree within the
-    scaled tolerance, else their largest difference; None where their structures or shapes
-    differ (nothing to compare)."""
+def outputs_differ(a, b) -> float:
+    """0.0 where the tensors of ``a`` and ``b`` (pytrees) agree, else their largest difference
+    (inf where their structures or shapes differ: a leaf whose output shape follows the batch).
+
+    Each pair of tensors is bounded by its own scale, ``max |a - b| <= atol + rtol * max(|a|,
+    |b|)`` over the tensor, with the dtype's tolerance times :data:`MIXING_SCALE` (capped at
+    :data:`MIXING_CAP`): a kernel that rounds a batch of 8 B rows otherwise than one of B rows
+    moves small outputs as much as large ones (2.7e-4 on outputs near 33 in float32 on the CPU),
+    which an element-wise bound would take for mixing. Equal infinities and NaNs agree."""
     if pytree.tree_structure(a) != pytree.tree_structure(b):
-        return None
+        return float("inf")
     worst = 0.0
     for x, y in zip(_tensors(a), _tensors(b), strict=True):
         if x.shape != y.shape:
-            return None
+            return float("inf")
+        if x.numel() == 0 or not (x.is_floating_point() or x.is_complex()):
+            if not torch.equal(x, y):
+                worst = max(worst, abs_error(x, y))
+            continue
+        error = abs_error(x, y)  # equal infinities: 0; an infinity against a number: inf
         scaled = zip(tolerance(x.dtype), MIXING_CAP, strict=True)
         rtol, atol = (min(MIXING_SCALE * t, cap) for t, cap in scaled)
-        if not within(x, y, rtol, atol):
-            worst = max(worst, abs_error(x, y))
+        finite = [t.detach().abs()[torch.isfinite(t)] for t in (x, y)]
+        scale = max((float(f.max()) for f in finite if f.numel()), default=0.0)
+        if error > atol + rtol * scale:
+            worst = max(worst, error)
     return worst
 
 
@@ -61,15 +73,18 @@ def _copy(tree):
 def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) -> float | None:
     """How far the leaf ``module`` (called by ``node`` on ``args``, ``kwargs`` as they were before
     the call, giving ``out``) is from computing on the folded batch what it computes on each
-    slot's part alone: 0.0 where it is not, None where this cannot tell.
+    slot's part alone: 0.0 where it is not (inf where the slots' outputs differ in shape from
+    each other or the folded output), None where this cannot tell.
 
     Folded inputs (values of nodes annotated :class:`Folded`, also inside lists and dicts) are
     cut slot-major along their batch axis, other inputs passed whole, as the folded call gets
     them; the per-slot outputs are joined along the output's batch axis (tensors of a tuple
-    each). Cannot tell: inputs or outputs that cannot be cut into ``slots`` parts, a leaf that
-    fails on one part, and a leaf whose output changes with the random state (run once more,
-    from another seed: dropout in training, noise). The calls get copies (a leaf may write its
-    input) and the module's buffers are restored after them."""
+    each). Cannot tell: inputs or outputs that cannot be cut into ``slots`` parts, a count
+    holding the batch size among the inputs (``leaf(h, x.shape[0])``: what would one slot's
+    count be?), a leaf that fails on one part, and a leaf whose output changes with the random
+    state (run once more, from another seed: dropout in training, noise). The first-call check
+    of ``chunk="auto"`` takes the leaves this cannot tell. The calls get copies (a leaf may
+    write its input) and the module's buffers are restored after them."""
     out_rep = node.meta.get(REP)
     if not isinstance(out_rep, Folded):
         return None
@@ -80,6 +95,8 @@ def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) ->
     cuts = {}
     for i, (arg, value) in enumerate(zip(arg_nodes, values, strict=True)):
         rep = arg.meta.get(REP) if isinstance(arg, fx.Node) else None
+        if isinstance(rep, BatchSize) and rep.batch_dims:  # a count holding |G| B: per slot?
+            return None
         if not isinstance(rep, Folded):
             continue
         axis = rep.batch_axis
@@ -109,10 +126,14 @@ def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) ->
         for name, b in module.named_buffers():
             if name in buffers and b.shape == buffers[name].shape:
                 b.copy_(buffers[name])
-    if any(pytree.tree_structure(p) != pytree.tree_structure(out) for p in parts):
-        return None
-    joined = [
-        torch.cat(ts, out_axis) if isinstance(ts[0], torch.Tensor) else ts[0]
-        for ts in zip(*(pytree.tree_leaves(p) for p in parts), strict=True)
-    ]
-    return outputs_differ(out, pytree.tree_unflatten(joined, pytree.tree_structure(out)))
+    structure = pytree.tree_structure(out)
+    if any(pytree.tree_structure(p) != structure for p in parts):
+        return float("inf")  # its output's structure follows the batch
+    leaves = zip(*(pytree.tree_leaves(p) for p in parts), strict=True)
+    try:
+        joined = [
+            torch.cat(ts, out_axis) if isinstance(ts[0], torch.Tensor) else ts[0] for ts in leaves
+        ]
+    except RuntimeError:  # the slots' outputs differ in shape: it follows the batch
+        return float("inf")
+    return outputs_differ(out, pytree.tree_unflatten(joined, structure))
