@@ -164,7 +164,9 @@ ROW_NORMS = (nn.LayerNorm, nn.RMSNorm)
 """Norms over a value's trailing axes (exactly these types), row by row: they keep a linear
 layer's feature layout where they normalise the features, (F,) (:func:`channel_call` views the
 layout as (B, ..., |G|, F)), and a convolution's channel layout where they normalise spatial
-axes only (rows within one channel)."""
+axes only (rows within one channel). RMS norms sum in their input's memory order: like dropout,
+not after a value moved in (a contiguous copy of what may have been channels-last or a
+transposed view)."""
 
 DROPOUTS = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
@@ -172,8 +174,11 @@ DROPOUTS = (
 """Dropout modules (exactly these types): the identity in eval mode, so they keep any layout;
 in training :func:`channel_call` runs them on the slots moved back. Their masks are drawn in the
 input's memory order, so they keep the layout only where their input is computed from fused
-layers' outputs alone (contiguous, as without the pass), not from a value moved in (which
-without the pass may have had other strides: channels-last, a transposed view)."""
+layers' outputs and values moved in that are known to be contiguous (by the example inputs'
+strides, or a linear layer's output), as without the pass; a value moved in that may have had
+other strides (channels-last, a transposed view, which eager elementwise ops hand on) stays in
+folded slots where such an op, kept or not, reads a value computed from it (a copy moved back
+would be contiguous too). RMS norms likewise (see :data:`ROW_NORMS`)."""
 
 
 ROW_NORM_FUNCTIONS = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm}
@@ -462,24 +467,31 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
     shapes: dict[fx.Node, Layout] = {}  # kept value -> its layout
     movable: dict[fx.Node, frozenset[Layout]] = {}  # folded value -> the layouts it could take
     reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
-    # kept values computed from a value moved in: contiguous, where without the pass they had
-    # its strides (channels-last, a transposed view), so a dropout would draw another mask
-    restrided: set[fx.Node] = set()
+    # kept values computed from values moved in (-> those values): contiguous, where without
+    # the pass they had their strides (channels-last, a transposed view; eager elementwise ops
+    # hand strides on), so a dropout would draw another mask and an RMS norm sum in another
+    # order (_memory_order), kept or reading a copy moved back: those values do not move in
+    restrided: dict[fx.Node, set[fx.Node]] = {}
+    strided_reads: set[fx.Node] = set()
     for node in graph.nodes:
         if node in refused:
             continue
+        if _memory_order(node, modules) and node.args and node.args[0] in restrided:
+            strided_reads |= restrided[node.args[0]]
         if node in mixers:
             shapes[node] = mixers[node].gives
             continue
         kept = _keeps_layout(node, modules, shapes, movable, refused)
         if kept is None:
             kept = _moves_in(node, modules, mixers, movable, refused)
-        if kept is not None and _dropout(node, modules) and (kept[1] or node.args[0] in restrided):
-            kept = None
+        strided = {v for v in kept[1] if not _contiguous(v, modules)} if kept else set()
+        if kept is not None and _memory_order(node, modules) and strided:
+            kept = None  # it reads the value itself, as without the pass
         if kept is not None:
             shapes[node], reads[node] = kept
-            if kept[1] or any(a in restrided for a in node.all_input_nodes):
-                restrided.add(node)
+            sources = strided.union(*(restrided.get(a, ()) for a in node.all_input_nodes))
+            if sources:
+                restrided[node] = sources
         else:
             shape = _slot_shape(node, modules, movable)
             if shape is not None:
@@ -504,7 +516,7 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
         useful |= writers
         grown = bool(writers)
     entries: dict[fx.Node, Layout] = {}
-    clashes: set[fx.Node] = set()  # ops that would move a value into a second layout
+    clashes = set(strided_reads)  # and ops that would move a value into a second layout
     for n in sorted(useful, key=order.__getitem__):
         for v in reads.get(n, ()):
             if entries.setdefault(v, shapes[n]) != shapes[n]:
@@ -673,8 +685,32 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     return kind in NORMS and (layout.axis == 1 or layout.rank == 2)
 
 
-def _dropout(node: fx.Node, modules) -> bool:
-    return node.op == "call_module" and type(modules.get(node.target)) in DROPOUTS
+def _contiguous(node: fx.Node, modules) -> bool:
+    """``node``'s value is known to be contiguous (a copy moved in has its strides): by the
+    example inputs' strides, or as a linear layer's output. Otherwise it may have been
+    channels-last or a transposed view."""
+    tm = node.meta.get("tensor_meta")
+    stride = getattr(tm, "stride", None)
+    if stride is not None:
+        expected, step = [], 1
+        for size in reversed(tm.shape):
+            expected.append(step)
+            step *= size
+        return all(
+            size == 1 or s == e
+            for size, s, e in zip(tm.shape, stride, reversed(expected), strict=True)
+        )
+    return node.op == "call_module" and type(modules.get(node.target)) is nn.Linear
+
+
+def _memory_order(node: fx.Node, modules) -> bool:
+    """``node`` computes in its input's memory order, so that a contiguous copy of a strided
+    value (a channels-last or transposed one moved in) changes its result: a dropout module
+    (its masks) or an RMS norm (its sums of squares; a layer norm makes its input contiguous
+    first)."""
+    if node.op == "call_function":
+        return node.target is F.rms_norm
+    return node.op == "call_module" and type(modules.get(node.target)) in (*DROPOUTS, nn.RMSNorm)
 
 
 def _learns(module: nn.Module) -> bool:

@@ -967,6 +967,52 @@ def test_functional_norms_pickle_copy_and_export(fn):
     test_pickles_copies_and_exports(PreNorm(norm=lambda f: FunctionalNorm(f, fn)).eval(), 4)
 
 
+class StridedStream(nn.Module):
+    """A ViT-like stream: patch tokens as a transposed view, residual pre-norm blocks (the stream
+    moves in once), then an op that computes in its input's memory order on a value computed
+    from the stream: an RMS norm (its sums of squares) or dropout (its masks)."""
+
+    def __init__(self, op, d=8):
+        super().__init__()
+        self.patch = nn.Conv2d(2, d, 2, stride=2)  # the input stage: not a mixing layer
+        self.n1, self.op = nn.LayerNorm(d), op
+        self.fc1, self.fc2, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, T, D), a transposed view
+        t = t + self.fc1(self.n1(t))  # eager sums hand the view's strides on
+        t = t + self.fc2(self.op(t))
+        return self.head(t).mean(1)
+
+
+@pytest.mark.parametrize("shapes", [False, True])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda: nn.RMSNorm(8),
+        lambda: FunctionalNorm(8, F.rms_norm),
+        lambda: nn.Dropout(0.5),
+        lambda: nn.LayerNorm(8),
+    ],
+    ids=["rms", "functional-rms", "dropout", "layer-norm"],
+)
+def test_ops_in_memory_order_see_the_strides_they_saw(monkeypatch, op, shapes):
+    # a contiguous copy of the stream moved in changed an RMS norm's last bits (1.5e-8) and
+    # would draw other dropout masks: the stream stays in folded slots where such an op reads
+    # a value computed from it; a layer norm makes its input contiguous first: it moves in
+    x = torch.randn(3, 2, 8, 8)
+    kwargs = {"example_inputs": x} if shapes else {}
+    on = _same(monkeypatch, StridedStream(op()).eval(), x, grads="close", **kwargs)
+    kept = isinstance(_reps(on).get("op", _reps(on).get("rms_norm")), ChannelFolded)
+    # (without example inputs the transposed tokens' layout is unknown: nothing moves in)
+    assert kept == (isinstance(on.op, nn.LayerNorm) and shapes), _reps(on)
+
+
+def test_a_contiguous_stream_still_moves_in_before_an_rms_norm(monkeypatch):
+    on = _same(monkeypatch, PreNorm(norm=nn.RMSNorm).eval(), torch.randn(3, 2, 4, 4), grads="close")
+    assert _moves(on) == ["slots_to_channels"]  # a linear layer's output: contiguous
+
+
 class SpatialNorm(nn.Module):
     """Functional layer norms over a convolution's spatial axes (rows within one channel),
     and one over its channels too (which ends the layout)."""
