@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from equivfx.errors import ModelTypeError, TraceError, explain
+from equivfx.errors import ModelTypeError, TraceError, explain, user_stacklevel
 
 __all__ = [
     "FallbackWarning",
@@ -210,7 +210,7 @@ def trace(model: nn.Module) -> TraceResult:
             "boxes; the global lift is still exact where they treat each sample on its own "
             "(checked on example_inputs). Run equivfx.verify to check the result.",
             FallbackWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return TraceResult(gm=gm, path=path, leaves=leaves)
 
@@ -240,7 +240,7 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
         "look "
         "inside. Run equivfx.verify to check the result.",
         FallbackWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     leaves = {**discovered, "": "the model's forward could not be traced"}
     return TraceResult(gm=gm, path="opaque", leaves=leaves, error=f"{type(err).__name__}: {err}")

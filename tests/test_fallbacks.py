@@ -449,6 +449,17 @@ def test_per_sample_opaque_leaves_keep_chunk_auto(with_examples):
         torch.testing.assert_close(y, oracle_slots(model, equivfx.group(spec), x), **TOL)
 
 
+def test_fallback_warnings_name_the_users_line():
+    for name in ("control_flow", "leafy"):
+        model, x, spec = ZOO[name]()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            equivfx.compile(model, spec, example_inputs=x)
+        assert caught and all(w.filename == __file__ for w in caught), [
+            (w.category.__name__, w.filename) for w in caught
+        ]
+
+
 # --------------------------------------------------------------------------------------------------
 # baked batch size
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import warnings
 
 import torch.fx as fx
 
+from equivfx.errors import user_stacklevel
 from equivfx.meta import REP, RULE, BatchSize, Folded, InputRep, Trivial, set_rep
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.options import LiftOptions
@@ -154,7 +155,7 @@ class AnnotateReps(Pass):
             "on example_inputs only. Register a rule with equivfx.passes.rules.register to make "
             "it explicit.",
             OpaqueLeafWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         log.info("equivfx: opaque leaf %s\n%s", node.target, describe_node(node))
         out = node.meta.get("tensor_meta")
