@@ -5,7 +5,7 @@ side by side):
 
 - ``bench_global.py`` (latency against base@B, base@GB, the loop and vmap; compile time; verify;
   e2cnn; torch.compile), ``bench_cost_passes.py``, ``mixing_layout.py``, ``bench_chunks.py``,
-  ``bench_memory.py``, each writing ``<out>/<name>.json``;
+  ``bench_memory.py``, ``bench_leaf_check.py``, each writing ``<out>/<name>.json``;
 - ``mixing_layout.py`` and ``bench_chunks.py`` again with glibc's allocator told to keep freed
   memory (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 1 GiB): by default glibc
   returns every large block to the system and faults it back in at the next call, which is most of
@@ -48,6 +48,7 @@ SCRIPTS = [
     ("mixing_layout", "mixing_layout.py", [], "default"),
     ("bench_chunks", "bench_chunks.py", [], "default"),
     ("bench_memory", "bench_memory.py", [], "default"),
+    ("bench_leaf_check", "bench_leaf_check.py", [], "default"),
     ("mixing_layout.tuned-malloc", "mixing_layout.py", [], "tuned"),
     ("bench_chunks.tuned-malloc", "bench_chunks.py", [], "tuned"),
 ]
