@@ -23,7 +23,12 @@ The outputs are those of the fused layout without the pass, bitwise: the layers 
 tensors, and the ops between are elementwise or per channel; but PyTorch's CPU kernels for
 exp-based activations (sigmoid, SiLU, ELU, SELU, CELU, Mish, softplus, tanh-approximated GELU)
 compute a tensor's last partial vector with scalar code, so an element the two layouts place
-differently there may differ in its last bit (rows of fewer than 32 elements per slot). Gradients
+differently there may differ in its last bit (rows of fewer than 32 elements per slot); and a
+value moved in is a contiguous copy where without the pass it may have been channels-last or a
+transposed view (strides that eager elementwise ops hand on): ops that compute in memory order
+(dropout's masks, RMS norms) do not read values computed from it (it stays in folded slots
+there), but a reduction outside the region (a mean over the spatial axes) reads a contiguous
+copy and may differ in its last bits (a model converted to channels-last after compiling). Gradients
 are equal too, up to that and the order in which autograd sums a value's gradient terms (where a
 value is read both inside the region and outside it, or twice by one op outside, some terms are
 summed before the others: 1e-9 to 3e-8 apart in tests).
@@ -81,7 +86,7 @@ from equivfx.passes.mixing import (
     channels_to_slots,
     slots_to_channels,
 )
-from equivfx.passes.rules import DROPOUT_FUNCTIONS, mutates
+from equivfx.passes.rules import DROPOUT_FUNCTIONS, draws_random, mutates
 
 __all__ = [
     "KeepChannelLayout",
@@ -467,17 +472,19 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
     shapes: dict[fx.Node, Layout] = {}  # kept value -> its layout
     movable: dict[fx.Node, frozenset[Layout]] = {}  # folded value -> the layouts it could take
     reads: dict[fx.Node, list[fx.Node]] = {}  # kept op -> the folded values it would move
-    # kept values computed from values moved in (-> those values): contiguous, where without
-    # the pass they had their strides (channels-last, a transposed view; eager elementwise ops
-    # hand strides on), so a dropout would draw another mask and an RMS norm sum in another
-    # order (_memory_order), kept or reading a copy moved back: those values do not move in
+    # values computed from values moved in (-> those values), kept or from a copy moved back:
+    # contiguous, where without the pass they had their strides (channels-last, a transposed
+    # view; eager elementwise ops hand strides on), so a dropout would draw another mask and an
+    # RMS norm sum in another order (_memory_order): such values do not move in
     restrided: dict[fx.Node, set[fx.Node]] = {}
     strided_reads: set[fx.Node] = set()
     for node in graph.nodes:
         if node in refused:
             continue
-        if _memory_order(node, modules) and node.args and node.args[0] in restrided:
-            strided_reads |= restrided[node.args[0]]
+        # computed from kept values (or copies moved back) that may have other strides
+        inherited = set().union(*(restrided.get(a, ()) for a in node.all_input_nodes))
+        if inherited and _memory_order(node, modules):
+            strided_reads |= inherited
         if node in mixers:
             shapes[node] = mixers[node].gives
             continue
@@ -487,11 +494,11 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
         strided = {v for v in kept[1] if not _contiguous(v, modules)} if kept else set()
         if kept is not None and _memory_order(node, modules) and strided:
             kept = None  # it reads the value itself, as without the pass
+        sources = (strided if kept is not None else set()) | inherited
+        if sources:
+            restrided[node] = sources
         if kept is not None:
             shapes[node], reads[node] = kept
-            sources = strided.union(*(restrided.get(a, ()) for a in node.all_input_nodes))
-            if sources:
-                restrided[node] = sources
         else:
             shape = _slot_shape(node, modules, movable)
             if shape is not None:
@@ -686,31 +693,25 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
 
 
 def _contiguous(node: fx.Node, modules) -> bool:
-    """``node``'s value is known to be contiguous (a copy moved in has its strides): by the
-    example inputs' strides, or as a linear layer's output. Otherwise it may have been
-    channels-last or a transposed view."""
-    tm = node.meta.get("tensor_meta")
-    stride = getattr(tm, "stride", None)
-    if stride is not None:
-        expected, step = [], 1
-        for size in reversed(tm.shape):
-            expected.append(step)
-            step *= size
-        return all(
-            size == 1 or s == e
-            for size, s, e in zip(tm.shape, stride, reversed(expected), strict=True)
-        )
+    """``node``'s value is contiguous at every call (a copy moved in has its strides): a linear
+    layer's output. Other values may be channels-last or transposed views, also where the
+    example inputs showed them contiguous (a model converted to channels-last after compiling)."""
     return node.op == "call_module" and type(modules.get(node.target)) is nn.Linear
 
 
 def _memory_order(node: fx.Node, modules) -> bool:
     """``node`` computes in its input's memory order, so that a contiguous copy of a strided
-    value (a channels-last or transposed one moved in) changes its result: a dropout module
-    (its masks) or an RMS norm (its sums of squares; a layer norm makes its input contiguous
-    first)."""
-    if node.op == "call_function":
-        return node.target is F.rms_norm
-    return node.op == "call_module" and type(modules.get(node.target)) in (*DROPOUTS, nn.RMSNorm)
+    value (a channels-last or transposed one moved in) changes its result: an op that draws
+    random numbers (dropout modules, functional dropout unless traced in eval mode: its masks)
+    or an RMS norm (its sums of squares; a layer norm makes its input contiguous first).
+    Reductions also sum in memory order, in their last bits: not covered (see the module
+    docstring)."""
+    if node.op == "call_function" and node.target is F.rms_norm:
+        return True
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if type(module) is nn.RMSNorm:
+        return True
+    return draws_random(node, module) and not _eval_dropout(node)
 
 
 def _learns(module: nn.Module) -> bool:

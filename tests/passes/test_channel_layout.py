@@ -1173,6 +1173,71 @@ def test_dropout_of_a_value_moved_in_draws_the_masks_it_drew(monkeypatch, conv, 
         assert torch.equal(_seeded(on, x), _seeded(off, x))
 
 
+class ConvStream(nn.Module):
+    """A memory-order op (dropout, an RMS norm of the spatial axes) on a convolution's output
+    that a fused layer also reads (it would move in)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.c0, self.c1, self.c2 = (
+            nn.Conv2d(2 if i == 0 else 4, 4, 3, padding=1) for i in range(3)
+        )
+        self.op = op
+
+    def forward(self, x):
+        h = F.relu(self.c0(x))
+        return (self.c1(self.op(h)) + self.c2(h)).mean((1, 2, 3))
+
+
+@pytest.mark.parametrize("op", [nn.Dropout(0.5), nn.RMSNorm((6, 6))], ids=["drop", "rms"])
+def test_strides_at_compile_are_not_the_strides_at_every_call(monkeypatch, op):
+    # compiled on contiguous example inputs, then converted to channels-last: the example's
+    # strides said contiguous (dropout 0.0097 off when a convolution's output moved in by them)
+    x = torch.randn(2, 2, 6, 6)
+    model = ConvStream(op).eval()
+    on, off = (
+        _with_pass(model, example_inputs=x),
+        _without_pass(monkeypatch, model, example_inputs=x),
+    )
+    off.load_state_dict(on.state_dict())
+    on, off = (m.to(memory_format=torch.channels_last) for m in (on, off))
+    x = x.to(memory_format=torch.channels_last)
+    for mode in (False, True):
+        on.train(mode), off.train(mode)
+        with torch.no_grad():
+            assert torch.equal(_seeded(on, x), _seeded(off, x))
+
+
+class IndirectReader(StridedStream):
+    """The strided stream read by a memory-order op through an op the pass does not keep, or
+    by functional dropout drawing masks."""
+
+    def __init__(self, reader):
+        super().__init__(nn.Identity())
+        self.reader = reader
+        self.rms, self.drop = nn.RMSNorm(8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = t + self.fc1(self.n1(t))
+        if self.reader == "rms(-t)":
+            u = self.rms(-t)
+        elif self.reader == "dropout(-t)":
+            u = self.drop(-t)
+        else:
+            u = F.dropout(t, 0.5)  # training=True: draws masks in eval mode too
+        t = t + self.fc2(u)
+        return self.head(t).mean(1)
+
+
+@pytest.mark.parametrize("reader", ["rms(-t)", "dropout(-t)", "F.dropout(t)"])
+def test_memory_order_ops_behind_other_ops_see_the_strides_they_saw(monkeypatch, reader):
+    # a copy moved back for -t is contiguous where the stream was a transposed view: the op
+    # after it saw other strides (0.105 off for dropout's masks, 1.9e-9 for the RMS norm)
+    x = torch.randn(3, 2, 8, 8)
+    _same(monkeypatch, IndirectReader(reader).eval(), x, grads="close", example_inputs=x)
+
+
 class PoolFeatures(nn.Module):
     """A pool over the last axis between linear layers: it would pool across the slots' blocks
     of the feature layout."""
