@@ -27,8 +27,10 @@ differently there may differ in its last bit (rows of fewer than 32 elements per
 value moved in is a contiguous copy where without the pass it may have been channels-last or a
 transposed view (strides that eager elementwise ops hand on): ops that compute in memory order
 (dropout's masks, RMS norms) do not read values computed from it (it stays in folded slots
-there), but a reduction outside the region (a mean over the spatial axes) reads a contiguous
-copy and may differ in its last bits (a model converted to channels-last after compiling). Gradients
+there), but a reduction outside the region reads a contiguous copy and may differ in its last
+bits (a ViT's mean over its tokens, a transposed view of its patches: 6e-8; a ResNet's mean
+over the spatial axes once converted to channels-last after compiling), as may a batch norm's
+statistics in training on such a model. Gradients
 are equal too, up to that and the order in which autograd sums a value's gradient terms (where a
 value is read both inside the region and outside it, or twice by one op outside, some terms are
 summed before the others: 1e-9 to 3e-8 apart in tests).
@@ -488,6 +490,8 @@ def _region(graph: fx.Graph, mixers: dict, modules, refused: set, order: dict):
         if node in mixers:
             shapes[node] = mixers[node].gives
             continue
+        if _fresh(node, modules):  # a new tensor in its own order, whatever its input's strides
+            inherited = set()
         kept = _keeps_layout(node, modules, shapes, movable, refused)
         if kept is None:
             kept = _moves_in(node, modules, mixers, movable, refused)
@@ -697,6 +701,26 @@ def _contiguous(node: fx.Node, modules) -> bool:
     layer's output. Other values may be channels-last or transposed views, also where the
     example inputs showed them contiguous (a model converted to channels-last after compiling)."""
     return node.op == "call_module" and type(modules.get(node.target)) is nn.Linear
+
+
+_FRESH_METHODS = frozenset(
+    {"mean", "sum", "amax", "amin", "prod", "std", "var", "logsumexp", "norm", "contiguous"}
+)
+_FRESH_FUNCTIONS = frozenset(
+    {torch.mean, torch.sum, torch.amax, torch.amin, torch.prod, torch.std, torch.var,
+     torch.logsumexp, torch.matmul, torch.bmm, torch.mm, F.linear, F.layer_norm}
+)  # fmt: skip
+
+
+def _fresh(node: fx.Node, modules) -> bool:
+    """``node`` makes a new tensor whose memory order does not follow its input's strides (a
+    reduction, a linear layer, a matrix product, a layer norm): values computed from it saw the
+    same strides with and without the pass (a dropout after a head's mean)."""
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS
+    return node.op == "call_module" and type(modules.get(node.target)) in (nn.Linear, nn.LayerNorm)
 
 
 def _memory_order(node: fx.Node, modules) -> bool:

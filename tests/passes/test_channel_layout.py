@@ -1208,6 +1208,39 @@ def test_strides_at_compile_are_not_the_strides_at_every_call(monkeypatch, op):
             assert torch.equal(_seeded(on, x), _seeded(off, x))
 
 
+class HeadDropout(Residual):
+    """A residual stream, a mean over the spatial axes, dropout, the classifier."""
+
+    def __init__(self, functional):
+        super().__init__()
+        self.functional, self.drop = functional, nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for conv in self.convs:
+            x = x + F.relu(conv(x))
+        h = x.mean((2, 3))
+        return self.fc(F.dropout(h, 0.5, True) if self.functional else self.drop(h))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_dropout_after_a_mean_keeps_the_stream_in_the_layout(monkeypatch, functional):
+    # a mean makes a new tensor in its own order: the dropout after it draws the same masks
+    # (the stream stayed in folded slots for it, every block moving out and back in)
+    x = torch.randn(2, 2, 6, 6)
+    on = _same(monkeypatch, HeadDropout(functional).eval(), x, grads="close")
+    assert _moves(on) == ["slots_to_channels", "channels_to_slots"]
+    on, off = (
+        _with_pass(HeadDropout(functional)),
+        _without_pass(monkeypatch, HeadDropout(functional)),
+    )
+    off.load_state_dict(on.state_dict())
+    on, off = (m.to(memory_format=torch.channels_last).train() for m in (on, off))
+    with torch.no_grad():  # the same masks; the mean of a contiguous copy: its last bits
+        x = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(_seeded(on, x), _seeded(off, x), rtol=1e-6, atol=1e-7)
+
+
 class IndirectReader(StridedStream):
     """The strided stream read by a memory-order op through an op the pass does not keep, or
     by functional dropout drawing masks."""
