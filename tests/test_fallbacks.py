@@ -292,6 +292,26 @@ def test_leaf_check_sees_tuples_lists_infinities_and_low_precision(kind, batch, 
         _compiled(_LeafNet(kind, False).eval(), example_inputs=x.float(), chunk=None)
 
 
+def test_tracing_before_the_check_says_so():
+    from equivfx.passes.annotate import OpaqueLeafWarning
+
+    model, x = _mixing_net("len", False)
+    emodel, _ = _compiled(model)  # no example inputs, no eager call yet
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(emodel, (x,), check_trace=False)
+    said = [w for w in caught if issubclass(w.category, OpaqueLeafWarning)]
+    assert (
+        len(said) == 1
+        and "traced before" in str(said[0].message)
+        and "'mid'" in str(said[0].message)
+    )
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        torch.jit.trace(emodel, (x,), check_trace=False)  # once per model
+    assert not [w for w in again if issubclass(w.category, OpaqueLeafWarning)]
+
+
 def test_outputs_differ_bounds_each_tensor_by_its_own_scale():
     from equivfx.passes.leaf_check import outputs_differ
 

@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
-from equivfx.passes.annotate import BatchMixingWarning
+from equivfx.passes.annotate import BatchMixingWarning, OpaqueLeafWarning
 from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.leaf_check import outputs_differ
@@ -232,6 +232,8 @@ class SlotChunks(nn.Module):
         if self.mixing_leaves:  # exact only so, in training and traced too
             return 1
         if is_tracing():  # first: torch.compile would guard on the registration count
+            if self.unchecked_leaves:
+                self._unchecked_when_traced()
             return self.order
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
             self._find_user_modules()
@@ -317,6 +319,21 @@ class SlotChunks(nn.Module):
                 break
         fastest = min(sizes, key=lambda k: (best[k], -k))
         return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
+
+    def _unchecked_when_traced(self) -> None:
+        """Traced (torch.compile, torch.export, torch.jit.trace) before the first eager call:
+        the leaves are not checked, and the recording folds every slot; say so, once."""
+        if getattr(self, "_warned_unchecked", False):
+            return
+        self._warned_unchecked = True
+        warnings.warn(
+            f"equivfx: traced before opaque leaf module(s) "
+            f"{', '.join(map(repr, self.unchecked_leaves))} were checked to treat each sample "
+            "on its own: the recording folds every slot into the batch. Call the model once "
+            "in eval mode first, or compile with example_inputs=, to have them checked.",
+            OpaqueLeafWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _check_in_eval(self, args) -> None:
         """:meth:`_leaves_mix` on ``args`` in eval mode without autograd (the modules' modes
