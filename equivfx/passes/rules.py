@@ -2165,7 +2165,12 @@ register(
     ),
 )
 register(
-    [torch.rand_like, torch.randn_like],
+    [
+        torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.poisson,
+        "Tensor.bernoulli", "Tensor.bernoulli_", "Tensor.uniform_", "Tensor.normal_",
+        "Tensor.exponential_", "Tensor.random_", "Tensor.geometric_", "Tensor.log_normal_",
+        "Tensor.cauchy_",
+    ],
     OpRule(
         "random_like",
         "creation",
@@ -2173,7 +2178,7 @@ register(
         example=None,
         note="random per element: not equivariant unless the result is unused in eval",
     ),
-)
+)  # fmt: skip
 
 
 def constant_rule(ctx: BatchCtx) -> Rep:

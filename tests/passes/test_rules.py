@@ -222,6 +222,41 @@ def test_functional_pools_of_every_dimension_have_a_rule(pool, shape):
     torch.testing.assert_close(emodel(x), want)
 
 
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda h: torch.bernoulli(torch.sigmoid(h)),
+        lambda h: torch.poisson(h.abs()),
+        lambda h: torch.randint_like(h, 0, 3),
+        lambda h: torch.sigmoid(h).bernoulli(),
+        lambda h: torch.empty_like(h).uniform_(),
+        lambda h: torch.empty_like(h).normal_(0.0, 1.0),
+        lambda h: torch.empty_like(h).exponential_(),
+    ],
+    ids=["bernoulli", "poisson", "randint_like", "Tensor.bernoulli", "uniform_", "normal_",
+         "exponential_"],
+)  # fmt: skip
+def test_per_element_random_draws_have_a_rule(draw):
+    # noise drawn per element of a batch-carrying tensor (they raised MissingRuleError):
+    # one draw per slot and sample, as the loop over g draws; scaled by 0 here to compare
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return (h + 0.0 * draw(h)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 2, 6, 6)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, example_inputs=x).eval()
+    with torch.no_grad():
+        want = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), want)
+
+
 def test_missing_rule_names_the_op():
     class M(torch.nn.Module):
         def forward(self, x):
