@@ -292,6 +292,22 @@ def test_leaf_check_sees_tuples_lists_infinities_and_low_precision(kind, batch, 
         _compiled(_LeafNet(kind, False).eval(), example_inputs=x.float(), chunk=None)
 
 
+def test_verify_checks_the_leaves_of_a_model_that_folds_every_slot():
+    model, x = _mixing_net("len", False)
+    emodel, _ = _compiled(model, chunk=None)  # no example inputs: compile could not check
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = equivfx.verify(emodel, x)
+    # equivariant (every slot divided alike), but not the lift of the model: said, not hidden
+    assert report.ok and any("'mid'" in n and "not the lift" in n for n in report.notes)
+    assert _mixing_warnings(caught) and all(w.filename == __file__ for w in caught)
+    for kw in (dict(chunk=1), dict(example_inputs=x)):  # one slot per pass: exact, nothing to say
+        exact, _ = _compiled(model, **kw)
+        assert not equivfx.verify(exact, x).notes
+    per_sample, _ = _compiled(_LeafNet("list", False).eval(), chunk=None)
+    assert not equivfx.verify(per_sample, torch.randn(3, 2, 6, 6)).notes
+
+
 def test_tracing_before_the_check_says_so():
     from equivfx.passes.annotate import OpaqueLeafWarning
 

@@ -9,6 +9,7 @@ seeded sample beyond.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from equivfx.errors import GroupSpecError, ModelTypeError, explain
+from equivfx.errors import GroupSpecError, ModelTypeError, explain, user_stacklevel
 from equivfx.groups import FiniteGroup, TrivialAction
 from equivfx.groups import group as as_group
 from equivfx.meta import (
@@ -188,6 +189,8 @@ def verify(
             "the input action is interpolated: equivariance is approximate by construction; "
             "compare max_error with the interpolation error of the action itself"
         )
+    if info is not None and isinstance(graph_model, fx.GraphModule):
+        notes.extend(_mixing_leaves(model, graph_model, inputs))
     return Report(
         ok=passed,
         max_error=max(per.values(), default=0.0),
@@ -204,6 +207,35 @@ def verify(
         output_action=out_action.describe(),
         notes=tuple(notes),
     )
+
+
+def _mixing_leaves(model: nn.Module, flat: fx.GraphModule, inputs: Sequence) -> list[str]:
+    """Opaque leaves of a compiled model that fold every slot into the batch but treat the
+    samples of a batch together (compile's check, run here on verify's inputs): the model is
+    equivariant, but not the lift of the original (a note, and a BatchMixingWarning). Models
+    that run one slot per pass (``chunk=1``, or found mixing) are exact."""
+    from equivfx.compiler import _test_run
+    from equivfx.compiler import eval_mode as _eval_mode
+    from equivfx.passes.annotate import BatchMixingWarning, opaque_leaves
+
+    runner = getattr(model, "equivfx_chunks", None)
+    if runner is not None and (runner.mixing_leaves or runner.chunk == 1):
+        return []
+    leaves = opaque_leaves(flat)
+    if not leaves:
+        return []
+    with _eval_mode(flat), torch.no_grad():
+        mixing, _ = _test_run(flat, tuple(inputs), leaves)
+    if not mixing:
+        return []
+    names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in mixing.items())
+    note = (
+        f"opaque leaf module(s) {names} treat the samples of a batch together: with every slot "
+        "folded into the batch the model is not the lift of the original (it may still be "
+        "equivariant); recompile with example_inputs= (one slot per pass) or chunk=1"
+    )
+    warnings.warn(f"equivfx.verify: {note}", BatchMixingWarning, stacklevel=user_stacklevel())
+    return [note]
 
 
 def _output_action_of(model: fx.GraphModule, info):
