@@ -6,7 +6,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,9 @@ class CompileInfo:
         mixed: layer-wise mode: qualified names of the layers that became mixing layers.
         output_rep_action: how G acts on the compiled model's output (the output node's
             representation; a model rebuilt by unpickling has lost its nodes' annotations).
+        unchecked_leaves: opaque leaves compile could not check on example inputs (all of them
+            without example inputs): ``chunk="auto"`` checks them at the first call, and
+            ``equivfx.verify`` where every slot is folded.
     """
 
     group: FiniteGroup
@@ -85,6 +88,7 @@ class CompileInfo:
     passes: tuple[str, ...] = ()
     mixed: tuple[str, ...] = ()
     output_rep_action: Action | None = None
+    unchecked_leaves: tuple[str, ...] = ()
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -461,6 +465,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mixing, unchecked = _test_run(gm, examples, leaves)
         if mixing:
             chunk = _one_slot_per_pass(mixing, mode, chunk)
+    gm.equivfx_info = replace(gm.equivfx_info, unchecked_leaves=tuple(unchecked))
     direct_module_access(gm)
     keep_state_through_copies(gm)
     if chunk is not None:

@@ -308,6 +308,41 @@ def test_verify_checks_the_leaves_of_a_model_that_folds_every_slot():
     assert not equivfx.verify(per_sample, torch.randn(3, 2, 6, 6)).notes
 
 
+def test_verify_checks_only_what_compile_left_unchecked(monkeypatch):
+    import io
+
+    import equivfx.compiler as compiler
+
+    model, x = _mixing_net("len", False)
+    runs = []
+    test_run = compiler._test_run
+    monkeypatch.setattr(compiler, "_test_run", lambda *a: runs.append(1) or test_run(*a))
+    checked, _ = _compiled(_LeafNet("list", False).eval(), chunk=None, example_inputs=x)
+    assert checked.equivfx_info.unchecked_leaves == ()
+    runs.clear()
+    equivfx.verify(checked, x)
+    assert not runs  # compile checked it on its example inputs
+    # layer-wise: the advice is one that can be followed
+    layerwise, _ = _compiled(model, mode="layerwise")
+    notes = equivfx.verify(layerwise, x).notes
+    assert any("mode='global'" in n and "chunk=1" not in n for n in notes), notes
+    # reloaded, the graph lost the annotations the check reads: said, not skipped
+    folded, _ = _compiled(model, chunk=None)
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert any("could not be checked" in n for n in equivfx.verify(loaded, x).notes)
+
+
+def test_pending_checks_leave_dynamo_full_graphs_alone():
+    model, x = _mixing_net("len", False)
+    emodel, _ = _compiled(model)  # the check waits for the first eager call
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(emodel, backend="eager", fullgraph=True)(x)  # was Unsupported: warn
+
+
 def test_tracing_before_the_check_says_so():
     from equivfx.passes.annotate import OpaqueLeafWarning
 

@@ -321,10 +321,11 @@ class SlotChunks(nn.Module):
         return self.order if best[self.order] <= 1.03 * best[fastest] else fastest
 
     def _unchecked_when_traced(self) -> None:
-        """Traced (torch.compile, torch.export, torch.jit.trace) before the first eager call:
-        the leaves are not checked, and the recording folds every slot; say so, once."""
-        if getattr(self, "_warned_unchecked", False):
-            return
+        """Traced (torch.jit.trace, non-strict torch.export) before the first eager call: the
+        leaves are not checked, and the recording folds every slot; say so, once (not while
+        dynamo compiles: torch.compile and strict export cannot record a warning)."""
+        if getattr(self, "_warned_unchecked", False) or torch.compiler.is_dynamo_compiling():
+            return  # dynamo cannot trace warnings.warn (fullgraph=True, strict export)
         self._warned_unchecked = True
         warnings.warn(
             f"equivfx: traced before opaque leaf module(s) "

@@ -189,8 +189,8 @@ def verify(
             "the input action is interpolated: equivariance is approximate by construction; "
             "compare max_error with the interpolation error of the action itself"
         )
-    if info is not None and isinstance(graph_model, fx.GraphModule):
-        notes.extend(_mixing_leaves(model, graph_model, inputs))
+    if info is not None:
+        notes.extend(_mixing_leaves(model, info, inputs))
     return Report(
         ok=passed,
         max_error=max(per.values(), default=0.0),
@@ -209,30 +209,48 @@ def verify(
     )
 
 
-def _mixing_leaves(model: nn.Module, flat: fx.GraphModule, inputs: Sequence) -> list[str]:
-    """Opaque leaves of a compiled model that fold every slot into the batch but treat the
-    samples of a batch together (compile's check, run here on verify's inputs): the model is
-    equivariant, but not the lift of the original (a note, and a BatchMixingWarning). Models
-    that run one slot per pass (``chunk=1``, or found mixing) are exact."""
+def _mixing_leaves(model: nn.Module, info, inputs: Sequence) -> list[str]:
+    """Opaque leaves compile could not check (``info.unchecked_leaves``) of a compiled model
+    that folds every slot into the batch, checked here on verify's inputs: where they treat the
+    samples of a batch together the model is equivariant but not the lift of the original (a
+    note, and a BatchMixingWarning). Models running one slot per pass (``chunk=1``, or found
+    mixing) are exact, and ``chunk="auto"`` checks at its first call (verify's calls) itself."""
     from equivfx.compiler import _test_run
-    from equivfx.compiler import eval_mode as _eval_mode
     from equivfx.passes.annotate import BatchMixingWarning, opaque_leaves
 
+    unchecked = getattr(info, "unchecked_leaves", ())
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     runner = getattr(model, "equivfx_chunks", None)
-    if runner is not None and (runner.mixing_leaves or runner.chunk == 1):
+    if not unchecked or (
+        runner is not None and (runner.chunk in (1, "auto") or runner.mixing_leaves)
+    ):
         return []
-    leaves = opaque_leaves(flat)
-    if not leaves:
-        return []
-    with _eval_mode(flat), torch.no_grad():
+    flat = getattr(model, "equivfx_flat", model)
+    leaves = (
+        tuple(n for n in opaque_leaves(flat) if n in unchecked)
+        if isinstance(flat, fx.GraphModule)
+        else ()
+    )
+    if not leaves:  # a reloaded model: its graph lost the annotations the check reads
+        return [
+            f"opaque leaf module(s) {', '.join(map(repr, unchecked))} could not be checked to "
+            "treat each sample on its own (the model's graph lost its annotations: reloaded or "
+            "wrapped); compile with example_inputs= to have them checked"
+        ]
+    with torch.no_grad():
         mixing, _ = _test_run(flat, tuple(inputs), leaves)
     if not mixing:
         return []
     names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in mixing.items())
+    fix = (
+        "make them treat each sample on its own, register an op rule, or use mode='global'"
+        if info.mode == "layerwise"
+        else "recompile with example_inputs= (one slot per pass) or chunk=1"
+    )
     note = (
         f"opaque leaf module(s) {names} treat the samples of a batch together: with every slot "
-        "folded into the batch the model is not the lift of the original (it may still be "
-        "equivariant); recompile with example_inputs= (one slot per pass) or chunk=1"
+        f"folded into the batch the model is not the lift of the original (it may still be "
+        f"equivariant); {fix}"
     )
     warnings.warn(f"equivfx.verify: {note}", BatchMixingWarning, stacklevel=user_stacklevel())
     return [note]
