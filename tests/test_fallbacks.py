@@ -14,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, note
+from hypothesis import strategies as st
 
 import equivfx
 from equivfx.errors import (
@@ -153,10 +155,10 @@ def _mixing_net(how: str, whole: bool):
     return _Net(how, whole).eval(), torch.randn(3, 2, 6, 6)
 
 
-def _compiled(model, **kw):
+def _compiled(model, spec="C4", **kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        emodel = equivfx.compile(model, "C4", readout="slots", **kw).eval()
+        emodel = equivfx.compile(model, spec, readout="slots", **kw).eval()
     return emodel, caught
 
 
@@ -361,6 +363,70 @@ def test_tracing_before_the_check_says_so():
         warnings.simplefilter("always")
         torch.jit.trace(emodel, (x,), check_trace=False)  # once per model
     assert not [w for w in again if issubclass(w.category, OpaqueLeafWarning)]
+
+
+_PER_SAMPLE = {
+    "relu": torch.relu,
+    "softmax over channels": lambda h: torch.softmax(h, 1),
+    "log of relu (infinities)": lambda h: torch.log(torch.relu(h)).clamp(min=-30.0),
+    "spatial mean": lambda h: h - h.mean((2, 3), keepdim=True),
+}
+_MIXING = {
+    "centre on the batch": lambda h: h - h.mean(0, keepdim=True),
+    "divide by len": lambda h: h / len(h),
+    "reverse the batch": lambda h: h.flip(0),
+    "cumulative sum over the batch": lambda h: h.cumsum(0),
+}
+
+
+class _Drawn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h):
+        if h.dim() != 4:
+            raise ValueError("an untraceable branch")
+        return self.fn(h)
+
+
+class _DrawnNet(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.conv, self.mid = torch.nn.Conv2d(2, 3, 3, padding=1), _Drawn(fn)
+        self.fc = torch.nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.mid(self.conv(x))).flatten(1))
+
+
+@given(
+    kind=st.sampled_from(sorted(_PER_SAMPLE) + sorted(_MIXING)),
+    spec=st.sampled_from(["C4", "D4", "Shift3@-1"]),
+    batch=st.integers(1, 3),
+    examples=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_leaves_compile_to_the_loop_and_only_mixing_ones_are_named(
+    kind, spec, batch, examples, dtype, seed
+):
+    mixing = kind in _MIXING
+    torch.manual_seed(seed)
+    model = _DrawnNet({**_PER_SAMPLE, **_MIXING}[kind]).eval().to(dtype)
+    x = torch.randn(batch, 2, 6, 6, dtype=dtype)
+    G = equivfx.group(spec)
+    emodel, caught = _compiled(model, spec, example_inputs=x if examples else None)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = emodel(x)
+    said = _mixing_warnings(caught + first)
+    note(f"{said}")
+    # every slot's leaf sees the batch the loop gives it: the compiled model is the loop
+    torch.testing.assert_close(y, oracle_slots(model, G, x), rtol=1e-4, atol=1e-5)
+    assert bool(said) == mixing
+    assert emodel.equivfx_chunks.chunk == (1 if mixing else "auto")
 
 
 def test_outputs_differ_bounds_each_tensor_by_its_own_scale():
