@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -37,7 +36,7 @@ from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
-from equivfx.passes.leaf_check import per_slot_difference
+from equivfx.passes.leaf_check import copy_tensors, describe_mixing, per_slot_difference
 from equivfx.passes.lift import LIFT_NAME, InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions
 from equivfx.passes.modules import POOLS, READOUTS
@@ -480,9 +479,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         except NotYetSupportedError as err:
             if mixing:
                 raise BatchMixingError(
-                    f"{err}\nThe compiled model must run one slot per pass here: opaque leaf "
-                    f"module(s) {', '.join(map(repr, mixing))} treat the samples of a batch "
-                    "together. Fix: make them per-sample, or register an op rule for them."
+                    f"{err}\nThe compiled model must run one slot per pass here: "
+                    f"{describe_mixing(list(mixing))}. Fix: make them per-sample, or register an "
+                    "op rule for them."
                 ) from err
             if chunk != "auto":
                 raise
@@ -521,9 +520,7 @@ def _test_run(
         def run_node(self, n):
             leaf = n.op == "call_module" and n.target in leaves and slots > 1
             if leaf:  # its inputs as it reads them (it may write them)
-                inputs = pytree.tree_map_only(
-                    torch.Tensor, torch.clone, self.fetch_args_kwargs_from_env(n)
-                )
+                inputs = copy_tensors(self.fetch_args_kwargs_from_env(n))
             try:
                 out = super().run_node(n)
             except Exception:
@@ -562,10 +559,9 @@ def _one_slot_per_pass(mixing: dict, mode: str, chunk) -> int:
     """What compile does when opaque leaves treat a batch's samples together (``mixing``, leaf ->
     difference): chunk="auto" runs one slot per pass (each leaf then sees the batch the
     hand-written loop gives it: exact); any other choice is refused."""
-    names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in mixing.items())
     what = (
-        f"opaque leaf module(s) {names} treat the samples of a batch together: on the |G| slots "
-        "folded into the batch they compute something else than on each slot's batch alone"
+        f"{describe_mixing(mixing)}: on the |G| slots folded into the batch they compute "
+        "something else than on each slot's batch alone"
     )
     if mode == "layerwise":
         raise BatchMixingError(

@@ -181,8 +181,8 @@ DROPOUTS = (
 """Dropout modules (exactly these types): the identity in eval mode, so they keep any layout;
 in training :func:`channel_call` runs them on the slots moved back. Their masks are drawn in the
 input's memory order, so they keep the layout only where their input is computed from fused
-layers' outputs and values moved in that are known to be contiguous (by the example inputs'
-strides, or a linear layer's output), as without the pass; a value moved in that may have had
+layers' outputs and values moved in that are contiguous at every call (a linear layer's output:
+:func:`_contiguous`), as without the pass; a value moved in that may have had
 other strides (channels-last, a transposed view, which eager elementwise ops hand on) stays in
 folded slots where such an op, kept or not, reads a value computed from it (a copy moved back
 would be contiguous too). RMS norms likewise (see :data:`ROW_NORMS`)."""

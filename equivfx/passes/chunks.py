@@ -46,7 +46,7 @@ from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
 from equivfx.passes.annotate import BatchMixingWarning, OpaqueLeafWarning
 from equivfx.passes.codegen import direct_module_access
 from equivfx.passes.hoist import POOL_NAME
-from equivfx.passes.leaf_check import outputs_differ
+from equivfx.passes.leaf_check import describe_mixing, outputs_differ
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import (
     MEASURING,
@@ -239,7 +239,7 @@ class SlotChunks(nn.Module):
             self._find_user_modules()
         if any(map(_TRAINING, self._user_modules)):
             if self.unchecked_leaves:  # a first call in training: check the leaves first
-                self._check_in_eval(args)
+                self._check_leaves(args)
                 if self.mixing_leaves:
                     return 1
             return self.order  # training: batch statistics must see every slot
@@ -269,6 +269,10 @@ class SlotChunks(nn.Module):
     def _measured(self, args) -> int:
         key = self._key(args)
         with MEASURING:  # one measurement at a time; another thread may have made this one
+            if self.unchecked_leaves:  # the first measurement checks the leaves first
+                self._check_leaves(args)
+                if self.mixing_leaves:
+                    self.chosen[key] = 1
             if self.mixing_leaves:  # ... or found leaves that mix samples
                 return 1
             if key not in self.chosen:
@@ -296,25 +300,16 @@ class SlotChunks(nn.Module):
         devices = devices_of(args, self)  # CUDA kernels run after the call returns
         start = time.perf_counter()
         shuffle = random.Random(0).shuffle
-        kept: dict[tuple[int, int], object] = {}  # (round, k) -> output, for _leaves_mix
-        checked = ((0, 1), (0, self.order), (1, self.order))
         for round_ in range(21):
             order = list(sizes)
             shuffle(order)
             for k in order:
                 synchronize(devices)
                 t = time.perf_counter()
-                out = self._run(args, k)
+                self._run(args, k)
                 synchronize(devices)
                 if round_:  # round 0 warms caches and the allocator
                     best[k] = min(best[k], time.perf_counter() - t)
-                if self.unchecked_leaves and (round_, k) in checked:
-                    kept[round_, k] = out
-                del out
-            if round_ == 1 and kept:
-                if self._leaves_mix(kept[0, 1], kept[0, self.order], kept[1, self.order]):
-                    return 1
-                kept.clear()
             if round_ >= 3 and time.perf_counter() - start > 0.3:
                 break
         fastest = min(sizes, key=lambda k: (best[k], -k))
@@ -336,9 +331,9 @@ class SlotChunks(nn.Module):
             stacklevel=user_stacklevel(),
         )
 
-    def _check_in_eval(self, args) -> None:
+    def _check_leaves(self, args) -> None:
         """:meth:`_leaves_mix` on ``args`` in eval mode without autograd (the modules' modes
-        restored), for a first call in training: the check that ``_measure`` makes in eval."""
+        restored), at the first measurement or a first call in training."""
         with MEASURING:
             if not self.unchecked_leaves:  # another thread checked
                 return
@@ -354,8 +349,8 @@ class SlotChunks(nn.Module):
                     m.training = mode
 
     def _leaves_mix(self, per_slot, folded, again) -> bool:
-        """The first measurement of a model with opaque leaves not checked at compile (no example
-        inputs, or inputs the check could not cut): where one slot per pass (``per_slot``) and
+        """For a model with opaque leaves not checked at compile (no example inputs, or inputs
+        the check could not cut): where one slot per pass (``per_slot``) and
         every slot in one pass (``folded``) give different outputs, the leaves treat a batch's
         samples together; from then on this model runs one slot per pass, in every mode (each
         leaf sees the batch the loop over g gives it). A model whose folded outputs change from
@@ -370,8 +365,7 @@ class SlotChunks(nn.Module):
         self.mixing_leaves, self.chunk = leaves, 1
         warnings.warn(
             f"equivfx: the compiled model's outputs with one slot per pass and with every slot in "
-            f"one pass differ by {error:.3g}: opaque leaf module(s) "
-            f"{', '.join(map(repr, leaves))} treat the samples of a batch together. It runs one "
+            f"one pass differ by {error:.3g}: {describe_mixing(leaves)}. It runs one "
             "slot per pass from now on (chunk=1), like the hand-written loop over g; pass "
             "example_inputs to compile to have this checked (and the leaf named) beforehand.",
             BatchMixingWarning,

@@ -19,7 +19,14 @@ import torch.utils._pytree as pytree
 from equivfx.meta import REP, BatchSize, Folded
 from equivfx.verify.tolerance import abs_error, tolerance
 
-__all__ = ["MIXING_SCALE", "MIXING_CAP", "outputs_differ", "per_slot_difference"]
+__all__ = [
+    "MIXING_SCALE",
+    "MIXING_CAP",
+    "copy_tensors",
+    "describe_mixing",
+    "outputs_differ",
+    "per_slot_difference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +73,19 @@ def outputs_differ(a, b) -> float:
     return worst
 
 
-def _copy(tree):
+def copy_tensors(tree):
+    """``tree`` with every tensor copied (what a leaf reads, before it may write it)."""
     return pytree.tree_map_only(torch.Tensor, torch.clone, tree)
+
+
+def describe_mixing(leaves) -> str:
+    """ "opaque leaf module(s) ... treat the samples of a batch together", naming ``leaves``
+    (names, or a dict name -> largest difference)."""
+    if isinstance(leaves, dict):
+        names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in leaves.items())
+    else:
+        names = ", ".join(map(repr, leaves))
+    return f"opaque leaf module(s) {names} treat the samples of a batch together"
 
 
 def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) -> float | None:
@@ -111,13 +129,13 @@ def per_slot_difference(module, node: fx.Node, args, kwargs, out, slots: int) ->
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(torch.initial_seed() + 1)
-            again = module(*_copy(args), **_copy(kwargs))
+            again = module(*copy_tensors(args), **copy_tensors(kwargs))
         if outputs_differ(out, again) != 0.0:  # random draws: the parts would draw others
             return None
         parts = []
         for s in range(slots):
             part = [cuts[i][s] if i in cuts else v for i, v in enumerate(values)]
-            args_s, kwargs_s = _copy(pytree.tree_unflatten(part, spec))
+            args_s, kwargs_s = copy_tensors(pytree.tree_unflatten(part, spec))
             parts.append(module(*args_s, **kwargs_s))
     except Exception as err:  # noqa: BLE001 - the folded call ran; this one cannot tell
         log.info("equivfx: leaf %s fails on one slot's part: %s", node.target, err)

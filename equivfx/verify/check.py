@@ -217,6 +217,7 @@ def _mixing_leaves(model: nn.Module, info, inputs: Sequence) -> list[str]:
     mixing) are exact, and ``chunk="auto"`` checks at its first call (verify's calls) itself."""
     from equivfx.compiler import _test_run
     from equivfx.passes.annotate import BatchMixingWarning, opaque_leaves
+    from equivfx.passes.leaf_check import describe_mixing
 
     unchecked = getattr(info, "unchecked_leaves", ())
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
@@ -241,16 +242,14 @@ def _mixing_leaves(model: nn.Module, info, inputs: Sequence) -> list[str]:
         mixing, _ = _test_run(flat, tuple(inputs), leaves)
     if not mixing:
         return []
-    names = ", ".join(f"{name!r} (max difference {err:.3g})" for name, err in mixing.items())
     fix = (
         "make them treat each sample on its own, register an op rule, or use mode='global'"
         if info.mode == "layerwise"
         else "recompile with example_inputs= (one slot per pass) or chunk=1"
     )
     note = (
-        f"opaque leaf module(s) {names} treat the samples of a batch together: with every slot "
-        f"folded into the batch the model is not the lift of the original (it may still be "
-        f"equivariant); {fix}"
+        f"{describe_mixing(mixing)}: with every slot folded into the batch the model is not the "
+        f"lift of the original (it may still be equivariant); {fix}"
     )
     warnings.warn(f"equivfx.verify: {note}", BatchMixingWarning, stacklevel=user_stacklevel())
     return [note]
