@@ -26,7 +26,6 @@ __all__ = [
     "PipelineError",
     "EquivarianceError",
     "explain",
-    "user_stacklevel",
 ]
 
 
