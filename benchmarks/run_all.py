@@ -253,14 +253,23 @@ def summarize(out: Path) -> str:
             if cf
             else ""
         )
+        ks = [r["fused_kept_over_single_conv"] for r in rows if "fused_kept_over_single_conv" in r]
+        kept = (
+            f"; fused in the kept layout (input and output on the channel axis, as "
+            f"`keep-channel-layout` calls it between fused layers) {min(ks):.2f} to "
+            f"{max(ks):.2f}x, within 10 % in {sum(x <= 1.10 for x in ks)} of {len(ks)}"
+            if ks
+            else ""
+        )
+        kept_verdict = f", fused in the kept layout {_verdict(all(x <= 1.10 for x in ks))}"
         lines.append(
             f"| mixing layer within 10 % of one convolution of the same shape ({label}) | "
             f"gather (default, bitwise equivariant) {min(gs):.2f} to {max(gs):.2f}x, within 10 % "
             f"in {sum(x <= 1.10 for x in gs)} of {len(gs)}{fixed}; fused "
             f'(`mix_layout="fused"`) '
             f"{min(fs):.2f} to {max(fs):.2f}x, within 10 % in {sum(x <= 1.10 for x in fs)} of "
-            f"{len(fs)} | gather {_verdict(all(x <= 1.10 for x in gs))}, fused "
-            f"{_verdict(all(x <= 1.10 for x in fs))} |"
+            f"{len(fs)}{kept} | gather {_verdict(all(x <= 1.10 for x in gs))}, fused "
+            f"{_verdict(all(x <= 1.10 for x in fs))}{kept_verdict if ks else ''} |"
         )
     for _, label, c in _per_allocator(out, "bench_chunks"):
         rows = c["rows"]
@@ -402,7 +411,7 @@ def tables(out: Path) -> list[str]:
             "group", "B", "C", "size", "one conv, same shape", "gather (default; format)",
             "gather, channels-first", "gather, fresh copy", "fused", "blocks",
             "gather / one conv", "channels-first / one conv", "fresh copy / one conv",
-            "fused / one conv",
+            "fused / one conv", "fused, kept layout", "fused, kept layout / one conv",
         ]  # fmt: skip
 
         def ms(r, key):
@@ -428,6 +437,8 @@ def tables(out: Path) -> list[str]:
                         "gather_channels_first_over_single_conv",
                         "gather_fresh_over_single_conv",
                         "fused_over_single_conv",
+                        "fused_kept_ms",
+                        "fused_kept_over_single_conv",
                     )
                 ),  # fmt: skip
             ]
