@@ -227,9 +227,11 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             of qualified module names; or a predicate ``(name, module) -> bool`` asked about every
             Conv/Linear that reads a lifted value.
         chunk: global mode: evaluate k slots per pass (an int), or ``"auto"`` (the default): at
-            the first call in eval mode for each input shape, measure every k dividing |G| and keep
-            the fastest. Peak activation memory is about that of the base model at batch k B. In
-            training mode, and while traced or exported, all slots run in one pass (batch
+            the first call in eval mode for each input shape, measure every k dividing |G| (for
+            groups of order 30 and more, about one per factor of 2, of at most 64 passes:
+            ``equivfx.passes.chunks.fold_sizes``) and keep the fastest. Peak activation memory
+            is about that of the base model at batch k B. In training mode, and while traced or
+            exported, all slots run in one pass (batch
             statistics must see every slot). Invariant readouts accumulate chunk by chunk.
             ``"auto"`` falls back to one pass where chunking does not apply (layer-wise mode, whose
             mixing layers read every slot). None: one flat graph, always one pass. A chunked

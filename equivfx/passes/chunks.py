@@ -17,7 +17,8 @@ are computed (a running sum, max or logsumexp), so nothing of size |G| B is ever
 output every slot (``slots``, ``pose``, ``equivariant``) concatenate the chunks' values first.
 
 ``chunk="auto"`` measures, at the first call for each input shape (in eval mode), the time of a
-whole forward for each chunk size that divides the number of slots and keeps the fastest. It
+whole forward for each chunk size that divides the number of slots (:func:`fold_sizes`: for large
+groups about one per factor of 2, of at most :data:`MAX_PASSES` passes) and keeps the fastest. It
 measures at most :attr:`SlotChunks.MEASURED_SHAPES` inputs per model: past that it never measures,
 and a new input takes the decision of the measured one nearest in size with the same structure,
 dtypes, devices and ranks (other arguments, such as a scalar that changes at every call, are
@@ -84,6 +85,34 @@ if "_REGISTRATION_HOOK" not in globals():  # once per process, also if this modu
     _REGISTRATION_HOOK = nn.modules.module.register_module_module_registration_hook(
         _count_registration
     )
+
+
+MAX_PASSES = 64
+"""``chunk="auto"`` measures no fold size that takes more passes than this (|G| / k), where
+measuring every divisor would cost more than that many passes per round (Perm6's 30 divisors:
+2,418 passes, seconds of a first call): a pass runs the graph's Python once, and so many passes
+lose to fewer at any batch size."""
+
+
+def fold_sizes(n: int) -> list[int]:
+    """The slots per pass ``chunk="auto"`` measures for ``n`` slots: every divisor of ``n`` where
+    one forward with each takes at most :data:`MAX_PASSES` passes in all (every group of order
+    below 30: C4, D4, D8, Perm4, ...); else, for j = 0, 1, ..., the largest divisor at most
+    n / 2^j, while it takes at most :data:`MAX_PASSES` passes (Perm5: 120, 60, 30, 15, 6, 3;
+    Perm6: 720, 360, 180, 90, 45, 20): one per factor of 2, as the measured cost moves with the
+    batch size by factors."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    if sum(n // d for d in divisors) <= MAX_PASSES:
+        return divisors
+    sizes: set[int] = set()
+    target = float(n)
+    while target >= 1:
+        d = max(d for d in divisors if d <= target)
+        if n // d > MAX_PASSES:
+            break
+        sizes.add(d)
+        target /= 2
+    return sorted(sizes)
 
 
 class SlotChunks(nn.Module):
@@ -287,7 +316,7 @@ class SlotChunks(nn.Module):
         return self.chosen[key]
 
     def _measure(self, args) -> int:
-        """Time a whole forward for each k dividing the number of slots, interleaved (machine
+        """Time a whole forward for each k of :func:`fold_sizes`, interleaved (machine
         noise spreads over every candidate) in a new order each round (a fixed-seed shuffle, so
         a candidate does not always follow the same other one, whose freed memory the allocator
         may hand on): a warm-up round, then at least 3 and at most 20 rounds, until the
@@ -295,7 +324,7 @@ class SlotChunks(nn.Module):
 
         Folding every slot wins ties within 3 %: it runs one generated graph and has no chunk
         bookkeeping, so a chunk size must be clearly faster to be chosen."""
-        sizes = [d for d in range(1, self.order + 1) if self.order % d == 0]
+        sizes = fold_sizes(self.order)
         best = {k: float("inf") for k in sizes}
         devices = devices_of(args, self)  # CUDA kernels run after the call returns
         start = time.perf_counter()

@@ -14,7 +14,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import NotYetSupportedError
-from equivfx.passes.chunks import SlotChunks, _distance
+from equivfx.passes.chunks import MAX_PASSES, SlotChunks, _distance, fold_sizes
 from equivfx.passes.modules import devices_of, synchronize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +79,46 @@ def test_auto_varies_the_order_of_the_candidates_and_picks_by_time(monkeypatch):
     # a candidate does not always follow the same other one (its freed memory)
     after = {k: {r[r.index(k) - 1] for r in rounds if r.index(k)} for k in sizes}
     assert any(len(before) > 1 for before in after.values())
+
+
+@pytest.mark.parametrize(
+    "n, sizes",
+    [
+        (1, [1]),
+        (4, [1, 2, 4]),
+        (6, [1, 2, 3, 6]),
+        (24, [1, 2, 3, 4, 6, 8, 12, 24]),  # Perm4: every divisor, 60 passes per round
+        (30, [1, 3, 6, 15, 30]),  # the smallest order whose divisors take 72 passes
+        (120, [3, 6, 15, 30, 60, 120]),  # Perm5: 120 passes for k = 1 alone
+        (720, [20, 45, 90, 180, 360, 720]),  # Perm6: 30 divisors, 2,418 passes per round
+    ],
+)
+def test_auto_measures_every_divisor_of_small_groups_and_one_per_factor_of_two_of_large(n, sizes):
+    got = fold_sizes(n)
+    assert got == sizes
+    assert all(n % k == 0 for k in got) and n in got
+    assert all(n // k <= MAX_PASSES for k in got)
+    every = [d for d in range(1, n + 1) if n % d == 0]
+    assert got == every or sum(n // k for k in got) <= 2 * MAX_PASSES
+
+
+def test_auto_on_a_large_group_times_only_those_fold_sizes(monkeypatch):
+    # Perm5: 16 divisors, 360 passes per round if each were timed; the first call used to take
+    # seconds on a small MLP (a review measured Perm6: 2.3 to 5.2 s, against ms after it)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5, 2)).eval()
+    x = torch.randn(2, 5, 3)
+    runner = _compile(net, "Perm5", x).equivfx_chunks
+    calls, clock = [], [0.0]
+
+    def fake_run(args, k):
+        calls.append(k)
+        clock[0] += 1.0 if k == 30 else 2.0
+
+    monkeypatch.setattr(runner, "_run", fake_run)
+    monkeypatch.setattr("equivfx.passes.chunks.time.perf_counter", lambda: clock[0])
+    assert runner.order == 120 and runner._measure((x,)) == 30
+    assert sorted(set(calls)) == [3, 6, 15, 30, 60, 120] == fold_sizes(120)
+    assert len(calls) == 4 * 6  # a warm-up round and three timed ones
 
 
 def test_auto_times_the_work_a_device_runs_after_the_call_returns(monkeypatch):
