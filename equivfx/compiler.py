@@ -44,7 +44,7 @@ from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
 from equivfx.passes.rules import describe_node
 from equivfx.passes.to_map import ToMap
-from equivfx.trace import restore_unused_state, trace
+from equivfx.trace import TrainingModeWarning, mode_dependent, restore_unused_state, trace
 
 __all__ = ["compile", "CompileInfo", "as_action", "global_pipeline", "layerwise_pipeline"]
 
@@ -73,6 +73,10 @@ class CompileInfo:
         unchecked_leaves: opaque leaves compile could not check on example inputs (all of them
             without example inputs): ``chunk="auto"`` checks them at the first call, and
             ``equivfx.verify`` where every slot is folded.
+        mode_dependent: modules whose training flag the traced graph depends on (their code
+            branches on ``self.training``, or passes it to ``F.dropout``): qualified name (""
+            for the model) -> the flag when compiled, whose branch the compiled model computes
+            in either mode (:func:`equivfx.trace.mode_dependent`).
     """
 
     group: FiniteGroup
@@ -88,6 +92,7 @@ class CompileInfo:
     mixed: tuple[str, ...] = ()
     output_rep_action: Action | None = None
     unchecked_leaves: tuple[str, ...] = ()
+    mode_dependent: dict = field(default_factory=dict)
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -183,6 +188,23 @@ def eval_mode(model: nn.Module):
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
+    names = ", ".join(repr(n) if n else f"the model ({type(model).__name__})" for n in modes)
+    flags = set(modes.values())
+    mode = ("training" if True in flags else "eval") if len(flags) == 1 else "their current"
+    warnings.warn(
+        f"equivfx: the traced graph depends on the training flag of {names} (code that "
+        "branches on self.training, or passes it to F.dropout, which tracing ran once). The "
+        f"compiled model computes the branch of {mode} mode, the mode when compiled, in either "
+        "mode: train() or eval() on it does not switch that branch. Compile the model in the "
+        "mode you will run it in (model.eval() before equivfx.compile for inference), once per "
+        "mode, or register a submodule's class with equivfx.trace.register_leaf so that it "
+        "runs whole and reads its flag at each call.",
+        TrainingModeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def compile(  # noqa: A001 - the public name is part of the API contract
@@ -378,6 +400,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
     result = trace(model)
+    modes = mode_dependent(model, result)
+    if modes:
+        _warn_mode_dependent(model, modes)
     gm = result.gm
     if result.path != "opaque":
         restore_unused_state(gm, model)
@@ -458,6 +483,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         passes=tuple(pipeline.names),
         mixed=mixer.mixed if mixer is not None else (),
         output_rep_action=annotated_output_action(gm.graph),
+        mode_dependent=modes,
     )
     leaves = opaque_leaves(gm)
     mixing: dict[str, float] = {}

@@ -36,6 +36,8 @@ __all__ = [
     "LEAF_MODULES",
     "OPAQUE_ATTR",
     "TraceResult",
+    "TrainingModeWarning",
+    "mode_dependent",
     "register_leaf",
     "trace",
 ]
@@ -60,6 +62,11 @@ _MAX_DISCOVERED_LEAVES = 64
 
 class FallbackWarning(UserWarning):
     """The front end fell back from a full trace (leaves discovered, or the model made opaque)."""
+
+
+class TrainingModeWarning(UserWarning):
+    """The traced graph depends on modules' training flags: it computes the branch of the mode
+    they were in when compiled, in either mode (see :func:`mode_dependent`)."""
 
 
 def register_leaf(module_type: type, reason: str) -> None:
@@ -342,3 +349,58 @@ def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     _ensure_submodule(root, parent_path).add_module(name, module)
+
+
+# ------------------------------------------------------------------------- training flags
+def _graph_key(graph: fx.Graph) -> tuple:
+    """What a traced graph computes, comparable between traces of one model: each node's op,
+    target and arguments (nodes by name, constants by repr: ``training=False`` shows)."""
+    return tuple((n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes)
+
+
+def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
+    """The graph key of ``model`` traced again (with ``result``'s leaves) with the training
+    flags of ``flipped`` negated (restored after); None where that trace fails."""
+    for m in flipped:
+        m.training = not m.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _graph_key(_Tracer(dict(result.leaves)).trace(model))
+    except Exception as err:  # noqa: BLE001 - the other branch does not trace: it differs
+        log.debug("equivfx: retrace with flipped training flags failed: %s", err)
+        return None
+    finally:
+        for m in flipped:
+            m.training = not m.training
+
+
+def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
+    """The modules of ``model`` whose training flag the traced graph depends on: qualified name
+    ("" for the model itself) -> the flag it had when traced.
+
+    ``symbolic_trace`` runs the model's Python once: ``if self.training:`` takes one branch,
+    and ``F.dropout(x, p, self.training)`` records the flag as a constant, so the graph computes
+    that mode's branch in either mode (leaves, run whole, read their flags at each call). Found by
+    tracing again with flags negated: all at once (one more trace; nothing more where the graph
+    is the same), then halves of the modules whose flip changes it, down to single modules
+    (about 2 log2(n) traces per such module). Empty for the opaque path (the model runs whole).
+    """
+    if result.path == "opaque":
+        return {}
+    base = _graph_key(result.gm.graph)
+    named = list(model.named_modules(remove_duplicate=True))
+    if _flipped_key(model, result, [m for _, m in named]) == base:
+        return {}
+
+    def search(part: list) -> list:
+        if len(part) == 1:
+            return part
+        half = len(part) // 2
+        found = []
+        for side in (part[:half], part[half:]):
+            if _flipped_key(model, result, [m for _, m in side]) != base:
+                found += search(side)
+        return found or part  # only flipped together (flags compared): name them all
+
+    return {name: m.training for name, m in search(named)}

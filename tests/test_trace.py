@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from equivfx.errors import ModelTypeError
-from equivfx.trace import LEAF_MODULES, FallbackWarning, register_leaf, trace
+from equivfx.trace import (
+    LEAF_MODULES,
+    FallbackWarning,
+    TrainingModeWarning,
+    mode_dependent,
+    register_leaf,
+    trace,
+)
 
 
 class Branchy(nn.Module):
@@ -99,3 +106,110 @@ def test_registry_leaves_and_user_registration():
 def test_not_a_module():
     with pytest.raises(ModelTypeError, match="nn.Module"):
         trace(lambda x: x)
+
+
+# ------------------------------------------------------------------- training flags
+class NoisyBlock(nn.Module):
+    """A hand-written train/eval switch: tracing runs its ``if`` once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.training:
+            h = h + 0.5
+        return h
+
+
+class ModeNet(nn.Module):
+    """A switch in a child (``block``), one in the model's own forward (functional dropout),
+    and leaves that read their flags at each call (``bn``, ``drop``) beside a child that does
+    not read it (``plain``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = NoisyBlock()
+        self.plain = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.drop(self.bn(self.plain(self.block(x))))
+        h = torch.nn.functional.dropout(h, 0.2, self.training)
+        return self.head(h.mean((2, 3)))
+
+
+def test_mode_dependent_names_exactly_the_modules_whose_flag_the_graph_reads():
+    model = ModeNet()
+    assert mode_dependent(model, trace(model)) == {"": True, "block": True}
+    model.block.eval()  # each with its own flag
+    assert mode_dependent(model, trace(model)) == {"": True, "block": False}
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(), nn.ReLU())
+    assert mode_dependent(plain, trace(plain)) == {}  # leaves read their flags at each call
+    assert all(m.training for m in ModeNet().modules())  # flags restored after the search
+
+
+def test_mode_dependent_traces_once_more_where_no_flag_matters(monkeypatch):
+    import equivfx.trace as front
+
+    calls = []
+    real = front._flipped_key
+    monkeypatch.setattr(front, "_flipped_key", lambda *a: calls.append(len(a[2])) or real(*a))
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    assert mode_dependent(plain, trace(plain)) == {}
+    assert calls == [4]  # every module flipped at once: the graph is the same, done
+
+
+def test_mode_dependent_is_empty_for_the_opaque_path():
+    class TopSwitch(BranchyTop):
+        def forward(self, x):
+            if self.training and x.sum() > 0:  # untraceable: the model runs whole
+                return self.lin(x)
+            return x
+
+    model = TopSwitch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        result = trace(model)
+    assert result.path == "opaque" and mode_dependent(model, result) == {}
+
+
+def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_so():
+    import equivfx
+
+    x = torch.randn(2, 1, 6, 6)
+    model = ModeNet()
+    with pytest.warns(TrainingModeWarning, match=r"the model \(ModeNet\), 'block'.*training mode"):
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.mode_dependent == {"": True, "block": True}
+    report = equivfx.verify(emodel, x)
+    assert any(
+        "'block' in training mode" in n and "compile the model in eval" in n for n in report.notes
+    )
+    # what the warning is about: eval() does not switch the branch compiled in training mode
+    emodel.eval()
+    model.eval()
+    G = equivfx.group("C4")
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        assert not torch.allclose(emodel(x), loop, atol=1e-3)  # block's +0.5 is still there
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fresh = equivfx.compile(model, "C4", example_inputs=x)  # in eval mode: its branch
+        torch.testing.assert_close(fresh(x), loop, rtol=1e-5, atol=1e-6)
+    assert fresh.equivfx_info.mode_dependent == {"": False, "block": False}
+    assert [w.category for w in seen].count(TrainingModeWarning) == 1
+    assert not [n for n in equivfx.verify(fresh, x).notes if "training mode" in n]
+
+
+def test_compile_does_not_warn_about_modes_for_models_without_switches():
+    import equivfx
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6))
+    assert emodel.equivfx_info.mode_dependent == {}

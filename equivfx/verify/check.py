@@ -191,6 +191,15 @@ def verify(
         )
     if info is not None:
         notes.extend(_mixing_leaves(model, info, inputs))
+        trained = [n for n, flag in getattr(info, "mode_dependent", {}).items() if flag]
+        if trained:
+            names = ", ".join(repr(n) if n else "the model" for n in trained)
+            notes.append(
+                f"compiled with {names} in training mode, and the traced graph depends on that "
+                "flag: it computes the training branch here too (verify runs "
+                "in eval mode; random draws there make outputs differ between calls); compile "
+                "the model in eval mode to verify it for inference"
+            )
     return Report(
         ok=passed,
         max_error=max(per.values(), default=0.0),
