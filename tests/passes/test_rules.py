@@ -643,3 +643,48 @@ def test_claims_under_interpolated_rotations_hold_numerically(module, commutes):
     claim, holds = _c8_claim(module)
     assert holds == commutes  # the premise of the case
     assert not claim or holds  # a claim must hold; a missed one only costs time
+
+
+_MASK_OPS = {  # what attention masks, padding and numerics code writes (a review's list)
+    "invert": lambda h: (~(h > 0)).float(),
+    "and": lambda h: ((h > 0) & (h < 1)).float(),
+    "or": lambda h: ((h > 0) | (h < -1)).float(),
+    "xor": lambda h: ((h > 0) ^ (h < 0.5)).float(),
+    "masked_fill": lambda h: h.masked_fill(h > 0, 0.0),
+    "Tensor.gt": lambda h: h.gt(0).float(),
+    "Tensor.ne": lambda h: h.ne(0).float(),
+    "torch.ne": lambda h: torch.ne(h, 0).float(),
+    "torch.ge": lambda h: torch.ge(h, 0.1).float() + torch.le(h, -0.1).float(),
+    "bool": lambda h: h.bool().float(),
+    "long": lambda h: (3 * h).long().float(),
+    "log1p": lambda h: torch.log1p(h.abs()),
+    "clamp_min": lambda h: h.clamp_min(0.1) + h.clamp_max(0.2),
+    "nan_to_num": lambda h: torch.nan_to_num(torch.log(h), neginf=-5.0),
+    "ceil": lambda h: torch.ceil(h) + torch.trunc(h),
+    "logical_not": lambda h: torch.logical_not(h > 0).float(),
+    "logical_and": lambda h: torch.logical_and(h > 0, h < 1).float(),
+    "addcmul": lambda h: torch.addcmul(h, h, h, value=0.5),
+    "atan2": lambda h: torch.atan2(h, h.abs() + 1) + torch.remainder(h, 0.3),
+    "expm1": lambda h: torch.expm1(h) + torch.log2(h.abs() + 1),
+}
+
+
+@pytest.mark.parametrize("name", list(_MASK_OPS))
+def test_mask_and_elementwise_ops_compile_and_equal_the_loop_over_g(name):
+    fn = _MASK_OPS[name]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return fn(self.conv(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 1, 6, 6)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, example_inputs=x)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
