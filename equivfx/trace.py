@@ -21,6 +21,7 @@ whenever a fallback was used.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -187,26 +188,29 @@ def trace(model: nn.Module) -> TraceResult:
             )
         )
     discovered: dict[str, str] = {}
-    while True:
-        tracer = _Tracer(discovered)
-        try:
-            graph = tracer.trace(model)
-        except Exception as err:  # noqa: BLE001 - classify below
-            if not _is_trace_failure(err):
-                raise
-            where = tracer.failed_in
-            if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
-                discovered[where] = f"could not be traced ({type(err).__name__}: {err}); run whole"
-                log.info("equivfx: making %s a leaf: %s", where, err)
-                continue
-            return _opaque(model, err, discovered)
-        break
-    leaves = {**tracer.registry_leaves, **discovered}
-    name = type(model).__name__
-    for node in graph.nodes:
-        if isinstance(node.type, str):  # an annotation under `from __future__ import annotations`:
-            node.type = None  # fx cannot write it into the import block of a pickled module
-    gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")
+    with _no_new_attributes(model):  # fx sets tensor constants on the model it traces
+        while True:
+            tracer = _Tracer(discovered)
+            try:
+                graph = tracer.trace(model)
+            except Exception as err:  # noqa: BLE001 - classify below
+                if not _is_trace_failure(err):
+                    raise
+                where = tracer.failed_in
+                if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
+                    discovered[where] = (
+                        f"could not be traced ({type(err).__name__}: {err}); run whole"
+                    )
+                    log.info("equivfx: making %s a leaf: %s", where, err)
+                    continue
+                return _opaque(model, err, discovered)
+            break
+        leaves = {**tracer.registry_leaves, **discovered}
+        name = type(model).__name__
+        for node in graph.nodes:
+            if isinstance(node.type, str):  # an annotation under `from __future__ import
+                node.type = None  # annotations`: fx cannot write it into a pickle's imports
+        gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")  # copies the constants
     path = "symbolic_trace+leaves" if discovered else "symbolic_trace"
     if discovered:
         warnings.warn(
@@ -220,6 +224,19 @@ def trace(model: nn.Module) -> TraceResult:
             stacklevel=user_stacklevel(),
         )
     return TraceResult(gm=gm, path=path, leaves=leaves)
+
+
+@contextlib.contextmanager
+def _no_new_attributes(model: nn.Module):
+    """Remove the attributes tracing adds to ``model`` (fx stores a tensor the traced code
+    creates, ``torch.ones(4)``, as ``_tensor_constant0`` on the traced module): compile does not
+    modify the model, and a second trace names its constants as the first did."""
+    before = set(model.__dict__)
+    try:
+        yield
+    finally:
+        for key in set(model.__dict__) - before:
+            del model.__dict__[key]
 
 
 def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> TraceResult:
@@ -364,7 +381,7 @@ def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]
     for m in flipped:
         m.training = not m.training
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_new_attributes(model):
             warnings.simplefilter("ignore")
             return _graph_key(_Tracer(dict(result.leaves)).trace(model))
     except Exception as err:  # noqa: BLE001 - the other branch does not trace: it differs

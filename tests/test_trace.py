@@ -213,3 +213,22 @@ def test_compile_does_not_warn_about_modes_for_models_without_switches():
         warnings.simplefilter("error", TrainingModeWarning)
         emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6))
     assert emodel.equivfx_info.mode_dependent == {}
+
+
+def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
+    import equivfx
+
+    class Offset(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) + torch.ones(16) * 2  # fx keeps the tensor as a constant
+
+    model = Offset()
+    before = set(vars(model))
+    result = trace(model)
+    assert mode_dependent(model, result) == {}  # a second trace names its constant alike
+    emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 4, 4))
+    assert set(vars(model)) == before  # no _tensor_constant0 left on the user's model
+    x = torch.randn(2, 1, 4, 4)
+    G = equivfx.group("C4")
+    loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+    torch.testing.assert_close(emodel(x), loop)
