@@ -525,9 +525,19 @@ def load_sidecar(path: str | Path) -> dict:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(explain("corrupt sidecar", f"{side.name}: {err}", "JSON")) from err
-    if meta.get("format") != SIDECAR_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(
             explain("not an equivfx sidecar", side.name, f"format {SIDECAR_FORMAT!r}")
+        )
+    missing = [k for k in ("group", "input_shape") if k not in meta]
+    if missing:
+        raise CheckpointError(
+            explain(
+                "the sidecar lacks " + ", ".join(missing),
+                side.name,
+                "the keys equivfx compile writes",
+                "recompile the artifact with equivfx compile",
+            )
         )
     return meta
 

@@ -8,7 +8,8 @@
     equivfx demo    [--out DIR] [--quick]
 
 Exit codes: 0 success (for ``verify``: equivariance holds), 1 equivariance violated (``verify``),
-2 bad input or usage. Every bad input is one line on stderr with a hint; ``--debug`` shows the
+2 bad input, usage, or any other failure (a model that raises, a malformed sidecar), 130
+interrupted. Every bad input is one line on stderr with a hint; ``--debug`` shows the
 traceback.
 """
 
@@ -26,6 +27,7 @@ import click
 __all__ = ["main"]
 
 EXIT_OK, EXIT_VIOLATED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 GROUP_HELP = "group spec: C4, D4, C8, Shift16, Perm5, D4xShift8@-3 ... (see the README)"
 
@@ -54,7 +56,12 @@ def _command(fn):
                 code = fn(*args, **kwargs)
         except EquivFXError as err:
             _fail(str(err), debug)
-        except (OSError, RuntimeError, ValueError, TypeError) as err:
+        except KeyboardInterrupt:
+            click.echo("equivfx: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as err:  # noqa: BLE001 - any other failure (the user's model raising
+            # KeyError or AssertionError, a guard of an exported program) is not a violation:
+            # exit 1 is verify's answer "not equivariant", which CI must be able to trust
             _fail(f"{type(err).__name__}: {err}", debug)
         sys.exit(code or EXIT_OK)
 
@@ -256,6 +263,17 @@ def verify_cmd(
 
     path = Path(model_or_artifact)
     if path.exists():
+        ignored = [o for o, v in (("--weights", weights), ("--model-arg", model_args)) if v]
+        if ignored or trust_pickle:
+            raise CheckpointError(
+                explain(
+                    f"{', '.join(ignored + ['--trust-pickle'] * trust_pickle)} apply to a model "
+                    "factory, not to an artifact",
+                    model_or_artifact,
+                    "an artifact alone (its weights are inside it)",
+                    "drop those options, or verify package.module:factory --weights ...",
+                )
+            )
         module, meta = load_artifact(path, rebuild=_rebuild)
         G = equivfx.group(group_spec or meta["group"])
         shape = parse_shape(input_shape) if input_shape else tuple(meta["input_shape"])
@@ -397,7 +415,12 @@ def inspect_cmd(
     help="folder for the artifacts (default: a new folder in the current directory)",
 )
 @click.option("--quick", is_flag=True, help="a few epochs only (a smoke test)")
-@click.option("--epochs", type=int, default=None, help="training epochs (default 30, quick 3)")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="training epochs (default 30, quick 3)",
+)
 @click.option("--seed", type=int, default=0)
 @_command
 def demo_cmd(out_dir, quick, epochs, seed):
@@ -410,7 +433,7 @@ def demo_cmd(out_dir, quick, epochs, seed):
     from equivfx.demo import run_demo
 
     folder = _demo_folder(out_dir)
-    epochs = epochs or (3 if quick else 30)
+    epochs = epochs if epochs is not None else (3 if quick else 30)
     console = Console(width=max(110, Console().width))
     console.print(
         f"equivfx demo: scikit-learn digits (1,797 real 8x8 images), trained upright only, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Callable
@@ -425,12 +426,14 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         example_batch = int(first.shape[0]) if first.dim() else None
         with eval_mode(gm):
             try:
-                ShapeProp(gm).propagate(*examples)
+                with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
+                    ShapeProp(gm).propagate(*examples)
             except Exception as err:  # the user's model fails on its own example
+                cause = err.__cause__ or err  # ShapeProp wraps it in "ShapeProp error for: ..."
                 raise ModelTypeError(
                     explain(
                         "the model fails on its example inputs",
-                        f"{type(err).__name__}: {err}",
+                        f"{type(cause).__name__}: {cause}",
                         "example_inputs the model itself runs on",
                         "check the shapes of example_inputs",
                     )

@@ -25,6 +25,7 @@ __all__ = [
     "NotYetSupportedError",
     "PipelineError",
     "EquivarianceError",
+    "VerifyArgumentError",
     "explain",
 ]
 
@@ -98,6 +99,11 @@ class NotYetSupportedError(EquivFXError, NotImplementedError):
 
 class PipelineError(EquivFXError, ValueError):
     """A pass pipeline is ill-formed: a pass requires metadata no earlier pass provides."""
+
+
+class VerifyArgumentError(EquivFXError, ValueError):
+    """An argument of :func:`equivfx.verify` is out of range (a negative or non-finite
+    tolerance)."""
 
 
 class EquivarianceError(EquivFXError, AssertionError):

@@ -486,3 +486,47 @@ def test_a_failing_sidecar_write_leaves_no_artifact(tmp_path, monkeypatch):
     meta = checkpoints.save_artifact(make_cnn(), out, torch.randn(2, 1, 8, 8), {"group": "C4"})
     assert meta["sha256"] == sha256(out)  # the digest of the renamed file, taken before renaming
     assert json.loads((tmp_path / "m.pt.json").read_text())["sha256"] == sha256(out)
+
+
+def test_failures_that_are_not_violations_exit_2_never_1(tmp_path):
+    # exit 1 is verify's "not equivariant": a model that raises, a bad tolerance or a malformed
+    # sidecar must not read as a violation in CI
+    (tmp_path / "broken.py").write_text(
+        "import torch\n"
+        "def raises():\n"
+        "    raise KeyError('boom')\n"
+        "class Asserting(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        assert x.shape[1] == 3, 'expected RGB input'\n"
+        "        return x.mean((1, 2, 3))\n"
+    )
+    line = one_error_line(
+        run("verify", "broken:raises", "--group", "C4", "--input-shape", SHAPE, cwd=tmp_path)
+    )
+    assert "KeyError" in line and "boom" in line
+    line = one_error_line(
+        run("verify", "broken:Asserting", "--group", "C4", "--input-shape", SHAPE, cwd=tmp_path)
+    )
+    assert "AssertionError" in line and "expected RGB input" in line
+    for flag, value in (("--atol", "-1"), ("--rtol", "nan"), ("--atol", "inf")):
+        line = one_error_line(
+            run("verify", FACTORY, "--group", "C4", "--input-shape", SHAPE, flag, value)
+        )
+        assert "finite number >= 0" in line
+    art = tmp_path / "a.pt2"
+    run("compile", FACTORY, "--group", "D4", "--input-shape", SHAPE, "-o", art, check_code=0)
+    line = one_error_line(run("verify", art, "--weights", tmp_path / "nonexistent.pt"))
+    assert "--weights apply to a model factory" in line
+    side = tmp_path / "a.pt2.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({"format": meta["format"]}))
+    assert "lacks group, input_shape" in one_error_line(run("verify", art))
+    side.write_text("[1, 2]")
+    assert "not an equivfx sidecar" in one_error_line(run("verify", art))
+
+
+def test_demo_refuses_epochs_below_one(tmp_path):
+    for epochs in ("0", "-1"):
+        proc = run("demo", "--quick", "--epochs", epochs, "--out", tmp_path / epochs)
+        assert proc.returncode == 2 and "--epochs" in proc.stderr
+        assert not (tmp_path / epochs).exists()

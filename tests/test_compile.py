@@ -267,3 +267,22 @@ def test_interpolated_group_compiles_and_reports_its_error():
     exact = {"r2", "r4", "r6"}  # multiples of 90 degrees are exact rotations
     assert all(report.per_element[e] < 1e-5 for e in exact)
     assert max(report.per_element.values()) > 1e-4
+
+
+def test_a_model_failing_on_its_example_names_its_own_error_and_prints_nothing(capfd):
+    class Rgb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    with pytest.raises(
+        ModelTypeError,
+        match=r"fails on its example inputs: got 'RuntimeError: .*"
+        r"to have 3 channels",
+    ):
+        equivfx.compile(Rgb(), "C4", example_inputs=torch.randn(2, 1, 6, 6))
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "ShapeProp" not in err

@@ -523,8 +523,9 @@ def _parse_atom(s: str) -> FiniteGroup | None:
 
 def _unknown(spec: object, piece: str | None = None) -> GroupSpecError:
     known = ["C4", "D4", "C8", "Shift8", "Rev", "ShiftRev8", "Perm4", *sorted(_REGISTRY)]
-    close = difflib.get_close_matches(piece or str(spec), known, n=1, cutoff=0.5)
-    fix = f"did you mean {close[0]!r}?" if close else "use one of the forms listed"
+    by_upper = {k.upper(): k for k in known}
+    close = difflib.get_close_matches(str(piece or spec).upper(), list(by_upper), n=1, cutoff=0.5)
+    fix = f"did you mean {by_upper[close[0]]!r}?" if close else "use one of the forms listed"
     what = "unknown group spec" if piece is None else f"unknown group {piece!r} in spec"
     return GroupSpecError(explain(what, spec, VALID_SPECS, fix))
 

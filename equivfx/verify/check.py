@@ -30,7 +30,7 @@ from equivfx.meta import (
     annotated_output_action,
 )
 from equivfx.verify.report import Report
-from equivfx.verify.tolerance import abs_error, tolerance, within
+from equivfx.verify.tolerance import abs_error, check_tolerance, tolerance, within
 
 __all__ = ["verify", "elements_to_check", "ALL_ELEMENTS_UP_TO"]
 
@@ -117,6 +117,8 @@ def verify(
                 "pass the model object",
             )
         )
+    check_tolerance("rtol", rtol)
+    check_tolerance("atol", atol)
     inputs = as_example_inputs(example_inputs)
     info = getattr(model, "equivfx_info", None)
     if group is None:
@@ -184,6 +186,15 @@ def verify(
                 graph_model, G, in_action, inputs, worst, rtol_, atol_
             )
     notes = []
+    nan = sum(int(torch.isnan(t).sum()) for t in ys if t.is_floating_point() or t.is_complex())
+    if nan:  # NaN agrees with NaN below: such values are not checked at all
+        passed = False
+        total = sum(t.numel() for t in ys)
+        notes.append(
+            f"the model's outputs on the example contain NaN ({nan} of {total} values): "
+            "equivariance cannot be checked there, so the check fails; find where the NaN "
+            "comes from (verify compares NaN with NaN as equal)"
+        )
     if not G.action.exact or not in_action.exact:
         notes.append(
             "the input action is interpolated: equivariance is approximate by construction; "

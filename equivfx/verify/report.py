@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Report"]
@@ -51,8 +52,11 @@ class Report:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The report as a JSON string (``"ok"`` first)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+        """The report as a JSON string (``"ok"`` first). Non-finite errors (an output whose
+        NaNs or shape differ between g . x and x gives an infinite error) are the strings
+        ``"inf"``, ``"-inf"`` and ``"nan"``: JSON has no such numbers (``Infinity`` is refused
+        by strict parsers, JavaScript's among them)."""
+        return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
 
     def summary(self) -> str:
         """One paragraph for humans and assertion messages."""
@@ -76,3 +80,14 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _finite(value):
+    """``value`` (nested dicts, lists, floats) with non-finite floats as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

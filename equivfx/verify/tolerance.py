@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOLERANCES", "tolerance", "abs_error", "within"]
+__all__ = ["TOLERANCES", "check_tolerance", "tolerance", "abs_error", "within"]
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     # dtype: (rtol, atol)
@@ -21,8 +21,36 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 """(rtol, atol) by dtype. Exact groups on deterministic kernels give 0 or a few ulps, far inside."""
 
 
+def check_tolerance(name: str, value) -> None:
+    """Raise unless ``value`` (``rtol`` or ``atol``) is None or a finite number >= 0: a negative
+    bound fails every model, an infinite or NaN one passes (or fails) every model."""
+    import math
+    import numbers
+
+    from equivfx.errors import VerifyArgumentError, explain
+
+    if value is None:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise VerifyArgumentError(
+            explain(
+                f"{name} must be a finite number >= 0",
+                repr(value),
+                f"e.g. {name}=1e-5, or None for the dtype's default",
+                "pass a non-negative float",
+            )
+        )
+
+
 def tolerance(dtype: torch.dtype, rtol: float | None = None, atol: float | None = None):
     """(rtol, atol) for ``dtype``, overridden by explicit values; integer dtypes compare exactly."""
+    check_tolerance("rtol", rtol)
+    check_tolerance("atol", atol)
     base = TOLERANCES.get(dtype, (0.0, 0.0))
     return (base[0] if rtol is None else rtol, base[1] if atol is None else atol)
 

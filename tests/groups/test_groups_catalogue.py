@@ -106,3 +106,10 @@ def test_user_group_bad_inputs() -> None:
         from_generators("BadName", {"e": (1, 0)}, {"e": lambda x: x})
     with pytest.raises(GroupSpecError, match="user group name"):
         from_generators("has space", {"a": (1, 0)}, {"a": lambda x: x})
+
+
+def test_suggestions_ignore_case() -> None:
+    with pytest.raises(GroupSpecError, match="did you mean 'C4'"):
+        group("c4")
+    with pytest.raises(GroupSpecError, match="did you mean 'Perm4'"):
+        group("perm4x")

@@ -120,3 +120,43 @@ def test_sequence_groups():
         nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3)), "ShiftRev8"
     )
     assert equivfx.verify(emodel, x).ok
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1e-3", True])
+def test_tolerances_must_be_finite_non_negative_numbers(bad):
+    from equivfx.errors import VerifyArgumentError
+
+    net = equivfx.compile(nn.Conv2d(1, 2, 3), "C4")
+    x = torch.randn(2, 1, 6, 6)
+    for name in ("rtol", "atol"):
+        with pytest.raises(VerifyArgumentError, match=f"{name} must be a finite number >= 0"):
+            equivfx.verify(net, x, **{name: bad})
+    assert equivfx.verify(net, x, rtol=0, atol=1e-6).ok  # zero is a bound
+
+
+def test_nan_outputs_fail_with_a_note_and_the_json_stays_strict():
+    class AllNan(nn.Module):
+        def forward(self, x):
+            return x.mean((-1, -2)) * float("nan")
+
+    x = torch.randn(2, 1, 6, 6)
+    report = equivfx.verify(AllNan(), x, group="C4")
+    assert not report.ok and report.max_error == 0.0  # NaN agrees with NaN: not checked
+    assert any("contain NaN (2 of 2 values)" in n for n in report.notes)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+
+    assert strict(report.to_json())["ok"] is False
+
+    class CornerLog(nn.Module):  # NaN where a rotation brings a negative corner to (0, 0)
+        def forward(self, x):
+            return torch.log(x[:, :, 0, 0])
+
+    corners = -torch.ones(1, 1, 6, 6)
+    corners[..., 0, 0] = 2.0
+    shown = equivfx.verify(CornerLog(), corners, group="C4")
+    assert not shown.ok and shown.max_error == float("inf")
+    assert not any("contain NaN" in n for n in shown.notes)  # the model's own output is finite
+    parsed = strict(shown.to_json())
+    assert parsed["max_error"] == "inf" and "inf" in parsed["per_element"].values()
