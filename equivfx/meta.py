@@ -89,6 +89,10 @@ class Folded(Rep):
 
     batch_axis: int = 0
     container: bool = False  # a tuple/list of such tensors (split, RNN outputs, max with dim)
+    items: tuple = ()
+    """For a container whose entries differ: entry i's representation (an RNN's output folded
+    in ``batch_axis``, its final state ``(layers, B, H)`` always in axis 1); empty: every entry
+    is ``Folded(batch_axis)``."""
 
     def describe(self) -> str:
         return f"map(G) folded in axis {self.batch_axis}"

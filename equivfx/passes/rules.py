@@ -938,6 +938,14 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         ]
         return BatchSize(tuple(kept))
     if isinstance(rep, Folded) and rep.container:
+        if rep.items:  # entries on different axes: a constant index picks its entry's
+            if not isinstance(idx, int) or not -len(rep.items) <= idx < len(rep.items):
+                raise ctx.mixing(
+                    f"indexing a tuple whose entries carry the batch on different axes with "
+                    f"{idx!r}",
+                    "index the tuple with a constant, or unpack it",
+                )
+            return rep.items[idx]
         return Folded(rep.batch_axis)
     ax = ctx.axis(src)
     if ax is None:
@@ -1178,7 +1186,8 @@ def mha_rule(ctx: BatchCtx) -> Rep:
             f"{sorted(a for a in axes if a is not None)}",
             "match batch_first to the layout",
         )
-    return Folded(want, container=True)
+    # (output, weights): the weights are (B, L, S) (or (B, heads, L, S)) whatever batch_first says
+    return Folded(want, container=True, items=(Folded(want), Folded(0)))
 
 
 def _batch_first(m: nn.Module) -> bool:
@@ -1223,7 +1232,10 @@ def rnn_rule(ctx: BatchCtx) -> Rep:
             "the folded axis",
             "start from the default zero state",
         )
-    return Folded(ax, container=True)
+    # (output, h_n), or (output, (h_n, c_n)) for an LSTM: the state is (layers, B, H) whatever
+    # batch_first says
+    state = Folded(1, container=True) if isinstance(m, nn.LSTM) else Folded(1)
+    return Folded(ax, container=True, items=(Folded(ax), state))
 
 
 def split_rule(ctx: BatchCtx) -> Rep:

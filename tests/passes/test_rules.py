@@ -688,3 +688,70 @@ def test_mask_and_elementwise_ops_compile_and_equal_the_loop_over_g(name):
     with torch.no_grad():
         loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
         torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+
+
+class _GruState(nn.Module):
+    """The final state of a batch-first GRU: (layers, B, H) whatever batch_first says."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 6, batch_first=True)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        _, h = self.rnn(x)
+        return self.head(h[-1])
+
+
+class _LstmState(nn.Module):
+    """A time-major LSTM's nested (h_n, c_n)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        _, (h, c) = self.rnn(x.transpose(0, 1))
+        return self.head(h[-1] + c[0])
+
+
+class _AttentionWeights(nn.Module):
+    """A time-major MultiheadAttention's weights: (B, L, S) whatever batch_first says."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(3, 1)
+        self.head = nn.Linear(36, 4)
+
+    def forward(self, x):
+        t = x.transpose(0, 1)
+        out, weights = self.att(t, t, t)
+        return self.head(weights.flatten(1) + out.mean(0).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("factory", [_GruState, _LstmState, _AttentionWeights])
+def test_tuple_entries_keep_their_own_batch_axes(factory):
+    # the rules gave every entry of an RNN's (output, h_n) the output's batch axis: h_n[-1]
+    # of a batch-first GRU was refused as indexing the batch (a review)
+    torch.manual_seed(0)
+    model, x = factory().eval(), torch.randn(2, 6, 3)
+    G = equivfx.group("Rev@-2")
+    emodel = equivfx.compile(model, G, example_inputs=x)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+
+
+def test_an_rnn_state_as_the_output_has_its_slots_after_its_batch_axis():
+    class State(_GruState):
+        def forward(self, x):
+            return self.rnn(x)[1]
+
+    torch.manual_seed(0)
+    model, x = State().eval(), torch.randn(2, 6, 3)
+    G = equivfx.group("Rev@-2")
+    emodel = equivfx.compile(model, G, example_inputs=x, readout="slots")
+    with torch.no_grad():
+        per_g = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 2)
+        torch.testing.assert_close(emodel(x), per_g, rtol=1e-5, atol=1e-6)  # (1, B, |G|, H)
