@@ -36,6 +36,10 @@ def _fail(message: str, debug: bool) -> None:
     if debug:
         traceback.print_exc()
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    lines = message.splitlines()
+    source = next((ln[len("  source: ") :] for ln in lines if ln.startswith("  source: ")), "")
+    if source:  # a refusal's line of the user's code
+        first += f" [at {source}]"
     hint = "" if "Fix:" in first else " (run with --debug for the traceback)"
     click.echo(f"equivfx: error: {first}{hint}", err=True)
     sys.exit(EXIT_BAD_INPUT)

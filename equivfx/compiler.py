@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -45,7 +46,13 @@ from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
 from equivfx.passes.rules import describe_node
 from equivfx.passes.to_map import ToMap
-from equivfx.trace import TrainingModeWarning, mode_dependent, restore_unused_state, trace
+from equivfx.trace import (
+    TrainingModeWarning,
+    mode_dependent,
+    restore_unused_state,
+    source_line,
+    trace,
+)
 
 __all__ = ["compile", "CompileInfo", "as_action", "global_pipeline", "layerwise_pipeline"]
 
@@ -189,6 +196,23 @@ def eval_mode(model: nn.Module):
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:
+    """``err`` (a refusal naming a node: ``  node: %name ...``) with the user's source line of
+    that node after it, as a new error of the same class; ``err`` itself where there is none."""
+    message = str(err)
+    found = re.search(r"^  node: %(\w+) ", message, flags=re.MULTILINE)
+    if not found or "\n  source: " in message:
+        return err
+    line = source_line(model, result, found.group(1))
+    if line is None:
+        return err
+    end = message.index("\n", found.end()) if "\n" in message[found.end() :] else len(message)
+    try:
+        return type(err)(f"{message[:end]}\n  source: {line}{message[end:]}")
+    except TypeError:  # an error class with another signature
+        return err
 
 
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
@@ -472,7 +496,10 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     else:
         mixer = None
         pipeline = global_pipeline(options, check=check, optimize=optimize)
-    gm = pipeline(gm).graph_module
+    try:
+        gm = pipeline(gm).graph_module
+    except EquivFXError as err:
+        raise _with_source(err, model, result) from err
     gm.equivfx_info = CompileInfo(
         group=G,
         mode=mode,

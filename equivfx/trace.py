@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import linecache
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -40,6 +43,7 @@ __all__ = [
     "TrainingModeWarning",
     "mode_dependent",
     "register_leaf",
+    "source_line",
     "trace",
 ]
 
@@ -421,3 +425,34 @@ def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
         return found or part  # only flipped together (flags compared): name them all
 
     return {name: m.training for name, m in search(named)}
+
+
+# ------------------------------------------------------------------------- source lines
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
+_LIBRARY = (os.path.dirname(fx.__file__).rsplit(os.sep, 1)[0], os.path.dirname(__file__))
+
+
+def source_line(model: nn.Module, result: TraceResult, node_name: str) -> str | None:
+    """``file:line: code`` of the user's code that made node ``node_name`` of ``result``'s graph,
+    found by tracing ``model`` again recording stack traces (not recorded in the first trace:
+    they double its cost, and only an error message reads them); None where not found."""
+    if result.path == "opaque":
+        return None
+    tracer = _Tracer(dict(result.leaves))
+    tracer.record_stack_traces = True
+    try:
+        with warnings.catch_warnings(), _no_new_attributes(model):
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(model)
+    except Exception as err:  # noqa: BLE001 - an error message's extra line: best effort
+        log.debug("equivfx: no source line for %s: %s", node_name, err)
+        return None
+    node = next((n for n in graph.nodes if n.name == node_name), None)
+    frames = [m.groupdict() for m in _FRAME.finditer((node and node.stack_trace) or "")]
+    user = [f for f in frames if not f["file"].startswith(_LIBRARY)]
+    if not user:
+        return None
+    frame = user[-1]
+    code = linecache.getline(frame["file"], int(frame["line"])).strip()
+    where = f"{frame['file']}:{frame['line']} in {frame['fn']}"
+    return f"{where}: {code}" if code else where

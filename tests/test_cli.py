@@ -530,3 +530,18 @@ def test_demo_refuses_epochs_below_one(tmp_path):
         proc = run("demo", "--quick", "--epochs", epochs, "--out", tmp_path / epochs)
         assert proc.returncode == 2 and "--epochs" in proc.stderr
         assert not (tmp_path / epochs).exists()
+
+
+def test_a_refusal_shows_the_users_line_on_its_one_line(tmp_path):
+    (tmp_path / "centred.py").write_text(
+        "import torch\n"
+        "class Centred(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x - x.mean(0, keepdim=True)\n"
+    )
+    proc = run(
+        "compile", "centred:Centred", "--group", "C4", "--input-shape", SHAPE, "-o", "o.pt2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert "batch axis" in line and "centred.py:4 in forward: return x - x.mean(0" in line

@@ -8,6 +8,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import (
+    BatchMixingError,
     EquivFXError,
     GroupSpecError,
     InputShapeError,
@@ -286,3 +287,20 @@ def test_a_model_failing_on_its_example_names_its_own_error_and_prints_nothing(c
         equivfx.compile(Rgb(), "C4", example_inputs=torch.randn(2, 1, 6, 6))
     out, err = capfd.readouterr()
     assert "Traceback" not in err and "ShapeProp" not in err
+
+
+def test_a_refusal_names_the_users_source_line():
+    class Centred(nn.Module):
+        def forward(self, x):
+            h = x * 2
+            return h - h.mean(0, keepdim=True)  # the line the message must quote
+
+    with pytest.raises(BatchMixingError) as info:
+        equivfx.compile(Centred(), "C4")
+    lines = str(info.value).splitlines()
+    source = [ln for ln in lines if ln.startswith("  source: ")]
+    assert len(source) == 1 and lines.index(source[0]) == 2  # right after the node
+    assert (
+        f"{__file__}:" in source[0]
+        and "in forward: return h - h.mean(0, keepdim=True)" in (source[0])
+    )
