@@ -18,6 +18,7 @@ import ast
 import contextlib
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -146,8 +147,8 @@ def load_factory(spec: str, model_args: dict[str, Any] | None = None) -> nn.Modu
                 f"check the name after the colon ({attr})",
             )
         ) from err
-    try:
-        model = factory(**(model_args or {}))
+    try:  # the arguments first: a TypeError inside the factory is the factory's own
+        inspect.signature(factory).bind(**(model_args or {}))
     except TypeError as err:
         raise CheckpointError(
             explain(
@@ -157,6 +158,9 @@ def load_factory(spec: str, model_args: dict[str, Any] | None = None) -> nn.Modu
                 "pass them with --model-arg key=value",
             )
         ) from err
+    except ValueError:  # no signature to read (a builtin): calling it will tell
+        pass
+    model = factory(**(model_args or {}))
     if not isinstance(model, nn.Module):
         raise CheckpointError(
             explain(
@@ -237,6 +241,16 @@ def load_weights(
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         text = str(err)
+        if "TorchScript" in text:
+            raise CheckpointError(
+                explain(
+                    "the checkpoint is a TorchScript archive, not a state_dict",
+                    path.name,
+                    "a state_dict (torch.save(model.state_dict(), ...)), .safetensors or .pt2",
+                    "re-save its weights: torch.save(torch.jit.load(path).state_dict(), "
+                    "'weights.pt')",
+                )
+            ) from err
         if "Unsupported global" in text:  # a pickled object (a module ...), not plain tensors
             if not trust_pickle:
                 raise CheckpointError(
@@ -470,8 +484,21 @@ def _export_example(example: torch.Tensor) -> torch.Tensor:
 
 def _export_pt2(emodel: nn.Module, example: torch.Tensor, path: Path) -> None:
     example = _export_example(example)
-    with torch.no_grad():
-        ep = torch.export.export(emodel, (example,), dynamic_shapes=({0: _dynamic_batch()},))
+    # torch.export prints the graph it traced to stderr before raising (40 lines for a model
+    # with data-dependent control flow): the error says what failed
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(emodel, (example,), dynamic_shapes=({0: _dynamic_batch()},))
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            explain(
+                "torch.export cannot export the compiled model to .pt2",
+                f"{type(err).__name__}: {first}",
+                "a model torch.export traces (no data-dependent control flow in its leaves)",
+                "write .pt or .safetensors instead (the state_dict, rebuilt on loading)",
+            )
+        ) from err
     torch.export.save(ep, str(path))
 
 
@@ -537,6 +564,20 @@ def load_sidecar(path: str | Path) -> dict:
                 side.name,
                 "the keys equivfx compile writes",
                 "recompile the artifact with equivfx compile",
+            )
+        )
+    shape = meta["input_shape"]
+    if not (
+        isinstance(shape, list)
+        and shape
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise CheckpointError(
+            explain(
+                "the sidecar's input_shape is not a list of positive ints",
+                repr(shape),
+                "e.g. [2, 1, 28, 28]",
+                "recompile the artifact, or pass --input-shape",
             )
         )
     return meta

@@ -15,8 +15,10 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import sys
 import traceback
 import warnings
@@ -45,6 +47,20 @@ def _fail(message: str, debug: bool) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+@contextlib.contextmanager
+def _quiet_logging(quiet: bool):
+    """No log records below CRITICAL while a command runs (torch.export logs whole graphs and
+    guard failures before raising; the command's error is its one line), unless ``--debug``."""
+    if not quiet:
+        yield
+        return
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _command(fn):
     """Shared handling: --debug, equivfx errors as one line on stderr with exit code 2."""
 
@@ -54,7 +70,7 @@ def _command(fn):
         from equivfx.errors import EquivFXError
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_logging(not debug):
                 if not debug:
                     warnings.simplefilter("ignore")
                 code = fn(*args, **kwargs)
@@ -241,7 +257,12 @@ def _parsed(model_args):
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--atol", type=float, default=None, help="absolute tolerance")
 @click.option("--rtol", type=float, default=None, help="relative tolerance")
-@click.option("--seed", type=int, default=0, help="seed of the random example input")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=0,
+    help="seed of the random example input",
+)
 @_command
 def verify_cmd(
     model_or_artifact,

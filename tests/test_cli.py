@@ -545,3 +545,54 @@ def test_a_refusal_shows_the_users_line_on_its_one_line(tmp_path):
     )  # fmt: skip
     line = one_error_line(proc)
     assert "batch axis" in line and "centred.py:4 in forward: return x - x.mean(0" in line
+
+
+def test_checkpoint_and_sidecar_edge_cases_get_one_line(tmp_path):
+    model = make_cnn(seed=0)
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), scripted)
+    for extra in ((), ("--trust-pickle",)):
+        line = one_error_line(compile_c4(tmp_path / "o.pt2", "--weights", scripted, *extra))
+        assert "TorchScript archive" in line and "state_dict()" in line
+    (tmp_path / "typo.py").write_text(
+        "import torch\n"
+        "def make(width=4):\n"
+        "    return torch.nn.Conv2d(1, width, 3, bias='no') + 1\n"  # the factory's own TypeError
+    )
+    line = one_error_line(
+        run("verify", "typo:make", "--group", "C4", "--input-shape", SHAPE, cwd=tmp_path)
+    )
+    assert "TypeError" in line and "arguments the factory accepts" not in line
+    line = one_error_line(
+        run("verify", "typo:make", "--model-arg", "depth=2", "--group", "C4",
+            "--input-shape", SHAPE, cwd=tmp_path)
+    )  # fmt: skip
+    assert "arguments the factory accepts" in line
+    art = tmp_path / "a.pt2"
+    run("compile", FACTORY, "--group", "D4", "--input-shape", SHAPE, "-o", art, check_code=0)
+    side = tmp_path / "a.pt2.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "input_shape": [2, "x"]}))
+    assert "input_shape is not a list of positive ints" in one_error_line(run("verify", art))
+    proc = run("verify", FACTORY, "--group", "C4", "--input-shape", SHAPE, "--seed", "1" * 20)
+    assert proc.returncode == 2 and "--seed" in proc.stderr
+
+
+def test_a_model_torch_export_cannot_trace_gets_one_line_and_a_way_out(tmp_path):
+    (tmp_path / "gated.py").write_text(
+        "import torch\n"
+        "class Gate(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if x.mean() > 0 else x\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c, self.g = torch.nn.Conv2d(1, 2, 3), Gate()\n"
+        "    def forward(self, x):\n"
+        "        return self.g(self.c(x)).mean((1, 2, 3))\n"
+    )
+    args = ("compile", "gated:Net", "--group", "C4", "--input-shape", SHAPE, "-o")
+    line = one_error_line(run(*args, "g.pt2", cwd=tmp_path))  # stderr: this line only
+    assert "cannot export" in line and "write .pt or .safetensors" in line
+    assert not (tmp_path / "g.pt2").exists()
+    run(*args, "g.pt", cwd=tmp_path, check_code=0)
