@@ -330,13 +330,18 @@ def summarize(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _median_quartiles(d: dict) -> str:
+    """A paired ratio's cell: median [q1, q3]."""
+    return f"{d['median']:.3f} [{d['q1']:.3f}, {d['q3']:.3f}]"
+
+
 def _paired_cells(p: dict | None) -> list[str]:
     """bench_chunks' paired columns (a run from before they existed: dashes)."""
     if p is None:
         return ["-", "-", "-"]
     a = p["auto_over_best"]
     return [
-        f"{a['median']:.3f} [{a['q1']:.3f}, {a['q3']:.3f}]",
+        _median_quartiles(a),
         f"{p['fold_over_best']['median']:.3f}",
         f"{p['a_over_a']['median']:.3f}",
     ]
@@ -383,9 +388,7 @@ def tables(out: Path) -> list[str]:
             "global / min(base@GB, loop)", "global / min(fold by hand, loop)", "A/A",
         ]  # fmt: skip
 
-        def q(d):
-            return f"{d['median']:.3f} [{d['q1']:.3f}, {d['q3']:.3f}]"
-
+        q = _median_quartiles
         rows = [
             [
                 r["model"],
