@@ -190,12 +190,17 @@ def eval_mode(model: nn.Module):
     modes = {m: m.training for m in model.modules()}
     for m in modes:  # set the flag directly: exported modules refuse .eval() but ignore the flag
         m.training = False
+    # a lift watching training flags (Lift.mode_watch) would warn about this run: ours, not the
+    # user's call in another mode (verify notes it, compile has warned)
+    watching = [(m, m.__dict__.pop("mode_watch")) for m in modes if "mode_watch" in m.__dict__]
     try:
         with torch.no_grad():
             yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+        for m, watch in watching:
+            m.mode_watch = watch
 
 
 def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:
@@ -213,6 +218,23 @@ def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:
         return type(err)(f"{message[:end]}\n  source: {line}{message[end:]}")
     except TypeError:  # an error class with another signature
         return err
+
+
+def _watch_modes(gm: fx.GraphModule, modes: dict[str, bool], training: bool) -> None:
+    """Have the lift warn at a call where a module of ``modes`` has another training flag than
+    when compiled (:attr:`~equivfx.passes.modules.Lift.mode_watch`). The model itself, and
+    modules the compiled model does not hold (traced through, without state), are watched
+    through the lift's own flag: ``train()``/``eval()`` on the compiled model set it."""
+    lift = gm.get_submodule(LIFT_NAME)
+    watch = []
+    for name, flag in modes.items():
+        try:
+            module = gm.get_submodule(name) if name else None
+        except AttributeError:
+            module = None
+        # the lift's flag will be ``training``, the model's (compile sets equivfx's modules to it)
+        watch.append((lift, training, name) if module is None else (module, flag, name))
+    lift.mode_watch = tuple(watch)
 
 
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
@@ -500,6 +522,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         gm = pipeline(gm).graph_module
     except EquivFXError as err:
         raise _with_source(err, model, result) from err
+    if modes:
+        _watch_modes(gm, modes, model.training)
     gm.equivfx_info = CompileInfo(
         group=G,
         mode=mode,
@@ -548,7 +572,22 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             gm.equivfx_info = info
     direct_module_access(gm)  # the chunked module (its own graphs have it: SlotChunks)
     _survive_deepcopy(gm)
+    _take_modes(gm, model)
     return gm
+
+
+def _take_modes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give the modules compile made the training flag of what they stand for (a fresh module
+    has training=True): equivfx's own modules and the root the model's, the plain containers fx
+    makes for dotted paths (``block`` of ``block.conv``) the flag of the module they replace."""
+    for name, module in gm.named_modules():
+        if not name or name.startswith("equivfx"):
+            module.training = model.training
+        elif type(module) is nn.Module:
+            try:
+                module.training = model.get_submodule(name).training
+            except AttributeError:  # a path the model does not have
+                module.training = model.training
 
 
 def _survive_deepcopy(gm: fx.GraphModule) -> None:

@@ -304,3 +304,14 @@ def test_a_refusal_names_the_users_source_line():
         f"{__file__}:" in source[0]
         and "in forward: return h - h.mean(0, keepdim=True)" in (source[0])
     )
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"chunk": None}, {"mode": "layerwise"}])
+@pytest.mark.parametrize("training", [True, False])
+def test_the_compiled_model_starts_in_the_models_mode(kwargs, training):
+    # equivfx's own modules (the lift, the readout, the chunk runner, the root) were fresh
+    # modules in training mode whatever the model's mode: emodel.training was True for a model
+    # compiled in eval mode with chunk="auto"
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train(training)
+    emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6), **kwargs)
+    assert {m.training for m in emodel.modules()} == {training}

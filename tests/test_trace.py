@@ -195,7 +195,9 @@ def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_
     G = equivfx.group("C4")
     with torch.no_grad():
         loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
-        assert not torch.allclose(emodel(x), loop, atol=1e-3)  # block's +0.5 is still there
+        with pytest.warns(TrainingModeWarning, match="changed mode since compiling"):
+            out = emodel(x)  # ... and the call says so
+        assert not torch.allclose(out, loop, atol=1e-3)  # block's +0.5 is still there
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             fresh = equivfx.compile(model, "C4", example_inputs=x)  # in eval mode: its branch
@@ -232,3 +234,82 @@ def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
     G = equivfx.group("C4")
     loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
     torch.testing.assert_close(emodel(x), loop)
+
+
+def test_a_call_in_another_mode_than_compiled_warns_once_per_switch(tmp_path):
+    import copy
+
+    import equivfx
+
+    x = torch.randn(2, 1, 6, 6)
+    model = ModeNet()
+    with pytest.warns(TrainingModeWarning):
+        emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=2)  # chunked: lift_slots
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel(x)  # training mode, as compiled: silent
+    emodel.eval()
+    with torch.no_grad():
+        with pytest.warns(TrainingModeWarning, match=r"the model, 'block' changed mode"):
+            emodel(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TrainingModeWarning)
+            emodel(x)  # once per switch
+    emodel.train()
+    emodel(x)  # back to the compiled mode: quiet, and ready to warn again
+    emodel.eval()
+    for copied in (copy.deepcopy(emodel), _reloaded(emodel, tmp_path)):
+        with torch.no_grad(), pytest.warns(TrainingModeWarning, match="changed mode"):
+            copied(x)
+
+
+def _reloaded(emodel, tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(emodel, path)
+    return torch.load(path, weights_only=False)
+
+
+def test_a_model_compiled_in_eval_mode_warns_when_trained():
+    import equivfx
+
+    class Stateless(nn.Module):  # no parameters: the compiled model does not hold it
+        def forward(self, x):
+            return x * 2 if self.training else x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.switch = Stateless()
+
+        def forward(self, x):
+            return self.switch(self.conv(x)).mean((2, 3))
+
+    x = torch.randn(2, 1, 6, 6)
+    with pytest.warns(TrainingModeWarning):
+        emodel = equivfx.compile(Outer().eval(), "C4", example_inputs=x, chunk=None)
+    assert emodel.equivfx_info.mode_dependent == {"switch": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel(x)
+    emodel.train()
+    with pytest.warns(TrainingModeWarning, match="'switch' changed mode"):
+        emodel(x)
+
+
+def test_a_model_compiled_in_its_mode_runs_without_mode_warnings():
+    import equivfx
+
+    x = torch.randn(2, 1, 6, 6)
+    for training in (True, False):
+        model = ModeNet().train(training)
+        model.block.train(not training)  # mixed flags: each module as it was
+        with pytest.warns(TrainingModeWarning):
+            emodel = equivfx.compile(model, "C4", example_inputs=x)
+        # fx made a plain container for 'block' (its conv is held): it takes block's flag
+        assert emodel.get_submodule("block").training is (not training)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TrainingModeWarning)
+            with torch.no_grad():
+                emodel(x)
+                emodel(x)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from equivfx.errors import InputShapeError, ReadoutError, explain
+from equivfx.errors import InputShapeError, ReadoutError, explain, user_stacklevel
 from equivfx.groups.actions import Action
 
 __all__ = [
@@ -182,11 +183,43 @@ class Lift(nn.Module):
 
     _hit = None  # the last input lifted by a gather (see forward); None in older pickles
 
+    mode_watch: tuple = ()
+    """``(module, flag, name)`` for each module whose training flag the traced graph depends on
+    (``CompileInfo.mode_dependent``; the model itself is watched through this lift's own flag,
+    which ``train()``/``eval()`` on the compiled model set too): a call with another flag warns
+    (:meth:`_check_modes`). A plain attribute, not registered: the modules are the model's."""
+
+    _mode_warned = False
+
+    def _check_modes(self) -> None:
+        """Warn once (until the flags match again) where a watched module's training flag is
+        not the one its branch was compiled for."""
+        off = [name for module, flag, name in self.mode_watch if module.training != flag]
+        if not off:
+            self._mode_warned = False
+            return
+        if self._mode_warned or torch.compiler.is_compiling():
+            return
+        self._mode_warned = True
+        from equivfx.trace import TrainingModeWarning
+
+        names = ", ".join(repr(n) if n else "the model" for n in off)
+        warnings.warn(
+            f"equivfx: {names} changed mode since compiling, but the compiled graph keeps the "
+            "branch of the mode it was compiled in (their code branches on self.training, "
+            "which tracing ran once): outputs are those of that mode. Compile the model in the "
+            "mode you run it in, once per mode.",
+            TrainingModeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every call pays this module's Python, and inside a forward that costs several times
         # what it costs alone (benchmarks/diagnose_overhead.py). An input like the last one
         # gathered (same shape, dtype, device; the module unchanged) takes that gather with
         # only the checks that shape does not settle.
+        if self.mode_watch:
+            self._check_modes()
         hit = self._hit
         if (
             hit is not None
@@ -206,6 +239,8 @@ class Lift(nn.Module):
 
     def lift_slots(self, x: torch.Tensor, slots) -> torch.Tensor:
         """Slots ``slots`` only, folded in their order: (len(slots) B, ...)."""
+        if self.mode_watch:  # chunked runs call this directly
+            self._check_modes()
         slots = tuple(slots)
         keyed = self._gather_key(x, slots)
         if keyed is None:
