@@ -23,8 +23,10 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -388,14 +390,37 @@ def atomic_write(path: str | Path, force: bool = False, inputs: tuple = ()) -> I
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        os.replace(tmp_path, path)
+        with _terminate_as_exit():
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """While an output is written: SIGTERM (a killed CI job, ``timeout``) raises SystemExit
+    (status 143), so the half-written temporary file is removed as on Ctrl-C, where by default
+    the process died leaving it. Only in the main thread, and only where nobody set a handler."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _umask() -> int:
@@ -610,13 +635,13 @@ def load_artifact(path: str | Path, rebuild: Callable[[dict], nn.Module] | None 
     _require_file(path, "artifact")
     meta = load_sidecar(path)
     digest = sha256(path)
-    if meta.get("sha256") and meta["sha256"] != digest:
+    if meta.get("sha256") != digest:  # equivfx writes it always: missing, it was removed
         raise CheckpointError(
             explain(
                 "the artifact does not match its sidecar's sha256",
                 path.name,
-                meta["sha256"][:16] + "...",
-                "recompile it; the file changed after equivfx wrote it",
+                (str(meta["sha256"])[:16] + "...") if meta.get("sha256") else "no sha256",
+                "recompile it; the file or its sidecar changed after equivfx wrote them",
             )
         )
     suffix = path.suffix.lower()

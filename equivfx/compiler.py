@@ -40,7 +40,7 @@ from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
 from equivfx.passes.leaf_check import copy_tensors, describe_mixing, per_slot_difference
 from equivfx.passes.lift import LIFT_NAME, InsertLift
-from equivfx.passes.mixing import MixLayers, MixOptions
+from equivfx.passes.mixing import MixLayers, MixOptions, TiedWeightsWarning
 from equivfx.passes.modules import POOLS, READOUTS
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
@@ -218,6 +218,28 @@ def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:
         return type(err)(f"{message[:end]}\n  source: {line}{message[end:]}")
     except TypeError:  # an error class with another signature
         return err
+
+
+def _warn_tied(model: nn.Module, mixed: tuple[str, ...]) -> None:
+    """Warn where a layer that became a mixing layer shared a parameter with another module."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    ties = []
+    for layer in mixed:
+        for pname, param in model.get_submodule(layer).named_parameters(recurse=False):
+            others = [o for o in owners.get(id(param), []) if o != f"{layer}.{pname}"]
+            if others:
+                ties.append(f"{layer}.{pname} = {', '.join(others)}")
+    if ties:
+        warnings.warn(
+            f"equivfx: layer-wise mode gives each mixing layer a weight |G| times wider of its "
+            f"own, so these tied parameters are tied no more: {'; '.join(ties)}. Keep the tie "
+            "with mix= (leave those layers out: mix={...} of the layers to mix), or use "
+            "mode='global', which keeps every parameter as it is.",
+            TiedWeightsWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _watch_modes(gm: fx.GraphModule, modes: dict[str, bool], training: bool) -> None:
@@ -524,6 +546,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         raise _with_source(err, model, result) from err
     if modes:
         _watch_modes(gm, modes, model.training)
+    if mixer is not None and mixer.mixed:
+        _warn_tied(model, mixer.mixed)
     gm.equivfx_info = CompileInfo(
         group=G,
         mode=mode,

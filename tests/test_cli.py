@@ -596,3 +596,41 @@ def test_a_model_torch_export_cannot_trace_gets_one_line_and_a_way_out(tmp_path)
     assert "cannot export" in line and "write .pt or .safetensors" in line
     assert not (tmp_path / "g.pt2").exists()
     run(*args, "g.pt", cwd=tmp_path, check_code=0)
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path):
+    import signal
+    import time
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from equivfx.checkpoints import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half')\n"
+            "    print('writing', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(tmp_path / "out.pt2"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.iterdir())) == 1  # the hidden temporary file
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []  # removed, and no output
+
+
+def test_a_sidecar_without_its_sha256_is_refused(tmp_path):
+    art = tmp_path / "a.pt2"
+    run("compile", FACTORY, "--group", "D4", "--input-shape", SHAPE, "-o", art, check_code=0)
+    side = tmp_path / "a.pt2.json"
+    meta = json.loads(side.read_text())
+    del meta["sha256"]
+    side.write_text(json.dumps(meta))
+    line = one_error_line(run("verify", art))
+    assert "sha256" in line and "no sha256" in line

@@ -58,6 +58,7 @@ from equivfx.passes.modules import (
 )
 
 __all__ = [
+    "TiedWeightsWarning",
     "MixLayers",
     "MixOptions",
     "MixingLayer",
@@ -77,6 +78,11 @@ __all__ = [
 
 MIXABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layer types that become mixing layers."""
+
+
+class TiedWeightsWarning(UserWarning):
+    """A layer that became a mixing layer shared a parameter with another module (tied
+    weights): the mixing layer's |G| times wider weight is its own, so the tie is broken."""
 
 
 def slot_rows(table: torch.Tensor, batch: int) -> torch.Tensor:

@@ -1052,3 +1052,26 @@ def test_widened_layers_keep_the_tensors_a_model_registered_on_them(layout):
     assert set(emodel.state_dict()) == set(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(emodel(x), gmodel(x))
+
+
+def test_layerwise_mode_warns_where_a_mixed_layer_had_tied_weights():
+    from equivfx.passes.mixing import TiedWeightsWarning
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight  # tied
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x.flatten(1)[:, :8])))
+
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.warns(TiedWeightsWarning, match=r"b\.weight = a\.weight"):
+        emodel = equivfx.compile(Tied(), "C4", mode="layerwise", example_inputs=x)
+    assert emodel.equivfx_info.mixed == ("b",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TiedWeightsWarning)
+        equivfx.compile(Tied(), "C4", example_inputs=x)  # global mode keeps the tie
+        equivfx.compile(nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 2)),
+                        "C4", mode="layerwise", example_inputs=x)  # fmt: skip
