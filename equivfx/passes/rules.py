@@ -1127,18 +1127,61 @@ def matmul_rule(ctx: BatchCtx) -> Rep:
     return Folded(aa if aa is not None else ab)
 
 
+def _explicit_einsum(eq: str, ranks: list) -> str | None:
+    """``eq`` with every ``...`` written as letters (right-aligned across operands, as einsum
+    broadcasts them) and the output written out where it is implicit (the ellipsis, then the
+    letters used once, in alphabetical order: einsum's rule); None where an operand with ``...``
+    has an unknown rank."""
+    eq = eq.replace(" ", "")
+    ins, arrow, out = eq.partition("->")
+    specs = ins.split(",")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in eq]
+    lengths = []
+    for spec, r in zip(specs, ranks, strict=False):
+        if "..." in spec:
+            if r is None:
+                return None
+            lengths.append(r - len(spec.replace("...", "")))
+    width = max(lengths, default=0)
+    ellipsis = "".join(free[:width])
+    written = []
+    for spec, r in zip(specs, ranks, strict=False):
+        if "..." in spec:
+            n = r - len(spec.replace("...", ""))
+            spec = spec.replace("...", ellipsis[width - n :] if n else "")
+        written.append(spec)
+    if not arrow:
+        letters = "".join(written)
+        once = sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ellipsis)
+        out = ellipsis + "".join(once)
+    else:
+        out = out.replace("...", ellipsis)
+    return ",".join(written) + "->" + out
+
+
 def einsum_rule(ctx: BatchCtx) -> Rep:
     eq = ctx.node.args[0]
     ops = ctx.node.args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = ops[0]
-    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+    if not isinstance(eq, str):
         if any(ctx.axis(o) is not None for o in ops):
             raise ctx.mixing(
-                "einsum without an explicit '->' output or with '...'",
-                "write the equation with explicit indices and output",
+                "einsum in the sublist form", "write the equation as a string, e.g. 'bij,bjk->bik'"
             )
         return Trivial()
+    if "..." in eq or "->" not in eq:
+        written = _explicit_einsum(
+            eq, [ctx.rank(o) if isinstance(o, fx.Node) else None for o in ops]
+        )
+        if written is None:
+            if any(ctx.axis(o) is not None for o in ops):
+                raise ctx.mixing(
+                    "einsum with '...' on an operand of unknown rank",
+                    "compile with example_inputs=, or write the equation with explicit indices",
+                )
+            return Trivial()
+        eq = written
     ins, out = eq.replace(" ", "").split("->")
     letters = set()
     for spec, o in zip(ins.split(","), ops, strict=False):

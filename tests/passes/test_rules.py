@@ -755,3 +755,45 @@ def test_an_rnn_state_as_the_output_has_its_slots_after_its_batch_axis():
     with torch.no_grad():
         per_g = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 2)
         torch.testing.assert_close(emodel(x), per_g, rtol=1e-5, atol=1e-6)  # (1, B, |G|, H)
+
+
+@pytest.mark.parametrize(
+    "eq",
+    ["...nd,...md->...nm", "bhnd,bhmd->bhnm", "b...d,b...d->b...", "...nd,...md"],
+)
+def test_einsum_with_an_ellipsis_or_an_implicit_output(eq):
+    # multi-head attention's usual idiom; the rule refused every '...' and implicit output
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = x.flatten(2).transpose(1, 2).reshape(x.shape[0], 2, 8, 4)  # (B, heads, n, d)
+            s = torch.einsum(eq, self.q(h), self.k(h))
+            return s.flatten(1).mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = Scores().eval(), torch.randn(2, 4, 4, 4)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, example_inputs=x)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+
+
+def test_einsum_refusals_say_what_to_do():
+    class Summed(nn.Module):
+        def forward(self, x):
+            return torch.einsum("bij,bjk", x.flatten(2)[:, :2], x.flatten(2)[:, :, :2])  # sums b
+
+    with pytest.raises(BatchMixingError, match="sums over or mixes the batch index"):
+        equivfx.compile(Summed(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
+
+    class Transposed(nn.Module):
+        def forward(self, x):
+            return torch.einsum("...ij->...ji", x)
+
+    with pytest.raises(BatchMixingError, match="unknown rank.*example_inputs="):
+        equivfx.compile(Transposed(), "C4")  # no ranks without example inputs
+    equivfx.compile(Transposed(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
