@@ -420,7 +420,8 @@ def _terminate_as_exit():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is exit_:  # not one set meanwhile
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _umask() -> int:

@@ -54,11 +54,12 @@ def _quiet_logging(quiet: bool):
     if not quiet:
         yield
         return
-    logging.disable(logging.ERROR)
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.ERROR))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 def _command(fn):
@@ -334,6 +335,8 @@ def verify_cmd(
         click.echo(report.to_json())
     else:
         click.echo(report.summary())
+    if report.nan_outputs:  # not checked, not shown violated: the model's output is broken
+        return EXIT_BAD_INPUT
     return EXIT_OK if report.ok else EXIT_VIOLATED
 
 

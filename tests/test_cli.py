@@ -634,3 +634,42 @@ def test_a_sidecar_without_its_sha256_is_refused(tmp_path):
     side.write_text(json.dumps(meta))
     line = one_error_line(run("verify", art))
     assert "sha256" in line and "no sha256" in line
+
+
+def test_nan_outputs_exit_2_with_the_reason(tmp_path):
+    (tmp_path / "nanmod.py").write_text(
+        "import torch\n"
+        "class NanOut(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        y = x.mean((1, 2, 3))\n"
+        "        return torch.stack([y, torch.full_like(y, float('nan'))], 1)\n"
+    )
+    proc = run("verify", "nanmod:NanOut", "--group", "C4", "--input-shape", SHAPE, cwd=tmp_path)
+    assert proc.returncode == 2 and "contain NaN" in proc.stdout
+
+
+def test_quiet_logging_restores_the_callers_level_and_handlers_set_meanwhile_stay():
+    import logging
+    import signal
+
+    from equivfx.checkpoints import _terminate_as_exit
+    from equivfx.cli import _quiet_logging
+
+    logging.disable(logging.INFO)
+    try:
+        with _quiet_logging(True):
+            assert logging.root.manager.disable == logging.ERROR
+        assert logging.root.manager.disable == logging.INFO
+    finally:
+        logging.disable(logging.NOTSET)
+
+    def mine(signum, frame):
+        pass
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    try:
+        with _terminate_as_exit():
+            signal.signal(signal.SIGTERM, mine)  # set inside the write: kept
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

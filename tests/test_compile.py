@@ -315,3 +315,11 @@ def test_the_compiled_model_starts_in_the_models_mode(kwargs, training):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train(training)
     emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6), **kwargs)
     assert {m.training for m in emodel.modules()} == {training}
+
+
+def test_modes_survive_torch_save_and_load(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6))
+    torch.save(emodel, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert {m.training for m in loaded.modules()} == {False}  # the chunk runner's too

@@ -367,6 +367,8 @@ class SlotChunks(nn.Module):
             if not self.unchecked_leaves:  # another thread checked
                 return
             modes = [(m, m.training) for m in self.flat.modules()]
+            lift = self.flat.equivfx_lift  # our eval run: not the user's call in another mode
+            watch = lift.__dict__.pop("mode_watch", None)
             try:
                 self.flat.eval()
                 with torch.no_grad():
@@ -376,6 +378,8 @@ class SlotChunks(nn.Module):
             finally:
                 for m, mode in modes:
                     m.training = mode
+                if watch is not None:
+                    lift.mode_watch = watch
 
     def _leaves_mix(self, per_slot, folded, again) -> bool:
         """For a model with opaque leaves not checked at compile (no example inputs, or inputs
@@ -732,6 +736,7 @@ def _unpickle_chunked(
     gm = chunked_module(flat, chunk, *leaves)
     gm._modules[CHUNKS_NAME].chosen.update(chosen)
     gm.__dict__.update(kept)
+    gm._modules[CHUNKS_NAME].training = gm.training  # a fresh runner's flag: the model's
     return direct_module_access(gm)
 
 

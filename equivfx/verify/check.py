@@ -226,6 +226,7 @@ def verify(
         input_action=in_action.describe(),
         output_action=out_action.describe(),
         notes=tuple(notes),
+        nan_outputs=nan,
     )
 
 

@@ -28,6 +28,10 @@ class Report:
         dtype: the output dtype.
         checked: names of the checked elements, generators first.
         input_action, output_action: descriptions of the actions checked.
+        nan_outputs: how many of the model's output values on the example are NaN (NaN compares
+            equal to NaN, so those are not checked, and the report fails: ``ok`` is False and
+            the CLI exits 2, nothing having been shown to be violated).
+        notes: what else the check found (shown by :meth:`summary`).
     """
 
     ok: bool
@@ -44,6 +48,7 @@ class Report:
     output_action: str
     first_bad_node_detail: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    nan_outputs: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +81,9 @@ class Report:
                 s += f"\n{self.first_bad_node_detail}"
         if not self.exact:
             s += "\n(the input action is interpolated, so equivariance is approximate)"
+        for note in self.notes:
+            if "interpolated" not in note:  # said just above
+                s += f"\nnote: {note}"
         return s
 
     def __str__(self) -> str:

@@ -31,6 +31,8 @@ def check_tolerance(name: str, value) -> None:
 
     if value is None:
         return
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
@@ -52,7 +54,7 @@ def tolerance(dtype: torch.dtype, rtol: float | None = None, atol: float | None 
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
     base = TOLERANCES.get(dtype, (0.0, 0.0))
-    return (base[0] if rtol is None else rtol, base[1] if atol is None else atol)
+    return (base[0] if rtol is None else float(rtol), base[1] if atol is None else float(atol))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:

@@ -160,3 +160,23 @@ def test_nan_outputs_fail_with_a_note_and_the_json_stays_strict():
     assert not any("contain NaN" in n for n in shown.notes)  # the model's own output is finite
     parsed = strict(shown.to_json())
     assert parsed["max_error"] == "inf" and "inf" in parsed["per_element"].values()
+
+
+def test_a_zero_dim_tensor_is_a_tolerance_and_reports_hold_floats():
+    net = equivfx.compile(nn.Conv2d(1, 2, 3), "C4")
+    report = equivfx.verify(net, torch.randn(2, 1, 6, 6), atol=torch.tensor(1e-4), rtol=0)
+    assert report.ok and report.atol == pytest.approx(1e-4) and type(report.atol) is float
+    json.loads(report.to_json())
+
+
+def test_a_nan_output_says_why_in_the_summary():
+    class NanColumn(nn.Module):  # invariant, but one output is NaN in every slot
+        def forward(self, x):
+            y = x.mean((1, 2, 3))
+            return torch.stack([y, torch.full_like(y, float("nan"))], 1)
+
+    report = equivfx.verify(NanColumn(), torch.randn(2, 1, 6, 6), group="C4")
+    assert not report.ok and report.nan_outputs == 2
+    assert "note: the model's outputs on the example contain NaN (2 of 4 values)" in (
+        report.summary()
+    )
