@@ -113,6 +113,12 @@ def _model_options(fn):
 
 def _construction_options(fn):
     fn = click.option(
+        "--pool",
+        type=click.Choice(["mean", "max", "logsumexp"]),
+        default="mean",
+        help="how the invariant readout pools the slots",
+    )(fn)
+    fn = click.option(
         "--readout",
         type=click.Choice(["invariant", "slots", "pose", "equivariant"]),
         default="invariant",
@@ -165,7 +171,6 @@ def main() -> None:
 )
 @_model_options
 @_construction_options
-@click.option("--pool", type=click.Choice(["mean", "max", "logsumexp"]), default="mean")
 @click.option(
     "--output-action",
     default=None,
@@ -378,6 +383,7 @@ def inspect_cmd(
     mode,
     readout,
     output_action,
+    pool,
     fmt,
 ):
     """Show each graph node with its representation, slot axis, rule and parameter count."""
@@ -388,7 +394,13 @@ def inspect_cmd(
     net = _build_model(model, model_args, weights, trust_pickle)
     x = _example(parse_shape(input_shape))
     emodel = equivfx.compile(
-        net, group_spec, mode=mode, readout=readout, output_action=output_action, example_inputs=x
+        net,
+        group_spec,
+        mode=mode,
+        readout=readout,
+        pool=pool,
+        output_action=output_action,
+        example_inputs=x,
     )
     rows = describe_graph(emodel)
     info = emodel.equivfx_info
@@ -399,6 +411,7 @@ def inspect_cmd(
                     "group": info.group.spec,
                     "mode": info.mode,
                     "readout": info.readout,
+                    "pool": info.pool,
                     "trace_path": info.trace_path,
                     "passes": list(info.passes),
                     "mixed": list(info.mixed),

@@ -673,3 +673,16 @@ def test_quiet_logging_restores_the_callers_level_and_handlers_set_meanwhile_sta
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_inspect_takes_the_pool_as_compile_does():
+    data = json.loads(
+        run(
+            "inspect", FACTORY, "--group", "C4", "--input-shape", SHAPE, "--pool", "max",
+            "--format", "json", check_code=0,
+        ).stdout
+    )  # fmt: skip
+    assert data["pool"] == "max"
+    assert (
+        "--pool" in run("compile", "--help").stdout and "--pool" in run("inspect", "--help").stdout
+    )
