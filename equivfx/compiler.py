@@ -41,7 +41,7 @@ from equivfx.passes.infra import Pipeline
 from equivfx.passes.leaf_check import copy_tensors, describe_mixing, per_slot_difference
 from equivfx.passes.lift import LIFT_NAME, InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions, TiedWeightsWarning
-from equivfx.passes.modules import POOLS, READOUTS
+from equivfx.passes.modules import POOLS, READOUTS, Lift
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
 from equivfx.passes.rules import describe_node
@@ -190,17 +190,12 @@ def eval_mode(model: nn.Module):
     modes = {m: m.training for m in model.modules()}
     for m in modes:  # set the flag directly: exported modules refuse .eval() but ignore the flag
         m.training = False
-    # a lift watching training flags (Lift.mode_watch) would warn about this run: ours, not the
-    # user's call in another mode (verify notes it, compile has warned)
-    watching = [(m, m.__dict__.pop("mode_watch")) for m in modes if "mode_watch" in m.__dict__]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), Lift.watch_paused(modes):
             yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-        for m, watch in watching:
-            m.mode_watch = watch
 
 
 def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:

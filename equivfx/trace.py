@@ -192,8 +192,7 @@ def trace(model: nn.Module) -> TraceResult:
             )
         )
     discovered: dict[str, str] = {}
-    before = set(model.__dict__)
-    with _no_new_attributes(model):  # fx sets tensor constants on the model it traces
+    with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
         while True:
             tracer = _Tracer(discovered)
             try:
@@ -236,10 +235,11 @@ def trace(model: nn.Module) -> TraceResult:
 def _no_new_attributes(model: nn.Module):
     """Remove the attributes tracing adds to ``model`` (fx stores a tensor the traced code
     creates, ``torch.ones(4)``, as ``_tensor_constant0`` on the traced module): compile does not
-    modify the model, and a second trace names its constants as the first did."""
+    modify the model, and a second trace names its constants as the first did. Yields the
+    attributes the model had (for :func:`_drop_new_attributes` between attempts)."""
     before = set(model.__dict__)
     try:
-        yield
+        yield before
     finally:
         _drop_new_attributes(model, before)
 
@@ -391,15 +391,22 @@ def _graph_key(graph: fx.Graph) -> tuple:
 _CONSTANT = re.compile(r"_tensor_constant\d+")
 
 
+def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) -> fx.Graph:
+    """``model`` traced again with ``result``'s leaves, quietly, leaving no attribute on it."""
+    tracer = _Tracer(dict(result.leaves))
+    tracer.record_stack_traces = stack_traces
+    with warnings.catch_warnings(), _no_new_attributes(model):
+        warnings.simplefilter("ignore")
+        return tracer.trace(model)
+
+
 def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
     """The graph key of ``model`` traced again (with ``result``'s leaves) with the training
     flags of ``flipped`` negated (restored after); None where that trace fails."""
     for m in flipped:
         m.training = not m.training
     try:
-        with warnings.catch_warnings(), _no_new_attributes(model):
-            warnings.simplefilter("ignore")
-            return _graph_key(_Tracer(dict(result.leaves)).trace(model))
+        return _graph_key(_retrace(model, result))
     except Exception as err:  # noqa: BLE001 - the other branch does not trace: it differs
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
         return None
@@ -457,12 +464,8 @@ def source_line(model: nn.Module, result: TraceResult, node_name: str) -> str | 
     they double its cost, and only an error message reads them); None where not found."""
     if result.path == "opaque":
         return None
-    tracer = _Tracer(dict(result.leaves))
-    tracer.record_stack_traces = True
     try:
-        with warnings.catch_warnings(), _no_new_attributes(model):
-            warnings.simplefilter("ignore")
-            graph = tracer.trace(model)
+        graph = _retrace(model, result, stack_traces=True)
     except Exception as err:  # noqa: BLE001 - an error message's extra line: best effort
         log.debug("equivfx: no source line for %s: %s", node_name, err)
         return None

@@ -51,6 +51,7 @@ from equivfx.passes.leaf_check import describe_mixing, outputs_differ
 from equivfx.passes.lift import LIFT_NAME
 from equivfx.passes.modules import (
     MEASURING,
+    Lift,
     averageable,
     devices_of,
     exp_mass,
@@ -367,19 +368,15 @@ class SlotChunks(nn.Module):
             if not self.unchecked_leaves:  # another thread checked
                 return
             modes = [(m, m.training) for m in self.flat.modules()]
-            lift = self.flat.equivfx_lift  # our eval run: not the user's call in another mode
-            watch = lift.__dict__.pop("mode_watch", None)
             try:
                 self.flat.eval()
-                with torch.no_grad():
+                with torch.no_grad(), Lift.watch_paused(self.flat.modules()):
                     one = self._run(args, 1)
                     folded, again = self._run(args, self.order), self._run(args, self.order)
                 self._leaves_mix(one, folded, again)
             finally:
                 for m, mode in modes:
                     m.training = mode
-                if watch is not None:
-                    lift.mode_watch = watch
 
     def _leaves_mix(self, per_slot, folded, again) -> bool:
         """For a model with opaque leaves not checked at compile (no example inputs, or inputs

@@ -8,6 +8,7 @@ the original keys.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
@@ -212,6 +213,19 @@ class Lift(nn.Module):
             TrainingModeWarning,
             stacklevel=user_stacklevel(),
         )
+
+    @staticmethod
+    @contextlib.contextmanager
+    def watch_paused(modules):
+        """While equivfx itself runs the model in eval mode (compile's test run, verify, the
+        leaf check): lifts among ``modules`` do not warn about it, a run that is not the user's
+        call in another mode; their watch is put back after."""
+        paused = [(m, m.__dict__.pop("mode_watch")) for m in modules if "mode_watch" in m.__dict__]
+        try:
+            yield
+        finally:
+            for m, watch in paused:
+                m.mode_watch = watch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Every call pays this module's Python, and inside a forward that costs several times

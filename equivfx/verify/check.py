@@ -29,7 +29,7 @@ from equivfx.meta import (
     OutputRep,
     annotated_output_action,
 )
-from equivfx.verify.report import Report
+from equivfx.verify.report import INTERPOLATED_NOTE, Report
 from equivfx.verify.tolerance import abs_error, check_tolerance, tolerance, within
 
 __all__ = ["verify", "elements_to_check", "ALL_ELEMENTS_UP_TO"]
@@ -196,10 +196,7 @@ def verify(
             "comes from (verify compares NaN with NaN as equal)"
         )
     if not G.action.exact or not in_action.exact:
-        notes.append(
-            "the input action is interpolated: equivariance is approximate by construction; "
-            "compare max_error with the interpolation error of the action itself"
-        )
+        notes.append(INTERPOLATED_NOTE)
     if info is not None:
         notes.extend(_mixing_leaves(model, info, inputs))
         trained = [n for n, flag in getattr(info, "mode_dependent", {}).items() if flag]

@@ -8,6 +8,12 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = ["Report"]
 
+INTERPOLATED_NOTE = (
+    "the input action is interpolated: equivariance is approximate by construction; "
+    "compare max_error with the interpolation error of the action itself"
+)
+"""verify's note for an interpolated action (the summary says it in a line of its own)."""
+
 
 @dataclass(frozen=True)
 class Report:
@@ -82,7 +88,7 @@ class Report:
         if not self.exact:
             s += "\n(the input action is interpolated, so equivariance is approximate)"
         for note in self.notes:
-            if "interpolated" not in note:  # said just above
+            if note != INTERPOLATED_NOTE:  # said just above
                 s += f"\nnote: {note}"
         return s
 

@@ -180,3 +180,10 @@ def test_a_nan_output_says_why_in_the_summary():
     assert "note: the model's outputs on the example contain NaN (2 of 4 values)" in (
         report.summary()
     )
+
+
+def test_the_summary_says_an_interpolated_action_once():
+    report = equivfx.verify(equivfx.compile(nn.Conv2d(1, 2, 3), "C8"), torch.randn(2, 1, 9, 9))
+    assert not report.exact and any("interpolated" in n for n in report.notes)
+    summary = report.summary()
+    assert summary.count("interpolated") == 1 and "note: the input action" not in summary
