@@ -458,6 +458,12 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)
 _LIBRARY = (os.path.dirname(fx.__file__).rsplit(os.sep, 1)[0], os.path.dirname(__file__))
 
 
+def _in_library(path: str) -> bool:
+    """``path`` lies inside torch's or equivfx's folder (whole folder names: a user's
+    ``equivfx_examples/`` beside them is the user's)."""
+    return path.startswith(tuple(d + os.sep for d in _LIBRARY))
+
+
 def source_line(model: nn.Module, result: TraceResult, node_name: str) -> str | None:
     """``file:line: code`` of the user's code that made node ``node_name`` of ``result``'s graph,
     found by tracing ``model`` again recording stack traces (not recorded in the first trace:
@@ -471,7 +477,7 @@ def source_line(model: nn.Module, result: TraceResult, node_name: str) -> str | 
         return None
     node = next((n for n in graph.nodes if n.name == node_name), None)
     frames = [m.groupdict() for m in _FRAME.finditer((node and node.stack_trace) or "")]
-    user = [f for f in frames if not f["file"].startswith(tuple(d + os.sep for d in _LIBRARY))]
+    user = [f for f in frames if not _in_library(f["file"])]
     if not user:
         return None
     frame = user[-1]
