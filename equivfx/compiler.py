@@ -82,9 +82,13 @@ class CompileInfo:
             without example inputs): ``chunk="auto"`` checks them at the first call, and
             ``equivfx.verify`` where every slot is folded.
         mode_dependent: modules whose training flag the traced graph depends on (their code
-            branches on ``self.training``, or passes it to ``F.dropout``): qualified name (""
-            for the model) -> the flag when compiled, whose branch the compiled model computes
-            in either mode (:func:`equivfx.trace.mode_dependent`).
+            branches on ``self.training``): qualified name ("" for the model) -> the flag when
+            compiled, whose branch the compiled model computes in either mode
+            (:func:`equivfx.trace.mode_dependent`).
+        modes_read: modules whose training flag only chose constants of the traced graph
+            (``F.dropout(x, p, self.training)``, ``x * (2.0 if self.training else 1.0)``): the
+            compiled model reads their flags at each call, so ``train()`` and ``eval()`` switch
+            those constants (:func:`equivfx.trace.by_mode`).
     """
 
     group: FiniteGroup
@@ -101,6 +105,7 @@ class CompileInfo:
     output_rep_action: Action | None = None
     unchecked_leaves: tuple[str, ...] = ()
     mode_dependent: dict = field(default_factory=dict)
+    modes_read: tuple[str, ...] = ()
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -260,7 +265,7 @@ def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
     mode = ("training" if True in flags else "eval") if len(flags) == 1 else "their current"
     warnings.warn(
         f"equivfx: the traced graph depends on the training flag of {names} (code that "
-        "branches on self.training, or passes it to F.dropout, which tracing ran once). The "
+        "branches on self.training, which tracing ran once). The "
         f"compiled model computes the branch of {mode} mode, the mode when compiled, in either "
         "mode: train() or eval() on it does not switch that branch. Compile the model in the "
         "mode you will run it in (model.eval() before equivfx.compile for inference), once per "
@@ -464,7 +469,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
     result = trace(model)
-    modes = mode_dependent(model, result)
+    modes = mode_dependent(model, result, read_at_call=True)
     if modes:
         _warn_mode_dependent(model, modes)
     gm = result.gm
@@ -557,6 +562,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mixed=mixer.mixed if mixer is not None else (),
         output_rep_action=annotated_output_action(gm.graph),
         mode_dependent=modes,
+        modes_read=result.modes_read,
     )
     leaves = opaque_leaves(gm)
     mixing: dict[str, float] = {}

@@ -25,12 +25,15 @@ import contextlib
 import functools
 import linecache
 import logging
+import operator
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from equivfx.errors import ModelTypeError, TraceError, explain, user_stacklevel
@@ -39,8 +42,11 @@ __all__ = [
     "FallbackWarning",
     "LEAF_MODULES",
     "OPAQUE_ATTR",
+    "MODE_SWITCH",
+    "ModeSwitch",
     "TraceResult",
     "TrainingModeWarning",
+    "by_mode",
     "mode_dependent",
     "register_leaf",
     "source_line",
@@ -113,6 +119,7 @@ class TraceResult:
     path: str
     leaves: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    modes_read: tuple[str, ...] = ()
 
 
 class _Tracer(fx.Tracer):
@@ -390,6 +397,8 @@ def _graph_key(graph: fx.Graph) -> tuple:
 
 _CONSTANT = re.compile(r"_tensor_constant\d+")
 
+_NORMS = (F.batch_norm, F.instance_norm, F.rrelu)
+
 
 def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) -> fx.Graph:
     """``model`` traced again with ``result``'s leaves, quietly, leaving no attribute on it."""
@@ -400,13 +409,13 @@ def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) 
         return tracer.trace(model)
 
 
-def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
-    """The graph key of ``model`` traced again (with ``result``'s leaves) with the training
-    flags of ``flipped`` negated (restored after); None where that trace fails."""
+def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
+    """``model`` traced again (with ``result``'s leaves) with the training flags of ``flipped``
+    negated (restored after); None where that trace fails."""
     for m in flipped:
         m.training = not m.training
     try:
-        return _graph_key(_retrace(model, result))
+        return _retrace(model, result)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace: it differs
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
         return None
@@ -415,7 +424,15 @@ def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]
             m.training = not m.training
 
 
-def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
+def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
+    """The graph key of :func:`_flipped_graph`; None where that trace fails."""
+    graph = _flipped_graph(model, result, flipped)
+    return None if graph is None else _graph_key(graph)
+
+
+def mode_dependent(
+    model: nn.Module, result: TraceResult, read_at_call: bool = False
+) -> dict[str, bool]:
     """The modules of ``model`` whose training flag the traced graph depends on: qualified name
     ("" for the model itself) -> the flag it had when traced.
 
@@ -425,12 +442,20 @@ def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
     tracing again with flags negated: all at once (one more trace; nothing more where the graph
     is the same), then halves of the modules whose flip changes it, down to single modules
     (about 2 log2(n) traces per such module). Empty for the opaque path (the model runs whole).
+
+    ``read_at_call=True`` also rewrites ``result.gm`` so that it reads, at each call, the flag of
+    each module whose flip changes only constants of the graph (``training=True`` becoming
+    ``False``, ``p=0.1`` becoming ``0.0``): each such constant becomes :func:`by_mode` of the
+    module's flag (see :func:`_read_flags_at_call`). Those modules are recorded in
+    ``result.modes_read`` and left out of the returned dict, which keeps the modules whose flip
+    changes the graph's structure (a branch), or whose constants depend on several flags at once.
     """
     if result.path == "opaque":
         return {}
     base = _graph_key(result.gm.graph)
     named = list(model.named_modules(remove_duplicate=True))
-    if _flipped_key(model, result, [m for _, m in named]) == base:
+    everything = _flipped_graph(model, result, [m for _, m in named])
+    if everything is not None and _graph_key(everything) == base:
         return {}
     if _flipped_key(model, result, []) != base:  # traced again as it is, it differs already
         log.info(
@@ -439,6 +464,9 @@ def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
             type(model).__name__,
         )
         return {}
+    singles: dict[str, fx.Graph | None] = {}  # one module flipped alone: the graph it gave
+    if len(named) == 1:
+        singles[named[0][0]] = everything
 
     def search(part: list) -> list:
         if len(part) == 1:
@@ -446,11 +474,193 @@ def mode_dependent(model: nn.Module, result: TraceResult) -> dict[str, bool]:
         half = len(part) // 2
         found = []
         for side in (part[:half], part[half:]):
-            if _flipped_key(model, result, [m for _, m in side]) != base:
+            graph = _flipped_graph(model, result, [m for _, m in side])
+            if graph is None or _graph_key(graph) != base:
+                if len(side) == 1:
+                    singles[side[0][0]] = graph
                 found += search(side)
         return found or part  # only flipped together (flags compared): name them all
 
-    return {name: m.training for name, m in search(named)}
+    modes = {name: m.training for name, m in search(named)}
+    if read_at_call:
+        read = _read_flags_at_call(model, result, {n: singles.get(n) for n in modes})
+        result.modes_read = tuple(read)
+        modes = {n: flag for n, flag in modes.items() if n not in read}
+    return modes
+
+
+MODE_SWITCH = "equivfx_mode"
+"""The name of the :class:`ModeSwitch` a compiled model holds beside (as a child of) each module
+whose training flag it reads at each call, and at its top level for the model's own flag."""
+
+
+class ModeSwitch(nn.Module):
+    """Returns its own training flag: the flag of the module it is a child of (``train()`` and
+    ``eval()`` reach it as they reach that module), read at each call. A module call, not an
+    attribute read: fx rebuilds an unpickled graph module by tracing its code again, which reads
+    an attribute as a constant but records a module call (and :func:`by_mode` records itself)."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+def by_mode(training, if_training, if_eval):
+    """The value of a constant that the model's code chose by a module's training flag
+    (``F.dropout(x, p, self.training)``, ``p if self.training else 0.0``): the compiled graph
+    calls this with the flag its :class:`ModeSwitch` read, so the constant follows ``train()``
+    and ``eval()``. Traced (fx rebuilding a pickled module), it records itself."""
+    if isinstance(training, fx.Proxy):
+        return training.tracer.create_proxy(
+            "call_function", by_mode, (training, if_training, if_eval), {}
+        )
+    return if_training if training else if_eval
+
+
+def _read_flags_at_call(
+    model: nn.Module, result: TraceResult, singles: dict[str, fx.Graph | None]
+) -> list[str]:
+    """Rewrite ``result.gm`` to read the training flag of each module of ``singles`` whose flip
+    alone (the graph it gave: ``singles[name]``) changes only constants, each constant changed by
+    no other module's flip; return those modules' names."""
+    graph = result.gm.graph
+    changes: dict[str, list] = {}
+    for name, flipped in singles.items():
+        found = None if flipped is None else _constant_changes(graph, flipped)
+        if found and _can_hold_switch(result.gm, model, name):
+            changes[name] = found
+    owners: dict[tuple, int] = {}
+    for found in changes.values():
+        for node, where, _, _ in found:
+            owners[(node, where)] = owners.get((node, where), 0) + 1
+    changes = {  # a constant that more flags than one change is a function of several: a branch
+        name: found
+        for name, found in changes.items()
+        if all(owners[(node, where)] == 1 for node, where, _, _ in found)
+    }
+    if not changes:
+        return []
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    for name, found in changes.items():
+        module = model.get_submodule(name) if name else model
+        switch = ModeSwitch().train(module.training)
+        _ensure_submodule(result.gm, name).add_module(MODE_SWITCH, switch)
+        with graph.inserting_before(first):
+            flag = graph.call_module(f"{name}.{MODE_SWITCH}" if name else MODE_SWITCH)
+        for node, where, compiled, other in found:
+            if_training, if_eval = (compiled, other) if module.training else (other, compiled)
+            with graph.inserting_before(node):
+                value = graph.call_function(by_mode, (flag, if_training, if_eval))
+            _set_at(node, where, value)
+        log.info(
+            "equivfx: %s reads its training flag at each call (%d constant(s))",
+            repr(name) if name else "the model",
+            len(found),
+        )
+    graph.lint()
+    result.gm.recompile()
+    return list(changes)
+
+
+def _can_hold_switch(gm: fx.GraphModule, model: nn.Module, name: str) -> bool:
+    """Whether a :class:`ModeSwitch` can be added at ``name`` of ``gm`` without touching the
+    user's modules: each step of the path is missing or a plain container fx made (not a leaf
+    the graph calls, which is the model's own object), and the module has no extra state (which
+    makes :func:`restore_unused_state` put the model's own module there)."""
+    module = model.get_submodule(name) if name else model
+    if name and type(module).get_extra_state is not nn.Module.get_extra_state:
+        return False
+    here = gm
+    for step in name.split(".") if name else ():
+        here = here._modules.get(step)
+        if here is None:
+            return True
+        if type(here) is not nn.Module:
+            return False
+    return MODE_SWITCH not in here._modules
+
+
+def _constant_changes(graph: fx.Graph, other: fx.Graph) -> list | None:
+    """Where ``other`` (a trace of the same model) differs from ``graph`` only in constants: a
+    list of (node of ``graph``, where in its (args, kwargs), its value, ``other``'s value);
+    None where the graphs differ otherwise (other nodes, targets or node arguments)."""
+    ours, theirs = list(graph.nodes), list(other.nodes)
+    if len(ours) != len(theirs):
+        return None
+    found: list = []
+    for a, b in zip(ours, theirs, strict=True):
+        if (a.op, _name(a.target), _name(a.name)) != (b.op, _name(b.target), _name(b.name)):
+            return None
+        here: list = []
+        if not _differences((a.args, a.kwargs), (b.args, b.kwargs), (), here):
+            return None
+        if here and not _takes_mode_values(a, here):
+            return None
+        found += [(a, where, x, y) for where, x, y in here]
+    return found
+
+
+_ARITHMETIC = frozenset(
+    {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+     torch.div, "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+)  # fmt: skip
+
+
+def _takes_mode_values(node: fx.Node, changes: list) -> bool:
+    """Whether ``node`` may read its changed constants at each call: numbers or flags (bool,
+    float) that are data, not structure (no shape or dim depends on them): the arguments of
+    dropout, of ``F.batch_norm`` and ``F.instance_norm``, and the scalars of arithmetic
+    (``x * (2.0 if self.training else 1.0)``). Others (a dim, a size, an int) stay branches."""
+    from equivfx.passes.rules import DROPOUT_FUNCTIONS
+
+    if not all(type(x) in (bool, float) and type(y) in (bool, float) for _, x, y in changes):
+        return False
+    if node.op == "call_function":
+        return (
+            node.target in DROPOUT_FUNCTIONS
+            or node.target in _NORMS
+            or (node.target in _ARITHMETIC)
+        )
+    return node.op == "call_method" and node.target in _ARITHMETIC
+
+
+def _name(target) -> str:
+    return _CONSTANT.sub("_tensor_constant", str(target))
+
+
+def _differences(x, y, where: tuple, found: list) -> bool:
+    """Collect into ``found`` the (path, x's value, y's value) of each constant where ``x`` and
+    ``y`` differ; False where they differ in structure or in a node."""
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and _name(x.name) == _name(y.name)
+    if isinstance(x, (tuple, list)) or isinstance(y, (tuple, list)):
+        if type(x) is not type(y) or len(x) != len(y):
+            return False
+        pairs = enumerate(zip(x, y, strict=True))
+        return all(_differences(a, b, (*where, i), found) for i, (a, b) in pairs)
+    if isinstance(x, dict) or isinstance(y, dict):
+        if type(x) is not type(y) or list(x) != list(y):
+            return False
+        return all(_differences(x[k], y[k], (*where, k), found) for k in x)
+    if type(x) is not type(y) or repr(x) != repr(y):
+        found.append((where, x, y))
+    return True
+
+
+def _set_at(node: fx.Node, where: tuple, value) -> None:
+    """Replace the constant at ``where`` (0: args, 1: kwargs, then indices and keys) of
+    ``node``'s arguments with ``value``."""
+
+    def put(container, path):
+        if not path:
+            return value
+        key, rest = path[0], path[1:]
+        if isinstance(container, dict):
+            return {k: put(v, rest) if k == key else v for k, v in container.items()}
+        items = [put(v, rest) if i == key else v for i, v in enumerate(container)]
+        return type(container)(items) if isinstance(container, tuple) else items
+
+    args, kwargs = put((node.args, node.kwargs), where)
+    node.args, node.kwargs = args, kwargs
 
 
 # ------------------------------------------------------------------------- source lines

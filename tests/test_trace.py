@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import equivfx
 from equivfx.errors import ModelTypeError
 from equivfx.trace import (
     LEAF_MODULES,
@@ -157,8 +159,8 @@ def test_mode_dependent_traces_once_more_where_no_flag_matters(monkeypatch):
     import equivfx.trace as front
 
     calls = []
-    real = front._flipped_key
-    monkeypatch.setattr(front, "_flipped_key", lambda *a: calls.append(len(a[2])) or real(*a))
+    real = front._flipped_graph
+    monkeypatch.setattr(front, "_flipped_graph", lambda *a: calls.append(len(a[2])) or real(*a))
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     assert mode_dependent(plain, trace(plain)) == {}
     assert calls == [4]  # every module flipped at once: the graph is the same, done
@@ -183,9 +185,11 @@ def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_
 
     x = torch.randn(2, 1, 6, 6)
     model = ModeNet()
-    with pytest.warns(TrainingModeWarning, match=r"the model \(ModeNet\), 'block'.*training mode"):
+    with pytest.warns(TrainingModeWarning, match=r"flag of 'block' \(code.*training mode"):
         emodel = equivfx.compile(model, "C4", example_inputs=x)
-    assert emodel.equivfx_info.mode_dependent == {"": True, "block": True}
+    # block branches; the model's own F.dropout(h, 0.2, self.training) reads its flag at calls
+    assert emodel.equivfx_info.mode_dependent == {"block": True}
+    assert emodel.equivfx_info.modes_read == ("",)
     report = equivfx.verify(emodel, x)
     assert any(
         "'block' in training mode" in n and "compile the model in eval" in n for n in report.notes
@@ -203,7 +207,7 @@ def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_
             warnings.simplefilter("always")
             fresh = equivfx.compile(model, "C4", example_inputs=x)  # in eval mode: its branch
         torch.testing.assert_close(fresh(x), loop, rtol=1e-5, atol=1e-6)
-    assert fresh.equivfx_info.mode_dependent == {"": False, "block": False}
+    assert fresh.equivfx_info.mode_dependent == {"block": False}
     assert [w.category for w in seen].count(TrainingModeWarning) == 1
     assert not [n for n in equivfx.verify(fresh, x).notes if "training mode" in n]
 
@@ -251,7 +255,7 @@ def test_a_call_in_another_mode_than_compiled_warns_once_per_switch(tmp_path):
         emodel(x)  # training mode, as compiled: silent
     emodel.eval()
     with torch.no_grad():
-        with pytest.warns(TrainingModeWarning, match=r"the model, 'block' changed mode"):
+        with pytest.warns(TrainingModeWarning, match=r"equivfx: 'block' changed mode"):
             emodel(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error", TrainingModeWarning)
@@ -379,6 +383,161 @@ def test_the_leaf_checks_own_eval_run_does_not_warn_about_modes():
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrainingModeWarning)
         emodel(torch.randn(2, 1, 8, 8))  # training, as compiled: the check runs in eval mode
+
+
+class Attention(nn.Module):
+    """The transformers idiom: a dropout probability chosen by the flag, passed with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.p = 0.5
+
+    def forward(self, h):
+        p = self.p if self.training else 0.0
+        return F.dropout(self.proj(h), p=p, training=self.training)
+
+
+class Constants(nn.Module):
+    """Constants chosen by training flags, in the model's own forward and in a child's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.attn = Attention()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3)) * (2.0 if self.training else 1.0)
+        return self.head(F.dropout(self.attn(h), 0.3, self.training))
+
+
+def _loop(model, x, group="C4"):
+    G = equivfx.group(group)
+    return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+
+
+def _folded_by_hand(model, x, seed, group="C4"):
+    """The base model on the |G| B batch built by hand, pooled: with the seed the compiled model
+    ran under, its dropout draws the same masks (the same ops on the same shapes, in order)."""
+    G = equivfx.group(group)
+    folded = torch.cat([G.act(G.inverse(g), x) for g in G.elements])
+    torch.manual_seed(seed)
+    return model(folded).view(G.order, x.shape[0], -1).mean(0)
+
+
+@pytest.mark.parametrize("compiled_in", ["eval", "train"])
+@pytest.mark.parametrize("chunk", [None, "auto", 2])
+def test_constants_chosen_by_training_flags_follow_train_and_eval(compiled_in, chunk):
+    x = torch.randn(2, 1, 6, 6)
+    model = Constants().train(compiled_in == "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=chunk)
+    assert emodel.equivfx_info.mode_dependent == {}
+    assert emodel.equivfx_info.modes_read == ("", "attn")
+    for _ in range(2):  # eval, train, eval, train: each call in the mode the model is in now
+        emodel.eval(), model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+        emodel.train(), model.train()
+        torch.manual_seed(7)
+        trained = emodel(x)  # scaled by 2, and both dropouts draw masks
+        torch.testing.assert_close(trained, _folded_by_hand(model, x, 7), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(trained, emodel(x))  # new masks at each call
+
+
+def test_constants_follow_a_submodule_switched_alone_and_survive_copies(tmp_path):
+    import copy
+
+    x = torch.randn(2, 1, 6, 6)
+    model = Constants().eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=None)
+    for copied in (emodel, copy.deepcopy(emodel), _reloaded(emodel, tmp_path)):
+        copied.train()
+        copied.attn.eval()  # fx's container for attn: its dropout (p and flag) off, alone
+        model.train()
+        model.attn.eval()
+        torch.manual_seed(3)
+        out = copied(x)
+        torch.testing.assert_close(out, _folded_by_hand(model, x, 3), rtol=1e-5, atol=1e-6)
+        copied.eval()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_flag_passed_down_is_read_from_the_module_that_passed_it():
+    class Drop(nn.Module):
+        def forward(self, h, training):
+            return F.dropout(h, 0.5, training)
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(1, 4, 3), Drop()
+
+        def forward(self, x):
+            return self.drop(self.conv(x).mean((2, 3)), self.training)
+
+    x = torch.randn(2, 1, 6, 6)
+    model = Parent().eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.modes_read == ("",)  # flipping drop's own flag changes nothing
+    emodel.train(), model.train()
+    torch.manual_seed(0)
+    torch.testing.assert_close(emodel(x), _folded_by_hand(model, x, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_constants_that_shape_the_graph_or_follow_two_flags_stay_branches():
+    class Dims(nn.Module):  # an int chosen by the flag: a dim, not data
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3) if self.training else (3, 2))
+
+    class Two(nn.Module):  # one constant, two flags
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            return F.dropout(h, 0.5, self.training and self.conv.training)
+
+    x = torch.randn(2, 1, 6, 6)
+    for model, names in ((Dims().eval(), {""}), (Two().eval(), {"", "conv"})):
+        with pytest.warns(TrainingModeWarning):
+            emodel = equivfx.compile(model, "C4", example_inputs=x)
+        assert set(emodel.equivfx_info.mode_dependent) == names
+        assert emodel.equivfx_info.modes_read == ()
+
+
+def test_layerwise_mode_reads_flags_at_call_too():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = F.dropout(torch.relu(self.conv1(x)), 0.5, self.training)
+            return self.conv2(h).mean((1, 2, 3))
+
+    x = torch.randn(2, 1, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(Net().eval(), "C4", mode="layerwise", example_inputs=x)
+    assert emodel.equivfx_info.modes_read == ("",)
+    assert equivfx.verify(emodel, x).ok  # eval mode: no dropout
+    emodel.train()
+    torch.manual_seed(0)
+    trained = emodel(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(emodel(x), trained)  # the same masks from the same seed
+    with torch.no_grad():
+        assert not torch.allclose(trained, emodel.eval()(x))  # ... and they dropped entries
 
 
 def test_source_lines_skip_library_folders_only_whole():

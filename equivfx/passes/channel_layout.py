@@ -51,9 +51,10 @@ place, on the slots moved back and forth too.
 Modules with hooks at compile time do not keep it (nor does anything while global module hooks
 exist: they would see the mixing layers' channel layout), nor other modules with
 per-channel parameters (PReLU with several weights), anything that reads a dimension (softmax,
-flatten), or draws random numbers in functional form (``F.dropout`` with ``training=True``;
-traced with ``training=self.training`` in eval mode, the flag is False and the call the
-identity, which keeps the layout: :func:`_eval_dropout`). A value in folded
+flatten), or draws random numbers in functional form (``F.dropout`` with ``training=True``
+written out; ``training=False`` is the identity, which keeps the layout: :func:`_eval_dropout`;
+``training=self.training``, which compile reads at each call, is called like a dropout module
+by :func:`dropout_call`: :func:`_mode_dropout`). A value in folded
 slots that such an op reads moves in once, and feeds the fused layers reading it too (a residual
 stream, a shortcut ``nn.Identity`` beside a block's first convolution). A value is kept in the
 channel layout only where it reaches a fused layer's input through such ops (an in-place op on
@@ -89,6 +90,7 @@ from equivfx.passes.mixing import (
     slots_to_channels,
 )
 from equivfx.passes.rules import DROPOUT_FUNCTIONS, draws_random, mutates
+from equivfx.trace import by_mode
 
 __all__ = [
     "KeepChannelLayout",
@@ -255,6 +257,53 @@ def _eval_dropout(node: fx.Node) -> bool:
     return flag is False
 
 
+DROPOUT_NAMES = {f"{fn.__module__}.{fn.__name__}": fn for fn in DROPOUT_FUNCTIONS}
+"""The functional dropouts by qualified name (``torch.nn.functional.dropout``, ``torch.dropout``):
+how :func:`dropout_call` names the one it calls in generated code."""
+
+
+def _mode_dropout(node: fx.Node) -> bool:
+    """``node`` is a functional dropout on one tensor whose training flag the compiled model
+    reads at each call (:func:`equivfx.trace.by_mode`, from ``F.dropout(x, p,
+    self.training)``): like a dropout module, the identity in eval mode and masks in training
+    (:func:`dropout_call`)."""
+    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+        return False
+    flag = node.kwargs.get(DROPOUT_FUNCTIONS[node.target])
+    if len(node.args) > 2:
+        flag = node.args[2]
+    rest = [*node.args[1:], *node.kwargs.values()]
+    return (
+        isinstance(flag, fx.Node)
+        and flag.op == "call_function"
+        and flag.target is by_mode
+        and all(not isinstance(a, fx.Node) or a.target is by_mode for a in rest)
+    )
+
+
+def _data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The values ``node`` computes on: its inputs, less a flag-read dropout's flag and
+    probability (:func:`_mode_dropout`)."""
+    return [node.args[0]] if _mode_dropout(node) else node.all_input_nodes
+
+
+def dropout_call(x: torch.Tensor, name: str, n: int, axis: int, *args, **kwargs) -> torch.Tensor:
+    """The functional dropout ``name`` (:data:`DROPOUT_NAMES`) with the arguments after the
+    input, its training flag read at each call, on the layout of n slots (``axis`` 1: (B, n C,
+    ...), -1: (B, ..., n F)), as :func:`channel_call` calls dropout modules: in eval mode (the
+    identity) on the layout, in training on the slots moved back and forth (its masks are drawn
+    in the folded slots' order, the masks it drew without the pass)."""
+    if isinstance(x, fx.Proxy):  # traced again (torch.load of the module): one call, as here
+        args = (x, name, n, axis, *args)
+        return x.tracer.create_proxy("call_function", dropout_call, args, kwargs)
+    fn = DROPOUT_NAMES[name]
+    flag = DROPOUT_FUNCTIONS[fn]
+    if not (args[1] if len(args) > 1 else kwargs.get(flag, True)):
+        return fn(x, *args, **kwargs)  # the identity: x itself
+    slots = channels_to_slots(x, n, axis)
+    return slots_to_channels(fn(slots, *args, **kwargs), n, axis)
+
+
 def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> torch.Tensor:
     """``module`` (the model's own, called: hooks run) on the channel layout (B, n C, ...) of n
     slots (``axis=-1``: the feature layout (B, ..., n F)), as the compiled graph calls every
@@ -392,6 +441,10 @@ class KeepChannelLayout(Pass):
             if node not in mixers:  # modules: through channel_call (see there)
                 args = _move_args(node.args[0], slots, kept[node])
                 _call_through(gm, node, channel_call, (args[0], None, *args[1:]))
+        for node in [n for n in graph.nodes if n in kept and _mode_dropout(n)]:
+            name = f"{node.target.__module__}.{node.target.__name__}"
+            node.target = dropout_call
+            node.args = (node.args[0], name, slots, kept[node].axis, *node.args[1:])
         for node in [n for n in graph.nodes if n in kept and _row_norm_function(n) is not None]:
             name = node.target.__name__
             node.target = row_norm_call
@@ -564,6 +617,7 @@ def _hazards(kept: dict, entries: dict, mixers: dict, modules, order: dict) -> s
             n in writes
             or type(modules.get(n.target)) in (nn.Identity, *DROPOUTS)
             or _eval_dropout(n)
+            or _mode_dropout(n)
         )
         source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if alias and source in entries:  # an alias of a value moved in (without the pass: of it)
@@ -608,10 +662,12 @@ def _slot_shape(node: fx.Node, modules, movable: dict) -> frozenset[Layout] | No
         return frozenset({Layout(1, m.weight.dim(), m.out_channels)})
     if type(m) is nn.Linear:
         return frozenset({Layout(-1, None, m.out_features)})
-    inputs = node.all_input_nodes
+    inputs = _data_inputs(node)
     if len(inputs) == 1 and inputs[0] in movable:
         layouts = movable[inputs[0]]
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, *DROPOUTS, *ROW_NORMS)):  # same shape
+            return layouts
+        if _mode_dropout(node):
             return layouts
         kept = frozenset(k for k in layouts if _unary(node, modules, k))
         return kept or None  # a pool keeps the channels (its output's last axis changes)
@@ -625,7 +681,7 @@ def _keeps_layout(node: fx.Node, modules, shapes: dict, movable: dict, refused: 
         return None
     if not slot_major(node.meta.get(REP)):
         return None
-    inputs = node.all_input_nodes
+    inputs = _data_inputs(node)
     kept = [a for a in inputs if a in shapes]
     if not kept:
         return None
@@ -660,7 +716,7 @@ def _moves_in(node: fx.Node, modules, mixers: dict, movable: dict, refused: set)
     too: moved in, the value also feeds the fused layers reading it (a shortcut ``nn.Identity``
     beside a block's first convolution: one move instead of two), else None."""
     shape = _row_norm_function(node)
-    inputs = [node.args[0]] if shape is not None else node.all_input_nodes  # not its weights
+    inputs = [node.args[0]] if shape is not None else _data_inputs(node)  # not its weights
     if len(inputs) != 1 or inputs[0] not in movable or inputs[0] in refused:
         return None
     if len(inputs[0].users) < 2:  # read by this op alone: moving its result in costs the same
@@ -685,6 +741,8 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     convolution's, or a linear layer's two-dimensional one, which ``channel_call`` checks again
     at run time); a layer or RMS norm of rows within one slot (a linear layer's features, or a
     convolution's spatial axes); a dropout module (any layout)."""
+    if _mode_dropout(node):  # as a dropout module (any layout)
+        return True
     m = modules.get(node.target) if node.op == "call_module" else None
     if len(node.args) != 1 or node.kwargs or m is None or _hooked(m):
         return False

@@ -1083,8 +1083,8 @@ def test_a_module_returning_its_input_returns_the_layout_itself(monkeypatch):
 
 
 class FunctionalDropout(nn.Module):
-    """Functional dropout between fused layers: ``training=self.training`` (traced as False in
-    eval mode, True in training mode), or ``training=True`` written out."""
+    """Functional dropout between fused layers: ``training=self.training`` (read at each call),
+    or ``training=True`` written out."""
 
     def __init__(self, drop, training=None):
         super().__init__()
@@ -1105,9 +1105,14 @@ class FunctionalDropout(nn.Module):
 @pytest.mark.parametrize(
     "drop", [F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout, torch.dropout]
 )
-def test_functional_dropout_traced_in_eval_mode_keeps_the_layout(monkeypatch, drop):
+@pytest.mark.parametrize("compiled_in", ["eval", "train"])
+def test_functional_dropout_reading_its_flag_keeps_the_layout(monkeypatch, drop, compiled_in):
+    # training=self.training is read at each call (equivfx.trace.by_mode): like a dropout
+    # module, the identity on the layout in eval mode, on the slots moved back and forth in
+    # training (_same: bitwise the outputs without the pass in both modes, whichever compiled)
     x = torch.randn(3, 2, 6, 6)
-    on = _same(monkeypatch, FunctionalDropout(drop).eval(), x)
+    on = _same(monkeypatch, FunctionalDropout(drop).train(compiled_in == "train"), x)
+    assert on.equivfx_info.modes_read == ("",)
     assert _flags(on) == {
         "c2": {"channels_out": True},
         "c3": {"channels_in": True},
@@ -1119,12 +1124,9 @@ def test_functional_dropout_traced_in_eval_mode_keeps_the_layout(monkeypatch, dr
 
 
 @pytest.mark.parametrize("drop", [F.dropout, F.dropout2d, torch.dropout])
-@pytest.mark.parametrize("traced", ["train()", "training=True"])
-def test_functional_dropout_drawing_masks_ends_the_layout(monkeypatch, drop, traced):
+def test_functional_dropout_drawing_masks_ends_the_layout(monkeypatch, drop):
     # masks are drawn in memory order: on the slots moved back, they are the masks it drew
-    model = (
-        FunctionalDropout(drop).train() if traced == "train()" else FunctionalDropout(drop, True)
-    )
+    model = FunctionalDropout(drop, True)  # training=True written out: masks in either mode
     x = torch.randn(3, 2, 6, 6)
     on = _same(monkeypatch, model, x)
     assert _flags(on) == {"c2": {}, "c3": {}, "fc1": {}, "fc2": {}}
