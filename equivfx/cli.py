@@ -7,10 +7,11 @@
     equivfx inspect MODEL --group SPEC --input-shape ... [--mode ...] [--format text|json]
     equivfx demo    [--out DIR] [--quick]
 
-Exit codes: 0 success (for ``verify``: equivariance holds), 1 equivariance violated (``verify``),
-2 bad input, usage, or any other failure (a model that raises, a malformed sidecar), 130
-interrupted. Every bad input is one line on stderr with a hint; ``--debug`` shows the
-traceback.
+Exit codes: 0 success (for ``verify``: equivariance holds), 1 equivariance violated (``verify``,
+and ``compile``, which writes the artifact anyway; not for an interpolating action, whose
+equivariance is approximate by construction), 2 bad input, usage, or any other failure (a model
+that raises, a malformed sidecar), 130 interrupted. Every bad input is one line on stderr with a
+hint; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -234,12 +235,23 @@ def compile_cmd(
         },
     }
     save_artifact(emodel, out, x, meta, force=force, inputs=(weights,))
-    status = "verified" if report.ok else "NOT verified" + ("" if not report.exact else " (bug?)")
+    if report.ok:
+        status = "verified"
+    elif report.nan_outputs:
+        status = "NOT verified: its outputs contain NaN"
+    elif report.exact:
+        status = "NOT verified: equivariance violated (see equivfx verify)"
+    else:  # an interpolated action: equivariant up to interpolation, not exactly
+        status = "NOT verified exactly: the action interpolates, so equivariance is approximate"
     click.echo(
         f"wrote {out} and {Path(out).name}.json: {G.spec} {mode} {readout}, {status}, "
         f"max error {report.max_error:.3g}"
     )
-    return EXIT_OK
+    # as verify answers: the artifact is written either way (to inspect), but a pipeline that
+    # compiles must not take a violated artifact for a good one
+    if report.nan_outputs:
+        return EXIT_BAD_INPUT
+    return EXIT_VIOLATED if report.exact and not report.ok else EXIT_OK
 
 
 def _parsed(model_args):
@@ -307,10 +319,19 @@ def verify_cmd(
             )
         module, meta = load_artifact(path, rebuild=_rebuild)
         G = equivfx.group(group_spec or meta["group"])
+        readout = meta.get("readout", "invariant")
+        if readout in ("slots", "pose") and not output_action and G.spec != meta["group"]:
+            raise CheckpointError(
+                explain(
+                    f"the artifact's {readout} readout has one slot per element of "
+                    f"{meta['group']}, the group it was compiled for, not of {G.spec}",
+                    group_spec,
+                    f"its own group ({meta['group']})",
+                    "drop --group, or give --output-action (how the group acts on the output)",
+                )
+            )
         shape = parse_shape(input_shape) if input_shape else tuple(meta["input_shape"])
-        out_action = output_action or readout_action(
-            G, meta.get("readout", "invariant"), meta.get("output_action")
-        )
+        out_action = output_action or readout_action(G, readout, meta.get("output_action"))
     else:
         if ":" not in model_or_artifact:
             raise CheckpointError(

@@ -186,6 +186,53 @@ def test_verify_exit_codes_and_json(tmp_path):
     assert run("verify", out, "--atol", "0", "--rtol", "0").returncode in (0, 1)
 
 
+def test_a_slots_artifact_is_verified_under_its_own_group(tmp_path):
+    out = tmp_path / "slots.pt2"
+    compile_c4(out, "--readout", "slots", check_code=0)
+    line = one_error_line(run("verify", out, "--group", "D4"))
+    assert "one slot per element of C4" in line and "not of D4" in line
+    assert "drop --group" in line and "--output-action" in line
+    run("verify", out, "--group", "C4", check_code=0)  # its own group, named
+
+
+@pytest.mark.parametrize(
+    "change, code, says",
+    [
+        ({"ok": False, "max_error": 0.5}, 1, "NOT verified: equivariance violated"),
+        ({"ok": False, "nan_outputs": 3}, 2, "NOT verified: its outputs contain NaN"),
+    ],
+)
+def test_compile_exits_as_verify_answers_and_keeps_the_artifact(
+    tmp_path, monkeypatch, change, code, says
+):
+    # a violated artifact must not pass a pipeline as a good one; it is written, to inspect
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    import equivfx
+    from equivfx.cli import main
+
+    real = equivfx.verify
+    monkeypatch.setattr(
+        equivfx, "verify", lambda *a, **k: dataclasses.replace(real(*a, **k), **change)
+    )
+    out = tmp_path / "m.pt2"
+    args = ["compile", FACTORY, "--group", "C4", "--input-shape", SHAPE, "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert says in result.output
+    assert out.exists() and (tmp_path / "m.pt2.json").exists()
+    assert json.loads((tmp_path / "m.pt2.json").read_text())["verified"]["ok"] is False
+
+
+def test_compile_under_an_interpolating_action_is_approximate_not_violated(tmp_path):
+    out = tmp_path / "c8.pt2"
+    proc = run("compile", FACTORY, "--group", "C8", "--input-shape", SHAPE, "-o", out, check_code=0)
+    assert "NOT verified exactly: the action interpolates" in proc.stdout
+    assert json.loads(out.with_name("c8.pt2.json").read_text())["verified"]["exact"] is False
+
+
 def test_inspect_text_and_json():
     text = run(
         "inspect",
