@@ -265,7 +265,8 @@ def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
     mode = ("training" if True in flags else "eval") if len(flags) == 1 else "their current"
     warnings.warn(
         f"equivfx: the traced graph depends on the training flag of {names} (code that "
-        "branches on self.training, which tracing ran once). The "
+        "branches on self.training, which tracing ran once, or passes a value it chose where "
+        "the graph cannot read it at each call: a dim, a size, an int). The "
         f"compiled model computes the branch of {mode} mode, the mode when compiled, in either "
         "mode: train() or eval() on it does not switch that branch. Compile the model in the "
         "mode you will run it in (model.eval() before equivfx.compile for inference), once per "
@@ -469,12 +470,12 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
     result = trace(model)
+    gm = result.gm
+    if result.path != "opaque":  # first: it may put the model's own modules in gm (extra state)
+        restore_unused_state(gm, model)
     modes = mode_dependent(model, result, read_at_call=True)
     if modes:
         _warn_mode_dependent(model, modes)
-    gm = result.gm
-    if result.path != "opaque":
-        restore_unused_state(gm, model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise ModelTypeError(

@@ -397,7 +397,11 @@ def _graph_key(graph: fx.Graph) -> tuple:
 
 _CONSTANT = re.compile(r"_tensor_constant\d+")
 
-_NORMS = (F.batch_norm, F.instance_norm, F.rrelu)
+_NORMS = (F.batch_norm, F.instance_norm)
+
+_DATA_ARGUMENTS = {F.scaled_dot_product_attention: (4, "dropout_p")}
+"""Functions whose other arguments shape the computation: the one argument (position, keyword)
+that may follow a training flag."""
 
 
 def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) -> fx.Graph:
@@ -449,6 +453,7 @@ def mode_dependent(
     module's flag (see :func:`_read_flags_at_call`). Those modules are recorded in
     ``result.modes_read`` and left out of the returned dict, which keeps the modules whose flip
     changes the graph's structure (a branch), or whose constants depend on several flags at once.
+    Call it so once per trace: a second call sees the rewritten graph (nothing left to read).
     """
     if result.path == "opaque":
         return {}
@@ -526,7 +531,7 @@ def _read_flags_at_call(
     changes: dict[str, list] = {}
     for name, flipped in singles.items():
         found = None if flipped is None else _constant_changes(graph, flipped)
-        if found and _can_hold_switch(result.gm, model, name):
+        if found and _can_hold_switch(result.gm, name):
             changes[name] = found
     owners: dict[tuple, int] = {}
     for found in changes.values():
@@ -561,14 +566,11 @@ def _read_flags_at_call(
     return list(changes)
 
 
-def _can_hold_switch(gm: fx.GraphModule, model: nn.Module, name: str) -> bool:
+def _can_hold_switch(gm: fx.GraphModule, name: str) -> bool:
     """Whether a :class:`ModeSwitch` can be added at ``name`` of ``gm`` without touching the
-    user's modules: each step of the path is missing or a plain container fx made (not a leaf
-    the graph calls, which is the model's own object), and the module has no extra state (which
-    makes :func:`restore_unused_state` put the model's own module there)."""
-    module = model.get_submodule(name) if name else model
-    if name and type(module).get_extra_state is not nn.Module.get_extra_state:
-        return False
+    user's modules: each step of the path is missing or a plain container fx made, not the
+    model's own module (a leaf the graph calls, or one :func:`restore_unused_state` put there
+    for its extra state: compile runs it first)."""
     here = gm
     for step in name.split(".") if name else ():
         here = here._modules.get(step)
@@ -608,19 +610,21 @@ _ARITHMETIC = frozenset(
 def _takes_mode_values(node: fx.Node, changes: list) -> bool:
     """Whether ``node`` may read its changed constants at each call: numbers or flags (bool,
     float) that are data, not structure (no shape or dim depends on them): the arguments of
-    dropout, of ``F.batch_norm`` and ``F.instance_norm``, and the scalars of arithmetic
-    (``x * (2.0 if self.training else 1.0)``). Others (a dim, a size, an int) stay branches."""
+    dropout, of ``F.batch_norm`` and ``F.instance_norm``, the scalars of arithmetic
+    (``x * (2.0 if self.training else 1.0)``), and attention's ``dropout_p``. Others (a dim, a
+    size, an int, ``is_causal``) stay branches."""
     from equivfx.passes.rules import DROPOUT_FUNCTIONS
 
     if not all(type(x) in (bool, float) and type(y) in (bool, float) for _, x, y in changes):
         return False
-    if node.op == "call_function":
-        return (
-            node.target in DROPOUT_FUNCTIONS
-            or node.target in _NORMS
-            or (node.target in _ARITHMETIC)
-        )
-    return node.op == "call_method" and node.target in _ARITHMETIC
+    if node.op == "call_method":
+        return node.target in _ARITHMETIC
+    if node.op != "call_function":
+        return False
+    if node.target in _DATA_ARGUMENTS:  # only that argument: (position, keyword)
+        position, keyword = _DATA_ARGUMENTS[node.target]
+        return all(where[:2] in ((0, position), (1, keyword)) for where, _, _ in changes)
+    return node.target in DROPOUT_FUNCTIONS or node.target in _NORMS or node.target in _ARITHMETIC
 
 
 def _name(target) -> str:

@@ -540,6 +540,109 @@ def test_layerwise_mode_reads_flags_at_call_too():
         assert not torch.allclose(trained, emodel.eval()(x))  # ... and they dropped entries
 
 
+@pytest.mark.parametrize("chunk", [None, 2, "auto"])
+def test_the_models_own_flag_sends_every_slot_through_one_pass(chunk):
+    # a review: the model's own flag (its ModeSwitch at the top) was not among the flags the
+    # chunk runner reads, so in training chunk=2 took batch statistics per chunk
+    class Net(nn.Module):  # no submodules: only its own flag says "training"
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+            self.register_buffer("rm", torch.zeros(4))
+            self.register_buffer("rv", torch.ones(4))
+
+        def forward(self, x):
+            h = F.conv2d(x, self.w, padding=1)
+            return F.batch_norm(h, self.rm, self.rv, training=self.training).mean((2, 3))
+
+    x = torch.randn(2, 1, 6, 6)
+    model = Net().eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=chunk)
+    assert emodel.equivfx_info.modes_read == ("",)
+    reference = Net()
+    reference.load_state_dict(model.state_dict())
+    emodel.train()
+    torch.testing.assert_close(emodel(x), _folded_by_hand(reference.train(), x, 0))
+    torch.testing.assert_close(emodel.rm, reference.rm)  # one update, over the whole fold
+
+
+def test_a_flag_under_a_module_with_extra_state_stays_a_branch():
+    # a review: compile put the model's own module (kept for its extra state) where the switch
+    # was, and failed; the switch is not added inside the model's own modules
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, h):
+            return F.dropout(self.lin(h), 0.5, self.training)
+
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.version = Block(), 3
+
+        def get_extra_state(self):
+            return {"version": self.version}
+
+        def set_extra_state(self, state):
+            self.version = state["version"]
+
+        def forward(self, h):
+            return self.block(h)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.stage = nn.Conv2d(1, 4, 3, padding=1), Stage()
+
+        def forward(self, x):
+            return self.stage(self.conv(x).mean((2, 3)))
+
+    x = torch.randn(2, 1, 6, 6)
+    model = Net().eval()
+    with pytest.warns(TrainingModeWarning, match="'stage.block'"):
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.mode_dependent == {"stage.block": False}
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_dropout_probability_follows_the_mode():
+    class Attn(nn.Module):  # transformers' SDPA idiom
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.p = nn.Linear(8, 24), 0.5
+
+        def forward(self, h):
+            q, k, v = self.qkv(h).chunk(3, -1)
+            p = self.p if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.attn, self.fc = nn.Linear(1, 8), Attn(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.attn(self.emb(x.unsqueeze(-1))).mean(1))
+
+    x = torch.randn(2, 6)
+    model = Net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "Shift6", example_inputs=x)
+    assert emodel.equivfx_info.modes_read == ("attn",)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x, "Shift6"), rtol=1e-5, atol=1e-6)
+    emodel.train(), model.train()
+    torch.manual_seed(0)
+    trained = emodel(x)
+    torch.testing.assert_close(trained, _folded_by_hand(model, x, 0, "Shift6"))
+    assert not torch.allclose(trained, emodel(x))  # attention dropout draws at each call
+
+
 def test_source_lines_skip_library_folders_only_whole():
     from equivfx.trace import _LIBRARY, _in_library
 

@@ -273,8 +273,10 @@ def _mode_dropout(node: fx.Node) -> bool:
     if len(node.args) > 2:
         flag = node.args[2]
     rest = [*node.args[1:], *node.kwargs.values()]
+    inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
     return (
-        isinstance(flag, fx.Node)
+        inplace is False  # an in-place dropout writes its input: on the layout it would not
+        and isinstance(flag, fx.Node)
         and flag.op == "call_function"
         and flag.target is by_mode
         and all(not isinstance(a, fx.Node) or a.target is by_mode for a in rest)

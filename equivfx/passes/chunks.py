@@ -60,9 +60,9 @@ from equivfx.passes.modules import (
     synchronize,
 )
 from equivfx.passes.projection import READOUT_NAME
-from equivfx.trace import OPAQUE_ATTR, install_prefix_hooks
+from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, install_prefix_hooks
 
-__all__ = ["SlotChunks", "chunked_module", "CHUNKS_NAME"]
+__all__ = ["SlotChunks", "chunked_module", "run_chunks", "CHUNKS_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,14 @@ class SlotChunks(nn.Module):
         """The modules whose training flag sends every slot through one pass (batch statistics);
         again when a submodule is registered anywhere (``_REGISTRATIONS``)."""
         count = _REGISTRATIONS[0]  # before the walk: a registration during it scans again
-        # fx and equivfx make plain nn.Module containers for dotted paths: their flag means nothing
+        # fx and equivfx make plain nn.Module containers for dotted paths: their flag means
+        # nothing; a ModeSwitch's is the flag of the module it belongs to (at the top: the model's)
         self._user_modules = [
             m
             for name, m in self.flat.named_modules()
-            if name and not name.startswith("equivfx") and type(m) is not nn.Module
+            if name
+            and (not name.startswith("equivfx") or name == MODE_SWITCH)
+            and type(m) is not nn.Module
         ]
         self._scanned = count
 

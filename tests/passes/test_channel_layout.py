@@ -1133,6 +1133,30 @@ def test_functional_dropout_drawing_masks_ends_the_layout(monkeypatch, drop):
     assert _moves(on) == []
 
 
+def test_functional_dropout_in_place_writes_its_input_as_without_the_pass(monkeypatch):
+    # a review: F.dropout(h, p, self.training, inplace=True) used for its effect on h ran on a
+    # copy moved back, leaving h whole in training; an in-place dropout ends the layout
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = (
+                nn.Conv2d(2 if i == 0 else 4, 4, 3, padding=1) for i in range(3)
+            )
+
+        def forward(self, x):
+            h = self.c2(F.relu(self.c1(x)))
+            F.dropout(h, 0.5, self.training, inplace=True)
+            return self.c3(F.relu(h)).mean((2, 3))
+
+    x = torch.randn(3, 2, 6, 6)
+    on = _same(monkeypatch, InPlace().eval(), x)  # bitwise as without the pass, in training too
+    on.train()
+    torch.manual_seed(0)
+    trained = on(x)
+    with torch.no_grad():
+        assert not torch.allclose(trained, on.eval()(x))  # it dropped entries of h
+
+
 class StridedDropout(nn.Module):
     """Dropout of values moved in from strided tensors: the output of a channels-last
     convolution (``conv=True``), or a transposed view of tokens."""
