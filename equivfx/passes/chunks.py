@@ -225,8 +225,8 @@ class SlotChunks(nn.Module):
 
     def _run(self, args, k: int):
         """One forward, k slots per pass."""
-        if k >= self.order:  # one pass: the flat graph
-            return self.flat(*args)
+        if k >= self.order:  # one pass: the flat graph's code (hooks run at the model's call)
+            return self.flat.forward(*args)
         env = dict(zip(self._pre_out, self.graphs["pre"](*args), strict=True))
         lifted_input = env[self.lift.args[0]]
         body_args = [env[n] for n in self._body_in]
@@ -680,6 +680,13 @@ def _split(flat: fx.GraphModule):
     return pre, body, post, lift, repeats, joins
 
 
+def run_chunks(runner: SlotChunks, *args):
+    """The chunked model's forward: its runner's, called without ``nn.Module.__call__`` (the
+    compiled model's own hooks run at its call; each Python layer of a forward costs more inside
+    it than alone: ``benchmarks/diagnose_overhead.py``)."""
+    return runner.forward(*args)
+
+
 class _Chunked(fx.GraphModule):
     """The graph module :func:`chunked_module` returns.
 
@@ -781,7 +788,8 @@ def chunked_module(
         for n in flat.graph.nodes
         if n.op == "placeholder"
     ]
-    graph.output(graph.call_module(CHUNKS_NAME, tuple(placeholders)))
+    runner_node = graph.get_attr(CHUNKS_NAME)
+    graph.output(graph.call_function(run_chunks, (runner_node, *placeholders)))
     gm = _Chunked(root, graph, class_name=type(flat).__name__)
     # the same modules, parameters and buffers under the same names: the original state-dict keys
     for name, child in flat.named_children():

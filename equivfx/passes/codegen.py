@@ -12,7 +12,8 @@ hooks run, and a submodule replaced later (``setattr``, ``add_module``) is the o
 A path is written this way only where, at code generation, each step reads the submodule that
 ``getattr`` reads (a class that defines the name itself, as a property or attribute, keeps the
 ``getattr`` form). ``get_attr`` nodes read their last step (a parameter, buffer or constant) with
-``getattr``, so parametrizations added later still apply. The code generator is kept by
+``getattr``, so parametrizations added later still apply; a ``get_attr`` of a submodule itself
+reads it from ``_modules`` too. The code generator is kept by
 ``copy.deepcopy`` and, through :func:`keep_state_through_copies`, by ``torch.save``/``torch.load``
 (which also keeps what fx's own unpickling drops: see that function).
 
@@ -89,7 +90,8 @@ def _rewritten(line: str, node: fx.Node, owner: nn.Module, root: str) -> str:
     """``line`` (node's assignment) reading node's target through ``_modules`` where it may."""
     path = node.target.split(".")
     calls = node.op == "call_module"
-    modules = path if calls else path[:-1]  # get_attr: the module owning the attribute
+    whole = not calls and _submodules(owner, path)  # a get_attr of a submodule itself
+    modules = path if calls or whole else path[:-1]  # else the module owning the attribute
     if not modules or not _submodules(owner, modules):
         return line
     old = " = " + fx_target(root, node.target)
@@ -97,7 +99,10 @@ def _rewritten(line: str, node: fx.Node, owner: nn.Module, root: str) -> str:
     if calls:
         return line.replace(old + "(", f" = {expr}(", 1)
     last = path[-1]
-    new = f" = {expr}.{last}" if last.isidentifier() else f" = getattr({expr}, {last!r})"
+    if whole:
+        new = f" = {expr}"
+    else:
+        new = f" = {expr}.{last}" if last.isidentifier() else f" = getattr({expr}, {last!r})"
     if old + ";" in line:  # fx appends ";  x = None" where a value dies here
         return line.replace(old + ";", new + ";", 1)
     return line[: -len(old)] + new if line.endswith(old) else line

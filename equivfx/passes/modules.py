@@ -144,15 +144,14 @@ def eager_tensor(x) -> bool:
     )
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+
+
 def is_tracing() -> bool:
-    """torch.compile, torch.export or torch.jit.trace is recording this call."""
-    if torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is None:
-        return False
-    exporting = getattr(compiler, "is_exporting", lambda: False)
-    return bool(compiler.is_compiling() or exporting())
+    """torch.compile, torch.export or torch.jit.trace is recording this call. (The compiler's
+    flags first: dynamo folds them; then jit's own, without ``torch.jit.is_tracing``'s extra
+    Python frames: the lift asks at every call.)"""
+    return bool(torch.compiler.is_compiling() or _is_exporting() or torch._C._is_tracing())
 
 
 class Lift(nn.Module):
