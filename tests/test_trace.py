@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import equivfx
@@ -641,6 +643,64 @@ def test_attention_dropout_probability_follows_the_mode():
     trained = emodel(x)
     torch.testing.assert_close(trained, _folded_by_hand(model, x, 0, "Shift6"))
     assert not torch.allclose(trained, emodel(x))  # attention dropout draws at each call
+
+
+class _Stage(nn.Module):
+    """A block whose constants its flag chooses: dropout, its probability, a scale."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, h):
+        scale = 1.5 if self.training else 1.0
+        return F.dropout(torch.tanh(self.lin(h)) * scale, 0.4 if self.training else 0.0, True)
+
+
+class _Stages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.stages = nn.ModuleList(_Stage(4) for _ in range(3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        for stage in self.stages:
+            h = stage(h)
+        return self.head(F.dropout(h, 0.2, self.training))
+
+
+@given(
+    compiled=st.lists(st.booleans(), min_size=4, max_size=4),
+    run=st.lists(st.booleans(), min_size=4, max_size=4),
+    chunk=st.sampled_from([None, "auto", 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_each_modules_flag_chooses_its_constants_whatever_the_modes(compiled, run, chunk, seed):
+    # flags set module by module (the model's own, then each stage's), at compile and at calls:
+    # the compiled model computes what the base model computes on the folded batch in those modes
+    def set_modes(module, flags):
+        module.training = flags[0]
+        for stage, flag in zip(module.stages, flags[1:], strict=True):
+            stage.train(flag)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6)
+    model = _Stages()
+    set_modes(model, compiled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=chunk)
+    assert emodel.equivfx_info.modes_read == ("", "stages.0", "stages.1", "stages.2")
+    set_modes(model, run)
+    emodel.training = run[0]  # the model's own flag, and its switch's
+    emodel.equivfx_mode.training = run[0]
+    for i, flag in enumerate(run[1:]):
+        getattr(emodel.stages, str(i)).train(flag)
+    torch.manual_seed(seed)
+    out = emodel(x)
+    torch.testing.assert_close(out, _folded_by_hand(model, x, seed), rtol=1e-5, atol=1e-6)
 
 
 def test_source_lines_skip_library_folders_only_whole():
