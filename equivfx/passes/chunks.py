@@ -26,7 +26,10 @@ ignored), or folds every slot where none compares; so dynamic batch sizes, seque
 per-call scalars do not pay a measurement at every call. In
 training mode, and while being traced or exported, all slots run in one pass (batch statistics must
 see every slot), through the flat graph's own generated code. "Training" means any of the model's
-own modules is in training mode.
+own modules is in training mode (the model's own flag counts where its code reads it at each call:
+its :class:`~equivfx.trace.ModeSwitch`). So do models that take batch statistics in eval mode too
+(a batch norm without running statistics, ``F.batch_norm(..., training=True)``): k of |G| slots
+would be normalised together, which no action permutes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
@@ -60,6 +64,7 @@ from equivfx.passes.modules import (
     synchronize,
 )
 from equivfx.passes.projection import READOUT_NAME
+from equivfx.passes.rules import BATCH_STAT_MODULES
 from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, install_prefix_hooks
 
 __all__ = ["SlotChunks", "chunked_module", "run_chunks", "CHUNKS_NAME"]
@@ -151,7 +156,7 @@ class SlotChunks(nn.Module):
     _DERIVED = (
         "slots", "order", "lift", "repeats", "joins", "_accumulated", "_pools", "_joined",
         "_read", "_pre_out", "_body_in", "_post_from_pre", "_post_from_chunks", "graphs",
-        "_user_modules", "_scanned",
+        "_user_modules", "_scanned", "_batch_stats_in_graph", "_batch_stats",
     )  # fmt: skip
 
     def __getstate__(self):
@@ -199,6 +204,7 @@ class SlotChunks(nn.Module):
         for graph in graphs.values():
             direct_module_access(graph)
         object.__setattr__(self, "graphs", graphs)
+        self._batch_stats_in_graph = any(map(_batch_stats_always, flat.graph.nodes))
         self._find_user_modules()
 
     def _find_user_modules(self) -> None:
@@ -214,6 +220,13 @@ class SlotChunks(nn.Module):
             and (not name.startswith("equivfx") or name == MODE_SWITCH)
             and type(m) is not nn.Module
         ]
+        # batch statistics in eval mode too (no running statistics, or training=True written
+        # out): like training, every slot in one pass, whatever the chunk (k slots would
+        # normalise over k |G|-ths of the fold: not equivariant)
+        self._batch_stats = self._batch_stats_in_graph or any(
+            isinstance(m, BATCH_STAT_MODULES) and m._buffers.get("running_mean") is None
+            for m in self._user_modules
+        )
         self._scanned = count
 
     # -------------------------------------------------------------------- running
@@ -225,8 +238,8 @@ class SlotChunks(nn.Module):
 
     def _run(self, args, k: int):
         """One forward, k slots per pass."""
-        if k >= self.order:  # one pass: the flat graph's code (hooks run at the model's call)
-            return self.flat.forward(*args)
+        if k >= self.order:  # one pass: the flat graph's code (its call only where hooked)
+            return self.flat(*args) if _hooked(self.flat) else self.flat.forward(*args)
         env = dict(zip(self._pre_out, self.graphs["pre"](*args), strict=True))
         lifted_input = env[self.lift.args[0]]
         body_args = [env[n] for n in self._body_in]
@@ -270,7 +283,7 @@ class SlotChunks(nn.Module):
             return self.order
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
             self._find_user_modules()
-        if any(map(_TRAINING, self._user_modules)):
+        if self._batch_stats or any(map(_TRAINING, self._user_modules)):
             if self.unchecked_leaves:  # a first call in training: check the leaves first
                 self._check_leaves(args)
                 if self.mixing_leaves:
@@ -680,11 +693,43 @@ def _split(flat: fx.GraphModule):
     return pre, body, post, lift, repeats, joins
 
 
+def _batch_stats_always(node: fx.Node) -> bool:
+    """``node`` is ``F.batch_norm`` with ``training=True`` written out (batch statistics in
+    every mode)."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return False
+    flag = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+    return flag is True
+
+
 def run_chunks(runner: SlotChunks, *args):
-    """The chunked model's forward: its runner's, called without ``nn.Module.__call__`` (the
-    compiled model's own hooks run at its call; each Python layer of a forward costs more inside
-    it than alone: ``benchmarks/diagnose_overhead.py``)."""
-    return runner.forward(*args)
+    """The chunked model's forward: its runner's, without ``nn.Module.__call__`` unless a hook
+    is set on it (the compiled model's own hooks run at its call; each Python layer of a forward
+    costs more inside it than alone: ``benchmarks/diagnose_overhead.py``)."""
+    return runner(*args) if _hooked(runner) else runner.forward(*args)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """``module`` has hooks of its own, or global module hooks exist: ``nn.Module.__call__``
+    must run them (tools that hook every module of ``named_modules()`` reach equivfx's too)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _GLOBAL_HOOKS[0]
+        or _GLOBAL_HOOKS[1]
+        or _GLOBAL_HOOKS[2]
+        or _GLOBAL_HOOKS[3]
+    )
+
+
+_GLOBAL_HOOKS = (
+    nn.modules.module._global_forward_hooks,
+    nn.modules.module._global_forward_pre_hooks,
+    nn.modules.module._global_backward_hooks,
+    nn.modules.module._global_backward_pre_hooks,
+)  # the dicts themselves: torch registers global hooks into them
 
 
 class _Chunked(fx.GraphModule):

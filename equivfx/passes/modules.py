@@ -236,6 +236,7 @@ class Lift(nn.Module):
         hit = self._hit
         if (
             hit is not None
+            and not is_tracing()  # first: a traced shape comparison would specialise the batch
             and type(x) is torch.Tensor
             and x.shape == hit.shape
             and x.dtype is hit.dtype
@@ -244,7 +245,6 @@ class Lift(nn.Module):
             and self._made_for(hit.made_for)
             and hit.slots is self.slots
             and hit.limit == self.GATHER_LIMIT
-            and not is_tracing()
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         ):
             return hit.run(x)

@@ -271,6 +271,82 @@ def test_a_layer_replaced_deep_in_the_model_in_training_mode_sees_every_slot():
     assert equivfx.verify(chunked.eval(), x).ok
 
 
+class _OwnBatchNorm(nn.Module):
+    """Batch statistics written out: ``training=True`` in every mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+
+    def forward(self, x):
+        h = torch.nn.functional.conv2d(x, self.w, padding=1)
+        return torch.nn.functional.batch_norm(h, None, None, training=True).relu().mean((2, 3))
+
+
+@pytest.mark.parametrize("kind", ["no running statistics", "training=True written out"])
+@pytest.mark.parametrize("chunk", [1, 2, "auto"])
+def test_batch_statistics_in_eval_mode_see_every_slot(kind, chunk):
+    # a review: in eval mode a batch norm without running statistics (or F.batch_norm with
+    # training=True) normalised over k slots with chunk=k: not equivariant, and with "auto" the
+    # output followed the timings; like training, every slot in one pass
+    torch.manual_seed(0)
+    if kind == "no running statistics":
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4, track_running_stats=False),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        ).eval()
+    else:
+        model = _OwnBatchNorm().eval()
+    x = torch.randn(2, 1, 8, 8)
+    whole = _compile(model, "C4", x, chunk=None)
+    chunked = _compile(model, "C4", x, chunk=chunk)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-6)
+    assert chunked.equivfx_chunks._decided((x,)) == 4
+    assert equivfx.verify(chunked, x).ok
+
+
+def test_hooks_on_the_chunk_runner_and_the_flat_graph_run():
+    # the chunked model calls its runner's and its flat graph's code without module calls,
+    # unless they are hooked (tools that hook every module reach the runner)
+    model, x, spec = ZOO["vgg"]()
+    emodel = _compile(model.eval(), spec, x, chunk=equivfx.group(spec).order)  # one pass
+    seen = []
+    for module in (emodel.equivfx_chunks, emodel.equivfx_flat):
+        module.register_forward_pre_hook(lambda m, args: seen.append(type(m).__name__))
+    with torch.no_grad():
+        emodel(x)
+    assert seen == ["SlotChunks", type(emodel.equivfx_flat).__name__]
+    seen.clear()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(m) if m is emodel.equivfx_chunks else None
+    )
+    try:
+        with torch.no_grad():
+            emodel(x)
+    finally:
+        handle.remove()
+    assert seen.count(emodel.equivfx_chunks) == 1
+
+
+def test_strict_export_keeps_a_dynamic_batch_after_an_eager_call():
+    # a review: the lift's cached gather compared the traced shape before asking whether it was
+    # being traced, so an eager call first made strict export specialise the batch size
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(144, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    emodel = _compile(model, "C4", x, chunk=None)
+    with torch.no_grad():
+        emodel(torch.randn(5, 1, 8, 8))  # the lift caches its gather for this shape
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(emodel, (x,), dynamic_shapes={"input": {0: batch}}, strict=True)
+    x7 = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x7), emodel(x7), rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_does_not_recompile_when_modules_are_made_elsewhere():
     # the runner reads a process-wide count of module registrations: read while compiling, dynamo
     # guarded on it and compiled again whenever any module was built (review)
