@@ -82,8 +82,10 @@ def test_zoo_models_round_trip_and_verify(name, readout, chunk):
     assert equivfx.verify(copy.deepcopy(loaded), x).ok
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
-def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk):
+@pytest.mark.parametrize("copied", ["pickled", "deep-copied"])
+@pytest.mark.parametrize("chunk", [None, 2, "auto"])
+def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk, copied):
+    # deep copies: fx's rebuilt the module keeping state-dict hooks only (a review)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
@@ -92,7 +94,8 @@ def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk):
     emodel.register_forward_hook(_double_output, with_kwargs=True)
     with torch.no_grad():
         expected = emodel(x)
-    loaded = _round_trip(emodel)
+    loaded = _round_trip(emodel) if copied == "pickled" else copy.deepcopy(emodel)
+    assert loaded.class_names is not emodel.class_names or copied == "pickled"
     assert not loaded.training and loaded.head.training
     assert loaded.class_names == ["a", "b", "c"]
     assert loaded.equivfx_info.group == emodel.equivfx_info.group
@@ -102,6 +105,9 @@ def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)  # the hook ran: doubled
         torch.testing.assert_close(loaded(x), 2 * emodel.equivfx_flat(x) if chunk else expected)
+    if copied == "deep-copied":
+        loaded.class_names.append("d")  # its own copy
+        assert emodel.class_names == ["a", "b", "c"]
 
 
 def _double_output(module, args, kwargs, output):  # module level: hooks pickle by reference

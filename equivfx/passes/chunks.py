@@ -49,7 +49,7 @@ from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
 from equivfx.passes.annotate import BatchMixingWarning, OpaqueLeafWarning
-from equivfx.passes.codegen import direct_module_access
+from equivfx.passes.codegen import deepcopy_keeping_state, direct_module_access
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.leaf_check import describe_mixing, outputs_differ
 from equivfx.passes.lift import LIFT_NAME
@@ -764,6 +764,8 @@ class _Chunked(fx.GraphModule):
         else:
             return
         self._modules[CHUNKS_NAME]._find_user_modules()
+
+    __deepcopy__ = deepcopy_keeping_state  # hooks and attributes set on it, too
 
     def __reduce__(self):
         runner = self._modules[CHUNKS_NAME]

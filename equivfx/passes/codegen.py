@@ -23,6 +23,7 @@ One difference from fx's code: calling a submodule deleted after compilation rai
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -30,7 +31,12 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph import CodeGen
 
-__all__ = ["DirectModules", "direct_module_access", "keep_state_through_copies"]
+__all__ = [
+    "DirectModules",
+    "deepcopy_keeping_state",
+    "direct_module_access",
+    "keep_state_through_copies",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +141,30 @@ def keep_state_through_copies(gm: fx.GraphModule) -> None:
     persistent). fx gives every graph module a class of its own, so the reduction set here is
     ``gm``'s (and its deep copies') only."""
     type(gm).__reduce__ = _reduce_keeping_state
+    type(gm).__deepcopy__ = deepcopy_keeping_state
     if gm._non_persistent_buffers_set:
         names = frozenset(gm._non_persistent_buffers_set)
         gm._deepcopy_hooks.append(functools.partial(_mark_non_persistent, names))
+
+
+_HOOKS = frozenset(
+    {"_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+     "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+     "_backward_pre_hooks", "_is_full_backward_hook"}
+)  # fmt: skip
+"""The module hooks ``nn.Module.__init__`` sets afresh (fx's deep copy keeps only state-dict
+hooks)."""
+
+
+def deepcopy_keeping_state(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    """fx's deep copy, then what it drops put back: the module's forward and backward hooks, and
+    every attribute set on it that its rebuilt copy lacks (copied with the same memo: objects
+    fx copied already are not copied twice)."""
+    copied = fx.GraphModule.__deepcopy__(self, memo)
+    for key, value in self.__dict__.items():
+        if key in _HOOKS or (key not in copied.__dict__ and key not in _REGENERATED):
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+    return copied
 
 
 def _mark_non_persistent(names: frozenset, copied: fx.GraphModule) -> None:
