@@ -110,6 +110,32 @@ def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk, copie
         assert emodel.class_names == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("chunk", [None, "auto"])
+def test_copies_of_copies_keep_hooks_and_attributes(chunk):
+    # a review: fx gives each copy a class of its own, which lacked the reductions set on the
+    # original's: a copy of a copy (or a pickle of a copy) lost hooks and attributes again
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
+    emodel.class_names = ["a", "b", "c"]
+    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    with torch.no_grad():
+        expected = emodel(x)
+    chains = {
+        "copy of a copy": lambda m: copy.deepcopy(copy.deepcopy(m)),
+        "copy of a pickle": lambda m: copy.deepcopy(_round_trip(m)),
+        "pickle of a copy": lambda m: _round_trip(copy.deepcopy(m)),
+        "pickle of a pickle": lambda m: _round_trip(_round_trip(m)),
+    }
+    for name, chain in chains.items():
+        copied = chain(emodel)
+        assert copied.class_names == ["a", "b", "c"], name
+        assert copied.equivfx_info.group == emodel.equivfx_info.group, name
+        assert list(copied.state_dict()) == list(emodel.state_dict()), name
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), expected, rtol=0, atol=0, msg=name)
+
+
 def _double_output(module, args, kwargs, output):  # module level: hooks pickle by reference
     return 2 * output
 

@@ -87,10 +87,18 @@ def _count_registration(module, name, submodule):
     _REGISTRATIONS[0] += 1
 
 
+def _count_statistics(module, name, buffer):
+    """A batch norm's running statistics set (``bn.running_mean = None``: batch statistics in
+    eval mode from then on) count as a registration: the runners scan again."""
+    if name in ("running_mean", "running_var"):
+        _REGISTRATIONS[0] += 1
+
+
 if "_REGISTRATION_HOOK" not in globals():  # once per process, also if this module is reloaded
     _REGISTRATION_HOOK = nn.modules.module.register_module_module_registration_hook(
         _count_registration
     )
+    _STATISTICS_HOOK = nn.modules.module.register_module_buffer_registration_hook(_count_statistics)
 
 
 MAX_PASSES = 64
@@ -283,7 +291,9 @@ class SlotChunks(nn.Module):
             return self.order
         if self._scanned != _REGISTRATIONS[0]:  # a submodule was set somewhere: ours?
             self._find_user_modules()
-        if self._batch_stats or any(map(_TRAINING, self._user_modules)):
+        if self._batch_stats:  # in every mode: one slot per pass differs by design, so the
+            return self.order  # leaf check (one slot per pass against all) cannot tell
+        if any(map(_TRAINING, self._user_modules)):
             if self.unchecked_leaves:  # a first call in training: check the leaves first
                 self._check_leaves(args)
                 if self.mixing_leaves:

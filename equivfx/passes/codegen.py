@@ -138,8 +138,8 @@ def keep_state_through_copies(gm: fx.GraphModule) -> None:
     """Make ``gm`` (a graph module equivfx built) load from a pickle with every attribute it had,
     and this module's code generator; and keep its root-level non-persistent buffers
     non-persistent in deep copies (fx's deep copy registers the buffers it copies anew, as
-    persistent). fx gives every graph module a class of its own, so the reduction set here is
-    ``gm``'s (and its deep copies') only."""
+    persistent). fx gives every graph module a class of its own, so the reductions set here are
+    ``gm``'s only; its copies' classes are given them as they are made."""
     type(gm).__reduce__ = _reduce_keeping_state
     type(gm).__deepcopy__ = deepcopy_keeping_state
     if gm._non_persistent_buffers_set:
@@ -164,7 +164,18 @@ def deepcopy_keeping_state(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
     for key, value in self.__dict__.items():
         if key in _HOOKS or (key not in copied.__dict__ and key not in _REGENERATED):
             copied.__dict__[key] = copy.deepcopy(value, memo)
+    _keep_reductions(type(self), type(copied))
     return copied
+
+
+def _keep_reductions(source: type, target: type) -> None:
+    """fx gives every copy a class of its own: give it the reductions ``source`` (the copied
+    module's own class) was given, so copies of copies (and pickles of copies) keep state too.
+    Methods a class inherits (``_Chunked``'s) are inherited by the copy's class as well."""
+    for name in ("__reduce__", "__deepcopy__"):
+        method = source.__dict__.get(name)
+        if method is not None:
+            setattr(target, name, method)
 
 
 def _mark_non_persistent(names: frozenset, copied: fx.GraphModule) -> None:
@@ -181,7 +192,8 @@ def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
     body = args[0]  # the pickled module's __dict__, less its graph
     gm.__dict__.update({k: v for k, v in body.items() if k not in _REGENERATED})
     direct_module_access(gm)
-    # the new module's class reduces as the pickled one's did; its deep-copy hooks came back with
-    # its __dict__ (keep_state_through_copies would add them a second time)
+    # the new module's class reduces and deep-copies as the pickled one's did; its deep-copy
+    # hooks came back with its __dict__ (keep_state_through_copies would add them a second time)
     type(gm).__reduce__ = _reduce_keeping_state
+    type(gm).__deepcopy__ = deepcopy_keeping_state
     return gm

@@ -309,6 +309,54 @@ def test_batch_statistics_in_eval_mode_see_every_slot(kind, chunk):
     assert equivfx.verify(chunked, x).ok
 
 
+def test_running_statistics_dropped_after_compiling_fold_every_slot():
+    # a review: the runner read batch norms' running statistics at its scans only, which only
+    # module registrations started; setting them to None is seen at the next call
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+    x = torch.randn(2, 1, 8, 8)
+    chunked = _compile(model, "C4", x, chunk=2)
+    with torch.no_grad():
+        chunked(x)
+        assert chunked.equivfx_chunks._decided((x,)) == 2
+        model[1].running_mean = model[1].running_var = None  # batch statistics from now on
+        assert chunked.equivfx_chunks._decided((x,)) == 4
+        torch.testing.assert_close(chunked(x), chunked.equivfx_flat(x), rtol=1e-5, atol=1e-6)
+
+
+class _Tanh(nn.Module):
+    """Per sample, but opaque (a branch tracing cannot take)."""
+
+    def forward(self, h):
+        if h.dim() != 4:
+            raise ValueError(h.dim())
+        return torch.tanh(h)
+
+
+def test_batch_statistics_do_not_make_an_opaque_leaf_look_like_it_mixes_samples():
+    # a review: the first call's leaf check (one slot per pass against all in one) saw the batch
+    # norm's statistics differ, blamed the per-sample leaf and pinned the model to chunk=1
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        _Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", equivfx.passes.annotate.OpaqueLeafWarning)
+        emodel = equivfx.compile(model, "C4")  # no example inputs: checked at the first call
+        flat = equivfx.compile(model, "C4", chunk=None)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", equivfx.passes.annotate.BatchMixingWarning)
+        torch.testing.assert_close(emodel(x), flat(x), rtol=1e-5, atol=1e-6)
+    assert emodel.equivfx_chunks.mixing_leaves == ()
+
+
 def test_hooks_on_the_chunk_runner_and_the_flat_graph_run():
     # the chunked model calls its runner's and its flat graph's code without module calls,
     # unless they are hooked (tools that hook every module reach the runner)
