@@ -136,6 +136,24 @@ def test_copies_of_copies_keep_hooks_and_attributes(chunk):
             torch.testing.assert_close(copied(x), expected, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [None, 2, "auto"])
+def test_a_shallow_copy_is_the_same_module_under_a_new_object(chunk):
+    # a review: fx's copy.copy rebuilds a graph module from its graph: unread parameters, hooks,
+    # attributes and equivfx_info were lost, and a chunked model's copy had no state-dict keys
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
+    emodel.class_names = ["a", "b", "c"]
+    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    copied = copy.copy(emodel)
+    assert copied is not emodel and copied.class_names is emodel.class_names
+    assert list(copied.state_dict()) == list(emodel.state_dict())
+    assert all(a is b for a, b in zip(copied.parameters(), emodel.parameters(), strict=True))
+    assert copied.equivfx_info is emodel.equivfx_info
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), emodel(x), rtol=0, atol=0)  # the hook: doubled
+
+
 def _double_output(module, args, kwargs, output):  # module level: hooks pickle by reference
     return 2 * output
 

@@ -49,7 +49,11 @@ from torch import nn
 
 from equivfx.errors import NotYetSupportedError, explain, user_stacklevel
 from equivfx.passes.annotate import BatchMixingWarning, OpaqueLeafWarning
-from equivfx.passes.codegen import deepcopy_keeping_state, direct_module_access
+from equivfx.passes.codegen import (
+    copy_keeping_state,
+    deepcopy_keeping_state,
+    direct_module_access,
+)
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.leaf_check import describe_mixing, outputs_differ
 from equivfx.passes.lift import LIFT_NAME
@@ -776,6 +780,7 @@ class _Chunked(fx.GraphModule):
         self._modules[CHUNKS_NAME]._find_user_modules()
 
     __deepcopy__ = deepcopy_keeping_state  # hooks and attributes set on it, too
+    __copy__ = copy_keeping_state  # fx's rebuilds it from its graph: no state-dict keys
 
     def __reduce__(self):
         runner = self._modules[CHUNKS_NAME]

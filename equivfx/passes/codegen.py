@@ -33,6 +33,7 @@ from torch.fx.graph import CodeGen
 
 __all__ = [
     "DirectModules",
+    "copy_keeping_state",
     "deepcopy_keeping_state",
     "direct_module_access",
     "keep_state_through_copies",
@@ -142,6 +143,7 @@ def keep_state_through_copies(gm: fx.GraphModule) -> None:
     ``gm``'s only; its copies' classes are given them as they are made."""
     type(gm).__reduce__ = _reduce_keeping_state
     type(gm).__deepcopy__ = deepcopy_keeping_state
+    type(gm).__copy__ = copy_keeping_state
     if gm._non_persistent_buffers_set:
         names = frozenset(gm._non_persistent_buffers_set)
         gm._deepcopy_hooks.append(functools.partial(_mark_non_persistent, names))
@@ -168,11 +170,22 @@ def deepcopy_keeping_state(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
     return copied
 
 
+def copy_keeping_state(self: fx.GraphModule) -> fx.GraphModule:
+    """A shallow copy as ``copy.copy`` makes of any ``nn.Module``: a new module object holding the
+    same attributes (submodules, parameters, hooks, graph and code). fx's own rebuilds the module
+    from its graph, keeping only what the graph reads: parameters it does not read (state-dict
+    keys), hooks, attributes set on it and, for a chunked model, every state-dict key. The copy
+    shares the module's class (whose ``forward`` is its generated code), as it shares its graph."""
+    copied = object.__new__(type(self))  # GraphModule.__new__ would make a class, without code
+    copied.__dict__.update(self.__dict__)
+    return copied
+
+
 def _keep_reductions(source: type, target: type) -> None:
     """fx gives every copy a class of its own: give it the reductions ``source`` (the copied
     module's own class) was given, so copies of copies (and pickles of copies) keep state too.
     Methods a class inherits (``_Chunked``'s) are inherited by the copy's class as well."""
-    for name in ("__reduce__", "__deepcopy__"):
+    for name in ("__reduce__", "__deepcopy__", "__copy__"):
         method = source.__dict__.get(name)
         if method is not None:
             setattr(target, name, method)
@@ -196,4 +209,5 @@ def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
     # hooks came back with its __dict__ (keep_state_through_copies would add them a second time)
     type(gm).__reduce__ = _reduce_keeping_state
     type(gm).__deepcopy__ = deepcopy_keeping_state
+    type(gm).__copy__ = copy_keeping_state
     return gm
