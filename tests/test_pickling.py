@@ -86,12 +86,8 @@ def test_zoo_models_round_trip_and_verify(name, readout, chunk):
 @pytest.mark.parametrize("chunk", [None, 2, "auto"])
 def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk, copied):
     # deep copies: fx's rebuilt the module keeping state-dict hooks only (a review)
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
+    emodel, x = _decorated(chunk)
     emodel.head.train()  # a per-submodule flag
-    emodel.class_names = ["a", "b", "c"]
-    emodel.register_forward_hook(_double_output, with_kwargs=True)
     with torch.no_grad():
         expected = emodel(x)
     loaded = _round_trip(emodel) if copied == "pickled" else copy.deepcopy(emodel)
@@ -114,11 +110,7 @@ def test_loading_keeps_flags_hooks_meta_attributes_and_unused_state(chunk, copie
 def test_copies_of_copies_keep_hooks_and_attributes(chunk):
     # a review: fx gives each copy a class of its own, which lacked the reductions set on the
     # original's: a copy of a copy (or a pickle of a copy) lost hooks and attributes again
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
-    emodel.class_names = ["a", "b", "c"]
-    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    emodel, x = _decorated(chunk)
     with torch.no_grad():
         expected = emodel(x)
     chains = {
@@ -140,11 +132,7 @@ def test_copies_of_copies_keep_hooks_and_attributes(chunk):
 def test_a_shallow_copy_is_the_same_module_under_a_new_object(chunk):
     # a review: fx's copy.copy rebuilds a graph module from its graph: unread parameters, hooks,
     # attributes and equivfx_info were lost, and a chunked model's copy had no state-dict keys
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
-    emodel.class_names = ["a", "b", "c"]
-    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    emodel, x = _decorated(chunk)
     copied = copy.copy(emodel)
     assert copied is not emodel and copied.class_names is emodel.class_names
     assert list(copied.state_dict()) == list(emodel.state_dict())
@@ -152,6 +140,17 @@ def test_a_shallow_copy_is_the_same_module_under_a_new_object(chunk):
     assert copied.equivfx_info is emodel.equivfx_info
     with torch.no_grad():
         torch.testing.assert_close(copied(x), emodel(x), rtol=0, atol=0)  # the hook: doubled
+
+
+def _decorated(chunk):
+    """A compiled model in eval mode with an attribute and a forward hook set on it (the hook
+    doubles its output), and an input."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    emodel = _compile(WithExtras(), "C4", x, chunk=chunk).eval()
+    emodel.class_names = ["a", "b", "c"]
+    emodel.register_forward_hook(_double_output, with_kwargs=True)
+    return emodel, x
 
 
 def _double_output(module, args, kwargs, output):  # module level: hooks pickle by reference
