@@ -340,10 +340,8 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
     """Carry over parameters and buffers the graph does not reference (GraphModule drops them).
 
     Afterwards ``gm.state_dict()`` has every key of ``model.state_dict()``, with the same tensors,
-    and no other: buffers the model does not persist are not persisted. A module the model holds
-    under several names is one module of ``gm`` under those names too (:func:`_alias_shared`).
+    and no other: buffers the model does not persist are not persisted.
     """
-    _alias_shared(gm, model)
     have = set(gm.state_dict().keys())
     for key in model.state_dict().keys():
         if key in have:
@@ -369,31 +367,6 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
         for name in src._non_persistent_buffers_set:
             if name in dst._buffers:
                 dst._non_persistent_buffers_set.add(name)
-
-
-def _alias_shared(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Where the model holds one module under several names (``self.b = self.a``), put what
-    ``gm`` holds at its first name (fx calls it by that name: the module itself for a leaf, fx's
-    container for a module traced through) at the others too, so that ``train()``/``eval()``
-    through any name reach what the graph calls, as in the model, and the state dict has both
-    names' keys, as the model's. Names ``gm`` already holds are left alone."""
-    first: dict[int, str] = {}
-    aliased: list[str] = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or any(name.startswith(a + ".") for a in aliased):
-            continue
-        canonical = first.setdefault(id(module), name)
-        if canonical == name:
-            continue
-        try:
-            target = gm.get_submodule(canonical)
-        except AttributeError:  # the graph holds nothing of it: restored key by key below
-            continue
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            _set_submodule(gm, name, target)
-            aliased.append(name)
 
 
 def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:

@@ -703,42 +703,6 @@ def test_each_modules_flag_chooses_its_constants_whatever_the_modes(compiled, ru
     torch.testing.assert_close(out, _folded_by_hand(model, x, seed), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [None, "auto"])
-def test_a_module_held_under_two_names_switches_through_either(tmp_path, chunk):
-    # a review: fx calls a shared module by its first name; the compiled model held a container
-    # of its parameters under the second, so eval() through that name switched nothing
-    import copy
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.drop = nn.Linear(4, 4), nn.Dropout(0.5)
-
-        def forward(self, h):
-            return self.drop(F.dropout(self.lin(h), 0.5, self.training))
-
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.a = nn.Conv2d(1, 4, 3, padding=1), Block()
-            self.b = self.a  # the same block under a second name
-
-        def forward(self, x):
-            return self.b(self.a(self.conv(x).mean((2, 3))))
-
-    x = torch.randn(2, 1, 6, 6)
-    model = Shared().eval()
-    emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=chunk)
-    assert list(emodel.state_dict()) == list(model.state_dict())  # 'b.lin.weight' too
-    for copied in (emodel, copy.deepcopy(emodel), _reloaded(emodel, tmp_path)):
-        assert copied.b is copied.a
-        assert list(copied.state_dict()) == list(model.state_dict())
-        copied.train(), model.train()
-        copied.b.eval(), model.b.eval()  # through the second name: the block, both uses
-        with torch.no_grad():
-            torch.testing.assert_close(copied(x), _loop(model, x), rtol=1e-5, atol=1e-6)
-
-
 def test_source_lines_skip_library_folders_only_whole():
     from equivfx.trace import _LIBRARY, _in_library
 

@@ -854,7 +854,7 @@ def chunked_module(
     graph.output(graph.call_function(run_chunks, (runner_node, *placeholders)))
     gm = _Chunked(root, graph, class_name=type(flat).__name__)
     # the same modules, parameters and buffers under the same names: the original state-dict keys
-    for name, child in flat._modules.items():  # not named_children(): it skips a second name
+    for name, child in flat.named_children():
         gm.add_module(name, child)
     _share_root_tensors(gm, flat)
     if hasattr(flat, OPAQUE_ATTR):  # the opaque path hides its prefix in state-dict keys

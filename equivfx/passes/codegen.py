@@ -166,9 +166,6 @@ def deepcopy_keeping_state(self: fx.GraphModule, memo: dict) -> fx.GraphModule:
     for key, value in self.__dict__.items():
         if key in _HOOKS or (key not in copied.__dict__ and key not in _REGENERATED):
             copied.__dict__[key] = copy.deepcopy(value, memo)
-    for name, child in self._modules.items():  # fx copies named_children(): one name per module
-        if name not in copied._modules:
-            copied._modules[name] = copy.deepcopy(child, memo)
     _keep_reductions(type(self), type(copied))
     return copied
 
