@@ -389,10 +389,7 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 def _graph_key(graph: fx.Graph) -> tuple:
     """What a traced graph computes, comparable between traces of one model: each node's op,
     target and arguments (nodes by name, constants by repr: ``training=False`` shows)."""
-    return tuple(
-        (n.op, _CONSTANT.sub("_tensor_constant", str(n.target)), repr(n.args), repr(n.kwargs))
-        for n in graph.nodes
-    )
+    return tuple((n.op, _name(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes)
 
 
 _CONSTANT = re.compile(r"_tensor_constant\d+")
@@ -628,6 +625,7 @@ def _takes_mode_values(node: fx.Node, changes: list) -> bool:
 
 
 def _name(target) -> str:
+    """A target or node name with fx's numbering of tensor constants left out."""
     return _CONSTANT.sub("_tensor_constant", str(target))
 
 

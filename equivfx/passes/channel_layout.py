@@ -89,6 +89,7 @@ from equivfx.passes.mixing import (
     channels_to_slots,
     slots_to_channels,
 )
+from equivfx.passes.modules import global_hooks, hooked
 from equivfx.passes.rules import DROPOUT_FUNCTIONS, draws_random, mutates
 from equivfx.trace import by_mode
 
@@ -244,17 +245,27 @@ def _row_norm_keeps(shape: tuple, layout: Layout) -> bool:
     return layout.rank is not None and len(shape) <= layout.rank - 2
 
 
-def _eval_dropout(node: fx.Node) -> bool:
-    """``node`` is a functional dropout (:data:`~equivfx.passes.rules.DROPOUT_FUNCTIONS`) whose
-    training flag is literally False (``F.dropout(x, p, self.training)`` traced in eval mode):
-    it returns its input, the identity in any layout. Otherwise it draws masks in the input's
-    memory order and ends the layout."""
+_NOT_DROPOUT = object()
+
+
+def _dropout_flag(node: fx.Node):
+    """The training flag ``node`` passes to a functional dropout
+    (:data:`~equivfx.passes.rules.DROPOUT_FUNCTIONS`; their third argument, True where left
+    out): a constant, or a node (:func:`equivfx.trace.by_mode`); ``_NOT_DROPOUT`` for other
+    nodes."""
     if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
-        return False
-    flag = node.kwargs.get(DROPOUT_FUNCTIONS[node.target], True)
+        return _NOT_DROPOUT
     if len(node.args) > 2:
-        flag = node.args[2]
-    return flag is False
+        return node.args[2]
+    return node.kwargs.get(DROPOUT_FUNCTIONS[node.target], True)
+
+
+def _eval_dropout(node: fx.Node) -> bool:
+    """``node`` is a functional dropout whose training flag is literally False: it returns its
+    input, the identity in any layout. Otherwise it draws masks in the input's memory order and
+    ends the layout (or, with a flag read at each call, is called like a dropout module:
+    :func:`_mode_dropout`)."""
+    return _dropout_flag(node) is False
 
 
 DROPOUT_NAMES = {f"{fn.__module__}.{fn.__name__}": fn for fn in DROPOUT_FUNCTIONS}
@@ -267,16 +278,13 @@ def _mode_dropout(node: fx.Node) -> bool:
     reads at each call (:func:`equivfx.trace.by_mode`, from ``F.dropout(x, p,
     self.training)``): like a dropout module, the identity in eval mode and masks in training
     (:func:`dropout_call`)."""
-    if node.op != "call_function" or node.target not in DROPOUT_FUNCTIONS:
+    flag = _dropout_flag(node)
+    if not isinstance(flag, fx.Node):  # a constant, or not a dropout
         return False
-    flag = node.kwargs.get(DROPOUT_FUNCTIONS[node.target])
-    if len(node.args) > 2:
-        flag = node.args[2]
     rest = [*node.args[1:], *node.kwargs.values()]
     inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
     return (
         inplace is False  # an in-place dropout writes its input: on the layout it would not
-        and isinstance(flag, fx.Node)
         and flag.op == "call_function"
         and flag.target is by_mode
         and all(not isinstance(a, fx.Node) or a.target is by_mode for a in rest)
@@ -334,7 +342,7 @@ def channel_call(x: torch.Tensor, module: nn.Module, n: int, axis: int = 1) -> t
         return x.tracer.create_proxy("call_function", channel_call, args, {})
     kind = type(module)
     channels = axis % x.dim() == 1  # the blocks on the channel axis (for 2-D: the last one)
-    if not _hooked(module):
+    if not hooked(module):
         if (
             kind in UNARY_MODULES
             and not getattr(module, "return_indices", False)
@@ -380,7 +388,7 @@ def mixer_call(
         isinstance(mixer, MixingLayer)
         and mixer.layout == "fused"
         and isinstance(mixer, MixingLinear) == (axis == -1)
-        and not _hooked(mixer)
+        and not hooked(mixer)
     ):
         return mixer(x, channels_in=cin, channels_out=cout)
     y = mixer(channels_to_slots(x, n, axis) if cin else x)
@@ -395,7 +403,7 @@ class KeepChannelLayout(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         modules = dict(gm.named_modules())
         mixers = {n: m for n in gm.graph.nodes if (m := _fused_mixer(n, modules)) is not None}
-        if len(mixers) < 2 or _global_hooks():  # global hooks would see the mixers' layout
+        if len(mixers) < 2 or global_hooks():  # global hooks would see the mixers' layout
             return PassResult(gm, False)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         refused: set[fx.Node] = set()
@@ -746,7 +754,7 @@ def _norm(node: fx.Node, modules, layout: Layout) -> bool:
     if _mode_dropout(node):  # as a dropout module (any layout)
         return True
     m = modules.get(node.target) if node.op == "call_module" else None
-    if len(node.args) != 1 or node.kwargs or m is None or _hooked(m):
+    if len(node.args) != 1 or node.kwargs or m is None or hooked(m):
         return False
     kind = type(m)
     if kind in DROPOUTS:
@@ -808,29 +816,6 @@ def _learns(module: nn.Module) -> bool:
     )
 
 
-def _global_hooks() -> bool:
-    """Hooks registered for every module (``register_module_forward_hook`` and kin)."""
-    hooks = torch.nn.modules.module
-    return bool(
-        hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-        or hooks._global_backward_hooks
-        or hooks._global_backward_pre_hooks
-    )
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Hooks would see the module's input and output: on the channel layout, (B, |G| C, ...)
-    for (|G| B, C, ...); a batch norm's (B |G|, C, ...), the samples in another order."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or _global_hooks()
-    )
-
-
 def _pools(dims: int | None, layout: Layout | None) -> bool:
     """A pool of ``dims`` trailing axes (None: not a pool) keeps ``layout``: it pools exactly
     the spatial axes of a convolution's channel layout."""
@@ -853,7 +838,7 @@ def _unary(node: fx.Node, modules, layout: Layout | None = None) -> bool:
             type(m) in UNARY_MODULES
             and _pools(POOL_MODULES.get(type(m)), layout)
             and not getattr(m, "return_indices", False)
-            and not _hooked(m)
+            and not hooked(m)
         )
     unary = UNARY_FUNCTIONS if node.op == "call_function" else UNARY_METHODS
     if node.op not in ("call_function", "call_method") or node.target not in unary:

@@ -63,6 +63,7 @@ from equivfx.passes.modules import (
     averageable,
     devices_of,
     exp_mass,
+    hooked,
     is_tracing,
     repeat_per_slot,
     synchronize,
@@ -251,7 +252,7 @@ class SlotChunks(nn.Module):
     def _run(self, args, k: int):
         """One forward, k slots per pass."""
         if k >= self.order:  # one pass: the flat graph's code (its call only where hooked)
-            return self.flat(*args) if _hooked(self.flat) else self.flat.forward(*args)
+            return self.flat(*args) if hooked(self.flat) else self.flat.forward(*args)
         env = dict(zip(self._pre_out, self.graphs["pre"](*args), strict=True))
         lifted_input = env[self.lift.args[0]]
         body_args = [env[n] for n in self._body_in]
@@ -720,30 +721,7 @@ def run_chunks(runner: SlotChunks, *args):
     """The chunked model's forward: its runner's, without ``nn.Module.__call__`` unless a hook
     is set on it (the compiled model's own hooks run at its call; each Python layer of a forward
     costs more inside it than alone: ``benchmarks/diagnose_overhead.py``)."""
-    return runner(*args) if _hooked(runner) else runner.forward(*args)
-
-
-def _hooked(module: nn.Module) -> bool:
-    """``module`` has hooks of its own, or global module hooks exist: ``nn.Module.__call__``
-    must run them (tools that hook every module of ``named_modules()`` reach equivfx's too)."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or _GLOBAL_HOOKS[0]
-        or _GLOBAL_HOOKS[1]
-        or _GLOBAL_HOOKS[2]
-        or _GLOBAL_HOOKS[3]
-    )
-
-
-_GLOBAL_HOOKS = (
-    nn.modules.module._global_forward_hooks,
-    nn.modules.module._global_forward_pre_hooks,
-    nn.modules.module._global_backward_hooks,
-    nn.modules.module._global_backward_pre_hooks,
-)  # the dicts themselves: torch registers global hooks into them
+    return runner(*args) if hooked(runner) else runner.forward(*args)
 
 
 class _Chunked(fx.GraphModule):

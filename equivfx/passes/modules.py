@@ -144,6 +144,31 @@ def eager_tensor(x) -> bool:
     )
 
 
+_GLOBAL_HOOKS = (
+    nn.modules.module._global_forward_hooks,
+    nn.modules.module._global_forward_pre_hooks,
+    nn.modules.module._global_backward_hooks,
+    nn.modules.module._global_backward_pre_hooks,
+)  # the dicts themselves (torch registers into them): no lookups on the hot path
+
+
+def global_hooks() -> bool:
+    """Hooks registered for every module (``register_module_forward_hook`` and kin)."""
+    return any(_GLOBAL_HOOKS)
+
+
+def hooked(module: nn.Module) -> bool:
+    """``module`` has forward or backward hooks of its own, or hooks for every module exist:
+    ``nn.Module.__call__`` would run them."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or global_hooks()
+    )
+
+
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
