@@ -89,6 +89,11 @@ class CompileInfo:
             (``F.dropout(x, p, self.training)``, ``x * (2.0 if self.training else 1.0)``): the
             compiled model reads their flags at each call, so ``train()`` and ``eval()`` switch
             those constants (:func:`equivfx.trace.by_mode`).
+        fixed: forward parameters traced with a fixed non-tensor value, because the model's code
+            branches on it (``if mask is not None:``, ``if return_features:``): name -> the value
+            (the one ``example_inputs`` passed there, else forward's default). A call with
+            another value raises :class:`~equivfx.errors.FixedArgumentError`
+            (:func:`equivfx.trace.trace`).
     """
 
     group: FiniteGroup
@@ -106,6 +111,7 @@ class CompileInfo:
     unchecked_leaves: tuple[str, ...] = ()
     mode_dependent: dict = field(default_factory=dict)
     modes_read: tuple[str, ...] = ()
+    fixed: dict = field(default_factory=dict)
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -469,7 +475,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    result = trace(model)
+    result = trace(model, examples)
     gm = result.gm
     if result.path != "opaque":  # first: it may put the model's own modules in gm (extra state)
         restore_unused_state(gm, model)
@@ -564,6 +570,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         output_rep_action=annotated_output_action(gm.graph),
         mode_dependent=modes,
         modes_read=result.modes_read,
+        fixed=dict(result.fixed),
     )
     leaves = opaque_leaves(gm)
     mixing: dict[str, float] = {}

@@ -25,6 +25,7 @@ __all__ = [
     "NotYetSupportedError",
     "PipelineError",
     "EquivarianceError",
+    "FixedArgumentError",
     "VerifyArgumentError",
     "explain",
 ]
@@ -77,6 +78,12 @@ class ModelTypeError(EquivFXError, TypeError):
 
 class TraceError(EquivFXError, RuntimeError):
     """The front end could not capture the model at all, not even as one opaque node."""
+
+
+class FixedArgumentError(EquivFXError, ValueError):
+    """A compiled model was called with another value for a non-tensor argument (``mask=None``,
+    ``flag=False``) that its graph was traced with: the model's code branches on it, which
+    tracing resolves once."""
 
 
 class MissingRuleError(EquivFXError, NotImplementedError):

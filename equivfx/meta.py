@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "FIXED",
     "REP",
     "ORIGIN",
     "RULE",
@@ -51,6 +52,9 @@ ORIGIN = "equivfx.origin"
 nodes)."""
 RULE = "equivfx.rule"
 """``node.meta[RULE]``: the name of the op rule that justified the node's representation."""
+FIXED = "equivfx.fixed"
+"""``node.meta[FIXED]`` on a placeholder: the non-tensor value the graph was traced with
+(``equivfx.trace.trace``); G acts on it trivially."""
 
 
 @dataclass(frozen=True)

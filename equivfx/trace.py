@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import linecache
 import logging
 import operator
@@ -30,13 +31,21 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from equivfx.errors import ModelTypeError, TraceError, explain, user_stacklevel
+from equivfx.errors import (
+    FixedArgumentError,
+    ModelTypeError,
+    TraceError,
+    explain,
+    user_stacklevel,
+)
+from equivfx.meta import FIXED
 
 __all__ = [
     "FallbackWarning",
@@ -47,6 +56,7 @@ __all__ = [
     "TraceResult",
     "TrainingModeWarning",
     "by_mode",
+    "expect_value",
     "mode_dependent",
     "register_leaf",
     "source_line",
@@ -113,6 +123,11 @@ class TraceResult:
         leaves: qualified module name -> reason, for the leaves discovered or taken from the
         registry.
         error: the trace error that caused the opaque fallback, if any.
+        modes_read: modules whose training flag the graph reads at each call (see
+            :func:`mode_dependent`).
+        fixed: forward parameter -> the value the graph was traced with, for non-tensor
+            arguments (``mask=None``, ``flag=False``) whose value changes the graph: the graph
+            checks each call passes that value (:func:`expect_value`). See :func:`trace`.
     """
 
     gm: fx.GraphModule
@@ -120,6 +135,8 @@ class TraceResult:
     leaves: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     modes_read: tuple[str, ...] = ()
+    fixed: dict[str, Any] = field(default_factory=dict)
+    fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
 
 
 class _Tracer(fx.Tracer):
@@ -171,12 +188,25 @@ def _is_trace_failure(err: Exception) -> bool:
     )
 
 
-def trace(model: nn.Module) -> TraceResult:
+def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
     """Capture ``model`` as a torch.fx GraphModule through the cascade described in the module doc.
+
+    Non-tensor arguments: fx passes every forward parameter as a Proxy, which is never None and
+    cannot be branched on, so ``if mask is not None:`` traces the branch that reads ``mask`` for
+    calls that omit it too, and ``if return_features:`` fails the trace. Each parameter after the
+    first that calls pass as None, a bool, an int, a float or a str (the value ``example_inputs``
+    passes there, else forward's default) is traced both ways, as a Proxy and with that value.
+    Where the graphs agree (the value only flows into ops that take it as an argument, such as
+    ``attn_mask=mask`` of a leaf), the Proxy's graph is kept and any value works. Where they
+    differ, the graph is traced with the value fixed (only for the parameters whose value
+    changes it), and calls with another value raise :class:`~equivfx.errors.FixedArgumentError`
+    (see :func:`expect_value`); ``TraceResult.fixed`` names them.
 
     Args:
         model: any ``nn.Module``. It is not modified; the graph module shares its submodules and
             parameters.
+        example_inputs: the positional inputs calls pass (a tuple; the first is the acted input),
+            or None: calls pass the first input only.
 
     Returns:
         A :class:`TraceResult`.
@@ -198,31 +228,28 @@ def trace(model: nn.Module) -> TraceResult:
                 "wrap the function in an nn.Module whose forward calls it",
             )
         )
-    discovered: dict[str, str] = {}
+    fixable, origins = _fixable_arguments(model, example_inputs)
     with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
-        while True:
-            tracer = _Tracer(discovered)
-            try:
-                graph = tracer.trace(model)
-            except Exception as err:  # noqa: BLE001 - classify below
-                if not _is_trace_failure(err):
-                    raise
-                _drop_new_attributes(model, before)  # the next attempt names constants anew
-                where = tracer.failed_in
-                if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
-                    discovered[where] = (
-                        f"could not be traced ({type(err).__name__}: {err}); run whole"
-                    )
-                    log.info("equivfx: making %s a leaf: %s", where, err)
-                    continue
-                return _opaque(model, err, discovered)
-            break
-        leaves = {**tracer.registry_leaves, **discovered}
+        chosen = _capture(model, {}, before)
+        if fixable:
+            fixed = _capture(model, fixable, before)
+            if fixed.graph is not None and not _agree(chosen, fixed, fixable):
+                chosen = fixed  # then free each argument whose value does not change the graph
+                for name in fixable:
+                    freed = {k: v for k, v in chosen.fixed.items() if k != name}
+                    trial = _capture(model, freed, before)
+                    if _agree(trial, chosen, {name: fixable[name]}):
+                        chosen = trial
         name = type(model).__name__
+        if chosen.graph is None:
+            return _opaque(model, chosen.error, chosen.discovered)
+        graph = chosen.graph
         for node in graph.nodes:
             if isinstance(node.type, str):  # an annotation under `from __future__ import
                 node.type = None  # annotations`: fx cannot write it into a pickle's imports
+        model.__dict__.update(chosen.constants)
         gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")  # copies the constants
+    discovered = chosen.discovered
     path = "symbolic_trace+leaves" if discovered else "symbolic_trace"
     if discovered:
         warnings.warn(
@@ -235,7 +262,190 @@ def trace(model: nn.Module) -> TraceResult:
             FallbackWarning,
             stacklevel=user_stacklevel(),
         )
-    return TraceResult(gm=gm, path=path, leaves=leaves)
+    if chosen.fixed:
+        log.info("equivfx: %s traced with %s fixed", name, chosen.fixed)
+    return TraceResult(
+        gm=gm,
+        path=path,
+        leaves=chosen.leaves,
+        fixed=dict(chosen.fixed),
+        fixed_from={k: origins[k] for k in chosen.fixed},
+    )
+
+
+@dataclass
+class _Capture:
+    """One run of the cascade's first two steps: the graph (None where the model's own forward
+    failed: ``error``), the leaves (registry and ``discovered``), the arguments traced with
+    fixed values and the tensor constants fx set on the model while tracing."""
+
+    graph: fx.Graph | None
+    leaves: dict[str, str]
+    discovered: dict[str, str]
+    fixed: dict[str, Any]
+    constants: dict[str, Any] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+def _capture(model: nn.Module, fixed: dict[str, Any], before: set) -> _Capture:
+    """Trace ``model`` with the arguments of ``fixed`` given those values, making each
+    submodule whose trace fails a leaf and starting again; leaves no attribute on ``model``
+    (those of the trace are in the capture's ``constants``)."""
+    discovered: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(discovered)
+        try:
+            graph = tracer.trace(model, concrete_args=dict(fixed) or None)
+        except Exception as err:  # noqa: BLE001 - classify below
+            _drop_new_attributes(model, before)  # the next attempt names constants anew
+            if not _is_trace_failure(err):
+                if not fixed:
+                    raise
+                return _Capture(None, {}, discovered, dict(fixed), error=err)
+            where = tracer.failed_in
+            if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
+                discovered[where] = f"could not be traced ({type(err).__name__}: {err}); run whole"
+                log.info("equivfx: making %s a leaf: %s", where, err)
+                continue
+            return _Capture(None, {}, discovered, dict(fixed), error=err)
+        break
+    constants = {k: model.__dict__[k] for k in set(model.__dict__) - before}
+    _drop_new_attributes(model, before)
+    if fixed and not _fix_arguments(graph, fixed):
+        return _Capture(None, {}, discovered, dict(fixed), error=TraceError("unfixable"))
+    leaves = {**tracer.registry_leaves, **discovered}
+    return _Capture(graph, leaves, discovered, dict(fixed), constants)
+
+
+def _fixable_arguments(
+    model: nn.Module, example_inputs: tuple | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The forward parameters after the first that calls pass as None, a bool, an int, a float
+    or a str: name -> that value (the example's where ``example_inputs`` reaches the parameter,
+    else forward's default), and name -> ``"example"`` or ``"default"``. None for a forward
+    with ``*args`` or ``**kwargs``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature: nothing fixed
+        return {}, {}
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return {}, {}
+    given = tuple(example_inputs) if example_inputs is not None else ()
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for i, p in enumerate(params[1:], 1):
+        if i < len(given):
+            value, origin = given[i], "example"
+        elif p.default is not p.empty:
+            value, origin = p.default, "default"
+        else:
+            continue
+        if value is None or type(value) in (bool, int, float, str):
+            values[p.name], origins[p.name] = value, origin
+    return values, origins
+
+
+def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any]) -> bool:
+    """Rewrite a graph traced with ``concrete_args=fixed``: fx names each such placeholder
+    ``<name>_1`` and checks its value with asserts of its own; give each placeholder its
+    parameter's name back (keyword calls) and one :func:`expect_value` check instead. False
+    (the graph unchanged) where a placeholder is not found as expected."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    found = {}
+    for name in fixed:
+        nodes = [n for n in placeholders if re.fullmatch(rf"{re.escape(name)}_\d+", n.target)]
+        if len(nodes) != 1:
+            return False
+        found[name] = nodes[0]
+    checks: set[fx.Node] = set()
+    stack = [u for node in found.values() for u in node.users]
+    while stack:  # fx's own checks: everything computed from the placeholders
+        user = stack.pop()
+        if user not in checks:
+            checks.add(user)
+            stack.extend(user.users)
+    for node in reversed(list(graph.nodes)):
+        if node in checks:
+            graph.erase_node(node)
+    last = placeholders[-1]
+    for name, node in found.items():
+        node.target = name
+        if node.name != name and hasattr(node, "_rename"):
+            node._rename(name)  # the variable's name in the generated code (free here)
+        node.meta[FIXED] = fixed[name]
+        with graph.inserting_after(last):
+            last = graph.call_function(expect_value, (node, name, fixed[name]))
+    return True
+
+
+def expect_value(value, name: str, expected):
+    """The check at the top of a graph traced with ``name=expected`` fixed (see :func:`trace`):
+    raise :class:`~equivfx.errors.FixedArgumentError` where a call passes another value. Traced
+    (fx rebuilding a pickled module), it records itself."""
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", expect_value, (value, name, expected), {})
+    if _same_value(value, expected):
+        return None
+    got = (
+        f"a tensor of shape {tuple(value.shape)}"
+        if isinstance(value, torch.Tensor)
+        else f"{name}={value!r}"
+    )
+    raise FixedArgumentError(
+        explain(
+            f"this compiled model was traced with {name}={expected!r}, and the model's forward "
+            f"computes something else for other values of {name} (tracing resolves such a "
+            f"branch once): got {got}",
+            None,
+            f"{name}={expected!r}",
+            f"compile with example_inputs that pass the {name} you run, positionally (a tensor "
+            "there is traced as a tensor input), once per value",
+        )
+    )
+
+
+def _same_value(value, expected) -> bool:
+    if value is None or expected is None or isinstance(value, torch.Tensor):
+        return value is expected
+    try:
+        return bool(value == expected)
+    except Exception:  # noqa: BLE001 - an object that does not compare: another value
+        return False
+
+
+def _structure(capture: _Capture, values: dict[str, Any]) -> tuple:
+    """What ``capture``'s graph computes, comparable with another capture's: each node's op,
+    target and arguments, nodes by their position, without the fixed placeholders and their
+    checks, and with the placeholders of ``values`` read as those values."""
+    index: dict[fx.Node, int] = {}
+    out = []
+
+    def read(a):
+        if isinstance(a, fx.Node):
+            return values[a.target] if a.op == "placeholder" and a.target in values else index[a]
+        return a
+
+    for n in capture.graph.nodes:
+        if n.op == "placeholder" and (n.target in capture.fixed or n.target in values):
+            continue
+        if n.op == "call_function" and n.target is expect_value:
+            continue
+        index[n] = len(index)
+        args = fx.node.map_aggregate(n.args, read)
+        kwargs = fx.node.map_aggregate(n.kwargs, read)
+        out.append((n.op, _name(n.target), repr(args), repr(kwargs)))
+    return tuple(out)
+
+
+def _agree(free: _Capture, fixed: _Capture, values: dict[str, Any]) -> bool:
+    """``free`` (the arguments of ``values`` traced as Proxies) computes what ``fixed`` (them
+    traced with those values) does, with the same leaves."""
+    return (
+        free.graph is not None
+        and fixed.graph is not None
+        and free.discovered.keys() == fixed.discovered.keys()
+        and _structure(free, values) == _structure(fixed, {})
+    )
 
 
 @contextlib.contextmanager
@@ -288,8 +498,6 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
 
 
 def _forward_params(model: nn.Module) -> list[str]:
-    import inspect
-
     sig = inspect.signature(model.forward)
     names = []
     for p in sig.parameters.values():
@@ -402,12 +610,17 @@ that may follow a training flag."""
 
 
 def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) -> fx.Graph:
-    """``model`` traced again with ``result``'s leaves, quietly, leaving no attribute on it."""
+    """``model`` traced again with ``result``'s leaves and fixed arguments, quietly, leaving no
+    attribute on it."""
     tracer = _Tracer(dict(result.leaves))
     tracer.record_stack_traces = stack_traces
+    fixed = getattr(result, "fixed", None) or {}
     with warnings.catch_warnings(), _no_new_attributes(model):
         warnings.simplefilter("ignore")
-        return tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=dict(fixed) or None)
+    if fixed and not _fix_arguments(graph, fixed):
+        raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
+    return graph
 
 
 def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):

@@ -712,3 +712,161 @@ def test_source_lines_skip_library_folders_only_whole():
     # a user's folder named like a library folder is the user's
     assert not _in_library(equivfx_dir + "_examples" + os.sep + "model.py")
     assert not _in_library(torch_dir + "vision" + os.sep + "models.py")
+
+
+# ------------------------------------------------------------------ non-tensor arguments
+class OptionalArgs(nn.Module):
+    """Branches on an optional tensor and on a flag; ``scale`` and ``mask`` only flow into ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x, bias=None, relu=False, scale=1.0, mask=None):
+        y = self.conv(x) * scale
+        if bias is not None:
+            y = y + bias
+        if relu:
+            y = y.relu()
+        t = y.flatten(2).transpose(1, 2)
+        return self.attn(t, t, t, key_padding_mask=mask)[0].mean(1)
+
+
+XA = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+BIAS = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(4))
+MASK = torch.zeros(2, 36, dtype=torch.bool)
+MASK[:, :5] = True
+
+
+def _pooled_by_hand(model, x, *args, **kwargs):
+    """The invariant readout as users would write it: the loop over C4, averaged."""
+    G = equivfx.group("C4")
+    outs = [model(G.act(G.inverse(g), x), *args, **kwargs) for g in G.elements]
+    return torch.stack(outs).mean(0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"chunk": None}, {"mode": "layerwise"}, {"example_inputs": XA}])
+def test_arguments_the_code_branches_on_are_fixed_to_the_calls_values_and_checked(kw):
+    from equivfx.errors import FixedArgumentError
+
+    model = OptionalArgs().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the attention leaf
+        emodel = equivfx.compile(model, "C4", **kw)
+    info = emodel.equivfx_info
+    # before: `bias` traced as a Proxy (never None: the branch that adds it, for every call) and
+    # `if relu:` failed the trace (the whole model opaque)
+    assert info.trace_path == "symbolic_trace"
+    assert info.fixed == {"bias": None, "relu": False}
+    with torch.no_grad():
+        for args in [(), (None, False), (None, False, 2.0, MASK)]:
+            got = emodel(XA, *args)
+            torch.testing.assert_close(got, _pooled_by_hand(model, XA, *args), rtol=1e-5, atol=1e-5)
+        got = emodel(XA, scale=0.5, mask=MASK)  # free arguments, by keyword
+        want = _pooled_by_hand(model, XA, scale=0.5, mask=MASK)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(
+            FixedArgumentError,
+            match=r"traced with bias=None.*tensor of shape \(1, 4, 1, 1\).*example_inputs",
+        ):
+            emodel(XA, BIAS)
+        with pytest.raises(FixedArgumentError, match="traced with relu=False.*relu=True"):
+            emodel(XA, relu=True)
+
+
+def test_example_inputs_choose_the_values_a_non_tensor_argument_is_traced_with():
+    from equivfx.errors import FixedArgumentError
+
+    model = OptionalArgs().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_bias = equivfx.compile(model, "C4", example_inputs=(XA, BIAS))
+        relu = equivfx.compile(model, "C4", example_inputs=(XA, None, True))
+    assert with_bias.equivfx_info.fixed == {"relu": False}  # a tensor example: traced as one
+    assert relu.equivfx_info.fixed == {"bias": None, "relu": True}
+    with torch.no_grad():
+        for got, want in [
+            (with_bias(XA, BIAS), _pooled_by_hand(model, XA, BIAS)),
+            (
+                with_bias(XA, bias=2 * BIAS, mask=MASK),
+                _pooled_by_hand(model, XA, 2 * BIAS, mask=MASK),
+            ),
+            (relu(XA, None, True), _pooled_by_hand(model, XA, None, True)),
+            (relu(XA, relu=True, scale=3.0), _pooled_by_hand(model, XA, relu=True, scale=3.0)),
+        ]:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(FixedArgumentError, match="relu=False"):
+            relu(XA)  # the default is not the value it was traced with
+    report = equivfx.verify(relu, (XA, None, True))
+    assert report.ok, report
+
+
+def test_arguments_fixed_in_the_graph_survive_pickling_and_copies(tmp_path):
+    import copy
+
+    from equivfx.errors import FixedArgumentError
+
+    model = OptionalArgs().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4")
+    path = tmp_path / "m.pt"
+    torch.save(emodel, path)
+    loaded = torch.load(path, weights_only=False)
+    for other in (loaded, copy.deepcopy(emodel)):
+        with torch.no_grad():
+            assert torch.equal(other(XA, scale=2.0), emodel(XA, scale=2.0))
+        with pytest.raises(FixedArgumentError):
+            other(XA, relu=True)
+
+
+def test_non_tensor_arguments_cost_traces_only_where_a_model_has_them(monkeypatch):
+    from equivfx import trace as trace_module
+
+    calls = []
+    original = trace_module._Tracer.trace
+
+    def counting(self, root, concrete_args=None):
+        calls.append(dict(concrete_args or {}))
+        return original(self, root, concrete_args)
+
+    monkeypatch.setattr(trace_module._Tracer, "trace", counting)
+
+    class Free(nn.Module):  # `scale` flows into an op: one more trace, the free graph kept
+        def forward(self, x, scale=2.0):
+            return x * scale
+
+    plain = trace(nn.Sequential(nn.Linear(2, 2)))
+    assert len(calls) == 1 and plain.fixed == {}
+    calls.clear()
+    free = trace(Free())
+    assert calls == [{}, {"scale": 2.0}] and free.fixed == {}
+    calls.clear()
+    fixed = trace(OptionalArgs())
+    # free, all fixed, then each freed in turn (kept fixed where that changes the graph)
+    assert calls[:2] == [{}, {"bias": None, "relu": False, "scale": 1.0, "mask": None}]
+    assert len(calls) == 2 + 4
+    assert fixed.fixed == {"bias": None, "relu": False}
+    assert fixed.fixed_from == {"bias": "default", "relu": "default"}
+    names = [n.target for n in fixed.gm.graph.nodes if n.op == "placeholder"]
+    assert names == ["x", "bias", "relu", "scale", "mask"]  # keyword calls keep working
+
+
+def test_keyword_only_flags_are_fixed_and_forwards_with_star_args_are_left_alone():
+    class KeywordOnly(nn.Module):
+        def forward(self, x, *, normalize=True):
+            return x / x.norm(dim=-1, keepdim=True) if normalize else x
+
+    class StarArgs(nn.Module):
+        def forward(self, x, *rest, flag=None):
+            return x if flag is None else x + 1
+
+    result = trace(KeywordOnly())
+    assert result.path == "symbolic_trace" and result.fixed == {"normalize": True}
+    assert trace(StarArgs()).fixed == {}
+    emodel = equivfx.compile(KeywordOnly(), "C4")
+    x = torch.randn(2, 1, 4, 4)
+    want = torch.stack([KeywordOnly()(torch.rot90(x, -k, (-2, -1))) for k in range(4)]).mean(0)
+    torch.testing.assert_close(emodel(x), want)
+    torch.testing.assert_close(emodel(x, normalize=True), want)

@@ -26,7 +26,7 @@ import warnings
 import torch.fx as fx
 
 from equivfx.errors import user_stacklevel
-from equivfx.meta import REP, RULE, BatchSize, Folded, InputRep, Trivial, set_rep
+from equivfx.meta import FIXED, REP, RULE, BatchSize, Folded, InputRep, Trivial, set_rep
 from equivfx.passes.infra import Pass, PassResult
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.rules import (
@@ -134,6 +134,8 @@ class AnnotateReps(Pass):
     def _placeholder_rep(self, node: fx.Node):
         if node.target == self.options.acted_input:
             return InputRep(self.options.input_action)
+        if FIXED in node.meta:  # traced with a fixed non-tensor value (equivfx.trace.trace)
+            return Trivial()
         tm = node.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
             b = self.options.example_batch
