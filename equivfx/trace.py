@@ -26,6 +26,7 @@ import functools
 import inspect
 import linecache
 import logging
+import math
 import operator
 import os
 import re
@@ -197,10 +198,15 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
     first that calls pass as None, a bool, an int, a float or a str (the value ``example_inputs``
     passes there, else forward's default) is traced both ways, as a Proxy and with that value.
     Where the graphs agree (the value only flows into ops that take it as an argument, such as
-    ``attn_mask=mask`` of a leaf), the Proxy's graph is kept and any value works. Where they
-    differ, the graph is traced with the value fixed (only for the parameters whose value
-    changes it), and calls with another value raise :class:`~equivfx.errors.FixedArgumentError`
-    (see :func:`expect_value`); ``TraceResult.fixed`` names them.
+    ``attn_mask=mask`` of a leaf, or into Python arithmetic, ``1 - alpha``, computed for the
+    comparison), the Proxy's graph is kept. Where they differ, the graph is traced with the
+    value fixed (only for the parameters whose value changes it), and calls with another value
+    raise :class:`~equivfx.errors.FixedArgumentError` (see :func:`expect_value`);
+    ``TraceResult.fixed`` names them. Where the value's path branches on data (fx's
+    ``TraceError``), the model runs whole (the Proxy's graph is not the calls' either); where
+    the code fails on the value itself (``None.abs()``: calls pass others), the Proxy's graph
+    is kept. Not seen: tests Python answers without a trace, ``isinstance(mask,
+    torch.Tensor)`` (a Proxy is no tensor).
 
     Args:
         model: any ``nn.Module``. It is not modified; the graph module shares its submodules and
@@ -230,11 +236,19 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
         )
     fixable, origins = _fixable_arguments(model, example_inputs)
     with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
-        chosen = _capture(model, {}, before)
+        chosen = _capture(model, {}, before, strict=not fixable)
         if fixable:
             fixed = _capture(model, fixable, before)
-            if fixed.graph is not None and not _agree(chosen, fixed, fixable):
-                chosen = fixed  # then free each argument whose value does not change the graph
+            if fixed.graph is None and not isinstance(fixed.error, fx.proxy.TraceError):
+                # the code fails on these values themselves (``None.abs()``: calls pass others),
+                # or fx did not make the placeholders expected: the free graph
+                if chosen.hard:  # not a trace failure either way: the user's own error
+                    raise chosen.error
+            elif not _agree(chosen, fixed, fixable):
+                # the calls' values change the graph (or their path branches on data, which
+                # tracing cannot follow: then the free graph is not theirs either, and the
+                # model runs whole); then free each argument whose value does not change it
+                chosen = fixed
                 for name in fixable:
                     freed = {k: v for k, v in chosen.fixed.items() if k != name}
                     trial = _capture(model, freed, before)
@@ -276,8 +290,10 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
 @dataclass
 class _Capture:
     """One run of the cascade's first two steps: the graph (None where the model's own forward
-    failed: ``error``), the leaves (registry and ``discovered``), the arguments traced with
-    fixed values and the tensor constants fx set on the model while tracing."""
+    failed: ``error``; ``hard`` where that error is not a trace failure, ``unfixable`` where fx
+    did not make the placeholders expected for the fixed arguments), the leaves (registry and
+    ``discovered``), the arguments traced with fixed values and the tensor constants fx set on
+    the model while tracing."""
 
     graph: fx.Graph | None
     leaves: dict[str, str]
@@ -285,12 +301,17 @@ class _Capture:
     fixed: dict[str, Any]
     constants: dict[str, Any] = field(default_factory=dict)
     error: Exception | None = None
+    hard: bool = False
+    unfixable: bool = False
 
 
-def _capture(model: nn.Module, fixed: dict[str, Any], before: set) -> _Capture:
+def _capture(
+    model: nn.Module, fixed: dict[str, Any], before: set, strict: bool = False
+) -> _Capture:
     """Trace ``model`` with the arguments of ``fixed`` given those values, making each
     submodule whose trace fails a leaf and starting again; leaves no attribute on ``model``
-    (those of the trace are in the capture's ``constants``)."""
+    (those of the trace are in the capture's ``constants``). ``strict``: an error that is not a
+    trace failure is raised, not recorded."""
     discovered: dict[str, str] = {}
     while True:
         tracer = _Tracer(discovered)
@@ -299,9 +320,9 @@ def _capture(model: nn.Module, fixed: dict[str, Any], before: set) -> _Capture:
         except Exception as err:  # noqa: BLE001 - classify below
             _drop_new_attributes(model, before)  # the next attempt names constants anew
             if not _is_trace_failure(err):
-                if not fixed:
+                if strict:
                     raise
-                return _Capture(None, {}, discovered, dict(fixed), error=err)
+                return _Capture(None, {}, discovered, dict(fixed), error=err, hard=True)
             where = tracer.failed_in
             if where and where not in discovered and len(discovered) < _MAX_DISCOVERED_LEAVES:
                 discovered[where] = f"could not be traced ({type(err).__name__}: {err}); run whole"
@@ -311,10 +332,22 @@ def _capture(model: nn.Module, fixed: dict[str, Any], before: set) -> _Capture:
         break
     constants = {k: model.__dict__[k] for k in set(model.__dict__) - before}
     _drop_new_attributes(model, before)
-    if fixed and not _fix_arguments(graph, fixed):
-        return _Capture(None, {}, discovered, dict(fixed), error=TraceError("unfixable"))
+    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+        return _Capture(None, {}, discovered, dict(fixed), unfixable=True)
     leaves = {**tracer.registry_leaves, **discovered}
     return _Capture(graph, leaves, discovered, dict(fixed), constants)
+
+
+def _parameter_names(model: nn.Module) -> list[str] | None:
+    """The names of ``model.forward``'s parameters, in order (fx makes one placeholder for
+    each); None for a forward without a signature or with ``*args`` or ``**kwargs``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return [p.name for p in params]
 
 
 def _fixable_arguments(
@@ -324,12 +357,9 @@ def _fixable_arguments(
     or a str: name -> that value (the example's where ``example_inputs`` reaches the parameter,
     else forward's default), and name -> ``"example"`` or ``"default"``. None for a forward
     with ``*args`` or ``**kwargs``."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a forward without a signature: nothing fixed
+    if _parameter_names(model) is None:  # nothing fixed
         return {}, {}
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return {}, {}
+    params = list(inspect.signature(model.forward).parameters.values())
     given = tuple(example_inputs) if example_inputs is not None else ()
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -345,18 +375,16 @@ def _fixable_arguments(
     return values, origins
 
 
-def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any]) -> bool:
+def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any], names: list[str] | None) -> bool:
     """Rewrite a graph traced with ``concrete_args=fixed``: fx names each such placeholder
     ``<name>_1`` and checks its value with asserts of its own; give each placeholder its
-    parameter's name back (keyword calls) and one :func:`expect_value` check instead. False
-    (the graph unchanged) where a placeholder is not found as expected."""
+    parameter's name back (keyword calls) and one :func:`expect_value` check instead. ``names``:
+    forward's parameters, one placeholder each, in order. False (the graph unchanged) where the
+    placeholders are not one per parameter."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    found = {}
-    for name in fixed:
-        nodes = [n for n in placeholders if re.fullmatch(rf"{re.escape(name)}_\d+", n.target)]
-        if len(nodes) != 1:
-            return False
-        found[name] = nodes[0]
+    if names is None or len(names) != len(placeholders):
+        return False
+    found = {name: placeholders[names.index(name)] for name in fixed}
     checks: set[fx.Node] = set()
     stack = [u for node in found.values() for u in node.users]
     while stack:  # fx's own checks: everything computed from the placeholders
@@ -405,34 +433,64 @@ def expect_value(value, name: str, expected):
 
 
 def _same_value(value, expected) -> bool:
-    if value is None or expected is None or isinstance(value, torch.Tensor):
+    """``value`` is the value traced: None for None, else of the same type and equal (a NaN
+    for a NaN); ``3.0`` is not ``3``, nor ``1`` ``True``, as the traced code may tell."""
+    if value is None or expected is None:
         return value is expected
-    try:
-        return bool(value == expected)
-    except Exception:  # noqa: BLE001 - an object that does not compare: another value
+    if type(value) is not type(expected):
         return False
+    if isinstance(expected, float) and math.isnan(expected):
+        return math.isnan(value)
+    return value == expected
+
+
+class _Ref(int):
+    """A node in :func:`_structure`'s keys, by position (not an int constant)."""
+
+    def __repr__(self) -> str:
+        return f"<node {int(self)}>"
+
+
+_FOLDED_MODULES = frozenset({"_operator", "operator", "math", "builtins"})
+"""Functions that tracing with a value computes in Python (``1 - alpha``, ``dim ** -0.5``) and
+with a Proxy records: :func:`_structure` computes them where their arguments are constants."""
 
 
 def _structure(capture: _Capture, values: dict[str, Any]) -> tuple:
     """What ``capture``'s graph computes, comparable with another capture's: each node's op,
     target and arguments, nodes by their position, without the fixed placeholders and their
-    checks, and with the placeholders of ``values`` read as those values."""
-    index: dict[fx.Node, int] = {}
+    checks, with the placeholders of ``values`` read as those values and Python's own operators
+    on constants computed (as tracing with the values did)."""
+    index: dict[fx.Node, _Ref] = {}
+    known: dict[fx.Node, Any] = {}
     out = []
 
     def read(a):
         if isinstance(a, fx.Node):
-            return values[a.target] if a.op == "placeholder" and a.target in values else index[a]
+            return known[a] if a in known else index[a]
         return a
 
     for n in capture.graph.nodes:
-        if n.op == "placeholder" and (n.target in capture.fixed or n.target in values):
+        if n.op == "placeholder" and n.target in values:
+            known[n] = values[n.target]
+            continue
+        if n.op == "placeholder" and n.target in capture.fixed:
             continue
         if n.op == "call_function" and n.target is expect_value:
             continue
-        index[n] = len(index)
         args = fx.node.map_aggregate(n.args, read)
         kwargs = fx.node.map_aggregate(n.kwargs, read)
+        if (
+            n.op == "call_function"
+            and getattr(n.target, "__module__", None) in _FOLDED_MODULES
+            and all(a in known for a in n.all_input_nodes)
+        ):
+            try:
+                known[n] = n.target(*args, **kwargs)
+                continue
+            except Exception:  # noqa: BLE001 - not computable here: compared as a node
+                pass
+        index[n] = _Ref(len(index))
         out.append((n.op, _name(n.target), repr(args), repr(kwargs)))
     return tuple(out)
 
@@ -477,9 +535,23 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
     root = nn.Module()
     setattr(root, OPAQUE_ATTR, model)
     graph = fx.Graph()
-    sig_params = _forward_params(model)
-    placeholders = [graph.placeholder(p) for p in sig_params]
-    out = graph.call_module(OPAQUE_ATTR, tuple(placeholders))
+    params = _forward_params(model)
+    # a call may omit what forward gives a default (where the generated code can write it, and
+    # only after the last parameter without one); keyword-only parameters are passed so
+    trailing = len(params)
+    while trailing and _writable_default(params[trailing - 1]):
+        trailing -= 1
+    args, kwargs = [], {}
+    for i, p in enumerate(params):
+        if i >= trailing:
+            node = graph.placeholder(p.name, default_value=p.default)
+        else:
+            node = graph.placeholder(p.name)
+        if p.kind is p.KEYWORD_ONLY:
+            kwargs[p.name] = node
+        else:
+            args.append(node)
+    out = graph.call_module(OPAQUE_ATTR, tuple(args), kwargs)
     graph.output(out)
     gm = fx.GraphModule(root, graph, class_name=f"Opaque{name}")
     install_prefix_hooks(gm, OPAQUE_ATTR)
@@ -497,10 +569,10 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
     return TraceResult(gm=gm, path="opaque", leaves=leaves, error=f"{type(err).__name__}: {err}")
 
 
-def _forward_params(model: nn.Module) -> list[str]:
+def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
     sig = inspect.signature(model.forward)
-    names = []
-    for p in sig.parameters.values():
+    params = list(sig.parameters.values())
+    for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise TraceError(
                 explain(
@@ -511,8 +583,14 @@ def _forward_params(model: nn.Module) -> list[str]:
                     "submodule so only it runs opaque",
                 )
             )
-        names.append(p.name)
-    return names
+    return params
+
+
+def _writable_default(p: inspect.Parameter) -> bool:
+    """``p`` has a default the generated code can write as a literal."""
+    return p.default is not p.empty and (
+        p.default is None or type(p.default) in (bool, int, float, str)
+    )
 
 
 def install_prefix_hooks(module: nn.Module, prefix: str) -> None:
@@ -618,7 +696,7 @@ def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) 
     with warnings.catch_warnings(), _no_new_attributes(model):
         warnings.simplefilter("ignore")
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
-    if fixed and not _fix_arguments(graph, fixed):
+    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
         raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
     return graph
 

@@ -870,3 +870,102 @@ def test_keyword_only_flags_are_fixed_and_forwards_with_star_args_are_left_alone
     want = torch.stack([KeywordOnly()(torch.rot90(x, -k, (-2, -1))) for k in range(4)]).mean(0)
     torch.testing.assert_close(emodel(x), want)
     torch.testing.assert_close(emodel(x, normalize=True), want)
+
+
+class _Conv(nn.Module):
+    def __init__(self, out=2):
+        super().__init__()
+        self.conv = nn.Conv2d(1, out, 3)
+
+
+class Blend(_Conv):  # alpha only in arithmetic: Python folds 1 - alpha when it has the value
+    def forward(self, x, alpha=0.5):
+        h = self.conv(x)
+        return (h * (1 - alpha) + h.relu() * alpha * 2**-0.5).mean((2, 3))
+
+
+class Gate(_Conv):  # the branch reads another node (not the int it is numbered like)
+    def forward(self, x, gate=None):
+        h = self.conv(x)
+        g = h.sigmoid()
+        y = h * 2 if gate is None else h * g
+        return y.mean((2, 3))
+
+
+class Clamp(_Conv):  # the default's branch does not trace: neither graph is the calls'
+    def forward(self, x, lo=None):
+        h = self.conv(x).mean((2, 3))
+        if lo is None:
+            lo = 0.0 if h.sum() > 0 else -0.1
+        return h.clamp(min=lo, max=10.0)
+
+
+class Reduce(_Conv):  # a Proxy as a dict key: KeyError, not a trace failure
+    def forward(self, x, reduction="mean"):
+        h = self.conv(x)
+        return {"mean": h.mean((2, 3)), "amax": h.amax((2, 3))}[reduction]
+
+
+class NeedsY(_Conv):  # the default fails in the model itself: calls pass y
+    def forward(self, x, y=None):
+        return (self.conv(x) / (y.abs() + 1)).mean((2, 3))
+
+
+X1 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+Y1 = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize(
+    "cls, path, fixed, calls",
+    [
+        (Blend, "symbolic_trace", {}, [{}, {"alpha": 0.25}]),
+        (Gate, "symbolic_trace", {"gate": None}, [{}]),
+        (Clamp, "opaque", {}, [{}, {"lo": 0.1}]),
+        (Reduce, "symbolic_trace", {"reduction": "mean"}, [{}]),
+        (NeedsY, "symbolic_trace", {}, [{"y": Y1}]),
+    ],
+)
+def test_free_and_fixed_graphs_are_told_apart_as_the_values_compute(cls, path, fixed, calls):
+    # a review's cases: Blend was fixed (a float in arithmetic), Gate kept its Proxy graph (a
+    # node numbered 2 read as the constant 2), Clamp kept the graph of lo given for calls that
+    # omit it, Reduce raised KeyError from compile; NeedsY (None.abs() in the model itself)
+    # went opaque at first
+    model = cls().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.trace_path == path
+    assert emodel.equivfx_info.fixed == fixed
+    with torch.no_grad():
+        for kwargs in calls:
+            want = _pooled_by_hand(model, X1, **kwargs)
+            torch.testing.assert_close(emodel(X1, **kwargs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_values_are_checked_by_type_too():
+    from equivfx.trace import expect_value
+
+    expect_value(3, "n", 3)
+    expect_value(float("nan"), "eps", float("nan"))
+    for value, expected in [(3.0, 3), (1, True), (torch.tensor(1.0), 1.0), (0, None)]:
+        with pytest.raises(equivfx.errors.FixedArgumentError, match="traced with"):
+            expect_value(value, "n", expected)
+
+
+def test_an_opaque_model_keeps_forwards_defaults_and_keyword_only_parameters():
+    class Untraceable(_Conv):
+        def forward(self, x, scale=2.0, *, shift=None):
+            h = self.conv(x).mean((2, 3)) * scale
+            if h.sum() > 0:  # data-dependent: the whole model runs as one node
+                h = h + 1
+            return h if shift is None else h + shift
+
+    model = Untraceable().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.trace_path == "opaque"
+    with torch.no_grad():
+        for kwargs in [{}, {"scale": 3.0}, {"shift": 1.5}]:  # calls omitting them failed
+            want = _pooled_by_hand(model, X1, **kwargs)
+            torch.testing.assert_close(emodel(X1, **kwargs), want, rtol=1e-5, atol=1e-6)
