@@ -47,6 +47,7 @@ from equivfx.passes.projection import FuseProjection
 from equivfx.passes.rules import describe_node
 from equivfx.passes.to_map import ToMap
 from equivfx.trace import (
+    TraceResult,
     TrainingModeWarning,
     mode_dependent,
     restore_unused_state,
@@ -89,6 +90,10 @@ class CompileInfo:
             (``F.dropout(x, p, self.training)``, ``x * (2.0 if self.training else 1.0)``): the
             compiled model reads their flags at each call, so ``train()`` and ``eval()`` switch
             those constants (:func:`equivfx.trace.by_mode`).
+        modes_run_whole: submodules whose own code branches on their training flag (``if
+            self.training:``, a stochastic-depth ``DropPath``): traced as leaves, which run
+            whole and so follow ``train()`` and ``eval()`` (in layer-wise mode only those
+            without parameters, whose layers would otherwise not mix).
         fixed: forward parameters traced with a fixed non-tensor value, because the model's code
             branches on it (``if mask is not None:``, ``if return_features:``): name -> the value
             (the one ``example_inputs`` passed there, else forward's default). A call with
@@ -112,6 +117,7 @@ class CompileInfo:
     mode_dependent: dict = field(default_factory=dict)
     modes_read: tuple[str, ...] = ()
     fixed: dict = field(default_factory=dict)
+    modes_run_whole: tuple[str, ...] = ()
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -265,6 +271,48 @@ def _watch_modes(gm: fx.GraphModule, modes: dict[str, bool], training: bool) -> 
     lift.mode_watch = tuple(watch)
 
 
+MODE_LEAF_REASON = (
+    "its code branches on its training flag: run whole, so that train() and eval() switch it"
+)
+
+
+def _trace_following_modes(
+    model: nn.Module, examples: tuple | None, mode: str
+) -> tuple[TraceResult, dict[str, bool], tuple[str, ...]]:
+    """``model`` traced (:func:`~equivfx.trace.trace`), its unread state restored and its
+    training flags searched (:func:`~equivfx.trace.mode_dependent`, which makes the graph read
+    at each call the flags that only chose constants). Tracing runs a branch on a flag once:
+    each submodule whose own flag changes the graph's structure is traced again as a leaf, which
+    runs whole and so takes the branch of its flag at each call (in layer-wise mode only those
+    without parameters: a leaf's layers do not mix). Returns the result, the modules whose
+    branch stays the compile mode's (the model's own, and those whose flag other code reads)
+    and the submodules run whole. Warnings (fallbacks) are those of the trace kept."""
+
+    def traced(leaves: dict[str, str]):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result = trace(model, examples, leaves)
+            if result.path != "opaque":  # first: it may put the model's own modules in gm
+                restore_unused_state(result.gm, model)
+            return result, mode_dependent(model, result, read_at_call=True), seen
+
+    result, modes, seen = traced({})
+    names = [n for n in modes if n]  # the model itself cannot be a leaf of its own trace
+    if mode == "layerwise":
+        names = [n for n in names if next(model.get_submodule(n).parameters(), None) is None]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost
+    while names:
+        again, again_modes, again_seen = traced(dict.fromkeys(names, MODE_LEAF_REASON))
+        stuck = [n for n in names if n in again_modes]  # their flag is read by other code
+        if not stuck:
+            result, modes, seen = again, again_modes, again_seen
+            break
+        names = [n for n in names if n not in stuck]
+    for caught in seen:
+        warnings.warn(caught.message, stacklevel=user_stacklevel())
+    return result, modes, tuple(names)
+
+
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
     names = ", ".join(repr(n) if n else f"the model ({type(model).__name__})" for n in modes)
     flags = set(modes.values())
@@ -274,10 +322,11 @@ def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
         "branches on self.training, which tracing ran once, or passes a value it chose where "
         "the graph cannot read it at each call: a dim, a size, an int). The "
         f"compiled model computes the branch of {mode} mode, the mode when compiled, in either "
-        "mode: train() or eval() on it does not switch that branch. Compile the model in the "
-        "mode you will run it in (model.eval() before equivfx.compile for inference), once per "
-        "mode, or register a submodule's class with equivfx.trace.register_leaf so that it "
-        "runs whole and reads its flag at each call.",
+        "mode: train() or eval() on it does not switch that branch (a submodule whose own code "
+        "branches on its flag runs whole instead, and follows it: in layer-wise mode only those "
+        "without parameters). Compile the model in the mode you will run it in (model.eval() "
+        "before equivfx.compile for inference), once per mode, or move the branch into a "
+        "submodule of its own.",
         TrainingModeWarning,
         stacklevel=user_stacklevel(),
     )
@@ -475,11 +524,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    result = trace(model, examples)
+    result, modes, run_whole = _trace_following_modes(model, examples, mode)
     gm = result.gm
-    if result.path != "opaque":  # first: it may put the model's own modules in gm (extra state)
-        restore_unused_state(gm, model)
-    modes = mode_dependent(model, result, read_at_call=True)
     if modes:
         _warn_mode_dependent(model, modes)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -571,6 +617,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mode_dependent=modes,
         modes_read=result.modes_read,
         fixed=dict(result.fixed),
+        modes_run_whole=run_whole,
     )
     leaves = opaque_leaves(gm)
     mixing: dict[str, float] = {}

@@ -189,7 +189,9 @@ def _is_trace_failure(err: Exception) -> bool:
     )
 
 
-def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
+def trace(
+    model: nn.Module, example_inputs: tuple | None = None, leaves: dict[str, str] | None = None
+) -> TraceResult:
     """Capture ``model`` as a torch.fx GraphModule through the cascade described in the module doc.
 
     Non-tensor arguments: fx passes every forward parameter as a Proxy, which is never None and
@@ -213,6 +215,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
             parameters.
         example_inputs: the positional inputs calls pass (a tuple; the first is the acted input),
             or None: calls pass the first input only.
+        leaves: qualified module name -> reason: submodules traced as leaves too (run whole),
+            beside the registry's.
 
     Returns:
         A :class:`TraceResult`.
@@ -236,9 +240,10 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
         )
     fixable, origins = _fixable_arguments(model, example_inputs)
     with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
-        chosen = _capture(model, {}, before, strict=not fixable)
+        leaves = dict(leaves or {})
+        chosen = _capture(model, {}, before, leaves, strict=not fixable)
         if fixable:
-            fixed = _capture(model, fixable, before)
+            fixed = _capture(model, fixable, before, leaves)
             if fixed.graph is None and not isinstance(fixed.error, fx.proxy.TraceError):
                 # the code fails on these values themselves (``None.abs()``: calls pass others),
                 # or fx did not make the placeholders expected: the free graph
@@ -251,7 +256,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None) -> TraceResult:
                 chosen = fixed
                 for name in fixable:
                     freed = {k: v for k, v in chosen.fixed.items() if k != name}
-                    trial = _capture(model, freed, before)
+                    trial = _capture(model, freed, before, leaves)
                     if _agree(trial, chosen, {name: fixable[name]}):
                         chosen = trial
         name = type(model).__name__
@@ -306,15 +311,19 @@ class _Capture:
 
 
 def _capture(
-    model: nn.Module, fixed: dict[str, Any], before: set, strict: bool = False
+    model: nn.Module,
+    fixed: dict[str, Any],
+    before: set,
+    leaves: dict[str, str],
+    strict: bool = False,
 ) -> _Capture:
-    """Trace ``model`` with the arguments of ``fixed`` given those values, making each
-    submodule whose trace fails a leaf and starting again; leaves no attribute on ``model``
-    (those of the trace are in the capture's ``constants``). ``strict``: an error that is not a
-    trace failure is raised, not recorded."""
+    """Trace ``model`` with the arguments of ``fixed`` given those values and ``leaves`` run
+    whole, making each submodule whose trace fails a leaf and starting again; leaves no
+    attribute on ``model`` (those of the trace are in the capture's ``constants``). ``strict``:
+    an error that is not a trace failure is raised, not recorded."""
     discovered: dict[str, str] = {}
     while True:
-        tracer = _Tracer(discovered)
+        tracer = _Tracer({**leaves, **discovered})
         try:
             graph = tracer.trace(model, concrete_args=dict(fixed) or None)
         except Exception as err:  # noqa: BLE001 - classify below
@@ -334,8 +343,8 @@ def _capture(
     _drop_new_attributes(model, before)
     if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
         return _Capture(None, {}, discovered, dict(fixed), unfixable=True)
-    leaves = {**tracer.registry_leaves, **discovered}
-    return _Capture(graph, leaves, discovered, dict(fixed), constants)
+    every = {**tracer.registry_leaves, **leaves, **discovered}
+    return _Capture(graph, every, discovered, dict(fixed), constants)
 
 
 def _parameter_names(model: nn.Module) -> list[str] | None:

@@ -14,6 +14,7 @@ from torch import nn
 
 import equivfx
 from equivfx.errors import ModelTypeError
+from equivfx.passes.annotate import OpaqueLeafWarning
 from equivfx.trace import (
     LEAF_MODULES,
     FallbackWarning,
@@ -185,13 +186,15 @@ def test_mode_dependent_is_empty_for_the_opaque_path():
 def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_so():
     import equivfx
 
+    # layer-wise mode: block holds a conv that mixes, so it is not run whole (see below)
     x = torch.randn(2, 1, 6, 6)
     model = ModeNet()
     with pytest.warns(TrainingModeWarning, match=r"flag of 'block' \(code.*training mode"):
-        emodel = equivfx.compile(model, "C4", example_inputs=x)
+        emodel = equivfx.compile(model, "C4", mode="layerwise", example_inputs=x)
     # block branches; the model's own F.dropout(h, 0.2, self.training) reads its flag at calls
     assert emodel.equivfx_info.mode_dependent == {"block": True}
     assert emodel.equivfx_info.modes_read == ("",)
+    assert emodel.equivfx_info.modes_run_whole == ()
     report = equivfx.verify(emodel, x)
     assert any(
         "'block' in training mode" in n and "compile the model in eval" in n for n in report.notes
@@ -199,19 +202,102 @@ def test_compile_warns_where_the_graph_follows_the_compile_mode_and_verify_says_
     # what the warning is about: eval() does not switch the branch compiled in training mode
     emodel.eval()
     model.eval()
-    G = equivfx.group("C4")
     with torch.no_grad():
-        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        loop = _loop(model, x)
         with pytest.warns(TrainingModeWarning, match="changed mode since compiling"):
             out = emodel(x)  # ... and the call says so
         assert not torch.allclose(out, loop, atol=1e-3)  # block's +0.5 is still there
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            fresh = equivfx.compile(model, "C4", example_inputs=x)  # in eval mode: its branch
-        torch.testing.assert_close(fresh(x), loop, rtol=1e-5, atol=1e-6)
+            fresh = equivfx.compile(model, "C4", mode="layerwise", example_inputs=x)
+        torch.testing.assert_close(fresh(x), loop, rtol=1e-5, atol=1e-6)  # eval mode's branch
     assert fresh.equivfx_info.mode_dependent == {"block": False}
     assert [w.category for w in seen].count(TrainingModeWarning) == 1
     assert not [n for n in equivfx.verify(fresh, x).notes if "training mode" in n]
+
+
+class BranchNet(nn.Module):
+    """A child whose own code branches on its flag (``block``), beside plain layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = NoisyBlock()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode, chunk", [("global", "auto"), ("global", None), ("global", 2)])
+def test_a_child_branching_on_its_flag_runs_whole_and_follows_train_and_eval(mode, chunk):
+    x = torch.randn(2, 1, 6, 6)
+    model = BranchNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)  # nothing left to warn about
+        warnings.simplefilter("ignore", OpaqueLeafWarning)  # block: checked on the example
+        emodel = equivfx.compile(model, "C4", mode=mode, chunk=chunk, example_inputs=x)
+        info = emodel.equivfx_info
+        assert info.modes_run_whole == ("block",) and info.mode_dependent == {}
+        assert "training flag" in info.leaves["block"]
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+            emodel.train()  # before: the eval branch (no +0.5) in training too, warned
+            model.train()
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+            emodel.eval()
+            model.eval()
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+    """timm's stochastic depth, as timm writes it: a function the module passes its flag."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep_prob) / keep_prob
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x):
+        return x + self.drop_path(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+def test_stochastic_depth_follows_train_and_eval(mode):
+    x = torch.randn(4, 2, 6, 6)
+    model = nn.Sequential(Residual(), Residual()).eval()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "C4", mode=mode, example_inputs=x)
+    assert emodel.equivfx_info.modes_run_whole == ("0.drop_path", "1.drop_path")
+    opaque = [str(w.message) for w in seen if w.category is OpaqueLeafWarning]
+    assert len(opaque) == 1  # one warning for every leaf (it was one per leaf)
+    assert "leaf modules '0.drop_path' (DropPath), '1.drop_path' (DropPath) have" in opaque[0]
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-5)
+        emodel.train()  # before: no stochastic depth when fine-tuned (eval's branch, warned)
+        torch.manual_seed(0)
+        first, second = emodel(x), emodel(x)
+        assert not torch.equal(first, second)
+        emodel.eval()
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-5)
+    assert equivfx.verify(emodel, x).ok
 
 
 def test_compile_does_not_warn_about_modes_for_models_without_switches():
@@ -243,15 +329,32 @@ def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
     torch.testing.assert_close(emodel(x), loop)
 
 
+class ReadsChildFlag(nn.Module):
+    """The model's own code branches on a child's flag: running the child whole cannot help."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.block(x)
+        if self.block.training:
+            h = h + 0.5
+        return self.head(h.mean((2, 3)))
+
+
 def test_a_call_in_another_mode_than_compiled_warns_once_per_switch(tmp_path):
     import copy
 
     import equivfx
 
     x = torch.randn(2, 1, 6, 6)
-    model = ModeNet()
+    model = ReadsChildFlag()
     with pytest.warns(TrainingModeWarning):
         emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=2)  # chunked: lift_slots
+    assert emodel.equivfx_info.mode_dependent == {"block": True}
+    assert emodel.equivfx_info.modes_run_whole == ()  # tried, and the graph still follows it
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrainingModeWarning)
         emodel(x)  # training mode, as compiled: silent
@@ -292,16 +395,32 @@ def test_a_model_compiled_in_eval_mode_warns_when_trained():
         def forward(self, x):
             return self.switch(self.conv(x)).mean((2, 3))
 
+    class OwnSwitch(Outer):  # the same branch in the model's own forward: no leaf can hold it
+        def forward(self, x):
+            h = self.conv(x)
+            return (h * 2 if self.training else h).mean((2, 3))
+
     x = torch.randn(2, 1, 6, 6)
     with pytest.warns(TrainingModeWarning):
-        emodel = equivfx.compile(Outer().eval(), "C4", example_inputs=x, chunk=None)
-    assert emodel.equivfx_info.mode_dependent == {"switch": False}
+        emodel = equivfx.compile(OwnSwitch().eval(), "C4", example_inputs=x, chunk=None)
+    assert emodel.equivfx_info.mode_dependent == {"": False}
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrainingModeWarning)
         emodel(x)
     emodel.train()
-    with pytest.warns(TrainingModeWarning, match="'switch' changed mode"):
+    with pytest.warns(TrainingModeWarning, match="the model changed mode"):
         emodel(x)
+    for mode in ("global", "layerwise"):  # in a child without parameters: run whole
+        model = Outer().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TrainingModeWarning)
+            warnings.simplefilter("ignore", OpaqueLeafWarning)
+            emodel = equivfx.compile(model, "C4", mode=mode, example_inputs=x, chunk=None)
+            assert emodel.equivfx_info.modes_run_whole == ("switch",)
+            emodel.train()
+            model.train()
+            with torch.no_grad():
+                torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_compiled_in_its_mode_runs_without_mode_warnings():
@@ -311,8 +430,8 @@ def test_a_model_compiled_in_its_mode_runs_without_mode_warnings():
     for training in (True, False):
         model = ModeNet().train(training)
         model.block.train(not training)  # mixed flags: each module as it was
-        with pytest.warns(TrainingModeWarning):
-            emodel = equivfx.compile(model, "C4", example_inputs=x)
+        with pytest.warns(TrainingModeWarning):  # layer-wise: block's conv mixes, not run whole
+            emodel = equivfx.compile(model, "C4", mode="layerwise", example_inputs=x)
         # fx made a plain container for 'block' (its conv is held): it takes block's flag
         assert emodel.get_submodule("block").training is (not training)
         with warnings.catch_warnings():
@@ -568,9 +687,10 @@ def test_the_models_own_flag_sends_every_slot_through_one_pass(chunk):
     torch.testing.assert_close(emodel.rm, reference.rm)  # one update, over the whole fold
 
 
-def test_a_flag_under_a_module_with_extra_state_stays_a_branch():
+def test_a_flag_under_a_module_with_extra_state_runs_whole():
     # a review: compile put the model's own module (kept for its extra state) where the switch
-    # was, and failed; the switch is not added inside the model's own modules
+    # was, and failed; the switch is not added inside the model's own modules, and the block
+    # runs whole instead (it stayed a branch, warned, before)
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -603,12 +723,17 @@ def test_a_flag_under_a_module_with_extra_state_stays_a_branch():
 
     x = torch.randn(2, 1, 6, 6)
     model = Net().eval()
-    with pytest.warns(TrainingModeWarning, match="'stage.block'"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        warnings.simplefilter("ignore", OpaqueLeafWarning)
         emodel = equivfx.compile(model, "C4", example_inputs=x)
-    assert emodel.equivfx_info.mode_dependent == {"stage.block": False}
+    assert emodel.equivfx_info.mode_dependent == {}
+    assert emodel.equivfx_info.modes_run_whole == ("stage.block",)
     assert set(emodel.state_dict()) == set(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+        emodel.train()
+        assert not torch.equal(emodel(x), emodel(x))  # the block's dropout draws at each call
 
 
 def test_attention_dropout_probability_follows_the_mode():

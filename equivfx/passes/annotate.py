@@ -77,6 +77,23 @@ def _carries(rep) -> bool:
     return isinstance(rep, (Folded, InputRep)) or (isinstance(rep, BatchSize))
 
 
+def _warn_opaque(leaves: list[str]) -> None:
+    """One warning for every leaf module without an op rule (a model with a stochastic-depth
+    leaf per block warned once per block)."""
+    one = len(leaves) == 1
+    warnings.warn(
+        f"equivfx: leaf module{'' if one else 's'} {', '.join(leaves)} "
+        f"{'has' if one else 'have'} no op rule; {'it is' if one else 'they are'} assumed to "
+        "treat batch samples independently. In global mode compile checks this on "
+        "example_inputs (without them, chunk='auto' checks the whole model at its first "
+        "call) and runs one slot per pass where it does not hold; layer-wise mode checks it "
+        "on example_inputs only. Register a rule with equivfx.passes.rules.register to make "
+        "it explicit.",
+        OpaqueLeafWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 class AnnotateReps(Pass):
     """Annotate every node with its representation under the global construction."""
 
@@ -90,6 +107,7 @@ class AnnotateReps(Pass):
         reps: dict[fx.Node, object] = {}
         modules = dict(gm.named_modules())
         literals: dict[fx.Node, tuple[int, int]] = {}
+        opaque: list[str] = []
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 rep = self._placeholder_rep(node)
@@ -121,14 +139,17 @@ class AnnotateReps(Pass):
             if rule is None:
                 if node.op != "call_module":
                     raise missing_rule(node, key)
-                rep = self._opaque_leaf(node, module, ctx)
+                rep = self._opaque_leaf(node, ctx)
                 set_rep(node, rep, OPAQUE_LEAF)
+                opaque.append(f"{node.target!r} ({type(module).__name__})")
             else:
                 rep = rule.batch(ctx)
                 set_rep(node, rep, rule.name)
             reps[node] = rep
         for node, lit in literals.items():
             node.meta[BATCH_LITERAL] = lit
+        if opaque:
+            _warn_opaque(opaque)
         return PassResult(gm, False)
 
     def _placeholder_rep(self, node: fx.Node):
@@ -144,21 +165,11 @@ class AnnotateReps(Pass):
             return Trivial()
         return Folded(0)  # assumed batched; the lift repeats it once per slot
 
-    def _opaque_leaf(self, node: fx.Node, module, ctx: BatchCtx):
+    def _opaque_leaf(self, node: fx.Node, ctx: BatchCtx):
         a = node.args[0] if node.args else None
         ax = ctx.axis(a) if isinstance(a, fx.Node) else None
         if ax is None:
             ax = 0
-        warnings.warn(
-            f"equivfx: leaf module {node.target!r} ({type(module).__name__}) has no op rule; it is "
-            "assumed to treat batch samples independently. In global mode compile checks this on "
-            "example_inputs (without them, chunk='auto' checks the whole model at its first "
-            "call) and runs one slot per pass where it does not hold; layer-wise mode checks it "
-            "on example_inputs only. Register a rule with equivfx.passes.rules.register to make "
-            "it explicit.",
-            OpaqueLeafWarning,
-            stacklevel=user_stacklevel(),
-        )
         log.info("equivfx: opaque leaf %s\n%s", node.target, describe_node(node))
         out = node.meta.get("tensor_meta")
         container = out is not None and not hasattr(out, "shape")
