@@ -277,16 +277,20 @@ MODE_LEAF_REASON = (
 
 
 def _trace_following_modes(
-    model: nn.Module, examples: tuple | None, mode: str
+    model: nn.Module, examples: tuple | None, mode: str, G: FiniteGroup, in_action: Action
 ) -> tuple[TraceResult, dict[str, bool], tuple[str, ...]]:
     """``model`` traced (:func:`~equivfx.trace.trace`), its unread state restored and its
     training flags searched (:func:`~equivfx.trace.mode_dependent`, which makes the graph read
     at each call the flags that only chose constants). Tracing runs a branch on a flag once:
     each submodule whose own flag changes the graph's structure is traced again as a leaf, which
-    runs whole and so takes the branch of its flag at each call (in layer-wise mode only those
-    without parameters: a leaf's layers do not mix). Returns the result, the modules whose
-    branch stays the compile mode's (the model's own, and those whose flag other code reads)
-    and the submodules run whole. Warnings (fallbacks) are those of the trace kept."""
+    runs whole and so takes the branch of its flag at each call. Only where that is safe: the
+    submodule returned one traced value (as a leaf, its caller's code would see a Proxy where it
+    saw a tuple or None), both of its branches treat the samples of a batch on their own (the
+    op rules, on each branch's graph: a leaf is checked on example inputs in eval mode only),
+    in layer-wise mode it has no parameters (a leaf's layers do not mix), and the trace with it
+    run whole falls back no further. Returns the result, the modules whose branch stays the
+    compile mode's (the model's own, and those whose flag other code reads) and the submodules
+    run whole. Warnings (fallbacks) are those of the trace kept."""
 
     def traced(leaves: dict[str, str]):
         with warnings.catch_warnings(record=True) as seen:
@@ -297,20 +301,82 @@ def _trace_following_modes(
             return result, mode_dependent(model, result, read_at_call=True), seen
 
     result, modes, seen = traced({})
-    names = [n for n in modes if n]  # the model itself cannot be a leaf of its own trace
+    eligible = [n for n in modes if n and n not in result.not_one_value]  # the model: no leaf
     if mode == "layerwise":
-        names = [n for n in names if next(model.get_submodule(n).parameters(), None) is None]
-    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost
-    while names:
-        again, again_modes, again_seen = traced(dict.fromkeys(names, MODE_LEAF_REASON))
-        stuck = [n for n in names if n in again_modes]  # their flag is read by other code
-        if not stuck:
-            result, modes, seen = again, again_modes, again_seen
+        eligible = [n for n in eligible if next(model.get_submodule(n).parameters(), None) is None]
+    if eligible:
+        eligible = _folding_both_ways(model, result, eligible, G, in_action)
+    run_whole: list[str] = []
+    given_up: set[str] = set()
+    for _ in range(_MODE_LEAF_ROUNDS):
+        names = [n for n in eligible if n not in given_up]
+        names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost
+        if not names:
             break
-        names = [n for n in names if n not in stuck]
+        again, again_modes, again_seen = traced(dict.fromkeys(names, MODE_LEAF_REASON))
+        if again.path != result.path or not set(_discovered(again)) <= set(_discovered(result)):
+            break  # running them whole makes other code untraceable: keep the branches
+        stuck = {n for n in names if n in again_modes}  # their flag is read by other code
+        if not stuck:
+            result, modes, seen, run_whole = again, again_modes, again_seen, names
+            break
+        given_up |= stuck  # their descendants may still be run whole
     for caught in seen:
         warnings.warn(caught.message, stacklevel=user_stacklevel())
-    return result, modes, tuple(names)
+    return result, modes, tuple(run_whole)
+
+
+_MODE_LEAF_ROUNDS = 3
+"""Traces :func:`_trace_following_modes` tries at most (each with the flag search): a module
+whose flag other code reads is given up, and its submodules tried in the next round."""
+
+
+def _discovered(result: TraceResult) -> list[str]:
+    return [n for n, why in result.leaves.items() if why.startswith("could not be traced")]
+
+
+class _GraphOn:
+    """What :class:`AnnotateReps` reads of a graph module: a graph traced on ``root``, and
+    ``root``'s modules."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module):
+        self.graph, self._root = graph, root
+
+    def named_modules(self):
+        return self._root.named_modules()
+
+
+def _folding_both_ways(
+    model: nn.Module, result: TraceResult, names: list[str], G: FiniteGroup, in_action: Action
+) -> list[str]:
+    """The modules of ``names`` whose code, in either branch of their flag, the op rules let
+    fold the slots into the batch (annotated: the graph as traced, and traced again with the
+    module's flag flipped); none where the graph as traced does not annotate (compile raises
+    its error on it then)."""
+    from equivfx.trace import _flipped_graph
+
+    placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return []
+    options = LiftOptions(group=G, input_action=in_action, acted_input=placeholders[0].target)
+
+    def folds(graph_module) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                AnnotateReps(options)(graph_module)
+        except EquivFXError:
+            return False
+        return True
+
+    if not folds(result.gm):  # annotated again by the pipeline
+        return []
+    kept = []
+    for name in names:
+        flipped = _flipped_graph(model, result, [model.get_submodule(name)])
+        if flipped is not None and folds(_GraphOn(flipped, model)):
+            kept.append(name)
+    return kept
 
 
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
@@ -524,7 +590,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    result, modes, run_whole = _trace_following_modes(model, examples, mode)
+    result, modes, run_whole = _trace_following_modes(model, examples, mode, G, in_action)
     gm = result.gm
     if modes:
         _warn_mode_dependent(model, modes)

@@ -58,6 +58,7 @@ __all__ = [
     "TrainingModeWarning",
     "by_mode",
     "expect_value",
+    "hide_state",
     "mode_dependent",
     "register_leaf",
     "source_line",
@@ -129,6 +130,9 @@ class TraceResult:
         fixed: forward parameter -> the value the graph was traced with, for non-tensor
             arguments (``mask=None``, ``flag=False``) whose value changes the graph: the graph
             checks each call passes that value (:func:`expect_value`). See :func:`trace`.
+        not_one_value: submodules traced through a call of which returned something other
+            than one traced value (a tuple, None): as a leaf, its caller's code would see a
+            Proxy there instead.
     """
 
     gm: fx.GraphModule
@@ -138,6 +142,7 @@ class TraceResult:
     modes_read: tuple[str, ...] = ()
     fixed: dict[str, Any] = field(default_factory=dict)
     fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
+    not_one_value: frozenset[str] = frozenset()
 
 
 class _Tracer(fx.Tracer):
@@ -150,6 +155,7 @@ class _Tracer(fx.Tracer):
         self.registry_leaves: dict[str, str] = {}
         self.stack: list[str] = []
         self.failed_in: str | None = None
+        self.not_one_value: set[str] = set()  # modules a call of which returned no single Proxy
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.extra_leaves:
@@ -170,6 +176,8 @@ class _Tracer(fx.Tracer):
                 self.failed_in = qualname
             raise
         self.stack.pop()
+        if not isinstance(out, fx.Proxy):  # a tuple, None, a number: its caller saw those
+            self.not_one_value.add(qualname)
         return out
 
 
@@ -204,11 +212,11 @@ def trace(
     comparison), the Proxy's graph is kept. Where they differ, the graph is traced with the
     value fixed (only for the parameters whose value changes it), and calls with another value
     raise :class:`~equivfx.errors.FixedArgumentError` (see :func:`expect_value`);
-    ``TraceResult.fixed`` names them. Where the value's path branches on data (fx's
-    ``TraceError``), the model runs whole (the Proxy's graph is not the calls' either); where
+    ``TraceResult.fixed`` names them. Where the value's path fails on a Proxy (branches on data,
+    ``len`` of a tensor), the model runs whole (the Proxy's graph is not the calls' either); where
     the code fails on the value itself (``None.abs()``: calls pass others), the Proxy's graph
     is kept. Not seen: tests Python answers without a trace, ``isinstance(mask,
-    torch.Tensor)`` (a Proxy is no tensor).
+    torch.Tensor)``, ``table.get(mode, default)`` (a Proxy is no tensor, nor a key).
 
     Args:
         model: any ``nn.Module``. It is not modified; the graph module shares its submodules and
@@ -244,7 +252,7 @@ def trace(
         chosen = _capture(model, {}, before, leaves, strict=not fixable)
         if fixable:
             fixed = _capture(model, fixable, before, leaves)
-            if fixed.graph is None and not isinstance(fixed.error, fx.proxy.TraceError):
+            if fixed.graph is None and not _on_a_proxy(fixed.error):
                 # the code fails on these values themselves (``None.abs()``: calls pass others),
                 # or fx did not make the placeholders expected: the free graph
                 if chosen.hard:  # not a trace failure either way: the user's own error
@@ -289,7 +297,26 @@ def trace(
         leaves=chosen.leaves,
         fixed=dict(chosen.fixed),
         fixed_from={k: origins[k] for k in chosen.fixed},
+        not_one_value=chosen.not_one_value,
     )
+
+
+_FX_DIR = os.path.dirname(fx.__file__) + os.sep
+
+
+def _on_a_proxy(err: Exception | None) -> bool:
+    """``err`` came from a Proxy (control flow, ``len``, ``range``, a Proxy where Python needs a
+    value), not from the user's code failing on a value (``None.abs()``, ``torch.where(c, x,
+    None)``, whose message lists the Proxies beside the None): fx's own TraceError, an error
+    raised inside torch.fx, or Python refusing a Proxy object."""
+    if err is None:
+        return False
+    if isinstance(err, fx.proxy.TraceError) or "'Proxy' object" in str(err):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_FX_DIR)
 
 
 @dataclass
@@ -308,6 +335,7 @@ class _Capture:
     error: Exception | None = None
     hard: bool = False
     unfixable: bool = False
+    not_one_value: frozenset[str] = frozenset()
 
 
 def _capture(
@@ -343,8 +371,39 @@ def _capture(
     _drop_new_attributes(model, before)
     if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
         return _Capture(None, {}, discovered, dict(fixed), unfixable=True)
+    _output_namedtuples(graph)
     every = {**tracer.registry_leaves, **leaves, **discovered}
-    return _Capture(graph, every, discovered, dict(fixed), constants)
+    capture = _Capture(graph, every, discovered, dict(fixed), constants)
+    capture.not_one_value = frozenset(tracer.not_one_value)
+    return capture
+
+
+def _output_namedtuples(graph: fx.Graph) -> None:
+    """A namedtuple the model returns (``Out(logits, feats)``) is a node calling its class in
+    fx's graph, an op no rule knows: put the namedtuple itself, holding its fields' nodes, in
+    the output instead (fx writes it into the code; passes map over its fields, as over a
+    tuple's)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    made: list[fx.Node] = []
+
+    def inline(node: fx.Node):
+        cls = node.target
+        if (
+            node.op == "call_function"
+            and isinstance(cls, type)
+            and issubclass(cls, tuple)
+            and hasattr(cls, "_fields")
+            and all(u is output or u in made for u in node.users)  # a field of another
+        ):
+            made.append(node)
+            args = fx.node.map_arg(node.args, inline)
+            kwargs = fx.node.map_arg(node.kwargs, inline)
+            return cls(*args, **kwargs)
+        return node
+
+    output.args = fx.node.map_arg(output.args, inline)
+    for node in made:
+        graph.erase_node(node)
 
 
 def _parameter_names(model: nn.Module) -> list[str] | None:
@@ -662,6 +721,38 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
         for name in src._non_persistent_buffers_set:
             if name in dst._buffers:
                 dst._non_persistent_buffers_set.add(name)
+    # a module held whole (a leaf) saves what the model's own state-dict hooks leave out
+    extra = set(gm.state_dict().keys()) - set(model.state_dict().keys())
+    if extra:
+        hide_state(gm, extra)
+
+
+def hide_state(module: nn.Module, keys) -> None:
+    """Leave ``keys`` out of ``module``'s state dict, and have loading keep their tensors as they
+    are (a checkpoint of the model lacks them)."""
+    keys = tuple(sorted(keys))
+    module.equivfx_hidden_state = keys  # for a module built around this one (chunked_module)
+    module.register_state_dict_post_hook(functools.partial(_drop_keys, keys))
+    module.register_load_state_dict_pre_hook(functools.partial(_keep_keys, keys))
+
+
+# module level (keys bound by functools.partial): a compiled model pickles its hooks
+def _drop_keys(keys, mod, state_dict, sd_prefix, local_metadata):
+    for key in keys:
+        state_dict.pop(sd_prefix + key, None)
+
+
+def _keep_keys(
+    keys, mod, state_dict, sd_prefix, local_metadata, strict, missing, unexpected, errors
+):
+    for key in keys:
+        if sd_prefix + key in state_dict:
+            continue
+        modpath, _, attr = key.rpartition(".")
+        owner = mod.get_submodule(modpath) if modpath else mod
+        tensor = owner._parameters.get(attr, owner._buffers.get(attr))
+        if tensor is not None:
+            state_dict[sd_prefix + key] = tensor.detach()
 
 
 def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -707,6 +798,7 @@ def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) 
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
     if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
         raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
+    _output_namedtuples(graph)
     return graph
 
 

@@ -1094,3 +1094,179 @@ def test_an_opaque_model_keeps_forwards_defaults_and_keyword_only_parameters():
         for kwargs in [{}, {"scale": 3.0}, {"shift": 1.5}]:  # calls omitting them failed
             want = _pooled_by_hand(model, X1, **kwargs)
             torch.testing.assert_close(emodel(X1, **kwargs), want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------- when a submodule is not run whole
+class AuxBlock(nn.Module):  # returns a tuple whose second entry is None in eval mode
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h, (h.pow(2).mean((1, 2, 3)) if self.training else None)
+
+
+class AuxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = AuxBlock(), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h, aux = self.block(x)  # as a leaf, aux would be a Proxy: never None
+        out = self.head(h.mean((2, 3)))
+        return out if aux is None else out + aux[:, None]
+
+
+class Center(nn.Module):  # its training branch mixes the samples of a batch
+    def forward(self, x):
+        return torch.relu(x - x.mean(0, keepdim=True)) if self.training else x
+
+
+class CenterNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.center, self.head = nn.Conv2d(1, 2, 3, padding=1), Center(), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(self.center(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, name", [(AuxNet, "block"), (CenterNet, "center")])
+def test_a_child_whose_leaf_would_not_compute_the_same_keeps_its_branch(cls, name):
+    # a review: run whole, AuxBlock's None became a Proxy in AuxNet's code (compile failed or
+    # computed the training branch), and Center's training branch, checked in eval mode only,
+    # mixed the slots silently
+    x = torch.randn(2, 1, 6, 6)
+    model = cls().eval()
+    with pytest.warns(TrainingModeWarning, match=repr(name)):
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.modes_run_whole == ()
+    assert emodel.equivfx_info.mode_dependent == {name: False}
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_child_is_run_whole_where_its_parents_flag_is_read_by_other_code():
+    class Inner(nn.Module):
+        def forward(self, h):
+            return h + 0.5 if self.training else h
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.inner = nn.Conv2d(1, 2, 3, padding=1), Inner()
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.inner(h * 2 if self.training else h)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.outer, self.head = Outer(), nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = self.outer(x)
+            if self.outer.training:  # read here: running outer whole cannot follow it
+                h = h - 1
+            return self.head(h.mean((2, 3)))
+
+    x = torch.randn(2, 1, 6, 6)
+    model = Net().eval()
+    with pytest.warns(TrainingModeWarning, match="'outer'"):
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.modes_run_whole == ("outer.inner",)  # tried once outer failed
+    assert emodel.equivfx_info.mode_dependent == {"outer": False}
+    emodel.outer.inner.train()
+    model.outer.inner.train()
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+class Cached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(3))  # not read by forward
+
+    def forward(self, x):
+        return x + 0.5 if self.training else x
+
+
+def drop_cache(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.endswith("cache")]:
+        del state_dict[key]
+
+
+class CachedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dp, self.head = nn.Conv2d(1, 2, 3, padding=1), Cached(), nn.Linear(2, 3)
+        self._register_state_dict_hook(drop_cache)  # caches stay out of checkpoints
+
+    def forward(self, x):
+        return self.head(self.dp(self.stem(x)).mean((2, 3)))
+
+
+def test_state_the_models_hooks_leave_out_stays_out_when_a_leaf_holds_it(tmp_path):
+    import copy
+
+    x = torch.randn(2, 1, 6, 6)
+    model = CachedNet().eval()
+    for chunk in ("auto", None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OpaqueLeafWarning)
+            emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=chunk)
+        assert emodel.equivfx_info.modes_run_whole == ("dp",)  # held whole, with its cache
+        for other in (emodel, copy.deepcopy(emodel), _reloaded(emodel, tmp_path)):
+            assert list(other.state_dict()) == list(model.state_dict())
+            other.load_state_dict(model.state_dict())  # strict: was missing "dp.cache"
+
+
+def test_a_default_whose_path_fails_on_a_proxy_runs_the_model_whole():
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            t = self.conv(x).flatten(2).transpose(1, 2)
+            if mask is None:  # len() of a Proxy: fx raises RuntimeError, not TraceError
+                n = len(t[0])
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+            return self.head(F.scaled_dot_product_attention(t, t, t, attn_mask=mask).mean(1))
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Causal().eval()
+    with pytest.warns(FallbackWarning):
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.trace_path == "opaque"  # was the graph of mask given: no mask
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_namedtuple_outputs_are_read_out_field_by_field():
+    from collections import namedtuple
+
+    Out = namedtuple("Out", "logits feats")
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            f = self.conv(x).mean((2, 3))
+            return Out(f * 2, {"pooled": f})  # was MissingRuleError: no rule for op 'Out'
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Named().eval()
+    emodel = equivfx.compile(model, "C4", readout="slots")
+    out = emodel(x)
+    assert type(out) is Out
+    G = equivfx.group("C4")
+    slots = [model(G.act(G.inverse(g), x)) for g in G.elements]
+    torch.testing.assert_close(out.logits, torch.stack([s.logits for s in slots], 1))
+    want = torch.stack([s.feats["pooled"] for s in slots], 1)
+    torch.testing.assert_close(out.feats["pooled"], want)
+    assert equivfx.verify(equivfx.compile(model, "C4"), x).ok

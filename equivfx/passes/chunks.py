@@ -70,7 +70,7 @@ from equivfx.passes.modules import (
 )
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.passes.rules import BATCH_STAT_MODULES
-from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, install_prefix_hooks
+from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, hide_state, install_prefix_hooks
 
 __all__ = ["SlotChunks", "chunked_module", "run_chunks", "CHUNKS_NAME"]
 
@@ -837,6 +837,8 @@ def chunked_module(
     _share_root_tensors(gm, flat)
     if hasattr(flat, OPAQUE_ATTR):  # the opaque path hides its prefix in state-dict keys
         install_prefix_hooks(gm, OPAQUE_ATTR)
+    if getattr(flat, "equivfx_hidden_state", ()):  # and keys the model's own hooks leave out
+        hide_state(gm, flat.equivfx_hidden_state)
     object.__setattr__(gm, "equivfx_flat", flat)
     gm._deepcopy_hooks.append(_restore_flat)
     return gm
