@@ -437,6 +437,11 @@ def inspect_cmd(
                     "passes": list(info.passes),
                     "mixed": list(info.mixed),
                     "leaves": info.leaves,
+                    "fixed_arguments": info.fixed,
+                    "required_arguments": list(info.required),
+                    "modes_run_whole": list(info.modes_run_whole),
+                    "modes_read": list(info.modes_read),
+                    "mode_dependent": info.mode_dependent,
                     "nodes": rows,
                 },
                 indent=2,
@@ -464,6 +469,18 @@ def inspect_cmd(
         )
     Console(width=160).print(table)
     click.echo(f"passes: {' -> '.join(info.passes)}")
+    for label, value in (
+        ("arguments traced with a fixed value", info.fixed),
+        ("arguments traced as tensors, required", ", ".join(info.required)),
+        ("run whole to follow their training flag", ", ".join(info.modes_run_whole)),
+        (
+            "training flags read at each call",
+            ", ".join(n or "(the model)" for n in info.modes_read),
+        ),
+        ("branches kept in the compile mode", info.mode_dependent),
+    ):
+        if value:
+            click.echo(f"{label}: {value}")
     return EXIT_OK
 
 

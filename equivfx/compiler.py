@@ -90,6 +90,9 @@ class CompileInfo:
             (``F.dropout(x, p, self.training)``, ``x * (2.0 if self.training else 1.0)``): the
             compiled model reads their flags at each call, so ``train()`` and ``eval()`` switch
             those constants (:func:`equivfx.trace.by_mode`).
+        required: forward parameters with a None default that ``example_inputs`` passed a
+            tensor for, where None would take another branch: a call omitting one raises
+            :class:`~equivfx.errors.FixedArgumentError` (:func:`equivfx.trace.expect_given`).
         modes_run_whole: submodules whose own code branches on their training flag (``if
             self.training:``, a stochastic-depth ``DropPath``): traced as leaves, which run
             whole and so follow ``train()`` and ``eval()`` (in layer-wise mode only those
@@ -118,6 +121,7 @@ class CompileInfo:
     modes_read: tuple[str, ...] = ()
     fixed: dict = field(default_factory=dict)
     modes_run_whole: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
 
 
 def as_action(spec: Any, group: FiniteGroup, what: str = "input_action") -> Action:
@@ -683,6 +687,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         mode_dependent=modes,
         modes_read=result.modes_read,
         fixed=dict(result.fixed),
+        required=result.required,
         modes_run_whole=run_whole,
     )
     leaves = opaque_leaves(gm)

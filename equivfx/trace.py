@@ -57,6 +57,7 @@ __all__ = [
     "TraceResult",
     "TrainingModeWarning",
     "by_mode",
+    "expect_given",
     "expect_value",
     "hide_state",
     "mode_dependent",
@@ -130,6 +131,9 @@ class TraceResult:
         fixed: forward parameter -> the value the graph was traced with, for non-tensor
             arguments (``mask=None``, ``flag=False``) whose value changes the graph: the graph
             checks each call passes that value (:func:`expect_value`). See :func:`trace`.
+        required: forward parameters with a None default that ``example_inputs`` passed a
+            tensor for, and whose None changes the graph: the graph refuses a call that omits
+            them (:func:`expect_given`).
         not_one_value: submodules traced through a call of which returned something other
             than one traced value (a tuple, None): as a leaf, its caller's code would see a
             Proxy there instead.
@@ -143,6 +147,7 @@ class TraceResult:
     fixed: dict[str, Any] = field(default_factory=dict)
     fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
     not_one_value: frozenset[str] = frozenset()
+    required: tuple[str, ...] = ()
 
 
 class _Tracer(fx.Tracer):
@@ -271,6 +276,7 @@ def trace(
         if chosen.graph is None:
             return _opaque(model, chosen.error, chosen.discovered)
         graph = chosen.graph
+        required = _required_tensors(model, example_inputs, chosen, before, leaves)
         for node in graph.nodes:
             if isinstance(node.type, str):  # an annotation under `from __future__ import
                 node.type = None  # annotations`: fx cannot write it into a pickle's imports
@@ -295,6 +301,7 @@ def trace(
         gm=gm,
         path=path,
         leaves=chosen.leaves,
+        required=required,
         fixed=dict(chosen.fixed),
         fixed_from={k: origins[k] for k in chosen.fixed},
         not_one_value=chosen.not_one_value,
@@ -500,6 +507,60 @@ def expect_value(value, name: str, expected):
     )
 
 
+def _required_tensors(
+    model: nn.Module, example_inputs, chosen: _Capture, before: set, leaves: dict[str, str]
+) -> tuple[str, ...]:
+    """The parameters with a None default that ``example_inputs`` passes a tensor for, whose
+    None would change ``chosen``'s graph (traced with None once more each: ``if bias is not
+    None:``): an :func:`expect_given` check is added to the graph for each."""
+    names = _parameter_names(model)
+    if example_inputs is None or names is None:
+        return ()
+    params = inspect.signature(model.forward).parameters
+    required = []
+    for i, example in enumerate(tuple(example_inputs)[1:], 1):
+        name = names[i] if i < len(names) else None
+        if name is None or name in chosen.fixed or not isinstance(example, torch.Tensor):
+            continue
+        if params[name].default is not None:
+            continue
+        omitted = _capture(model, {**chosen.fixed, name: None}, before, leaves)
+        if not _agree(chosen, omitted, {name: None}):
+            required.append(name)
+    _check_given(chosen.graph, required)
+    return tuple(required)
+
+
+def _check_given(graph: fx.Graph, names) -> None:
+    """An :func:`expect_given` check of each placeholder of ``names``, after the last."""
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    last = list(placeholders.values())[-1]
+    for name in names:
+        with graph.inserting_after(last):
+            last = graph.call_function(expect_given, (placeholders[name], name))
+
+
+def expect_given(value, name: str):
+    """The check at the top of a graph traced with a tensor for ``name``, whose forward
+    computes something else where it is None (its default): raise
+    :class:`~equivfx.errors.FixedArgumentError` for a call that omits it. Traced, it records
+    itself."""
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", expect_given, (value, name), {})
+    if value is not None:
+        return None
+    raise FixedArgumentError(
+        explain(
+            f"this compiled model was traced with a tensor for {name}, as example_inputs passed "
+            f"it, and the model's forward computes something else where {name} is None (its "
+            f"default; tracing resolves such a branch once): got {name}=None",
+            None,
+            f"a tensor for {name}",
+            f"pass {name}, or compile with example_inputs that leave it out for calls that do",
+        )
+    )
+
+
 def _same_value(value, expected) -> bool:
     """``value`` is the value traced: None for None, else of the same type and equal (a NaN
     for a NaN); ``3.0`` is not ``3``, nor ``1`` ``True``, as the traced code may tell."""
@@ -544,7 +605,7 @@ def _structure(capture: _Capture, values: dict[str, Any]) -> tuple:
             continue
         if n.op == "placeholder" and n.target in capture.fixed:
             continue
-        if n.op == "call_function" and n.target is expect_value:
+        if n.op == "call_function" and n.target in (expect_value, expect_given):
             continue
         args = fx.node.map_aggregate(n.args, read)
         kwargs = fx.node.map_aggregate(n.kwargs, read)
@@ -799,6 +860,7 @@ def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) 
     if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
         raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
     _output_namedtuples(graph)
+    _check_given(graph, getattr(result, "required", ()))
     return graph
 
 

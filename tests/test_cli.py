@@ -311,6 +311,31 @@ def test_factory_from_the_current_directory_with_model_args(tmp_path):
     assert meta["model_args"] == {"width": 3}
 
 
+def test_inspect_names_fixed_arguments_and_modules_run_whole(tmp_path):
+    (tmp_path / "flagged.py").write_text(
+        "import torch\n"
+        "class Noise(torch.nn.Module):\n"
+        "    def forward(self, h):\n"
+        "        return h + 0.5 if self.training else h\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.noise = torch.nn.Conv2d(1, 2, 3), Noise()\n"
+        "    def forward(self, x, bias=None):\n"
+        "        h = self.noise(self.conv(x)).mean((2, 3))\n"
+        "        return h if bias is None else h + bias\n"
+        "def make():\n"
+        "    return Net().eval()\n"
+    )
+    args = ("inspect", "flagged:make", "--group", "C4", "--input-shape", SHAPE)
+    text = run(*args, cwd=tmp_path, check_code=0).stdout
+    assert "arguments traced with a fixed value: {'bias': None}" in text
+    assert "run whole to follow their training flag: noise" in text
+    data = json.loads(run(*args, "--format", "json", cwd=tmp_path, check_code=0).stdout)
+    assert data["fixed_arguments"] == {"bias": None}
+    assert data["modes_run_whole"] == ["noise"] and data["mode_dependent"] == {}
+
+
 # ------------------------------------------------------------------------------ bad input: exit 2
 def test_missing_weights(tmp_path):
     line = one_error_line(

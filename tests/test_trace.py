@@ -909,6 +909,15 @@ def test_example_inputs_choose_the_values_a_non_tensor_argument_is_traced_with()
         with_bias = equivfx.compile(model, "C4", example_inputs=(XA, BIAS))
         relu = equivfx.compile(model, "C4", example_inputs=(XA, None, True))
     assert with_bias.equivfx_info.fixed == {"relu": False}  # a tensor example: traced as one
+    assert with_bias.equivfx_info.required == ("bias",)  # and None would take another branch
+    assert relu.equivfx_info.required == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = equivfx.compile(model, "C4", example_inputs=(XA, BIAS, False, 1.0, MASK))
+    assert masked.equivfx_info.required == ("bias",)  # None flows into attention as a tensor
+    with torch.no_grad():
+        want = _pooled_by_hand(model, XA, BIAS)
+        torch.testing.assert_close(masked(XA, BIAS), want, rtol=1e-5, atol=1e-5)
     assert relu.equivfx_info.fixed == {"bias": None, "relu": True}
     with torch.no_grad():
         for got, want in [
@@ -923,6 +932,8 @@ def test_example_inputs_choose_the_values_a_non_tensor_argument_is_traced_with()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(FixedArgumentError, match="relu=False"):
             relu(XA)  # the default is not the value it was traced with
+        with pytest.raises(FixedArgumentError, match="tensor for bias.*got bias=None"):
+            with_bias(XA)  # was a TypeError inside the graph (mul + None)
     report = equivfx.verify(relu, (XA, None, True))
     assert report.ok, report
 

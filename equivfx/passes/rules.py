@@ -38,6 +38,7 @@ from torch import nn
 from equivfx.errors import BatchMixingError, MissingRuleError, explain
 from equivfx.groups.actions import ProductAction, RollAction
 from equivfx.meta import REP, BatchSize, CosetFolded, Folded, InputRep, Rep, Trivial
+from equivfx.trace import expect_given
 
 __all__ = [
     "OpRule",
@@ -2148,6 +2149,10 @@ register([len], OpRule("len", "size", len_rule, example=None))
 register(
     ["Tensor.dim", "Tensor.element_size", "Tensor.is_contiguous"],
     OpRule("dim", "size", lambda ctx: BatchSize(()), example=None),
+)
+register(  # a check that an input was passed (equivfx.trace.expect_given): returns None
+    [expect_given],
+    OpRule("expect_given", "size", lambda ctx: Trivial(), example=None),
 )
 register(  # a count, not a position: used as a value with a tensor it is refused (int_arith)
     ["Tensor.numel", torch.numel],
