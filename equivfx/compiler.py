@@ -309,7 +309,7 @@ def _trace_following_modes(
     if mode == "layerwise":
         eligible = [n for n in eligible if next(model.get_submodule(n).parameters(), None) is None]
     if eligible:
-        eligible = _folding_both_ways(model, result, eligible, G, in_action)
+        eligible = _folding_both_ways(model, result, eligible, G, in_action, examples)
     run_whole: list[str] = []
     given_up: set[str] = set()
     for _ in range(_MODE_LEAF_ROUNDS):
@@ -339,47 +339,62 @@ def _discovered(result: TraceResult) -> list[str]:
     return [n for n, why in result.leaves.items() if why.startswith("could not be traced")]
 
 
-class _GraphOn:
-    """What :class:`AnnotateReps` reads of a graph module: a graph traced on ``root``, and
-    ``root``'s modules."""
-
-    def __init__(self, graph: fx.Graph, root: nn.Module):
-        self.graph, self._root = graph, root
-
-    def named_modules(self):
-        return self._root.named_modules()
-
-
 def _folding_both_ways(
-    model: nn.Module, result: TraceResult, names: list[str], G: FiniteGroup, in_action: Action
+    model: nn.Module,
+    result: TraceResult,
+    names: list[str],
+    G: FiniteGroup,
+    in_action: Action,
+    examples: tuple | None,
 ) -> list[str]:
-    """The modules of ``names`` whose code, in either branch of their flag, the op rules let
-    fold the slots into the batch (annotated: the graph as traced, and traced again with the
-    module's flag flipped); none where the graph as traced does not annotate (compile raises
-    its error on it then)."""
-    from equivfx.trace import _flipped_graph
+    """The modules of ``names`` whose code, in either branch of their flag, returns one traced
+    value and lets the op rules fold the slots into the batch (annotated as compile annotates:
+    shapes propagated on ``examples`` where given; the graph as traced, and traced again with
+    the module's flag flipped); none where the graph as traced does not annotate (compile
+    raises its error on it then)."""
+    from equivfx.trace import _retrace_with
 
     placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
         return []
-    options = LiftOptions(group=G, input_action=in_action, acted_input=placeholders[0].target)
+    batch = None
+    if examples is not None and examples[0].dim():
+        batch = int(examples[0].shape[0])
+    options = LiftOptions(
+        group=G, input_action=in_action, acted_input=placeholders[0].target, example_batch=batch
+    )
 
-    def folds(graph_module) -> bool:
+    def folds(gm: fx.GraphModule) -> bool:
+        saved = {n: dict(n.meta) for n in gm.graph.nodes}  # the pipeline annotates afresh
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                AnnotateReps(options)(graph_module)
-        except EquivFXError:
+                if examples is not None:
+                    with eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
+                        ShapeProp(gm).propagate(*examples)
+                AnnotateReps(options)(gm)
+        except Exception:  # noqa: BLE001 - an error compile reports on the graph it keeps
             return False
+        finally:
+            for n, meta in saved.items():
+                n.meta.clear()
+                n.meta.update(meta)
         return True
 
-    if not folds(result.gm):  # annotated again by the pipeline
+    if not folds(result.gm):
         return []
     kept = []
     for name in names:
-        flipped = _flipped_graph(model, result, [model.get_submodule(name)])
-        if flipped is not None and folds(_GraphOn(flipped, model)):
-            kept.append(name)
+        module = model.get_submodule(name)
+        module.training = not module.training  # its other branch, traced and annotated so
+        try:
+            flipped, not_one_value = _retrace_with(model, result, as_module=True)
+            if name not in not_one_value and folds(flipped):
+                kept.append(name)
+        except Exception as err:  # noqa: BLE001 - the other branch does not trace: not whole
+            log.debug("equivfx: %s's other branch does not trace: %s", name, err)
+        finally:
+            module.training = not module.training
     return kept
 
 

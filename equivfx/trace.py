@@ -315,10 +315,11 @@ def _on_a_proxy(err: Exception | None) -> bool:
     """``err`` came from a Proxy (control flow, ``len``, ``range``, a Proxy where Python needs a
     value), not from the user's code failing on a value (``None.abs()``, ``torch.where(c, x,
     None)``, whose message lists the Proxies beside the None): fx's own TraceError, an error
-    raised inside torch.fx, or Python refusing a Proxy object."""
+    raised inside torch.fx, or Python refusing a Proxy (``'Proxy' object cannot be interpreted
+    as an integer``, ``int() argument must be ..., not 'Proxy'``)."""
     if err is None:
         return False
-    if isinstance(err, fx.proxy.TraceError) or "'Proxy' object" in str(err):
+    if isinstance(err, fx.proxy.TraceError) or "'Proxy'" in str(err):
         return True
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -389,28 +390,35 @@ def _output_namedtuples(graph: fx.Graph) -> None:
     """A namedtuple the model returns (``Out(logits, feats)``) is a node calling its class in
     fx's graph, an op no rule knows: put the namedtuple itself, holding its fields' nodes, in
     the output instead (fx writes it into the code; passes map over its fields, as over a
-    tuple's)."""
+    tuple's). Not one holding another namedtuple (fx's code would not import the inner class):
+    that stays a node, refused with the op named."""
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     made: list[fx.Node] = []
 
     def inline(node: fx.Node):
-        cls = node.target
         if (
-            node.op == "call_function"
-            and isinstance(cls, type)
-            and issubclass(cls, tuple)
-            and hasattr(cls, "_fields")
-            and all(u is output or u in made for u in node.users)  # a field of another
+            _is_namedtuple_call(node)
+            and set(node.users) == {output}
+            # fx writes the outermost namedtuple's class into the code, not those inside it
+            and not any(_is_namedtuple_call(a) for a in node.all_input_nodes)
         ):
             made.append(node)
-            args = fx.node.map_arg(node.args, inline)
-            kwargs = fx.node.map_arg(node.kwargs, inline)
-            return cls(*args, **kwargs)
+            return node.target(*node.args, **node.kwargs)
         return node
 
     output.args = fx.node.map_arg(output.args, inline)
     for node in made:
         graph.erase_node(node)
+
+
+def _is_namedtuple_call(node: fx.Node) -> bool:
+    cls = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(cls, type)
+        and issubclass(cls, tuple)
+        and hasattr(cls, "_fields")
+    )
 
 
 def _parameter_names(model: nn.Module) -> list[str] | None:
@@ -533,6 +541,8 @@ def _required_tensors(
 
 def _check_given(graph: fx.Graph, names) -> None:
     """An :func:`expect_given` check of each placeholder of ``names``, after the last."""
+    if not names:
+        return
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     last = list(placeholders.values())[-1]
     for name in names:
@@ -851,17 +861,26 @@ that may follow a training flag."""
 def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) -> fx.Graph:
     """``model`` traced again with ``result``'s leaves and fixed arguments, quietly, leaving no
     attribute on it."""
+    return _retrace_with(model, result, stack_traces)[0]
+
+
+def _retrace_with(
+    model: nn.Module, result: TraceResult, stack_traces: bool = False, as_module: bool = False
+):
+    """:func:`_retrace`, with the tracer's ``not_one_value``; ``as_module``: a graph module
+    (holding the tensor constants the trace made) instead of the graph."""
     tracer = _Tracer(dict(result.leaves))
     tracer.record_stack_traces = stack_traces
     fixed = getattr(result, "fixed", None) or {}
     with warnings.catch_warnings(), _no_new_attributes(model):
         warnings.simplefilter("ignore")
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
-    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
-        raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
-    _output_namedtuples(graph)
-    _check_given(graph, getattr(result, "required", ()))
-    return graph
+        if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+            raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
+        _output_namedtuples(graph)
+        _check_given(graph, getattr(result, "required", ()))
+        out = fx.GraphModule(model, graph) if as_module else graph
+    return out, frozenset(tracer.not_one_value)
 
 
 def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):

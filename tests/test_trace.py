@@ -1281,3 +1281,117 @@ def test_namedtuple_outputs_are_read_out_field_by_field():
     want = torch.stack([s.feats["pooled"] for s in slots], 1)
     torch.testing.assert_close(out.feats["pooled"], want)
     assert equivfx.verify(equivfx.compile(model, "C4"), x).ok
+
+
+class Noise(nn.Module):  # deterministic stand-in for stochastic depth
+    def forward(self, h):
+        return h + 0.5 if self.training else h
+
+
+class ScaledNet(nn.Module):  # an extra input without a batch axis, a literal batch size
+    def __init__(self):
+        super().__init__()
+        self.conv, self.noise, self.fc = nn.Conv2d(1, 8, 3), Noise(), nn.Linear(8, 3)
+
+    def forward(self, x, scale):
+        h = self.noise(self.conv(x)) * scale.view(1, -1, 1, 1)
+        return self.fc(h.reshape(2, 8, -1).mean(-1))
+
+
+def test_the_check_of_both_branches_sees_what_compile_sees():
+    # a review: annotated without shapes, `scale` counted as batched and 2 as a literal batch
+    # size it could not rewrite: noise was not run whole, and eval kept the training branch
+    x, scale = torch.randn(2, 1, 8, 8), torch.rand(8)
+    model = ScaledNet().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        warnings.simplefilter("ignore", OpaqueLeafWarning)
+        emodel = equivfx.compile(model, "C4", example_inputs=(x, scale))
+    assert emodel.equivfx_info.modes_run_whole == ("noise",)
+    model.eval()
+    emodel.eval()
+    with torch.no_grad():
+        want = torch.stack([model(torch.rot90(x, -k, (-2, -1)), scale) for k in range(4)]).mean(0)
+        torch.testing.assert_close(emodel(x, scale), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_child_returning_a_tuple_in_its_other_branch_is_not_run_whole():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return (h, h.pow(2).mean((1, 2, 3))) if self.training else h
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = Block(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.block(x)
+            if isinstance(out, tuple):
+                out = out[0]
+            return self.fc(out.mean((-2, -1)))
+
+    x = torch.randn(2, 1, 6, 6)
+    with pytest.warns(TrainingModeWarning, match="'block'"):
+        emodel = equivfx.compile(Net().eval(), "C4", example_inputs=x)
+    assert emodel.equivfx_info.modes_run_whole == ()  # run whole, train() broke the caller
+    emodel.train()
+    with pytest.warns(TrainingModeWarning):
+        emodel(x)
+
+
+def test_int_of_a_proxy_in_the_defaults_path_runs_the_model_whole():
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x, mask=None):
+            t = self.conv(x).flatten(2).transpose(1, 2)
+            if mask is None:  # int() of a Proxy: "... not 'Proxy'", raised in this frame
+                n = int(t.shape[1])
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+            return self.head(F.scaled_dot_product_attention(t, t, t, attn_mask=mask).mean(1))
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Causal().eval()
+    with pytest.warns(FallbackWarning):
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.trace_path == "opaque"
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_namedtuple_holding_another_is_refused_by_name():
+    from collections import namedtuple
+
+    from equivfx.errors import MissingRuleError
+
+    Inner = namedtuple("Inner", "a b")
+    Outer = namedtuple("Outer", "inner c")
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            f = self.conv(x).mean((-2, -1))
+            return Outer(Inner(f * 2, f), f.sum(1))  # was a NameError at every call
+
+    with pytest.raises(MissingRuleError, match="'Inner'"):
+        equivfx.compile(Nested(), "C4")
+
+
+def test_a_forward_without_inputs_is_refused_with_example_inputs_too():
+    class NoInput(nn.Module):
+        def forward(self):
+            return torch.ones(2)
+
+    with pytest.raises(ModelTypeError, match="takes no inputs"):
+        equivfx.compile(NoInput(), "C4", example_inputs=torch.ones(2, 1, 4, 4))
