@@ -207,16 +207,26 @@ def as_example_inputs(example_inputs) -> tuple:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Run in eval mode and without autograd, restoring every submodule's mode afterwards."""
+    """Run in eval mode and without autograd, restoring every submodule's mode afterwards, and
+    the buffers and random state: equivfx's own runs of the model (shape propagation, the test
+    run, verify) leave it as it was, though a graph may hold a training branch that updates a
+    buffer in place or draws random numbers (a branch written into the graph runs whatever the
+    flags say)."""
     modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    devices = sorted({b.device.index or 0 for b, _ in buffers if b.is_cuda})
     for m in modes:  # set the flag directly: exported modules refuse .eval() but ignore the flag
         m.training = False
     try:
-        with torch.no_grad(), Lift.watch_paused(modes):
+        with torch.no_grad(), Lift.watch_paused(modes), torch.random.fork_rng(devices=devices):
             yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
 
 
 def _with_source(err: EquivFXError, model: nn.Module, result) -> EquivFXError:

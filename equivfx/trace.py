@@ -316,10 +316,15 @@ def _on_a_proxy(err: Exception | None) -> bool:
     value), not from the user's code failing on a value (``None.abs()``, ``torch.where(c, x,
     None)``, whose message lists the Proxies beside the None): fx's own TraceError, an error
     raised inside torch.fx, or Python refusing a Proxy (``'Proxy' object cannot be interpreted
-    as an integer``, ``int() argument must be ..., not 'Proxy'``)."""
+    as an integer``, ``int() argument must be ..., not 'Proxy'``, ``type Proxy doesn't define
+    __round__``)."""
     if err is None:
         return False
-    if isinstance(err, fx.proxy.TraceError) or "'Proxy'" in str(err):
+    message = str(err)
+    if isinstance(err, fx.proxy.TraceError):
+        return True
+    # torch's argument parser lists every argument's type, Proxies beside the None it refused
+    if "invalid combination of arguments" not in message and re.search(r"\bProxy\b", message):
         return True
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:

@@ -1395,3 +1395,61 @@ def test_a_forward_without_inputs_is_refused_with_example_inputs_too():
 
     with pytest.raises(ModelTypeError, match="takes no inputs"):
         equivfx.compile(NoInput(), "C4", example_inputs=torch.ones(2, 1, 4, 4))
+
+
+class RunningNorm(nn.Module):  # its training branch updates a buffer in place
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x):
+        if self.training:
+            m = x.mean((0, 2, 3))
+            self.mean.mul_(0.9).add_(0.1 * m.detach())
+            return x - m[None, :, None, None]
+        return x - self.mean[None, :, None, None]
+
+
+class DrawingPath(nn.Module):  # its training branch draws random numbers
+    def forward(self, x):
+        return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(0.5) * 2 if self.training else x
+
+
+@pytest.mark.parametrize("child", [RunningNorm, DrawingPath])
+@pytest.mark.parametrize("training", [False, True])
+def test_compile_leaves_the_models_buffers_and_the_random_state_as_they_were(child, training):
+    # a review: checking the other branch ran it on the model's own buffers, and drew numbers
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), child()).train(training)
+    x = torch.randn(2, 1, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            equivfx.compile(net, "C4", example_inputs=x)
+        except equivfx.errors.BatchMixingError:
+            assert child is RunningNorm and training  # its training branch mixes the batch
+    drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(3))
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_round_of_a_proxy_in_the_defaults_path_runs_the_model_whole():
+    class Crop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x, k=None):
+            if k is None:  # "type Proxy doesn't define __round__": no quotes
+                k = round(x.shape[-1] / 2)
+            return self.conv(x)[..., :k].mean((1, 2, 3))
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Crop().eval()
+    with pytest.warns(FallbackWarning):
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
