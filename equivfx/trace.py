@@ -382,13 +382,25 @@ def _capture(
         break
     constants = {k: model.__dict__[k] for k in set(model.__dict__) - before}
     _drop_new_attributes(model, before)
-    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+    if not _normalised(graph, model, fixed):
         return _Capture(None, {}, discovered, dict(fixed), unfixable=True)
-    _output_namedtuples(graph)
     every = {**tracer.registry_leaves, **leaves, **discovered}
     capture = _Capture(graph, every, discovered, dict(fixed), constants)
     capture.not_one_value = frozenset(tracer.not_one_value)
     return capture
+
+
+def _normalised(graph: fx.Graph, model: nn.Module, fixed: dict[str, Any], required=()) -> bool:
+    """Rewrite a fresh trace of ``model`` as every trace of it is rewritten (the first ones and
+    those :func:`mode_dependent` and :func:`source_line` compare with them): the ``fixed``
+    arguments' placeholders and checks (:func:`_fix_arguments`), namedtuple outputs, the checks
+    of ``required`` tensors (:func:`_check_given`). False where fx did not make the
+    placeholders expected for ``fixed``."""
+    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+        return False
+    _output_namedtuples(graph)
+    _check_given(graph, required)
+    return True
 
 
 def _output_namedtuples(graph: fx.Graph) -> None:
@@ -426,16 +438,22 @@ def _is_namedtuple_call(node: fx.Node) -> bool:
     )
 
 
-def _parameter_names(model: nn.Module) -> list[str] | None:
-    """The names of ``model.forward``'s parameters, in order (fx makes one placeholder for
-    each); None for a forward without a signature or with ``*args`` or ``**kwargs``."""
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """``model.forward``'s parameters, in order (fx makes one placeholder for each); None for a
+    forward without a signature or with ``*args`` or ``**kwargs``."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
-    return [p.name for p in params]
+    return params
+
+
+def _parameter_names(model: nn.Module) -> list[str] | None:
+    """The names of :func:`_forward_parameters`; None where that is None."""
+    params = _forward_parameters(model)
+    return None if params is None else [p.name for p in params]
 
 
 def _fixable_arguments(
@@ -445,9 +463,9 @@ def _fixable_arguments(
     or a str: name -> that value (the example's where ``example_inputs`` reaches the parameter,
     else forward's default), and name -> ``"example"`` or ``"default"``. None for a forward
     with ``*args`` or ``**kwargs``."""
-    if _parameter_names(model) is None:  # nothing fixed
+    params = _forward_parameters(model)
+    if params is None:  # nothing fixed
         return {}, {}
-    params = list(inspect.signature(model.forward).parameters.values())
     given = tuple(example_inputs) if example_inputs is not None else ()
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -483,15 +501,26 @@ def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any], names: list[str] | No
     for node in reversed(list(graph.nodes)):
         if node in checks:
             graph.erase_node(node)
-    last = placeholders[-1]
     for name, node in found.items():
         node.target = name
         if node.name != name and hasattr(node, "_rename"):
             node._rename(name)  # the variable's name in the generated code (free here)
         node.meta[FIXED] = fixed[name]
-        with graph.inserting_after(last):
-            last = graph.call_function(expect_value, (node, name, fixed[name]))
+    _checks_after_inputs(
+        graph, [(expect_value, (node, name, fixed[name])) for name, node in found.items()]
+    )
     return True
+
+
+def _checks_after_inputs(graph: fx.Graph, checks: list[tuple]) -> None:
+    """A call of each ``(function, args)`` of ``checks``, in order, right after the graph's
+    placeholders."""
+    if not checks:
+        return
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for function, args in checks:
+        with graph.inserting_after(last):
+            last = graph.call_function(function, args)
 
 
 def expect_value(value, name: str, expected):
@@ -526,16 +555,13 @@ def _required_tensors(
     """The parameters with a None default that ``example_inputs`` passes a tensor for, whose
     None would change ``chosen``'s graph (traced with None once more each: ``if bias is not
     None:``): an :func:`expect_given` check is added to the graph for each."""
-    names = _parameter_names(model)
-    if example_inputs is None or names is None:
+    params = _forward_parameters(model)
+    if example_inputs is None or params is None:
         return ()
-    params = inspect.signature(model.forward).parameters
     required = []
-    for i, example in enumerate(tuple(example_inputs)[1:], 1):
-        name = names[i] if i < len(names) else None
-        if name is None or name in chosen.fixed or not isinstance(example, torch.Tensor):
-            continue
-        if params[name].default is not None:
+    for p, example in zip(params[1:], tuple(example_inputs)[1:], strict=False):
+        name = p.name
+        if name in chosen.fixed or not isinstance(example, torch.Tensor) or p.default is not None:
             continue
         omitted = _capture(model, {**chosen.fixed, name: None}, before, leaves)
         if not _agree(chosen, omitted, {name: None}):
@@ -546,13 +572,8 @@ def _required_tensors(
 
 def _check_given(graph: fx.Graph, names) -> None:
     """An :func:`expect_given` check of each placeholder of ``names``, after the last."""
-    if not names:
-        return
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-    last = list(placeholders.values())[-1]
-    for name in names:
-        with graph.inserting_after(last):
-            last = graph.call_function(expect_given, (placeholders[name], name))
+    _checks_after_inputs(graph, [(expect_given, (placeholders[name], name)) for name in names])
 
 
 def expect_given(value, name: str):
@@ -714,19 +735,18 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
 
 
 def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
-    sig = inspect.signature(model.forward)
-    params = list(sig.parameters.values())
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise TraceError(
-                explain(
-                    f"{type(model).__name__}.forward could not be traced and takes *args/**kwargs",
-                    str(sig),
-                    "a forward with named positional parameters",
-                    "give forward explicit parameters, or make the untraceable part a "
-                    "submodule so only it runs opaque",
-                )
+    """:func:`_forward_parameters`, refused where there are none to name."""
+    params = _forward_parameters(model)
+    if params is None:
+        raise TraceError(
+            explain(
+                f"{type(model).__name__}.forward could not be traced and takes *args/**kwargs",
+                str(inspect.signature(model.forward)),
+                "a forward with named positional parameters",
+                "give forward explicit parameters, or make the untraceable part a "
+                "submodule so only it runs opaque",
             )
+        )
     return params
 
 
@@ -880,10 +900,8 @@ def _retrace_with(
     with warnings.catch_warnings(), _no_new_attributes(model):
         warnings.simplefilter("ignore")
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
-        if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+        if not _normalised(graph, model, fixed, getattr(result, "required", ())):
             raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
-        _output_namedtuples(graph)
-        _check_given(graph, getattr(result, "required", ()))
         out = fx.GraphModule(model, graph) if as_module else graph
     return out, frozenset(tracer.not_one_value)
 

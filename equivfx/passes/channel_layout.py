@@ -268,7 +268,11 @@ def _eval_dropout(node: fx.Node) -> bool:
     return _dropout_flag(node) is False
 
 
-DROPOUT_NAMES = {f"{fn.__module__}.{fn.__name__}": fn for fn in DROPOUT_FUNCTIONS}
+def _qualified(fn) -> str:
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+DROPOUT_NAMES = {_qualified(fn): fn for fn in DROPOUT_FUNCTIONS}
 """The functional dropouts by qualified name (``torch.nn.functional.dropout``, ``torch.dropout``):
 how :func:`dropout_call` names the one it calls in generated code."""
 
@@ -452,7 +456,7 @@ class KeepChannelLayout(Pass):
                 args = _move_args(node.args[0], slots, kept[node])
                 _call_through(gm, node, channel_call, (args[0], None, *args[1:]))
         for node in [n for n in graph.nodes if n in kept and _mode_dropout(n)]:
-            name = f"{node.target.__module__}.{node.target.__name__}"
+            name = _qualified(node.target)
             node.target = dropout_call
             node.args = (node.args[0], name, slots, kept[node].axis, *node.args[1:])
         for node in [n for n in graph.nodes if n in kept and _row_norm_function(n) is not None]:

@@ -141,9 +141,7 @@ def keep_state_through_copies(gm: fx.GraphModule) -> None:
     non-persistent in deep copies (fx's deep copy registers the buffers it copies anew, as
     persistent). fx gives every graph module a class of its own, so the reductions set here are
     ``gm``'s only; its copies' classes are given them as they are made."""
-    type(gm).__reduce__ = _reduce_keeping_state
-    type(gm).__deepcopy__ = deepcopy_keeping_state
-    type(gm).__copy__ = copy_keeping_state
+    _set_reductions(type(gm))
     if gm._non_persistent_buffers_set:
         names = frozenset(gm._non_persistent_buffers_set)
         gm._deepcopy_hooks.append(functools.partial(_mark_non_persistent, names))
@@ -181,6 +179,14 @@ def copy_keeping_state(self: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
+def _set_reductions(cls: type) -> None:
+    """Pickling, deep and shallow copies of ``cls``'s modules keep their state (see
+    :func:`keep_state_through_copies`)."""
+    cls.__reduce__ = _reduce_keeping_state
+    cls.__deepcopy__ = deepcopy_keeping_state
+    cls.__copy__ = copy_keeping_state
+
+
 def _keep_reductions(source: type, target: type) -> None:
     """fx gives every copy a class of its own: give it the reductions ``source`` (the copied
     module's own class) was given, so copies of copies (and pickles of copies) keep state too.
@@ -207,7 +213,5 @@ def _unpickle_keeping_state(rebuild, args) -> fx.GraphModule:
     direct_module_access(gm)
     # the new module's class reduces and deep-copies as the pickled one's did; its deep-copy
     # hooks came back with its __dict__ (keep_state_through_copies would add them a second time)
-    type(gm).__reduce__ = _reduce_keeping_state
-    type(gm).__deepcopy__ = deepcopy_keeping_state
-    type(gm).__copy__ = copy_keeping_state
+    _set_reductions(type(gm))
     return gm
