@@ -533,9 +533,12 @@ class Constants(nn.Module):
         return self.head(F.dropout(self.attn(h), 0.3, self.training))
 
 
-def _loop(model, x, group="C4"):
+def _loop(model, x, *args, group="C4", **kwargs):
+    """The invariant readout as users would write it: the loop over the group, averaged (the
+    model's other arguments passed as they are)."""
     G = equivfx.group(group)
-    return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+    outs = [model(G.act(G.inverse(g), x), *args, **kwargs) for g in G.elements]
+    return torch.stack(outs).mean(0)
 
 
 def _folded_by_hand(model, x, seed, group="C4"):
@@ -762,7 +765,7 @@ def test_attention_dropout_probability_follows_the_mode():
         emodel = equivfx.compile(model, "Shift6", example_inputs=x)
     assert emodel.equivfx_info.modes_read == ("attn",)
     with torch.no_grad():
-        torch.testing.assert_close(emodel(x), _loop(model, x, "Shift6"), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(emodel(x), _loop(model, x, group="Shift6"), rtol=1e-5, atol=1e-6)
     emodel.train(), model.train()
     torch.manual_seed(0)
     trained = emodel(x)
@@ -864,13 +867,6 @@ MASK = torch.zeros(2, 36, dtype=torch.bool)
 MASK[:, :5] = True
 
 
-def _pooled_by_hand(model, x, *args, **kwargs):
-    """The invariant readout as users would write it: the loop over C4, averaged."""
-    G = equivfx.group("C4")
-    outs = [model(G.act(G.inverse(g), x), *args, **kwargs) for g in G.elements]
-    return torch.stack(outs).mean(0)
-
-
 @pytest.mark.parametrize("kw", [{}, {"chunk": None}, {"mode": "layerwise"}, {"example_inputs": XA}])
 def test_arguments_the_code_branches_on_are_fixed_to_the_calls_values_and_checked(kw):
     from equivfx.errors import FixedArgumentError
@@ -887,9 +883,9 @@ def test_arguments_the_code_branches_on_are_fixed_to_the_calls_values_and_checke
     with torch.no_grad():
         for args in [(), (None, False), (None, False, 2.0, MASK)]:
             got = emodel(XA, *args)
-            torch.testing.assert_close(got, _pooled_by_hand(model, XA, *args), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, _loop(model, XA, *args), rtol=1e-5, atol=1e-5)
         got = emodel(XA, scale=0.5, mask=MASK)  # free arguments, by keyword
-        want = _pooled_by_hand(model, XA, scale=0.5, mask=MASK)
+        want = _loop(model, XA, scale=0.5, mask=MASK)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(
             FixedArgumentError,
@@ -916,18 +912,18 @@ def test_example_inputs_choose_the_values_a_non_tensor_argument_is_traced_with()
         masked = equivfx.compile(model, "C4", example_inputs=(XA, BIAS, False, 1.0, MASK))
     assert masked.equivfx_info.required == ("bias",)  # None flows into attention as a tensor
     with torch.no_grad():
-        want = _pooled_by_hand(model, XA, BIAS)
+        want = _loop(model, XA, BIAS)
         torch.testing.assert_close(masked(XA, BIAS), want, rtol=1e-5, atol=1e-5)
     assert relu.equivfx_info.fixed == {"bias": None, "relu": True}
     with torch.no_grad():
         for got, want in [
-            (with_bias(XA, BIAS), _pooled_by_hand(model, XA, BIAS)),
+            (with_bias(XA, BIAS), _loop(model, XA, BIAS)),
             (
                 with_bias(XA, bias=2 * BIAS, mask=MASK),
-                _pooled_by_hand(model, XA, 2 * BIAS, mask=MASK),
+                _loop(model, XA, 2 * BIAS, mask=MASK),
             ),
-            (relu(XA, None, True), _pooled_by_hand(model, XA, None, True)),
-            (relu(XA, relu=True, scale=3.0), _pooled_by_hand(model, XA, relu=True, scale=3.0)),
+            (relu(XA, None, True), _loop(model, XA, None, True)),
+            (relu(XA, relu=True, scale=3.0), _loop(model, XA, relu=True, scale=3.0)),
         ]:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(FixedArgumentError, match="relu=False"):
@@ -1003,7 +999,7 @@ def test_keyword_only_flags_are_fixed_and_forwards_with_star_args_are_left_alone
     assert trace(StarArgs()).fixed == {}
     emodel = equivfx.compile(KeywordOnly(), "C4")
     x = torch.randn(2, 1, 4, 4)
-    want = torch.stack([KeywordOnly()(torch.rot90(x, -k, (-2, -1))) for k in range(4)]).mean(0)
+    want = _loop(KeywordOnly(), x)
     torch.testing.assert_close(emodel(x), want)
     torch.testing.assert_close(emodel(x, normalize=True), want)
 
@@ -1074,7 +1070,7 @@ def test_free_and_fixed_graphs_are_told_apart_as_the_values_compute(cls, path, f
     assert emodel.equivfx_info.fixed == fixed
     with torch.no_grad():
         for kwargs in calls:
-            want = _pooled_by_hand(model, X1, **kwargs)
+            want = _loop(model, X1, **kwargs)
             torch.testing.assert_close(emodel(X1, **kwargs), want, rtol=1e-5, atol=1e-6)
 
 
@@ -1103,7 +1099,7 @@ def test_an_opaque_model_keeps_forwards_defaults_and_keyword_only_parameters():
     assert emodel.equivfx_info.trace_path == "opaque"
     with torch.no_grad():
         for kwargs in [{}, {"scale": 3.0}, {"shift": 1.5}]:  # calls omitting them failed
-            want = _pooled_by_hand(model, X1, **kwargs)
+            want = _loop(model, X1, **kwargs)
             torch.testing.assert_close(emodel(X1, **kwargs), want, rtol=1e-5, atol=1e-6)
 
 
@@ -1319,7 +1315,7 @@ def test_the_check_of_both_branches_sees_what_compile_sees():
     model.eval()
     emodel.eval()
     with torch.no_grad():
-        want = torch.stack([model(torch.rot90(x, -k, (-2, -1)), scale) for k in range(4)]).mean(0)
+        want = _loop(model, x, scale)
         torch.testing.assert_close(emodel(x, scale), want, rtol=1e-5, atol=1e-6)
 
 
