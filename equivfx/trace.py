@@ -59,7 +59,6 @@ __all__ = [
     "by_mode",
     "expect_given",
     "expect_value",
-    "hide_state",
     "mode_dependent",
     "register_leaf",
     "source_line",
