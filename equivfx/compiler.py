@@ -38,7 +38,12 @@ from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
 from equivfx.passes.hoist import HoistProjection
 from equivfx.passes.infra import Pipeline
-from equivfx.passes.leaf_check import copy_tensors, describe_mixing, per_slot_difference
+from equivfx.passes.leaf_check import (
+    copy_tensors,
+    describe_mixing,
+    outputs_differ,
+    per_slot_difference,
+)
 from equivfx.passes.lift import LIFT_NAME, InsertLift
 from equivfx.passes.mixing import MixLayers, MixOptions, TiedWeightsWarning
 from equivfx.passes.modules import POOLS, READOUTS, Lift
@@ -51,6 +56,7 @@ from equivfx.trace import (
     TrainingModeWarning,
     mode_dependent,
     restore_unused_state,
+    run_whole_model,
     source_line,
     trace,
 )
@@ -464,7 +470,9 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         input_action: how G acts on the model's first input; default: the group's own action.
         output_action: how G acts on the output, for ``readout="equivariant"``.
         example_inputs: optional tensor or tuple: enables shape-aware analysis (rewriting a literal
-            batch size) and a test run of the compiled graph.
+            batch size), a check that the traced graph computes what the model does on them
+            (where not, the model runs whole, with a ``FallbackWarning``) and a test run of the
+            compiled graph.
         mix: layer-wise mode: which layers mix. None: every Conv/Linear after the input stage; a set
             of qualified module names; or a predicate ``(name, module) -> bool`` asked about every
             Conv/Linear that reads a lifted value.
@@ -620,6 +628,13 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
     result, modes, run_whole = _trace_following_modes(model, examples, mode, G, in_action)
+    propagated = False
+    if examples is not None:
+        in_action.check(examples[0])
+        unfaithful, propagated = _unfaithful(result, model, examples, modes)
+        if unfaithful is not None:
+            result, modes, run_whole = run_whole_model(model, unfaithful), {}, ()
+            propagated = False
     gm = result.gm
     if modes:
         _warn_mode_dependent(model, modes)
@@ -636,24 +651,11 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     example_batch = None
     if examples is not None:
         first = examples[0]
-        in_action.check(first)
         if input_action is not None:  # a user's action: its law is checked on the example
             check_action_law(G, in_action, first.detach()[:1])
         example_batch = int(first.shape[0]) if first.dim() else None
-        with eval_mode(gm):
-            try:
-                with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
-                    ShapeProp(gm).propagate(*examples)
-            except Exception as err:  # the user's model fails on its own example
-                cause = err.__cause__ or err  # ShapeProp wraps it in "ShapeProp error for: ..."
-                raise ModelTypeError(
-                    explain(
-                        "the model fails on its example inputs",
-                        f"{type(cause).__name__}: {cause}",
-                        "example_inputs the model itself runs on",
-                        "check the shapes of example_inputs",
-                    )
-                ) from err
+        if not propagated:
+            _propagate_shapes(gm, copy_tensors(examples))
     options = LiftOptions(
         group=G,
         input_action=in_action,
@@ -770,6 +772,69 @@ def _survive_deepcopy(gm: fx.GraphModule) -> None:
     """``copy.deepcopy`` of a GraphModule keeps only what its graph reads: keep ``equivfx_info``
     (fx's preserved attributes; chunked models keep ``equivfx_flat`` themselves)."""
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
+
+
+def _propagate_shapes(gm: fx.GraphModule, examples: tuple):
+    """Run ``gm`` on the examples in eval mode (:func:`eval_mode`), recording each node's
+    shapes (``ShapeProp``); returns its output. A model that fails on its own examples is
+    refused."""
+    with eval_mode(gm):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
+                return ShapeProp(gm).propagate(*examples)
+        except Exception as err:  # the user's model fails on its own example
+            cause = err.__cause__ or err  # ShapeProp wraps it in "ShapeProp error for: ..."
+            raise ModelTypeError(
+                explain(
+                    "the model fails on its example inputs",
+                    f"{type(cause).__name__}: {cause}",
+                    "example_inputs the model itself runs on",
+                    "check the shapes of example_inputs",
+                )
+            ) from err
+
+
+def _unfaithful(
+    result: TraceResult, model: nn.Module, examples: tuple, modes: dict[str, bool]
+) -> tuple[str | None, bool]:
+    """Why the traced graph is not the model, judged on the examples: None where both compute
+    the same (:func:`~equivfx.passes.leaf_check.outputs_differ`, in eval mode, from the same
+    random state), else a reason naming the difference and the arguments the graph does not
+    read; and whether the graph's shapes were propagated on the way (:func:`_propagate_shapes`).
+    Tracing runs the model's Python once, with Proxies: a test Python answers without them
+    (``isinstance(mask, torch.Tensor)`` is False for a Proxy, ``table.get(key)`` misses) takes
+    one branch for every call. Not judged for the opaque path (the model itself) and where the
+    graph holds the training branch of a module that reads its flag (``modes``: eval mode runs
+    the other)."""
+    if result.path == "opaque" or any(modes.values()):
+        return None, False
+    with eval_mode(model):
+        try:
+            expected = model(*copy_tensors(examples))
+        except Exception:  # the graph's own run names the failure (_propagate_shapes)
+            return None, False
+    gm = result.gm
+    difference = outputs_differ(_propagate_shapes(gm, copy_tensors(examples)), expected)
+    if not difference:
+        return None, True
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    unread = [
+        n.target
+        for n, value in zip(placeholders[1:], examples[1:], strict=False)
+        if not n.users and value is not None
+    ]
+    hint = (
+        f" It does not read argument(s) {', '.join(map(repr, unread))} that example_inputs "
+        "passes: the model's Python decided on them without tracing"
+        if unread
+        else ""
+    )
+    return (
+        f"{type(model).__name__}'s traced graph computes something else than its forward on "
+        f"example_inputs (largest difference {difference:.3g}): a test Python answers without "
+        "tracing (isinstance(arg, torch.Tensor), dict.get on an argument) took one branch for "
+        "every call." + hint
+    ), True
 
 
 def _test_run(

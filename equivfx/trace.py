@@ -219,8 +219,9 @@ def trace(
     ``TraceResult.fixed`` names them. Where the value's path fails on a Proxy (branches on data,
     ``len`` of a tensor), the model runs whole (the Proxy's graph is not the calls' either); where
     the code fails on the value itself (``None.abs()``: calls pass others), the Proxy's graph
-    is kept. Not seen: tests Python answers without a trace, ``isinstance(mask,
-    torch.Tensor)``, ``table.get(mode, default)`` (a Proxy is no tensor, nor a key).
+    is kept. Not seen here: tests Python answers without a trace, ``isinstance(mask,
+    torch.Tensor)``, ``table.get(mode, default)`` (a Proxy is no tensor, nor a key);
+    ``equivfx.compile`` with example inputs compares the graph with the model on them.
 
     Args:
         model: any ``nn.Module``. It is not modified; the graph module shares its submodules and
@@ -688,12 +689,14 @@ def _drop_new_attributes(model: nn.Module, before: set) -> None:
         del model.__dict__[key]
 
 
-def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> TraceResult:
+def _opaque(
+    model: nn.Module, err: Exception | None, discovered: dict[str, str], why: str | None = None
+) -> TraceResult:
     """The last resort: one graph node that calls the whole model.
 
     The model is held as submodule :data:`OPAQUE_ATTR`; state-dict hooks strip and restore that
-    prefix
-    so the graph module's ``state_dict()`` has exactly the model's keys.
+    prefix so the graph module's ``state_dict()`` has exactly the model's keys. ``why`` says
+    why, for the warning and ``leaves[""]`` (default: the trace failed with ``err``).
     """
     name = type(model).__name__
     root = nn.Module()
@@ -719,18 +722,25 @@ def _opaque(model: nn.Module, err: Exception, discovered: dict[str, str]) -> Tra
     graph.output(out)
     gm = fx.GraphModule(root, graph, class_name=f"Opaque{name}")
     install_prefix_hooks(gm, OPAQUE_ATTR)
+    if why is None:
+        why = f"{name}.forward could not be traced ({type(err).__name__}: {err})"
     warnings.warn(
-        f"equivfx fallback: {name}.forward could not be traced ({type(err).__name__}: {err}); the "
-        "whole "
-        "model runs as one opaque node. The global lift is still exact where it treats each "
-        "sample on its own (checked on example_inputs); layer-wise passes cannot "
-        "look "
-        "inside. Run equivfx.verify to check the result.",
+        f"equivfx fallback: {why}; the whole model runs as one opaque node. The global lift is "
+        "still exact where it treats each sample on its own (checked on example_inputs); "
+        "layer-wise passes cannot look inside. Run equivfx.verify to check the result.",
         FallbackWarning,
         stacklevel=user_stacklevel(),
     )
-    leaves = {**discovered, "": "the model's forward could not be traced"}
-    return TraceResult(gm=gm, path="opaque", leaves=leaves, error=f"{type(err).__name__}: {err}")
+    reason = "the model's forward could not be traced" if err is not None else why
+    leaves = {**discovered, "": reason}
+    error = why if err is None else f"{type(err).__name__}: {err}"
+    return TraceResult(gm=gm, path="opaque", leaves=leaves, error=error)
+
+
+def run_whole_model(model: nn.Module, why: str) -> TraceResult:
+    """The opaque path chosen after a trace that succeeded (its graph is not the model's: see
+    ``equivfx.compile``), with the reason ``why``; warns (:class:`FallbackWarning`)."""
+    return _opaque(model, None, {}, why)
 
 
 def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
