@@ -807,6 +807,10 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
             continue
         modpath, _, attr = key.rpartition(".")
         src = model.get_submodule(modpath) if modpath else model
+        if modpath and _uninitialized(src) and not _has_submodule(gm, modpath):
+            _set_submodule(gm, modpath, src)  # a lazy module saves and loads them itself
+            have = set(gm.state_dict().keys())
+            continue
         dst = _ensure_submodule(gm, modpath)
         if attr in src._parameters:
             dst.register_parameter(attr, src._parameters[attr])
@@ -858,6 +862,22 @@ def _keep_keys(
         tensor = owner._parameters.get(attr, owner._buffers.get(attr))
         if tensor is not None:
             state_dict[sd_prefix + key] = tensor.detach()
+
+
+def _uninitialized(module: nn.Module) -> bool:
+    """``module`` holds parameters or buffers a lazy module has not materialised yet (only its
+    own state-dict methods save them; a plain module's fail on them)."""
+    lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    held = (*module._parameters.values(), *module._buffers.values())
+    return any(isinstance(t, lazy) for t in held)
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:

@@ -118,6 +118,48 @@ def test_unused_parameters_are_kept_in_the_state_dict():
     assert set(em.state_dict()) == set(m.state_dict())
 
 
+class LazyNet(nn.Module):
+    """Lazy layers, one of which forward never calls (it stays uninitialised)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.LazyConv2d(4, 3)
+        self.head = nn.LazyLinear(5)
+        self.spare = nn.LazyLinear(2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().flatten(1))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_lazy_modules_compile_run_save_and_load(examples):
+    # an uninitialised lazy module the graph does not read crashed compile (its parameters
+    # copied into a plain module, whose state dict cannot save them)
+    model = LazyNet().eval()
+    kwargs = {"example_inputs": X} if examples else {}
+    emodel = equivfx.compile(model, "C4", readout="slots", **kwargs)
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    fresh = equivfx.compile(LazyNet().eval(), "C4", readout="slots")
+    fresh.load_state_dict(emodel.state_dict())  # materialises its lazy layers from the tensors
+    with torch.no_grad():
+        assert torch.equal(fresh(X), emodel(X))
+
+
+def test_layerwise_mode_asks_for_lazy_weights_to_exist():
+    with pytest.raises(ModelTypeError, match=r"lazy module\(s\).*'head'.*example_inputs="):
+        equivfx.compile(LazyNet().eval(), "C4", mode="layerwise")
+    model = LazyNet().eval()
+    emodel = equivfx.compile(model, "C4", mode="layerwise", example_inputs=X)  # materialised
+    assert emodel.equivfx_info.mixed == ("head",)  # conv is the input stage
+    with torch.no_grad():
+        want = oracle_slots(model, equivfx.group("C4"), X).mean(1)
+        torch.testing.assert_close(emodel(X), want, rtol=1e-5, atol=1e-6)
+
+
 def test_train_mode_and_gradients():
     model = small_cnn().train()
     emodel = equivfx.compile(model, "C4")

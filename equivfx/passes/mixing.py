@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from equivfx.errors import EquivFXError, InputShapeError, explain
+from equivfx.errors import EquivFXError, InputShapeError, ModelTypeError, explain
 from equivfx.meta import REP, Folded, set_rep
 from equivfx.passes.infra import Pass, PassResult, new_node_origin
 from equivfx.passes.modules import (
@@ -643,6 +643,12 @@ _MIXING = {
 }
 
 
+def _uninitialized(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and bool(
+        module.has_uninitialized_params()
+    )
+
+
 def widen(module: nn.Module, order: int, group=None, layout: str = "fused") -> nn.Module:
     """A copy of ``module`` with ``order`` times the input width, computing the same function on the
     identity block: the new input blocks are zero.
@@ -791,6 +797,18 @@ class MixLayers(Pass):
                 )
             candidates[node.target] = first
         chosen = self._choose(candidates, modules)
+        lazy = [n for n in chosen if _uninitialized(modules[n])]
+        if lazy:
+            raise ModelTypeError(
+                explain(
+                    "layer-wise mode widens the weights of mixing layers, and lazy module(s) "
+                    "have not materialised theirs yet",
+                    ", ".join(map(repr, lazy)),
+                    "modules whose weights exist (a lazy module's appear at its first call)",
+                    "pass example_inputs= (compile runs the model on them), or run the model "
+                    "once on a batch before compiling",
+                )
+            )
         for name in chosen:
             m = modules[name]
             own = opts.twist is None  # twist reads the slots through Phi: SlotGather does
