@@ -399,19 +399,25 @@ def _folding_both_ways(
 
     if not folds(result.gm):
         return []
-    kept = []
-    for name in names:
-        module = model.get_submodule(name)
-        module.training = not module.training  # its other branch, traced and annotated so
+
+    def other_branches_fold(flip: list[str]) -> bool:
+        modules = [model.get_submodule(name) for name in flip]
+        for module in modules:
+            module.training = not module.training  # the other branch, traced and annotated so
         try:
             flipped, not_one_value = _retrace_with(model, result, as_module=True)
-            if name not in not_one_value and folds(flipped):
-                kept.append(name)
+            return not not_one_value & set(flip) and folds(flipped)
         except Exception as err:  # noqa: BLE001 - the other branch does not trace: not whole
-            log.debug("equivfx: %s's other branch does not trace: %s", name, err)
+            log.debug("equivfx: the other branch of %s does not trace: %s", flip, err)
+            return False
         finally:
-            module.training = not module.training
-    return kept
+            for module in modules:
+                module.training = not module.training
+
+    # all at once (one trace, whatever their number), else one by one
+    if len(names) > 1 and other_branches_fold(names):
+        return list(names)
+    return [name for name in names if other_branches_fold([name])]
 
 
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:

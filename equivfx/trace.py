@@ -30,7 +30,9 @@ import math
 import operator
 import os
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -919,11 +921,17 @@ def _retrace(model: nn.Module, result: TraceResult, stack_traces: bool = False) 
 
 
 def _retrace_with(
-    model: nn.Module, result: TraceResult, stack_traces: bool = False, as_module: bool = False
+    model: nn.Module,
+    result: TraceResult,
+    stack_traces: bool = False,
+    as_module: bool = False,
+    tracer: _Tracer | None = None,
 ):
     """:func:`_retrace`, with the tracer's ``not_one_value``; ``as_module``: a graph module
-    (holding the tensor constants the trace made) instead of the graph."""
-    tracer = _Tracer(dict(result.leaves))
+    (holding the tensor constants the trace made) instead of the graph; ``tracer``: one to
+    trace with (a :class:`_RegionTracer`), else a new :class:`_Tracer`."""
+    if tracer is None:
+        tracer = _Tracer(dict(result.leaves))
     tracer.record_stack_traces = stack_traces
     fixed = getattr(result, "fixed", None) or {}
     with warnings.catch_warnings(), _no_new_attributes(model):
@@ -956,6 +964,215 @@ def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]
     return None if graph is None else _graph_key(graph)
 
 
+_ROOT_CALL = ("", 0)
+
+
+class _RegionTracer(_Tracer):
+    """A :class:`_Tracer` that records, for each module call (qualified name, how many calls of
+    that module came before), the nodes its own code made (not its submodules' calls'), and what
+    it returned; and, for each module whose ``training`` flag was read, which modules' code read
+    it (:func:`_reading_flags`)."""
+
+    def __init__(self, extra_leaves: dict[str, str] | None = None):
+        super().__init__(extra_leaves)
+        self.calls: list[tuple[str, int]] = []
+        self.counts: dict[str, int] = {}
+        self.owner: dict[fx.Node, tuple[str, int]] = {}
+        self.returned: dict[tuple[str, int], Any] = {}
+        self.reads: dict[nn.Module, set[str]] = {}
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        call = (qualname, self.counts.get(qualname, 0))
+        self.counts[qualname] = call[1] + 1
+        self.calls.append(call)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self.calls.pop()
+        self.returned[call] = out
+        return out
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        self.owner[node] = self.calls[-1] if self.calls else _ROOT_CALL
+        return node
+
+
+@contextlib.contextmanager
+def _reading_flags(tracer: _Tracer):
+    """While tracing: each read of a module's ``training`` attribute is recorded in
+    ``tracer.reads`` (module -> qualified names of the modules whose code read it, "" for the
+    model's). A property on ``nn.Module`` for that time (instances keep the value in their
+    ``__dict__``, which a data descriptor of the class takes precedence over)."""
+
+    def read(module):
+        try:
+            value = module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+        tracer.reads.setdefault(module, set()).add(tracer.stack[-1] if tracer.stack else "")
+        return value
+
+    def write(module, value):
+        module.__dict__["training"] = value
+
+    with _READING_FLAGS:  # one trace at a time: the property is the whole process's
+        nn.Module.training = property(read, write)
+        try:
+            yield
+        finally:
+            del nn.Module.training
+
+
+_READING_FLAGS = threading.Lock()
+
+
+def _defines_training(cls: type) -> bool:
+    """A class of its own says what ``training`` is (a property, a class attribute): its reads
+    are not seen by :func:`_reading_flags`."""
+    return any("training" in vars(k) for k in cls.__mro__ if k is not nn.Module)
+
+
+class _Regions:
+    """A graph traced by a :class:`_RegionTracer`, cut into its module calls' own nodes."""
+
+    def __init__(self, graph: fx.Graph, tracer: _RegionTracer):
+        self.graph = graph
+        self.reads = tracer.reads
+        self.own: dict[tuple[str, int], list[fx.Node]] = {}
+        self.tags: dict[fx.Node, set] = {}
+        for node in graph.nodes:  # nodes the trace's own rewrites added belong to the model
+            call = tracer.owner.get(node, _ROOT_CALL)
+            nodes = self.own.setdefault(call, [])
+            self.tags[node] = {("own", call, len(nodes))}
+            nodes.append(node)
+        self.returned = {call: _as_nodes(out) for call, out in tracer.returned.items()}
+        for call, out in self.returned.items():
+            if isinstance(out, fx.Node) and out in self.tags:  # what its caller reads
+                self.tags[out].add(("out", call))
+
+
+def _as_nodes(value):
+    """``value`` (what a module call returned) with its Proxies replaced by their nodes."""
+    if isinstance(value, fx.Proxy):
+        return value.node
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_nodes(v) for v in value) if type(value) in (tuple, list) else value
+    if isinstance(value, dict):
+        return {k: _as_nodes(v) for k, v in value.items()}
+    return value
+
+
+def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
+    """``model`` traced again with the flags of ``flipped`` negated, cut into regions
+    (:class:`_Regions`); None where that trace fails."""
+    tracer = _RegionTracer(dict(result.leaves))
+    for m in flipped:
+        m.training = not m.training
+    try:
+        with _reading_flags(tracer):
+            graph, _ = _retrace_with(model, result, tracer=tracer)
+    except Exception as err:  # noqa: BLE001 - the other branch does not trace
+        log.debug("equivfx: retrace with flipped training flags failed: %s", err)
+        return None
+    finally:
+        for m in flipped:
+            m.training = not m.training
+    return _Regions(graph, tracer)
+
+
+def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
+    """Each module call whose own nodes or return value differ between the two traces ->
+    the constants that differ ((node of ``ours``, where, our value, their value)), or None
+    where more than constants differ. References to nodes compare by what they are (the i-th
+    node a call made, or what a call returned: the same node may be both). None overall where
+    a call that differs returned something else than one traced value (its caller's code
+    may then differ because of it)."""
+
+    def same(a: fx.Node, b: fx.Node) -> bool:
+        return bool(ours.tags.get(a, set()) & theirs.tags.get(b, set()))
+
+    changed: dict = {}
+    for call in ours.own.keys() & theirs.own.keys() | ours.returned.keys() & theirs.returned.keys():
+        a, b = ours.own.get(call, []), theirs.own.get(call, [])
+        found: list | None = []
+        if len(a) != len(b):
+            found = None
+        else:
+            for x, y in zip(a, b, strict=True):
+                if (x.op, _name(x.target)) != (y.op, _name(y.target)):
+                    found = None
+                    break
+                here: list = []
+                if not _differences((x.args, x.kwargs), (y.args, y.kwargs), (), here, same):
+                    found = None
+                    break
+                if here and not _takes_mode_values(x, here):
+                    found = None
+                    break
+                found += [(x, where, u, v) for where, u, v in here]
+        out_a, out_b = ours.returned.get(call), theirs.returned.get(call)
+        spare: list = []
+        if not _differences(out_a, out_b, (), spare, same) or spare:
+            found = None
+        if found is None or found:
+            one_value = isinstance(out_a, fx.Node) and isinstance(out_b, fx.Node)
+            if call != _ROOT_CALL and not one_value:  # the model's own: the graph's output
+                return None
+            changed[call] = found
+    return changed
+
+
+def _mode_dependent_by_regions(
+    model: nn.Module, result: TraceResult, base: tuple, named: list
+) -> tuple[dict[str, bool], dict[str, list]] | None:
+    """:func:`mode_dependent` in a few traces whatever the number of modules: the graph as it is
+    and with every flag that was read flipped, each cut into module calls; a call whose own
+    nodes differ is its module's flag's doing where only that module's code read flags. Returns
+    the modules whose flag changes the graph, and for those whose flip changes only constants
+    the constants (nodes of ``result.gm``); None where that cannot be told so (a flag read by
+    other code, a class saying what ``training`` is, a call that differs returning a tuple, a
+    difference no flag read explains): the search then bisects."""
+    if any(_defines_training(type(m)) for _, m in named):
+        return None
+    names = {m: n for n, m in named}
+    as_is = _traced_regions(model, result, [])
+    if as_is is None or _graph_key(as_is.graph) != base:
+        return None
+    read = list(as_is.reads)
+    if any(m not in names or as_is.reads[m] != {names[m]} for m in read):
+        return None
+    if not read:
+        return {}, {}
+    other = _traced_regions(model, result, read)
+    if other is None or any(m not in names or other.reads[m] != {names[m]} for m in other.reads):
+        return None
+    changed = _region_changes(as_is, other)  # even where the graphs are equal: flips cancel
+    if changed is None:
+        return None
+    readers = {names[m] for m in read}
+    dependent = {call[0] for call in changed}
+    if not dependent <= readers:
+        return None
+    rest = [m for m in read if names[m] not in dependent]
+    if rest:  # the flags left out change nothing, together
+        graph = _flipped_graph(model, result, rest)
+        if graph is None or _graph_key(graph) != base:
+            return None
+    where = dict(zip(as_is.graph.nodes, result.gm.graph.nodes, strict=True))
+    constants: dict[str, list] = {}
+    structure: set[str] = set()
+    for (name, _), found in changed.items():
+        if found is None:
+            structure.add(name)
+        else:
+            constants.setdefault(name, []).extend((where[n], w, u, v) for n, w, u, v in found)
+    constants = {n: constants[n] for n, _ in named if n in constants and n not in structure}
+    modes = {n: m.training for n, m in named if n in dependent}
+    return modes, constants
+
+
 def mode_dependent(
     model: nn.Module, result: TraceResult, read_at_call: bool = False
 ) -> dict[str, bool]:
@@ -981,6 +1198,14 @@ def mode_dependent(
         return {}
     base = _graph_key(result.gm.graph)
     named = list(model.named_modules(remove_duplicate=True))
+    fast = _mode_dependent_by_regions(model, result, base, named)
+    if fast is not None:
+        modes, constants = fast
+        if read_at_call and constants:
+            read = _apply_read_at_call(model, result, constants)
+            result.modes_read = tuple(read)
+            modes = {n: flag for n, flag in modes.items() if n not in read}
+        return modes
     everything = _flipped_graph(model, result, [m for _, m in named])
     if everything is not None and _graph_key(everything) == base:
         return {}
@@ -1053,8 +1278,18 @@ def _read_flags_at_call(
     changes: dict[str, list] = {}
     for name, flipped in singles.items():
         found = None if flipped is None else _constant_changes(graph, flipped)
-        if found and _can_hold_switch(result.gm, name):
+        if found:
             changes[name] = found
+    return _apply_read_at_call(model, result, changes)
+
+
+def _apply_read_at_call(model: nn.Module, result: TraceResult, changes: dict[str, list]) -> list:
+    """Rewrite ``result.gm`` to read, at each call, the flag of each module of ``changes`` (name
+    -> the constants its flip alone changes: (node, where, compiled value, other value)), where
+    a switch can be held beside it and no other module's flip changes those constants; return
+    those modules' names."""
+    graph = result.gm.graph
+    changes = {n: found for n, found in changes.items() if _can_hold_switch(result.gm, n)}
     owners: dict[tuple, int] = {}
     for found in changes.values():
         for node, where, _, _ in found:
@@ -1154,20 +1389,25 @@ def _name(target) -> str:
     return _CONSTANT.sub("_tensor_constant", str(target))
 
 
-def _differences(x, y, where: tuple, found: list) -> bool:
+def _same_name(a: fx.Node, b: fx.Node) -> bool:
+    return _name(a.name) == _name(b.name)
+
+
+def _differences(x, y, where: tuple, found: list, same: Callable = _same_name) -> bool:
     """Collect into ``found`` the (path, x's value, y's value) of each constant where ``x`` and
-    ``y`` differ; False where they differ in structure or in a node."""
+    ``y`` differ; False where they differ in structure or in a node (nodes compared by
+    ``same``: by name)."""
     if isinstance(x, fx.Node) or isinstance(y, fx.Node):
-        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and _name(x.name) == _name(y.name)
+        return isinstance(x, fx.Node) and isinstance(y, fx.Node) and same(x, y)
     if isinstance(x, (tuple, list)) or isinstance(y, (tuple, list)):
         if type(x) is not type(y) or len(x) != len(y):
             return False
         pairs = enumerate(zip(x, y, strict=True))
-        return all(_differences(a, b, (*where, i), found) for i, (a, b) in pairs)
+        return all(_differences(a, b, (*where, i), found, same) for i, (a, b) in pairs)
     if isinstance(x, dict) or isinstance(y, dict):
         if type(x) is not type(y) or list(x) != list(y):
             return False
-        return all(_differences(x[k], y[k], (*where, k), found) for k in x)
+        return all(_differences(x[k], y[k], (*where, k), found, same) for k in x)
     if type(x) is not type(y) or repr(x) != repr(y):
         found.append((where, x, y))
     return True

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -162,11 +163,11 @@ def test_mode_dependent_traces_once_more_where_no_flag_matters(monkeypatch):
     import equivfx.trace as front
 
     calls = []
-    real = front._flipped_graph
-    monkeypatch.setattr(front, "_flipped_graph", lambda *a: calls.append(len(a[2])) or real(*a))
+    real = front._retrace_with
+    monkeypatch.setattr(front, "_retrace_with", lambda *a, **k: calls.append(1) or real(*a, **k))
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     assert mode_dependent(plain, trace(plain)) == {}
-    assert calls == [4]  # every module flipped at once: the graph is the same, done
+    assert calls == [1]  # traced once, reading flags: no code read one (its leaves run whole)
 
 
 def test_mode_dependent_is_empty_for_the_opaque_path():
@@ -1498,3 +1499,132 @@ def test_a_graph_holding_a_training_branch_is_not_judged_in_eval_mode():
         emodel = equivfx.compile(model, "C4", example_inputs=X1)
     assert emodel.equivfx_info.trace_path == "symbolic_trace"
     assert emodel.equivfx_info.mode_dependent == {"": True}
+
+
+# ------------------------------------- the flag search by regions against the bisecting search
+class _Drop(nn.Module):  # a branch of its own (stochastic depth); p = 0: the flag changes nothing
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        return x * x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.p) / (1 - self.p)
+
+
+class _Dropout(nn.Module):  # the flag only chooses a constant
+    def forward(self, x):
+        return F.dropout(x, 0.2, self.training)
+
+
+class _Scale(nn.Module):  # a constant of arithmetic
+    def forward(self, x):
+        return x * (2.0 if self.training else 1.0)
+
+
+class _Parent(nn.Module):  # reads its child's flag: other code than the child's
+    def __init__(self, child):
+        super().__init__()
+        self.child = child
+
+    def forward(self, x):
+        y = self.child(x)
+        return y + 1 if self.child.training else y
+
+
+class _PassDown(nn.Module):  # passes its flag down: the constant is in the function's call
+    def forward(self, x):
+        return _dropout_with(x, self.training)
+
+
+def _dropout_with(x, training):
+    return F.dropout(x, 0.1, training)
+
+
+class _Pair(nn.Module):  # returns a tuple whose second entry depends on the flag
+    def forward(self, x):
+        return x * 2, (x.sum() if self.training else None)
+
+
+class _TakesFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pair = _Pair()
+
+    def forward(self, x):
+        return self.pair(x)[0]
+
+
+_BLOCKS = [
+    lambda: nn.Conv2d(2, 2, 3, padding=1),
+    lambda: _Drop(0.1),
+    lambda: _Drop(0.0),
+    _Dropout,
+    _Scale,
+    lambda: _Parent(_Scale()),
+    lambda: _Parent(nn.Dropout(0.1)),
+    _PassDown,
+    _TakesFirst,
+    lambda: nn.BatchNorm2d(2),
+]
+
+
+@given(
+    kinds=st.lists(st.integers(0, len(_BLOCKS) - 1), min_size=1, max_size=6),
+    flags=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_the_search_by_regions_finds_each_flag_whose_flip_changes_the_graph(kinds, flags):
+    # the oracle: each module's flag flipped alone. The regions take a few traces whatever the
+    # number of modules; bisecting took about 5 per module whose flag changes the graph
+    # (compile time quadratic in them) and missed flips that cancel in pairs: two stochastic
+    # depths in a row, one in each mode, flipped together give the same graph
+    import equivfx.trace as front
+
+    model = nn.Sequential(*[_BLOCKS[k]() for k in kinds])
+    for module, flag in zip(model.modules(), flags * 4, strict=False):
+        module.training = flag
+    result = trace(model)
+    graph = result.gm.graph
+    base = front._graph_key(graph)
+    named = list(model.named_modules())
+    singles = {n: front._flipped_graph(model, result, [m]) for n, m in named}
+    truth = {n for n, g in singles.items() if g is None or front._graph_key(g) != base}
+    found = front._mode_dependent_by_regions(model, result, base, named)
+    if found is None:  # handed over: a flag read by other code, or a tuple whose entry differs
+        assert {5, 6, 8} & set(kinds)
+        return
+    modes, constants = found
+    assert modes == {n: m.training for n, m in named if n in truth}
+
+    def as_set(changes):
+        return {(node.name, where, repr(a), repr(b)) for node, where, a, b in changes}
+
+    for name in truth:
+        alone = None if singles[name] is None else front._constant_changes(graph, singles[name])
+        if name in constants:
+            assert as_set(constants[name]) == as_set(alone)
+        else:
+            assert alone is None  # more than constants change
+
+
+def test_compile_traces_as_often_for_many_stochastic_depths_as_for_few(monkeypatch):
+    # bisecting traced the whole model about 6 times per such module (128 blocks: 771 traces,
+    # 19.7 s); by regions, and with their other branches checked together, the count is fixed
+    traces = []
+    real = fx.Tracer.trace
+    monkeypatch.setattr(fx.Tracer, "trace", lambda *a, **k: traces.append(1) or real(*a, **k))
+
+    def traced(blocks: int) -> int:
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(1, 2, 3, padding=1)]
+        layers += [Residual() for _ in range(blocks)]
+        model = nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(3)).eval()
+        traces.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 6, 6))
+        assert len(emodel.equivfx_info.modes_run_whole) == blocks
+        return len(traces)
+
+    assert traced(2) == traced(12)
