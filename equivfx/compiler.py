@@ -219,8 +219,12 @@ def eval_mode(model: nn.Module):
     buffer in place or draws random numbers (a branch written into the graph runs whatever the
     flags say)."""
     modes = {m: m.training for m in model.modules()}
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    devices = sorted({b.device.index or 0 for b, _ in buffers if b.is_cuda})
+    lazy = nn.parameter.UninitializedTensorMixin  # no data yet: nothing to put back
+    buffers = [(b, b.clone()) for b in model.buffers() if not isinstance(b, lazy)]
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = sorted(
+        {t.device.index or 0 for t in tensors if t.is_cuda and not isinstance(t, lazy)}
+    )
     for m in modes:  # set the flag directly: exported modules refuse .eval() but ignore the flag
         m.training = False
     try:
@@ -809,38 +813,70 @@ def _unfaithful(
     read; and whether the graph's shapes were propagated on the way (:func:`_propagate_shapes`).
     Tracing runs the model's Python once, with Proxies: a test Python answers without them
     (``isinstance(mask, torch.Tensor)`` is False for a Proxy, ``table.get(key)`` misses) takes
-    one branch for every call. Not judged for the opaque path (the model itself) and where the
+    one branch for every call. Not judged for the opaque path (the model itself), where the
     graph holds the training branch of a module that reads its flag (``modes``: eval mode runs
-    the other)."""
-    if result.path == "opaque" or any(modes.values()):
-        return None, False
+    the other), and for a model that does not reproduce its own output (a generator of its own).
+    A model that fails on its examples where its graph runs is refused (ModelTypeError)."""
+    placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
+    if result.path == "opaque" or any(modes.values()) or not placeholders:
+        return None, False  # (compile refuses a forward without inputs)
+    failed = None
     with eval_mode(model):
         try:
             expected = model(*copy_tensors(examples))
-        except Exception:  # the graph's own run names the failure (_propagate_shapes)
-            return None, False
-    gm = result.gm
-    difference = outputs_differ(_propagate_shapes(gm, copy_tensors(examples)), expected)
+        except Exception as err:  # noqa: BLE001 - reported below, or by the graph's own run
+            failed = err
+    name = type(model).__name__
+    try:
+        got = _propagate_shapes(result.gm, copy_tensors(examples))
+    except ModelTypeError as err:
+        if failed is not None:
+            raise  # both fail: the examples do not fit the model
+        cause = err.__cause__ or err  # ShapeProp's error, whose cause is the node's
+        cause = cause.__cause__ or cause
+        why = f"{name}'s traced graph fails on example_inputs where its forward runs "
+        return why + f"({type(cause).__name__}: {cause})" + _TRACE_CAUSES, False
+    if failed is not None:
+        raise ModelTypeError(
+            explain(
+                "the model fails on its example inputs (its traced graph does not: tracing took "
+                "another path)",
+                f"{type(failed).__name__}: {failed}",
+                "example_inputs the model itself runs on",
+                "check the shapes of example_inputs",
+            )
+        ) from failed
+    expected = fx.node.map_aggregate(expected, lambda v: v)  # lists and dicts as fx returns them
+    difference = outputs_differ(got, expected)
     if not difference:
         return None, True
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with eval_mode(model):
+        again = fx.node.map_aggregate(model(*copy_tensors(examples)), lambda v: v)
+    if outputs_differ(again, expected):
+        log.info("equivfx: %s does not reproduce its own output: its graph is not checked", name)
+        return None, True
     unread = [
         n.target
         for n, value in zip(placeholders[1:], examples[1:], strict=False)
         if not n.users and value is not None
     ]
     hint = (
-        f" It does not read argument(s) {', '.join(map(repr, unread))} that example_inputs "
-        "passes: the model's Python decided on them without tracing"
+        f"; it does not read argument(s) {', '.join(map(repr, unread))} that example_inputs passes"
         if unread
         else ""
     )
     return (
-        f"{type(model).__name__}'s traced graph computes something else than its forward on "
-        f"example_inputs (largest difference {difference:.3g}): a test Python answers without "
-        "tracing (isinstance(arg, torch.Tensor), dict.get on an argument) took one branch for "
-        "every call." + hint
+        f"{name}'s traced graph computes something else than its forward on example_inputs "
+        f"(largest difference {difference:.3g}){hint}" + _TRACE_CAUSES
     ), True
+
+
+_TRACE_CAUSES = (
+    ". Tracing runs forward's Python once, with stand-ins for tensors: a test Python answers "
+    "without them (isinstance(arg, torch.Tensor), dict.get on an argument) takes one branch "
+    "for every call, a value made while tracing stays a constant (random numbers of a fixed "
+    "shape, a buffer updated in place), and the model's own forward hooks do not run"
+)
 
 
 def _test_run(

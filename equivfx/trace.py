@@ -809,7 +809,7 @@ def restore_unused_state(gm: fx.GraphModule, model: nn.Module) -> None:
             continue
         modpath, _, attr = key.rpartition(".")
         src = model.get_submodule(modpath) if modpath else model
-        if modpath and _uninitialized(src) and not _has_submodule(gm, modpath):
+        if modpath and _uninitialized(src) and _holds_nothing_else(gm, modpath, src):
             _set_submodule(gm, modpath, src)  # a lazy module saves and loads them itself
             have = set(gm.state_dict().keys())
             continue
@@ -874,12 +874,22 @@ def _uninitialized(module: nn.Module) -> bool:
     return any(isinstance(t, lazy) for t in held)
 
 
-def _has_submodule(root: nn.Module, path: str) -> bool:
+def _holds_nothing_else(root: nn.Module, path: str, module: nn.Module) -> bool:
+    """``root`` has nothing at ``path``, or a plain container fx made for ``module`` (holding
+    some of its submodules, parameters and buffers, the same objects): ``module`` itself may
+    stand there."""
     try:
-        root.get_submodule(path)
+        here = root.get_submodule(path)
     except AttributeError:
-        return False
-    return True
+        return True
+    if type(here) is not nn.Module or here is module:
+        return here is module
+    held = (
+        (here._modules, module._modules),
+        (here._parameters, module._parameters),
+        (here._buffers, module._buffers),
+    )
+    return all(theirs.get(k) is v for ours, theirs in held for k, v in ours.items())
 
 
 def _ensure_submodule(root: nn.Module, path: str) -> nn.Module:

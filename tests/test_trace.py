@@ -1465,6 +1465,76 @@ def test_a_graph_that_is_not_the_model_on_the_examples_runs_the_model_whole(mode
         torch.testing.assert_close(emodel(X1), _loop(model, X1))
 
 
+class PerSample3(nn.Module):  # Scaled with 3 channels: the Proxy's broadcast fails in the graph
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x, scale=1.0):
+        h = self.conv(x).mean((2, 3))
+        if isinstance(scale, torch.Tensor):
+            scale = scale.view(-1, 1)
+        return h * scale
+
+
+def test_a_graph_that_fails_where_the_model_runs_runs_the_model_whole():
+    # a review: compile blamed the examples ("the model fails on its example inputs")
+    model, scale = PerSample3().eval(), torch.tensor([0.5, 2.0])
+    with pytest.warns(FallbackWarning, match="graph fails on example_inputs where its forward"):
+        emodel = equivfx.compile(model, "C4", example_inputs=(X1, scale))
+    assert emodel.equivfx_info.trace_path == "opaque"
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X1, scale), _loop(model, X1, scale))
+
+
+def test_a_model_failing_on_its_examples_is_refused_though_its_graph_runs():
+    # a review: the model's own error was swallowed, and its graph (ignoring the mask) kept
+    bad_mask = torch.rand(2, 2, 5, 5)
+    with pytest.raises(ModelTypeError, match="the model fails on its example inputs.*size"):
+        equivfx.compile(Masked().eval(), "C4", example_inputs=(X1, bad_mask))
+
+
+class _Outputs(_Conv):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        if self.kind == "dict":
+            return {"logits": h, "double": 2 * h}
+        if self.kind == "list":
+            return [h, 2 * h]
+        return h, {"aux": h.sum(1)}
+
+
+class OwnGenerator(_Conv):  # noise from a generator of its own: no two runs agree
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(1)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return h + 0.1 * torch.randn(h.shape, generator=self.gen)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [_Outputs("dict"), _Outputs("list"), _Outputs("nested"), OwnGenerator()],
+    ids=["dict", "list", "nested", "own-generator"],
+)
+def test_outputs_fx_returns_in_its_own_containers_or_that_do_not_repeat_are_not_a_difference(
+    model,
+):
+    # a review: fx's interpreter returns immutable_dict/immutable_list, whose structure is not
+    # a dict's: every model returning one ran whole; a model whose output changes at each call
+    # differed from its graph too (it does not reproduce itself: not judged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        emodel = equivfx.compile(model.eval(), "C4", mode="layerwise", example_inputs=X1)
+    assert emodel.equivfx_info.trace_path == "symbolic_trace"
+
+
 def test_graphs_that_are_the_model_are_kept_and_shapes_propagated_once(monkeypatch):
     from torch.fx.passes.shape_prop import ShapeProp
 

@@ -803,7 +803,7 @@ class MixLayers(Pass):
                 explain(
                     "layer-wise mode widens the weights of mixing layers, and lazy module(s) "
                     "have not materialised theirs yet",
-                    ", ".join(map(repr, lazy)),
+                    lazy,
                     "modules whose weights exist (a lazy module's appear at its first call)",
                     "pass example_inputs= (compile runs the model on them), or run the model "
                     "once on a batch before compiling",
