@@ -979,15 +979,16 @@ _ROOT_CALL = ("", 0)
 
 class _RegionTracer(_Tracer):
     """A :class:`_Tracer` that records, for each module call (qualified name, how many calls of
-    that module came before), the nodes its own code made (not its submodules' calls'), and what
-    it returned; and, for each module whose ``training`` flag was read, which modules' code read
-    it (:func:`_reading_flags`)."""
+    that module came before), what it was passed, the nodes its own code made (not its
+    submodules' calls') and what it returned; and, for each module whose ``training`` flag was
+    read, which modules' code read it (:func:`_reading_flags`)."""
 
     def __init__(self, extra_leaves: dict[str, str] | None = None):
         super().__init__(extra_leaves)
         self.calls: list[tuple[str, int]] = []
         self.counts: dict[str, int] = {}
         self.owner: dict[fx.Node, tuple[str, int]] = {}
+        self.passed: dict[tuple[str, int], Any] = {}
         self.returned: dict[tuple[str, int], Any] = {}
         self.reads: dict[nn.Module, set[str]] = {}
 
@@ -995,12 +996,13 @@ class _RegionTracer(_Tracer):
         qualname = self.path_of_module(m)
         call = (qualname, self.counts.get(qualname, 0))
         self.counts[qualname] = call[1] + 1
+        self.passed[call] = _as_nodes((args, kwargs))
         self.calls.append(call)
         try:
             out = super().call_module(m, forward, args, kwargs)
         finally:
             self.calls.pop()
-        self.returned[call] = out
+        self.returned[call] = _as_nodes(out)
         return out
 
     def create_node(self, *args, **kwargs):
@@ -1009,33 +1011,51 @@ class _RegionTracer(_Tracer):
         return node
 
 
-@contextlib.contextmanager
-def _reading_flags(tracer: _Tracer):
-    """While tracing: each read of a module's ``training`` attribute is recorded in
-    ``tracer.reads`` (module -> qualified names of the modules whose code read it, "" for the
-    model's). A property on ``nn.Module`` for that time (instances keep the value in their
-    ``__dict__``, which a data descriptor of the class takes precedence over)."""
+_FLAG_READS = threading.local()  # .tracers: this thread's region tracers, innermost last
+_PROPERTY_USERS = [0]  # traces (of all threads) reading flags now: the property is installed
+_PROPERTY_LOCK = threading.Lock()
 
-    def read(module):
-        try:
-            value = module.__dict__["training"]
-        except KeyError:
-            raise AttributeError("training") from None
+
+def _read_flag(module):
+    try:
+        value = module.__dict__["training"]
+    except KeyError:
+        raise AttributeError("training") from None
+    tracers = getattr(_FLAG_READS, "tracers", None)
+    if tracers:
+        tracer = tracers[-1]
         tracer.reads.setdefault(module, set()).add(tracer.stack[-1] if tracer.stack else "")
-        return value
-
-    def write(module, value):
-        module.__dict__["training"] = value
-
-    with _READING_FLAGS:  # one trace at a time: the property is the whole process's
-        nn.Module.training = property(read, write)
-        try:
-            yield
-        finally:
-            del nn.Module.training
+    return value
 
 
-_READING_FLAGS = threading.Lock()
+def _write_flag(module, value):
+    module.__dict__["training"] = value
+
+
+_FLAG_PROPERTY = property(_read_flag, _write_flag)
+
+
+@contextlib.contextmanager
+def _reading_flags(tracer: _RegionTracer):
+    """While tracing: each read of a module's ``training`` attribute in this thread is recorded
+    in ``tracer.reads`` (module -> qualified names of the modules whose code read it, "" for the
+    model's). A property on ``nn.Module`` while any thread traces so (instances keep the value
+    in their ``__dict__``, which a data descriptor of the class takes precedence over); reads
+    that bypass it (``vars(self)["training"]``) are not recorded."""
+    tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
+    with _PROPERTY_LOCK:
+        if not _PROPERTY_USERS[0]:
+            nn.Module.training = _FLAG_PROPERTY
+        _PROPERTY_USERS[0] += 1
+    tracers.append(tracer)
+    try:
+        yield
+    finally:
+        tracers.pop()
+        with _PROPERTY_LOCK:
+            _PROPERTY_USERS[0] -= 1
+            if not _PROPERTY_USERS[0]:
+                del nn.Module.training
 
 
 def _defines_training(cls: type) -> bool:
@@ -1050,6 +1070,8 @@ class _Regions:
     def __init__(self, graph: fx.Graph, tracer: _RegionTracer):
         self.graph = graph
         self.reads = tracer.reads
+        self.passed = tracer.passed
+        self.returned = tracer.returned
         self.own: dict[tuple[str, int], list[fx.Node]] = {}
         self.tags: dict[fx.Node, set] = {}
         for node in graph.nodes:  # nodes the trace's own rewrites added belong to the model
@@ -1057,19 +1079,19 @@ class _Regions:
             nodes = self.own.setdefault(call, [])
             self.tags[node] = {("own", call, len(nodes))}
             nodes.append(node)
-        self.returned = {call: _as_nodes(out) for call, out in tracer.returned.items()}
         for call, out in self.returned.items():
             if isinstance(out, fx.Node) and out in self.tags:  # what its caller reads
                 self.tags[out].add(("out", call))
 
 
 def _as_nodes(value):
-    """``value`` (what a module call returned) with its Proxies replaced by their nodes."""
+    """``value`` (what a module call was passed or returned) with Proxies replaced by their
+    nodes."""
     if isinstance(value, fx.Proxy):
         return value.node
-    if isinstance(value, (tuple, list)):
-        return type(value)(_as_nodes(v) for v in value) if type(value) in (tuple, list) else value
-    if isinstance(value, dict):
+    if type(value) in (tuple, list):
+        return type(value)(_as_nodes(v) for v in value)
+    if type(value) is dict:
         return {k: _as_nodes(v) for k, v in value.items()}
     return value
 
@@ -1097,28 +1119,35 @@ def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
     the constants that differ ((node of ``ours``, where, our value, their value)), or None
     where more than constants differ. References to nodes compare by what they are (the i-th
     node a call made, or what a call returned: the same node may be both). None overall where
-    a call that differs returned something else than one traced value (its caller's code
-    may then differ because of it)."""
+    the two cannot be told apart call by call: the calls made differ (a call in one branch
+    only, or more of them), a call is passed something else (a value its caller chose on a
+    flag), or a call that differs returned something else than one traced value (its caller's
+    code may then differ because of it)."""
 
     def same(a: fx.Node, b: fx.Node) -> bool:
         return bool(ours.tags.get(a, set()) & theirs.tags.get(b, set()))
 
+    if ours.returned.keys() != theirs.returned.keys():
+        return None
     changed: dict = {}
-    for call in ours.own.keys() & theirs.own.keys() | ours.returned.keys() & theirs.returned.keys():
+    for call in ours.returned.keys() | {_ROOT_CALL}:
+        passed: list = []
+        if call != _ROOT_CALL and (
+            not _differences(ours.passed[call], theirs.passed[call], (), passed, same) or passed
+        ):
+            return None
         a, b = ours.own.get(call, []), theirs.own.get(call, [])
         found: list | None = []
         if len(a) != len(b):
             found = None
         else:
             for x, y in zip(a, b, strict=True):
-                if (x.op, _name(x.target)) != (y.op, _name(y.target)):
-                    found = None
-                    break
                 here: list = []
-                if not _differences((x.args, x.kwargs), (y.args, y.kwargs), (), here, same):
-                    found = None
-                    break
-                if here and not _takes_mode_values(x, here):
+                if (
+                    (x.op, _name(x.target)) != (y.op, _name(y.target))
+                    or not _differences((x.args, x.kwargs), (y.args, y.kwargs), (), here, same)
+                    or (here and not _takes_mode_values(x, here))
+                ):
                     found = None
                     break
                 found += [(x, where, u, v) for where, u, v in here]
@@ -1134,51 +1163,76 @@ def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
     return changed
 
 
+def _patched_key(graph: fx.Graph, changes: list) -> tuple:
+    """:func:`_graph_key` of ``graph`` with each constant of ``changes`` ((node, where, value,
+    other value)) taking its other value."""
+    other: dict[fx.Node, list] = {}
+    for node, where, _, value in changes:
+        other.setdefault(node, []).append((where, value))
+    key = []
+    for n in graph.nodes:
+        args, kwargs = n.args, n.kwargs
+        for where, value in other.get(n, ()):
+            args, kwargs = _replaced((args, kwargs), where, value)
+        key.append((n.op, _name(n.target), repr(args), repr(kwargs)))
+    return tuple(key)
+
+
 def _mode_dependent_by_regions(
     model: nn.Module, result: TraceResult, base: tuple, named: list
 ) -> tuple[dict[str, bool], dict[str, list]] | None:
-    """:func:`mode_dependent` in a few traces whatever the number of modules: the graph as it is
-    and with every flag that was read flipped, each cut into module calls; a call whose own
-    nodes differ is its module's flag's doing where only that module's code read flags. Returns
-    the modules whose flag changes the graph, and for those whose flip changes only constants
-    the constants (nodes of ``result.gm``); None where that cannot be told so (a flag read by
-    other code, a class saying what ``training`` is, a call that differs returning a tuple, a
-    difference no flag read explains): the search then bisects."""
+    """:func:`mode_dependent` in a number of traces that does not grow with the number of
+    modules (the constants' check: with its logarithm): the graph as it is and with every flag
+    that was read flipped, each cut into module calls; a call whose own nodes differ is its
+    module's flag's doing where only that module's code read flags. Then checked: the other
+    modules' flags flipped together change nothing (nor do flags read around the property),
+    and each module found to choose constants does, alone (sets of them flipped by the bits of
+    their numbers: a constant another flag chooses differs in one of them). Returns the modules
+    whose flag changes the graph, and for those whose flip changes only constants the constants
+    (nodes of ``result.gm``); None where that cannot be told so (a flag read by other code, a
+    class saying what ``training`` is, calls that differ other than in their own code, a check
+    failing): the search then bisects."""
     if any(_defines_training(type(m)) for _, m in named):
         return None
     names = {m: n for n, m in named}
+
+    def owners_only(regions: _Regions) -> bool:
+        return all(m in names and readers == {names[m]} for m, readers in regions.reads.items())
+
     as_is = _traced_regions(model, result, [])
-    if as_is is None or _graph_key(as_is.graph) != base:
+    if as_is is None or _graph_key(as_is.graph) != base or not owners_only(as_is):
         return None
     read = list(as_is.reads)
-    if any(m not in names or as_is.reads[m] != {names[m]} for m in read):
-        return None
-    if not read:
-        return {}, {}
-    other = _traced_regions(model, result, read)
-    if other is None or any(m not in names or other.reads[m] != {names[m]} for m in other.reads):
-        return None
-    changed = _region_changes(as_is, other)  # even where the graphs are equal: flips cancel
-    if changed is None:
-        return None
-    readers = {names[m] for m in read}
+    changed: dict = {}
+    if read:
+        other = _traced_regions(model, result, read)
+        if other is None or not owners_only(other):
+            return None
+        changed = _region_changes(as_is, other)  # even where the graphs are equal: flips cancel
+        if changed is None:
+            return None
     dependent = {call[0] for call in changed}
-    if not dependent <= readers:
+    if not dependent <= {names[m] for m in read}:
         return None
-    rest = [m for m in read if names[m] not in dependent]
-    if rest:  # the flags left out change nothing, together
-        graph = _flipped_graph(model, result, rest)
-        if graph is None or _graph_key(graph) != base:
+    rest = [m for n, m in named if n not in dependent]
+    if rest:  # the other flags change nothing, together (read or not), nor cancel in pairs
+        again = _traced_regions(model, result, rest)
+        if again is None or _graph_key(again.graph) != base or _region_changes(as_is, again):
+            return None
+    structure = {name for (name, _), found in changed.items() if found is None}
+    constants: dict[str, list] = {}
+    for (name, _), found in changed.items():
+        if name not in structure:
+            constants.setdefault(name, []).extend(found)
+    chosen = [n for n, _ in named if n in constants]
+    for bit in range(len(chosen).bit_length()):  # each constant follows its module's flag
+        flip = [n for i, n in enumerate(chosen, 1) if i >> bit & 1]
+        graph = _flipped_graph(model, result, [model.get_submodule(n) for n in flip])
+        expected = _patched_key(as_is.graph, [c for n in flip for c in constants[n]])
+        if graph is None or _graph_key(graph) != expected:
             return None
     where = dict(zip(as_is.graph.nodes, result.gm.graph.nodes, strict=True))
-    constants: dict[str, list] = {}
-    structure: set[str] = set()
-    for (name, _), found in changed.items():
-        if found is None:
-            structure.add(name)
-        else:
-            constants.setdefault(name, []).extend((where[n], w, u, v) for n, w, u, v in found)
-    constants = {n: constants[n] for n, _ in named if n in constants and n not in structure}
+    constants = {n: [(where[node], w, u, v) for node, w, u, v in constants[n]] for n in chosen}
     modes = {n: m.training for n, m in named if n in dependent}
     return modes, constants
 
@@ -1426,18 +1480,19 @@ def _differences(x, y, where: tuple, found: list, same: Callable = _same_name) -
 def _set_at(node: fx.Node, where: tuple, value) -> None:
     """Replace the constant at ``where`` (0: args, 1: kwargs, then indices and keys) of
     ``node``'s arguments with ``value``."""
+    node.args, node.kwargs = _replaced((node.args, node.kwargs), where, value)
 
-    def put(container, path):
-        if not path:
-            return value
-        key, rest = path[0], path[1:]
-        if isinstance(container, dict):
-            return {k: put(v, rest) if k == key else v for k, v in container.items()}
-        items = [put(v, rest) if i == key else v for i, v in enumerate(container)]
-        return type(container)(items) if isinstance(container, tuple) else items
 
-    args, kwargs = put((node.args, node.kwargs), where)
-    node.args, node.kwargs = args, kwargs
+def _replaced(container, path: tuple, value):
+    """``container`` (nested tuples, lists and dicts) with the entry at ``path`` replaced by
+    ``value`` (copies along the path; the rest shared)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(container, dict):
+        return {k: _replaced(v, rest, value) if k == key else v for k, v in container.items()}
+    items = [_replaced(v, rest, value) if i == key else v for i, v in enumerate(container)]
+    return type(container)(items) if isinstance(container, tuple) else items
 
 
 # ------------------------------------------------------------------------- source lines
