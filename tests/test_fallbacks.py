@@ -753,3 +753,28 @@ def test_assert_equivariant():
     assert_equivariant(emodel, x)
     with pytest.raises(AssertionError):
         assert_equivariant(model, x, group=equivfx.group(spec))
+
+
+def test_copy_tensors_copies_every_tensor_and_keeps_the_rest():
+    from equivfx.passes.leaf_check import copy_tensors
+
+    a, b = torch.ones(2), torch.zeros(3)
+    for tree in [
+        a,
+        (a, 2, None, "s"),
+        ((a,), {"k": b}),
+        [a, b],
+        {},
+        {"k": a},
+        (torch.nn.Parameter(a),),
+    ]:
+        copied = copy_tensors(tree)
+        assert type(copied) is type(tree)
+        flat, spec = torch.utils._pytree.tree_flatten(tree)
+        got, got_spec = torch.utils._pytree.tree_flatten(copied)
+        assert spec == got_spec
+        for x, y in zip(flat, got, strict=True):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y) and x.data_ptr() != y.data_ptr()
+            else:
+                assert x == y

@@ -75,7 +75,17 @@ def outputs_differ(a, b) -> float:
 
 def copy_tensors(tree):
     """``tree`` with every tensor copied (what a leaf reads, before it may write it)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if type(tree) is tuple and all(type(t) in _FLAT for t in tree):  # most calls' arguments
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in tree)
+    if type(tree) is dict and not tree:
+        return {}
     return pytree.tree_map_only(torch.Tensor, torch.clone, tree)
+
+
+_FLAT = frozenset({torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)})
+"""Types :func:`copy_tensors` copies without flattening (no containers, no subclasses)."""
 
 
 def describe_mixing(leaves) -> str:
