@@ -325,7 +325,13 @@ def _trace_following_modes(
             return result, mode_dependent(model, result, read_at_call=True), seen
 
     result, modes, seen = traced({})
-    eligible = [n for n in modes if n and n not in result.not_one_value]  # the model: no leaf
+    eligible = [  # the model: no leaf; nor modules whose code sets attributes others may read
+        n
+        for n in modes
+        if n
+        and n not in result.not_one_value
+        and not any(w == n or w.startswith(n + ".") for w in result.writers)
+    ]
     if mode == "layerwise":
         eligible = [n for n in eligible if next(model.get_submodule(n).parameters(), None) is None]
     if eligible:

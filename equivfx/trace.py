@@ -138,6 +138,8 @@ class TraceResult:
         not_one_value: submodules traced through a call of which returned something other
             than one traced value (a tuple, None): as a leaf, its caller's code would see a
             Proxy there instead.
+        writers: modules whose code set a module attribute while traced (``self.k = ...``),
+            found by :func:`mode_dependent`: as a leaf, other code would read a stale value.
     """
 
     gm: fx.GraphModule
@@ -149,6 +151,7 @@ class TraceResult:
     fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
     not_one_value: frozenset[str] = frozenset()
     required: tuple[str, ...] = ()
+    writers: frozenset[str] = frozenset()
 
 
 class _Tracer(fx.Tracer):
@@ -911,8 +914,44 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 # ------------------------------------------------------------------------- training flags
 def _graph_key(graph: fx.Graph) -> tuple:
     """What a traced graph computes, comparable between traces of one model: each node's op,
-    target and arguments (nodes by name, constants by repr: ``training=False`` shows)."""
-    return tuple((n.op, _name(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes)
+    target and arguments (nodes by name, constants by repr: ``training=False`` shows; tensor
+    constants fx stores on the model by their values, :func:`_constant_value`)."""
+    root = graph.owning_module
+    return tuple(
+        (n.op, _name(n.target), repr(n.args), repr(n.kwargs), _constant_value(n, root))
+        for n in graph.nodes
+    )
+
+
+_VALUE = "equivfx.constant_value"
+
+
+def _constant_value(node: fx.Node, root: nn.Module | None = None):
+    """For a ``get_attr`` of a tensor constant fx made (``torch.tensor(2.0 if self.training
+    else 1.0)``), what it holds (dtype, shape, values; a digest beyond 256 of them), from the
+    node's meta (:func:`_mark_constants`) or ``root``; None for other nodes."""
+    if node.op != "get_attr" or not _CONSTANT.fullmatch(str(node.target)):
+        return None
+    if _VALUE in node.meta:
+        return node.meta[_VALUE]
+    root = root if root is not None else node.graph.owning_module
+    return _fingerprint(getattr(root, str(node.target), None) if root is not None else None)
+
+
+def _fingerprint(value):
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    t = value.detach().cpu().reshape(-1)
+    shown = t.tolist() if t.numel() <= 256 else (t.double().sum().item(), t.abs().sum().item())
+    return (str(value.dtype), tuple(value.shape), repr(shown))
+
+
+def _mark_constants(graph: fx.Graph, root: nn.Module) -> None:
+    """Record in each tensor constant's node what it holds (fx stores them on ``root``, which a
+    retrace leaves without them)."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and _CONSTANT.fullmatch(str(node.target)):
+            node.meta[_VALUE] = _fingerprint(getattr(root, str(node.target), None))
 
 
 _CONSTANT = re.compile(r"_tensor_constant\d+")
@@ -949,6 +988,7 @@ def _retrace_with(
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
         if not _normalised(graph, model, fixed, getattr(result, "required", ())):
             raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
+        _mark_constants(graph, model)
         out = fx.GraphModule(model, graph) if as_module else graph
     return out, frozenset(tracer.not_one_value)
 
@@ -991,6 +1031,7 @@ class _RegionTracer(_Tracer):
         self.passed: dict[tuple[str, int], Any] = {}
         self.returned: dict[tuple[str, int], Any] = {}
         self.reads: dict[nn.Module, set[str]] = {}
+        self.writers: set[str] = set()  # modules whose code set a module attribute
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -1033,6 +1074,17 @@ def _write_flag(module, value):
 
 
 _FLAG_PROPERTY = property(_read_flag, _write_flag)
+_SETATTR = nn.Module.__setattr__
+
+
+def _recording_setattr(module, name, value):
+    """``nn.Module.__setattr__``, recording which module's code set an attribute (a value
+    other code may read: a module run whole would no longer set it while tracing)."""
+    tracers = getattr(_FLAG_READS, "tracers", None)
+    if tracers and name != "training" and not _CONSTANT.fullmatch(name):
+        tracer = tracers[-1]
+        tracer.writers.add(tracer.stack[-1] if tracer.stack else "")
+    _SETATTR(module, name, value)
 
 
 @contextlib.contextmanager
@@ -1046,6 +1098,7 @@ def _reading_flags(tracer: _RegionTracer):
     with _PROPERTY_LOCK:
         if not _PROPERTY_USERS[0]:
             nn.Module.training = _FLAG_PROPERTY
+            nn.Module.__setattr__ = _recording_setattr
         _PROPERTY_USERS[0] += 1
     tracers.append(tracer)
     try:
@@ -1056,6 +1109,7 @@ def _reading_flags(tracer: _RegionTracer):
             _PROPERTY_USERS[0] -= 1
             if not _PROPERTY_USERS[0]:
                 del nn.Module.training
+                nn.Module.__setattr__ = _SETATTR
 
 
 def _defines_training(cls: type) -> bool:
@@ -1070,11 +1124,16 @@ class _Regions:
     def __init__(self, graph: fx.Graph, tracer: _RegionTracer):
         self.graph = graph
         self.reads = tracer.reads
+        self.writers = frozenset(tracer.writers)
         self.passed = tracer.passed
         self.returned = tracer.returned
         self.own: dict[tuple[str, int], list[fx.Node]] = {}
         self.tags: dict[fx.Node, set] = {}
         for node in graph.nodes:  # nodes the trace's own rewrites added belong to the model
+            if node.op == "get_attr" and not _CONSTANT.fullmatch(str(node.target)):
+                # fx makes one per parameter per trace, where it is first read: no call's own
+                self.tags[node] = {("attr", node.target)}
+                continue
             call = tracer.owner.get(node, _ROOT_CALL)
             nodes = self.own.setdefault(call, [])
             self.tags[node] = {("own", call, len(nodes))}
@@ -1145,6 +1204,7 @@ def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
                 here: list = []
                 if (
                     (x.op, _name(x.target)) != (y.op, _name(y.target))
+                    or _constant_value(x) != _constant_value(y)
                     or not _differences((x.args, x.kwargs), (y.args, y.kwargs), (), here, same)
                     or (here and not _takes_mode_values(x, here))
                 ):
@@ -1163,6 +1223,16 @@ def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
     return changed
 
 
+def _flip_sets(items: list) -> list[list]:
+    """``items`` all together, then the sets of those whose numbers (from 1) have each bit set:
+    any two of them are apart in one set at least, so two flips that cancel each other (a
+    flag choosing a value another module's flag undoes) do not cancel in all of them."""
+    if not items:
+        return []
+    bits = range(len(items).bit_length()) if len(items) > 1 else ()
+    return [items] + [[x for i, x in enumerate(items, 1) if i >> b & 1] for b in bits]
+
+
 def _patched_key(graph: fx.Graph, changes: list) -> tuple:
     """:func:`_graph_key` of ``graph`` with each constant of ``changes`` ((node, where, value,
     other value)) taking its other value."""
@@ -1174,7 +1244,7 @@ def _patched_key(graph: fx.Graph, changes: list) -> tuple:
         args, kwargs = n.args, n.kwargs
         for where, value in other.get(n, ()):
             args, kwargs = _replaced((args, kwargs), where, value)
-        key.append((n.op, _name(n.target), repr(args), repr(kwargs)))
+        key.append((n.op, _name(n.target), repr(args), repr(kwargs), _constant_value(n)))
     return tuple(key)
 
 
@@ -1200,6 +1270,8 @@ def _mode_dependent_by_regions(
         return all(m in names and readers == {names[m]} for m, readers in regions.reads.items())
 
     as_is = _traced_regions(model, result, [])
+    if as_is is not None:
+        result.writers = as_is.writers
     if as_is is None or _graph_key(as_is.graph) != base or not owners_only(as_is):
         return None
     read = list(as_is.reads)
@@ -1215,8 +1287,8 @@ def _mode_dependent_by_regions(
     if not dependent <= {names[m] for m in read}:
         return None
     rest = [m for n, m in named if n not in dependent]
-    if rest:  # the other flags change nothing, together (read or not), nor cancel in pairs
-        again = _traced_regions(model, result, rest)
+    for part in _flip_sets(rest):  # the other flags change nothing (read or not, a value one
+        again = _traced_regions(model, result, part)  # sets that another reads), nor cancel
         if again is None or _graph_key(again.graph) != base or _region_changes(as_is, again):
             return None
     structure = {name for (name, _), found in changed.items() if found is None}
@@ -1260,6 +1332,7 @@ def mode_dependent(
     """
     if result.path == "opaque":
         return {}
+    _mark_constants(result.gm.graph, result.gm)
     base = _graph_key(result.gm.graph)
     named = list(model.named_modules(remove_duplicate=True))
     fast = _mode_dependent_by_regions(model, result, base, named)
@@ -1272,7 +1345,12 @@ def mode_dependent(
         return modes
     everything = _flipped_graph(model, result, [m for _, m in named])
     if everything is not None and _graph_key(everything) == base:
-        return {}
+        for part in _flip_sets([m for _, m in named])[1:]:  # flips that cancel: apart in one
+            graph = _flipped_graph(model, result, part)
+            if graph is None or _graph_key(graph) != base:
+                break
+        else:
+            return {}
     if _flipped_key(model, result, []) != base:  # traced again as it is, it differs already
         log.info(
             "equivfx: %s traces differently each time (random numbers or counters read while "
@@ -1412,6 +1490,8 @@ def _constant_changes(graph: fx.Graph, other: fx.Graph) -> list | None:
     found: list = []
     for a, b in zip(ours, theirs, strict=True):
         if (a.op, _name(a.target), _name(a.name)) != (b.op, _name(b.target), _name(b.name)):
+            return None
+        if _constant_value(a) != _constant_value(b):
             return None
         here: list = []
         if not _differences((a.args, a.kwargs), (b.args, b.kwargs), (), here):

@@ -168,8 +168,9 @@ def test_mode_dependent_traces_once_more_where_no_flag_matters(monkeypatch):
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     assert mode_dependent(plain, trace(plain)) == {}
     # traced reading flags (no code read one: its leaves run whole), then with every flag
-    # flipped, for reads around the property (vars(self)["training"])
-    assert calls == [1, 1]
+    # flipped (reads around the property, vars(self)["training"]) and with the sets of the bits
+    # of their numbers (flips that cancel in pairs)
+    assert len(calls) == 1 + len(front._flip_sets(list(plain.modules()))) == 5
 
 
 def test_mode_dependent_is_empty_for_the_opaque_path():
@@ -1682,7 +1683,8 @@ def test_the_search_by_regions_finds_each_flag_whose_flip_changes_the_graph(kind
 
 def test_compile_traces_as_often_for_many_stochastic_depths_as_for_few(monkeypatch):
     # bisecting traced the whole model about 6 times per such module (128 blocks: 771 traces,
-    # 19.7 s); by regions, and with their other branches checked together, the count is fixed
+    # 19.7 s); by regions, and with their other branches checked together, a few traces more
+    # per doubling of the number of modules
     traces = []
     real = fx.Tracer.trace
     monkeypatch.setattr(fx.Tracer, "trace", lambda *a, **k: traces.append(1) or real(*a, **k))
@@ -1699,7 +1701,8 @@ def test_compile_traces_as_often_for_many_stochastic_depths_as_for_few(monkeypat
         assert len(emodel.equivfx_info.modes_run_whole) == blocks
         return len(traces)
 
-    assert traced(2) == traced(12)
+    few, many, more = traced(3), traced(12), traced(48)  # 13, 49, 193 modules
+    assert many - few <= 4 and more - many <= 4  # the sets of bits: logarithmic
 
 
 # ------------------------------------------ a review of the regions: values crossing calls
@@ -1814,3 +1817,100 @@ def test_a_forward_that_compiles_a_part_of_itself_does_not_hang():
     emodel = equivfx.compile(Lazy().eval(), "C4", example_inputs=X1)
     assert emodel.equivfx_info.modes_read == ("",)
     assert "training" not in vars(nn.Module)  # the property is gone
+
+
+# -------------------------------- a second review of the regions: what the graph key hides
+class _TensorScale(nn.Module):  # fx stores the tensor as _tensor_constantN: its name only
+    def forward(self, x):
+        return x * torch.tensor(2.0 if self.training else 1.0)
+
+
+class _Gain(nn.Module):  # sets an attribute its parent reads
+    def forward(self, x):
+        self.k = 2.0 if self.training else 0.5
+        return x.relu()
+
+
+class XorGain(_Conv):  # both flags flipped: the same graph; either alone: another
+    def __init__(self):
+        super().__init__()
+        self.g = _Gain()
+
+    def forward(self, x):
+        y = self.g(self.conv(x))
+        s = self.g.k if self.training else 1.0 / self.g.k
+        return (y * s).mean((2, 3))
+
+
+class _Pick(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d = nn.ModuleDict({"a": _Double(), "b": _Double()})
+
+    def forward(self, x):
+        return self.d["a" if self.training else "b"](x)
+
+
+class Picks(_Conv):
+    def __init__(self):
+        super().__init__()
+        self.p = _Pick()
+
+    def forward(self, x):
+        return self.p(self.conv(x)).mean((2, 3))
+
+
+class _WeightHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.w * (2.0 if self.training else 1.0)
+
+
+class TouchesWeight(_Conv):  # reads its child's parameter first, in training only
+    def __init__(self):
+        super().__init__()
+        self.head = _WeightHead()
+
+    def forward(self, x):
+        y = self.conv(x)
+        reg = self.head.w.square().sum() if self.training else None
+        out = self.head(y).mean((2, 3))
+        return out + 0.0 * reg if self.training else out
+
+
+@pytest.mark.parametrize(
+    "model, training, mode",
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 3), _TensorScale()), {"", "0", "1"}, "global"),
+        (Picks(), {"", "p", "p.d.a"}, "global"),
+        (TouchesWeight(), {"", "conv", "head"}, "layerwise"),
+    ],
+    ids=["tensor-constant", "flips-cancel", "parameter-read-first-elsewhere"],
+)
+def test_flags_the_graph_key_hid_are_found(model, training, mode):
+    # a review: a tensor constant compared by its name only, flips cancelling in the bisecting
+    # search's first trace, and fx's one get_attr per parameter charged to whichever code read
+    # it first: eval outputs off by 0.07 to 0.34, without a warning
+    for name, module in model.named_modules():
+        module.training = name in training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4", mode=mode)
+    model.eval()
+    emodel.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingModeWarning)  # the model's own branch (+ 0 reg)
+        torch.testing.assert_close(emodel(X1), _loop(model, X1))
+
+
+def test_a_module_setting_what_others_read_is_not_run_whole_but_warned():
+    model = XorGain()
+    model.train()
+    model.g.eval()
+    with pytest.warns(TrainingModeWarning):
+        emodel = equivfx.compile(model, "C4")
+    assert set(emodel.equivfx_info.mode_dependent) == {"", "g"}
+    assert emodel.equivfx_info.modes_run_whole == ()
