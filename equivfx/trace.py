@@ -1032,11 +1032,14 @@ class _RegionTracer(_Tracer):
         self.returned: dict[tuple[str, int], Any] = {}
         self.reads: dict[nn.Module, set[str]] = {}
         self.writers: set[str] = set()  # modules whose code set a module attribute
+        self.through: set[str] = set()  # modules traced through (their code ran), not leaves
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         call = (qualname, self.counts.get(qualname, 0))
         self.counts[qualname] = call[1] + 1
+        if not self.is_leaf_module(m, qualname):
+            self.through.add(qualname)
         self.passed[call] = _as_nodes((args, kwargs))
         self.calls.append(call)
         try:
@@ -1125,6 +1128,7 @@ class _Regions:
         self.graph = graph
         self.reads = tracer.reads
         self.writers = frozenset(tracer.writers)
+        self.through = frozenset(tracer.through) | {""}
         self.passed = tracer.passed
         self.returned = tracer.returned
         self.own: dict[tuple[str, int], list[fx.Node]] = {}
@@ -1286,9 +1290,13 @@ def _mode_dependent_by_regions(
     dependent = {call[0] for call in changed}
     if not dependent <= {names[m] for m in read}:
         return None
-    rest = [m for n, m in named if n not in dependent]
-    for part in _flip_sets(rest):  # the other flags change nothing (read or not, a value one
-        again = _traced_regions(model, result, part)  # sets that another reads), nor cancel
+    # the other flags change nothing (read or not): those of the modules whose code ran (the
+    # model and the submodules traced through; a leaf's flag is read where it runs, a module
+    # not called is not read)
+    rest = [m for n, m in named if n in as_is.through and n not in dependent]
+    read_rest = [m for m in rest if m in as_is.reads]  # (a flag no code read cannot cancel)
+    for part in [rest] * bool(rest) + _flip_sets(read_rest)[1:]:  # together, and apart: flips
+        again = _traced_regions(model, result, part)  # that cancel in pairs
         if again is None or _graph_key(again.graph) != base or _region_changes(as_is, again):
             return None
     structure = {name for (name, _), found in changed.items() if found is None}
