@@ -398,6 +398,93 @@ def bench_compile_time(quick: bool) -> list[dict]:
     return rows
 
 
+class _DropPath(nn.Module):
+    """timm's stochastic depth: its code branches on its training flag."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class _Block(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.drop_path = _DropPath(p)
+
+    def forward(self, x):
+        return x + self.drop_path(torch.relu(self.norm(self.conv(x))))
+
+
+class Branching(nn.Module):
+    """n residual blocks, each with a stochastic depth (rates 0 to 0.2, as timm spaces them):
+    n - 1 submodules whose flag changes the graph, which compile runs whole."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = nn.Sequential(*[_Block(0.2 * i / max(1, n - 1)) for i in range(n)])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def bench_compile_branching(quick: bool) -> list[dict]:
+    """Compile time against the number of submodules branching on their training flag (with
+    example inputs, which the check of their other branches needs), and how many times compile
+    traces the model."""
+    rows = []
+    x = torch.randn(2, 1, 8, 8)
+    real = torch.fx.Tracer.trace
+    traces = [0]
+
+    def counting(self, *args, **kwargs):
+        traces[0] += 1
+        return real(self, *args, **kwargs)
+
+    for n in [4, 16, 64] if quick else [4, 16, 64, 256]:
+        torch.manual_seed(0)
+        model = Branching(n).eval()
+        times = []
+        for _ in range(3 if n <= 64 else 1):
+            traces[0] = 0
+            torch.fx.Tracer.trace = counting
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the stochastic depths run whole: warned
+                    t = time.perf_counter()
+                    em = equivfx.compile(model, "C4", example_inputs=x)
+                    times.append(time.perf_counter() - t)
+            finally:
+                torch.fx.Tracer.trace = real
+        nodes = len(getattr(em, "equivfx_flat", em).graph.nodes)
+        best = min(times)
+        rows.append(
+            dict(
+                blocks=n,
+                run_whole=len(em.equivfx_info.modes_run_whole),
+                nodes=nodes,
+                traces=traces[0],
+                seconds=best,
+                ms_per_node=best * 1e3 / nodes,
+            )
+        )
+        print(
+            f"compile, {n} blocks branching on their flag ({rows[-1]['run_whole']} run whole): "
+            f"{nodes} nodes, {traces[0]} traces, {best:.3f} s ({best * 1e3 / nodes:.3f} ms/node)",
+            flush=True,
+        )
+    return rows
+
+
 def bench_verify(quick: bool) -> dict:
     torch.manual_seed(0)
     model = ResNetish().eval()
@@ -626,6 +713,20 @@ def render_markdown(result: dict, command: str) -> str:
             f"| {r['nodes']} | {r['seconds']:.3f} | {r['ms_per_node']:.3f} | "
             f"{r['seconds_with_examples']:.3f} | {r['ms_per_node_with_examples']:.3f} |"
         )
+    if result.get("compile_branching"):
+        out += [
+            "",
+            "Compile time against the number of blocks whose stochastic depth branches on its "
+            "training flag (with example inputs):",
+            "",
+            "| blocks | run whole | nodes | traces | compile (s) | ms / node |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["compile_branching"]:
+            out.append(
+                f"| {r['blocks']} | {r['run_whole']} | {r['nodes']} | {r['traces']} | "
+                f"{r['seconds']:.3f} | {r['ms_per_node']:.3f} |"
+            )
     v = result["verify"]
     out += [
         "",
@@ -663,7 +764,7 @@ def render_markdown(result: dict, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = ("latency", "compile_time", "verify", "e2cnn", "torch_compile")
+SECTIONS = ("latency", "compile_time", "compile_branching", "verify", "e2cnn", "torch_compile")
 """What ``main`` runs, in this order (``--only`` picks some)."""
 
 
@@ -694,6 +795,7 @@ def main() -> None:
     sections = {
         "latency": lambda: bench_latency(args.quick, args.threads),
         "compile_time": lambda: bench_compile_time(args.quick),
+        "compile_branching": lambda: bench_compile_branching(args.quick),
         "verify": lambda: bench_verify(args.quick),
         "e2cnn": lambda: bench_e2cnn(args.quick, args.threads),
         "torch_compile": lambda: bench_torch_compile(args.quick, args.threads),

@@ -209,6 +209,22 @@ def summarize(out: Path) -> str:
             line = statistics.linear_regression([r["nodes"] for r in ct], [r[key] for r in ct])
             fits[key] = (line.slope * 1e3, line.intercept * 1e3)
         worst_slope = max(f[0] for f in fits.values())
+        branching = ""
+        cb = g.get("compile_branching")
+        if cb:
+            line = statistics.linear_regression(
+                [r["nodes"] for r in cb], [r["seconds"] for r in cb]
+            )
+            fits["branching"] = (line.slope * 1e3, line.intercept * 1e3)
+            worst_slope = max(worst_slope, fits["branching"][0])
+            traces = sorted({r["traces"] for r in cb})
+            branching = (
+                f"; residual blocks whose stochastic depth branches on its flag (with example "
+                f"inputs), {cb[0]['blocks']} to {cb[-1]['blocks']} blocks ({cb[0]['nodes']} to "
+                f"{cb[-1]['nodes']} nodes): b = {fits['branching'][0]:.3f} ms/node, a = "
+                f"{fits['branching'][1]:.1f} ms, {' to '.join(map(str, traces))} traces at "
+                "every size"
+            )
         lines.append(
             "| compile time at most 1 ms per node, linear | a straight line time = a + b nodes "
             f"over {ct[0]['nodes']} to {ct[-1]['nodes']} nodes: b = {fits['seconds'][0]:.3f} "
@@ -216,7 +232,8 @@ def summarize(out: Path) -> str:
             f"{fits['seconds_with_examples'][0]:.3f}, a = {fits['seconds_with_examples'][1]:.1f}); "
             "per size: "
             + ", ".join(f"{r['nodes']} nodes {r['ms_per_node']:.3f}" for r in ct)
-            + f" ms/node | {_verdict(worst_slope <= 1.0)} (margin {1 / worst_slope:.1f}x) |"
+            + f" ms/node{branching} | {_verdict(worst_slope <= 1.0)} "
+            f"(margin {1 / worst_slope:.1f}x) |"
         )
         v = g["verify"]
         lines.append(
