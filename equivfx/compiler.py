@@ -325,12 +325,14 @@ def _trace_following_modes(
             return result, mode_dependent(model, result, read_at_call=True), seen
 
     result, modes, seen = traced({})
+    writers = result.writers  # None: not known, then none is run whole
     eligible = [  # the model: no leaf; nor modules whose code sets attributes others may read
         n
         for n in modes
         if n
+        and writers is not None
         and n not in result.not_one_value
-        and not any(w == n or w.startswith(n + ".") for w in result.writers)
+        and not any(w == n or w.startswith(n + ".") for w in writers)
     ]
     if mode == "layerwise":
         eligible = [n for n in eligible if next(model.get_submodule(n).parameters(), None) is None]

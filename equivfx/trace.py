@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import linecache
 import logging
@@ -138,8 +139,9 @@ class TraceResult:
         not_one_value: submodules traced through a call of which returned something other
             than one traced value (a tuple, None): as a leaf, its caller's code would see a
             Proxy there instead.
-        writers: modules whose code set a module attribute while traced (``self.k = ...``),
-            found by :func:`mode_dependent`: as a leaf, other code would read a stale value.
+        writers: modules whose attributes tracing set (``self.k = ...``), found by
+            :func:`mode_dependent` (None: not known): as a leaf, such a module would no longer
+            set them while traced, and other code would read a stale value.
     """
 
     gm: fx.GraphModule
@@ -151,7 +153,7 @@ class TraceResult:
     fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
     not_one_value: frozenset[str] = frozenset()
     required: tuple[str, ...] = ()
-    writers: frozenset[str] = frozenset()
+    writers: frozenset[str] | None = None
 
 
 class _Tracer(fx.Tracer):
@@ -939,11 +941,16 @@ def _constant_value(node: fx.Node, root: nn.Module | None = None):
 
 
 def _fingerprint(value):
+    """What ``value`` (a tensor constant) holds: dtype, shape and a hash of its bytes; a token
+    equal to nothing else where it cannot be read so (sparse, quantized, meta tensors)."""
     if not isinstance(value, torch.Tensor):
         return repr(value)
-    t = value.detach().cpu().reshape(-1)
-    shown = t.tolist() if t.numel() <= 256 else (t.double().sum().item(), t.abs().sum().item())
-    return (str(value.dtype), tuple(value.shape), repr(shown))
+    try:
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    except Exception:  # noqa: BLE001 - any tensor that cannot be read as bytes
+        return object()  # compares unequal: taken for a change
+    return (str(value.dtype), tuple(value.shape), digest)
 
 
 def _mark_constants(graph: fx.Graph, root: nn.Module) -> None:
@@ -1031,7 +1038,7 @@ class _RegionTracer(_Tracer):
         self.passed: dict[tuple[str, int], Any] = {}
         self.returned: dict[tuple[str, int], Any] = {}
         self.reads: dict[nn.Module, set[str]] = {}
-        self.writers: set[str] = set()  # modules whose code set a module attribute
+        self.writers: set[str] = set()  # modules whose attributes the trace set
         self.through: set[str] = set()  # modules traced through (their code ran), not leaves
 
     def call_module(self, m, forward, args, kwargs):
@@ -1060,11 +1067,13 @@ _PROPERTY_USERS = [0]  # traces (of all threads) reading flags now: the property
 _PROPERTY_LOCK = threading.Lock()
 
 
+_MOVED: dict[nn.Module, bool] = {}  # flags held by the property while their model is traced
+
+
 def _read_flag(module):
-    try:
-        value = module.__dict__["training"]
-    except KeyError:
-        raise AttributeError("training") from None
+    value = module.__dict__.get("training", _MOVED.get(module, _NOT_SET))
+    if value is _NOT_SET:
+        raise AttributeError("training")
     tracers = getattr(_FLAG_READS, "tracers", None)
     if tracers:
         tracer = tracers[-1]
@@ -1073,16 +1082,20 @@ def _read_flag(module):
 
 
 def _write_flag(module, value):
-    module.__dict__["training"] = value
+    if module in _MOVED:
+        _MOVED[module] = value
+    else:
+        module.__dict__["training"] = value
 
 
+_NOT_SET = object()
 _FLAG_PROPERTY = property(_read_flag, _write_flag)
 _SETATTR = nn.Module.__setattr__
 
 
 def _recording_setattr(module, name, value):
-    """``nn.Module.__setattr__``, recording which module's code set an attribute (a value
-    other code may read: a module run whole would no longer set it while tracing)."""
+    """``nn.Module.__setattr__``, recording which module's code set an attribute, even to the
+    value it had (:func:`_set_by_trace` sees writes around it that change one)."""
     tracers = getattr(_FLAG_READS, "tracers", None)
     if tracers and name != "training" and not _CONSTANT.fullmatch(name):
         tracer = tracers[-1]
@@ -1091,28 +1104,78 @@ def _recording_setattr(module, name, value):
 
 
 @contextlib.contextmanager
-def _reading_flags(tracer: _RegionTracer):
-    """While tracing: each read of a module's ``training`` attribute in this thread is recorded
-    in ``tracer.reads`` (module -> qualified names of the modules whose code read it, "" for the
-    model's). A property on ``nn.Module`` while any thread traces so (instances keep the value
-    in their ``__dict__``, which a data descriptor of the class takes precedence over); reads
-    that bypass it (``vars(self)["training"]``) are not recorded."""
+def _reading_flags(tracer: _RegionTracer, model: nn.Module):
+    """While tracing ``model``: each read of a module's ``training`` attribute in this thread is
+    recorded in ``tracer.reads`` (module -> qualified names of the modules whose code read it,
+    "" for the model's). A property on ``nn.Module`` while any thread traces so, which holds the
+    flags of ``model``'s modules for that time: a read around it (``vars(self)["training"]``)
+    fails the trace (the search then bisects) rather than go unseen."""
     tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
     with _PROPERTY_LOCK:
         if not _PROPERTY_USERS[0]:
             nn.Module.training = _FLAG_PROPERTY
             nn.Module.__setattr__ = _recording_setattr
         _PROPERTY_USERS[0] += 1
+        moved = [m for m in model.modules() if "training" in m.__dict__ and m not in _MOVED]
+        for m in moved:
+            _MOVED[m] = m.__dict__.pop("training")
     tracers.append(tracer)
     try:
         yield
     finally:
         tracers.pop()
         with _PROPERTY_LOCK:
+            for m in moved:
+                m.__dict__["training"] = _MOVED.pop(m)
             _PROPERTY_USERS[0] -= 1
             if not _PROPERTY_USERS[0]:
                 del nn.Module.training
                 nn.Module.__setattr__ = _SETATTR
+
+
+def _module_state(model: nn.Module) -> dict:
+    """Each module's attributes (its ``__dict__`` less the dicts below, its parameters,
+    buffers and submodules), by identity: what a trace may set on the model."""
+    skip = {"_parameters", "_buffers", "_modules", "training"}
+    state = {}
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in skip}
+        state[m] = (attrs, dict(m._parameters), dict(m._buffers), dict(m._modules))
+    return state
+
+
+def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
+    """The modules whose attributes a trace changed (against :func:`_module_state` taken
+    before it), put back as they were: a value one module sets (``self.k = ...``) may be read
+    by another's code, and a Proxy left there would reach the next trace."""
+    changed = set()
+    for m, (attrs, params, buffers, modules) in before.items():
+        now = {
+            k: v
+            for k, v in m.__dict__.items()
+            if k not in ("_parameters", "_buffers", "_modules", "training")
+        }
+        same = (
+            now.keys() == attrs.keys()
+            and all(now[k] is attrs[k] for k in attrs)
+            and m._parameters == params
+            and m._buffers.keys() == buffers.keys()
+            and all(m._buffers[k] is b for k, b in buffers.items())
+            and m._modules == modules
+        )
+        if same:
+            continue
+        changed.add(names.get(m, ""))
+        for k in now.keys() - attrs.keys():
+            del m.__dict__[k]
+        m.__dict__.update(attrs)
+        m._parameters.clear()
+        m._parameters.update(params)
+        m._buffers.clear()
+        m._buffers.update(buffers)
+        m._modules.clear()
+        m._modules.update(modules)
+    return changed
 
 
 def _defines_training(cls: type) -> bool:
@@ -1163,10 +1226,12 @@ def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Modu
     """``model`` traced again with the flags of ``flipped`` negated, cut into regions
     (:class:`_Regions`); None where that trace fails."""
     tracer = _RegionTracer(dict(result.leaves))
+    names = {m: n for n, m in model.named_modules()}
+    before = _module_state(model)
     for m in flipped:
         m.training = not m.training
     try:
-        with _reading_flags(tracer):
+        with _reading_flags(tracer, model):
             graph, _ = _retrace_with(model, result, tracer=tracer)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
@@ -1174,6 +1239,9 @@ def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Modu
     finally:
         for m in flipped:
             m.training = not m.training
+        tracer.writers |= _set_by_trace(model, before, names)
+        if result.writers is not None:  # every region trace adds what it saw set
+            result.writers = result.writers | tracer.writers
     return _Regions(graph, tracer)
 
 
@@ -1266,16 +1334,17 @@ def _mode_dependent_by_regions(
     (nodes of ``result.gm``); None where that cannot be told so (a flag read by other code, a
     class saying what ``training`` is, calls that differ other than in their own code, a check
     failing): the search then bisects."""
-    if any(_defines_training(type(m)) for _, m in named):
-        return None
     names = {m: n for n, m in named}
 
     def owners_only(regions: _Regions) -> bool:
         return all(m in names and readers == {names[m]} for m, readers in regions.reads.items())
 
+    result.writers = frozenset()
     as_is = _traced_regions(model, result, [])
-    if as_is is not None:
-        result.writers = as_is.writers
+    if as_is is None:
+        result.writers = None  # not known
+    if any(_defines_training(type(m)) for _, m in named):
+        return None
     if as_is is None or _graph_key(as_is.graph) != base or not owners_only(as_is):
         return None
     read = list(as_is.reads)
@@ -1370,16 +1439,23 @@ def mode_dependent(
     if len(named) == 1:
         singles[named[0][0]] = everything
 
+    def changes(side: list) -> bool:
+        # together, then apart by the bits of their numbers: flips that cancel in pairs
+        for flip in _flip_sets([m for _, m in side]):
+            graph = _flipped_graph(model, result, flip)
+            if graph is None or _graph_key(graph) != base:
+                if len(side) == 1:
+                    singles[side[0][0]] = graph
+                return True
+        return False
+
     def search(part: list) -> list:
         if len(part) == 1:
             return part
         half = len(part) // 2
         found = []
         for side in (part[:half], part[half:]):
-            graph = _flipped_graph(model, result, [m for _, m in side])
-            if graph is None or _graph_key(graph) != base:
-                if len(side) == 1:
-                    singles[side[0][0]] = graph
+            if changes(side):
                 found += search(side)
         return found or part  # only flipped together (flags compared): name them all
 
