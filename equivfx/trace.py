@@ -1144,6 +1144,11 @@ def _module_state(model: nn.Module) -> dict:
     return state
 
 
+def _same_objects(now: dict, before: dict) -> bool:
+    """The same keys holding the same objects (not ``==``: tensors compare element-wise)."""
+    return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
+
+
 def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
     """The modules whose attributes a trace changed (against :func:`_module_state` taken
     before it), put back as they were: a value one module sets (``self.k = ...``) may be read
@@ -1156,12 +1161,10 @@ def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
             if k not in ("_parameters", "_buffers", "_modules", "training")
         }
         same = (
-            now.keys() == attrs.keys()
-            and all(now[k] is attrs[k] for k in attrs)
-            and m._parameters == params
-            and m._buffers.keys() == buffers.keys()
-            and all(m._buffers[k] is b for k, b in buffers.items())
-            and m._modules == modules
+            _same_objects(now, attrs)
+            and _same_objects(m._parameters, params)
+            and _same_objects(m._buffers, buffers)
+            and _same_objects(m._modules, modules)
         )
         if same:
             continue

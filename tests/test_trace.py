@@ -1988,3 +1988,18 @@ def test_what_the_attribute_does_not_see_is_warned_or_followed(model, training):
     model(X1)
     model.eval()  # and the user's modules keep no Proxy from the traces
     assert not any(isinstance(v, fx.Proxy) for m in model.modules() for v in vars(m).values())
+
+
+def test_a_forward_replacing_its_parameters_compiles():
+    # the attribute comparison after each region trace compared parameters with ==
+    class Reinit(_Conv):
+        def forward(self, x):
+            self.extra = nn.Parameter(torch.ones(4))  # a new object at each call
+            return self.conv(x).mean((2, 3)) * (2.0 if self.training else 1.0)
+
+    model = Reinit().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4")  # raised: ambiguous truth value of a tensor
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X1), _loop(model, X1))
