@@ -1067,11 +1067,11 @@ _PROPERTY_USERS = [0]  # traces (of all threads) reading flags now: the property
 _PROPERTY_LOCK = threading.Lock()
 
 
-_MOVED: dict[nn.Module, bool] = {}  # flags held by the property while their model is traced
+_MOVED: dict[int, bool] = {}  # id(module) -> its flag, held while its model is region-traced
 
 
 def _read_flag(module):
-    value = module.__dict__.get("training", _MOVED.get(module, _NOT_SET))
+    value = module.__dict__.get("training", _MOVED.get(id(module), _NOT_SET))
     if value is _NOT_SET:
         raise AttributeError("training")
     tracers = getattr(_FLAG_READS, "tracers", None)
@@ -1082,8 +1082,8 @@ def _read_flag(module):
 
 
 def _write_flag(module, value):
-    if module in _MOVED:
-        _MOVED[module] = value
+    if id(module) in _MOVED and "training" not in module.__dict__:
+        _MOVED[id(module)] = value
     else:
         module.__dict__["training"] = value
 
@@ -1111,22 +1111,25 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module):
     flags of ``model``'s modules for that time: a read around it (``vars(self)["training"]``)
     fails the trace (the search then bisects) rather than go unseen."""
     tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
+    moved: list[nn.Module] = []
     with _PROPERTY_LOCK:
         if not _PROPERTY_USERS[0]:
             nn.Module.training = _FLAG_PROPERTY
             nn.Module.__setattr__ = _recording_setattr
         _PROPERTY_USERS[0] += 1
-        moved = [m for m in model.modules() if "training" in m.__dict__ and m not in _MOVED]
-        for m in moved:
-            _MOVED[m] = m.__dict__.pop("training")
     tracers.append(tracer)
     try:
+        with _PROPERTY_LOCK:
+            for m in model.modules():
+                if "training" in m.__dict__ and id(m) not in _MOVED:
+                    _MOVED[id(m)] = m.__dict__.pop("training")
+                    moved.append(m)
         yield
     finally:
         tracers.pop()
         with _PROPERTY_LOCK:
             for m in moved:
-                m.__dict__["training"] = _MOVED.pop(m)
+                m.__dict__["training"] = _MOVED.pop(id(m))
             _PROPERTY_USERS[0] -= 1
             if not _PROPERTY_USERS[0]:
                 del nn.Module.training
