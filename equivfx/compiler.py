@@ -348,6 +348,10 @@ def _trace_following_modes(
         again, again_modes, again_seen = traced(dict.fromkeys(names, MODE_LEAF_REASON))
         if again.path != result.path or not set(_discovered(again)) <= set(_discovered(result)):
             break  # running them whole makes other code untraceable: keep the branches
+        try:  # a value one of them left where other code reads it (a container it fills)
+            again.gm.graph.lint()
+        except Exception:  # noqa: BLE001 - keep the branches
+            break
         stuck = {n for n in names if n in again_modes}  # their flag is read by other code
         if not stuck:
             result, modes, seen, run_whole = again, again_modes, again_seen, names

@@ -930,8 +930,8 @@ _VALUE = "equivfx.constant_value"
 
 def _constant_value(node: fx.Node, root: nn.Module | None = None):
     """For a ``get_attr`` of a tensor constant fx made (``torch.tensor(2.0 if self.training
-    else 1.0)``), what it holds (dtype, shape, values; a digest beyond 256 of them), from the
-    node's meta (:func:`_mark_constants`) or ``root``; None for other nodes."""
+    else 1.0)``), what it holds (dtype, shape, a hash of its bytes: :func:`_fingerprint`), from
+    the node's meta (:func:`_mark_constants`) or ``root``; None for other nodes."""
     if node.op != "get_attr" or not _CONSTANT.fullmatch(str(node.target)):
         return None
     if _VALUE in node.meta:
@@ -941,16 +941,16 @@ def _constant_value(node: fx.Node, root: nn.Module | None = None):
 
 
 def _fingerprint(value):
-    """What ``value`` (a tensor constant) holds: dtype, shape and a hash of its bytes; a token
-    equal to nothing else where it cannot be read so (sparse, quantized, meta tensors)."""
+    """What ``value`` (a tensor constant) holds: dtype, shape and a hash of its bytes; only its
+    kind where it cannot be read so (sparse, quantized, meta tensors: their values unseen)."""
     if not isinstance(value, torch.Tensor):
         return repr(value)
     try:
-        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
-    except Exception:  # noqa: BLE001 - any tensor that cannot be read as bytes
-        return object()  # compares unequal: taken for a change
-    return (str(value.dtype), tuple(value.shape), digest)
+        t = value.detach().resolve_conj().resolve_neg().cpu().contiguous()
+        digest = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16)
+    except Exception:  # noqa: BLE001 - sparse, quantized, meta tensors: by their kind only
+        return ("unreadable", str(value.dtype), str(value.layout), tuple(value.shape))
+    return (str(value.dtype), tuple(value.shape), digest.hexdigest())
 
 
 def _mark_constants(graph: fx.Graph, root: nn.Module) -> None:
@@ -1142,6 +1142,8 @@ def _module_state(model: nn.Module) -> dict:
     skip = {"_parameters", "_buffers", "_modules", "training"}
     state = {}
     for m in model.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # its state lives in TorchScript's objects
+            continue
         attrs = {k: v for k, v in m.__dict__.items() if k not in skip}
         state[m] = (attrs, dict(m._parameters), dict(m._buffers), dict(m._modules))
     return state
@@ -1149,7 +1151,7 @@ def _module_state(model: nn.Module) -> dict:
 
 def _same_objects(now: dict, before: dict) -> bool:
     """The same keys holding the same objects (not ``==``: tensors compare element-wise)."""
-    return now.keys() == before.keys() and all(now[k] is v for k, v in before.items())
+    return set(now.keys()) == set(before.keys()) and all(now[k] is v for k, v in before.items())
 
 
 def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:

@@ -2003,3 +2003,56 @@ def test_a_forward_replacing_its_parameters_compiles():
         emodel = equivfx.compile(model, "C4")  # raised: ambiguous truth value of a tensor
     with torch.no_grad():
         torch.testing.assert_close(emodel(X1), _loop(model, X1))
+
+
+# ------------------------------------------------------------- a fourth review of the search
+class _Fills(nn.Module):  # fills a container its parent reads: no attribute is set
+    def __init__(self):
+        super().__init__()
+        self.stats = {}
+
+    def forward(self, x):
+        self.stats["last"] = x.mean((1, 2, 3))
+        return x.relu() if self.training else x
+
+
+class ReadsFilled(_Conv):
+    def __init__(self):
+        super().__init__()
+        self.child = _Fills()
+
+    def forward(self, x):
+        return self.child(self.conv(x)).mean((2, 3)) + self.child.stats["last"][:, None]
+
+
+def test_a_module_filling_a_container_others_read_is_warned_not_a_crash():
+    # a review: run whole, its parent read a Proxy of an earlier trace (graph lint failed)
+    model = ReadsFilled().train()
+    with pytest.warns(TrainingModeWarning, match="'child'"):
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.modes_run_whole == ()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingModeWarning)
+        assert torch.isfinite(emodel(X1)).all()
+
+
+def test_a_scripted_leaf_compiles():
+    # a review: the state check after each region trace called .clear() on TorchScript's wrappers
+    class Net(_Conv):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.jit.script(nn.Linear(2, 3))
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3))) * (2.0 if self.training else 1.0)
+
+    register_leaf(torch.jit.RecursiveScriptModule, "scripted: run whole")
+    try:
+        model = Net().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            emodel = equivfx.compile(model, "C4")
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(X1), _loop(model, X1))
+    finally:
+        del LEAF_MODULES[torch.jit.RecursiveScriptModule]
