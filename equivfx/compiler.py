@@ -402,8 +402,7 @@ def _folding_both_ways(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if examples is not None:
-                    with eval_mode(gm), contextlib.redirect_stderr(io.StringIO()):
-                        ShapeProp(gm).propagate(*examples)
+                    _propagate_shapes(gm, examples)
                 AnnotateReps(options)(gm)
         except Exception:  # noqa: BLE001 - an error compile reports on the graph it keeps
             return False
@@ -833,11 +832,10 @@ def _unfaithful(
     if result.path == "opaque" or any(modes.values()) or not placeholders:
         return None, False  # (compile refuses a forward without inputs)
     failed = None
-    with eval_mode(model):
-        try:
-            expected = model(*copy_tensors(examples))
-        except Exception as err:  # noqa: BLE001 - reported below, or by the graph's own run
-            failed = err
+    try:
+        expected = _run_model(model, examples)
+    except Exception as err:  # noqa: BLE001 - reported below, or by the graph's own run
+        failed = err
     name = type(model).__name__
     try:
         got = _propagate_shapes(result.gm, copy_tensors(examples))
@@ -858,13 +856,10 @@ def _unfaithful(
                 "check the shapes of example_inputs",
             )
         ) from failed
-    expected = fx.node.map_aggregate(expected, lambda v: v)  # lists and dicts as fx returns them
     difference = outputs_differ(got, expected)
     if not difference:
         return None, True
-    with eval_mode(model):
-        again = fx.node.map_aggregate(model(*copy_tensors(examples)), lambda v: v)
-    if outputs_differ(again, expected):
+    if outputs_differ(_run_model(model, examples), expected):
         log.info("equivfx: %s does not reproduce its own output: its graph is not checked", name)
         return None, True
     unread = [
@@ -881,6 +876,13 @@ def _unfaithful(
         f"{name}'s traced graph computes something else than its forward on example_inputs "
         f"(largest difference {difference:.3g}){hint}" + _TRACE_CAUSES
     ), True
+
+
+def _run_model(model: nn.Module, examples: tuple):
+    """``model`` on copies of the examples in eval mode (:func:`eval_mode`), its lists and dicts
+    as fx's interpreter returns them (``immutable_list``, ``immutable_dict``)."""
+    with eval_mode(model):
+        return fx.node.map_aggregate(model(*copy_tensors(examples)), lambda v: v)
 
 
 _TRACE_CAUSES = (

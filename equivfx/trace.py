@@ -1070,14 +1070,24 @@ _PROPERTY_LOCK = threading.Lock()
 _MOVED: dict[int, bool] = {}  # id(module) -> its flag, held while its model is region-traced
 
 
+def _tracing_here():
+    """This thread's innermost region tracer and the module whose code runs in it ("" for the
+    model's), or None."""
+    tracers = getattr(_FLAG_READS, "tracers", None)
+    if not tracers:
+        return None
+    tracer = tracers[-1]
+    return tracer, tracer.stack[-1] if tracer.stack else ""
+
+
 def _read_flag(module):
     value = module.__dict__.get("training", _MOVED.get(id(module), _NOT_SET))
     if value is _NOT_SET:
         raise AttributeError("training")
-    tracers = getattr(_FLAG_READS, "tracers", None)
-    if tracers:
-        tracer = tracers[-1]
-        tracer.reads.setdefault(module, set()).add(tracer.stack[-1] if tracer.stack else "")
+    here = _tracing_here()
+    if here is not None:
+        tracer, reader = here
+        tracer.reads.setdefault(module, set()).add(reader)
     return value
 
 
@@ -1096,10 +1106,10 @@ _SETATTR = nn.Module.__setattr__
 def _recording_setattr(module, name, value):
     """``nn.Module.__setattr__``, recording which module's code set an attribute, even to the
     value it had (:func:`_set_by_trace` sees writes around it that change one)."""
-    tracers = getattr(_FLAG_READS, "tracers", None)
-    if tracers and name != "training" and not _CONSTANT.fullmatch(name):
-        tracer = tracers[-1]
-        tracer.writers.add(tracer.stack[-1] if tracer.stack else "")
+    here = _tracing_here()
+    if here is not None and name != "training" and not _CONSTANT.fullmatch(name):
+        tracer, writer = here
+        tracer.writers.add(writer)
     _SETATTR(module, name, value)
 
 
@@ -1136,17 +1146,20 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module):
                 nn.Module.__setattr__ = _SETATTR
 
 
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _state_of(m: nn.Module) -> tuple[dict, ...]:
+    """``m``'s attributes (its ``__dict__`` less the flag and the dicts of
+    :data:`_STATE_DICTS`), then each of those dicts, copied: the objects they hold."""
+    attrs = {k: v for k, v in m.__dict__.items() if k not in _STATE_DICTS and k != "training"}
+    return (attrs, *(dict(getattr(m, d)) for d in _STATE_DICTS))
+
+
 def _module_state(model: nn.Module) -> dict:
-    """Each module's attributes (its ``__dict__`` less the dicts below, its parameters,
-    buffers and submodules), by identity: what a trace may set on the model."""
-    skip = {"_parameters", "_buffers", "_modules", "training"}
-    state = {}
-    for m in model.modules():
-        if isinstance(m, torch.jit.ScriptModule):  # its state lives in TorchScript's objects
-            continue
-        attrs = {k: v for k, v in m.__dict__.items() if k not in skip}
-        state[m] = (attrs, dict(m._parameters), dict(m._buffers), dict(m._modules))
-    return state
+    """:func:`_state_of` each module: what a trace may set on the model (TorchScript modules
+    left out: their state lives in TorchScript's objects)."""
+    return {m: _state_of(m) for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)}
 
 
 def _same_objects(now: dict, before: dict) -> bool:
@@ -1159,30 +1172,19 @@ def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
     before it), put back as they were: a value one module sets (``self.k = ...``) may be read
     by another's code, and a Proxy left there would reach the next trace."""
     changed = set()
-    for m, (attrs, params, buffers, modules) in before.items():
-        now = {
-            k: v
-            for k, v in m.__dict__.items()
-            if k not in ("_parameters", "_buffers", "_modules", "training")
-        }
-        same = (
-            _same_objects(now, attrs)
-            and _same_objects(m._parameters, params)
-            and _same_objects(m._buffers, buffers)
-            and _same_objects(m._modules, modules)
-        )
-        if same:
+    for m, state in before.items():
+        now = _state_of(m)
+        if all(_same_objects(a, b) for a, b in zip(now, state, strict=True)):
             continue
         changed.add(names.get(m, ""))
-        for k in now.keys() - attrs.keys():
+        attrs, *dicts = state
+        for k in now[0].keys() - attrs.keys():
             del m.__dict__[k]
         m.__dict__.update(attrs)
-        m._parameters.clear()
-        m._parameters.update(params)
-        m._buffers.clear()
-        m._buffers.update(buffers)
-        m._modules.clear()
-        m._modules.update(modules)
+        for name, saved in zip(_STATE_DICTS, dicts, strict=True):
+            held = getattr(m, name)
+            held.clear()
+            held.update(saved)
     return changed
 
 
