@@ -53,6 +53,7 @@ from equivfx.passes.codegen import (
     copy_keeping_state,
     deepcopy_keeping_state,
     direct_module_access,
+    with_direct_module_access,
 )
 from equivfx.passes.hoist import POOL_NAME
 from equivfx.passes.leaf_check import describe_mixing, outputs_differ
@@ -214,8 +215,6 @@ class SlotChunks(nn.Module):
             "body": _subgraph(flat, body, [*sources, *body_in], self._read),
             "post": _subgraph(flat, post_run, [*post_from_pre, *post_from_chunks], None),
         }
-        for graph in graphs.values():
-            direct_module_access(graph)
         object.__setattr__(self, "graphs", graphs)
         self._batch_stats_in_graph = any(map(_batch_stats_always, flat.graph.nodes))
         self._find_user_modules()
@@ -635,6 +634,7 @@ def _subgraph(flat: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
         env[n] = graph.node_copy(n, lambda a: env[a])
     if outputs is not None:
         graph.output(tuple(env[o] for o in outputs))
+    with_direct_module_access(graph)  # before its code is generated: once
     sub = fx.GraphModule(flat, graph)
     # fx copies dotted attributes into new containers; read flat's own children instead (the same
     # dict), so .to(), .double(), load_state_dict(assign=True) and a top-level submodule replaced

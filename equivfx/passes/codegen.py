@@ -118,13 +118,21 @@ def _rewritten(line: str, node: fx.Node, owner: nn.Module, root: str) -> str:
 def direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:
     """Give ``gm``'s graph the :class:`DirectModules` generator and regenerate its code (a graph
     with another generator, such as fx's pytree one, keeps it)."""
-    codegen = getattr(gm.graph, "_codegen", None)
-    if type(codegen) is CodeGen:
-        gm.graph.set_codegen(DirectModules())
+    if with_direct_module_access(gm.graph):
         gm.recompile()
-    elif not isinstance(codegen, DirectModules):
-        log.debug("equivfx: %s keeps its code generator %s", type(gm).__name__, type(codegen))
     return gm
+
+
+def with_direct_module_access(graph: fx.Graph) -> bool:
+    """Give ``graph`` the :class:`DirectModules` generator where it has fx's plain one (for
+    its graph module's next code generation, which this does not run); whether it changed."""
+    codegen = getattr(graph, "_codegen", None)
+    if type(codegen) is CodeGen:
+        graph.set_codegen(DirectModules())
+        return True
+    if not isinstance(codegen, DirectModules):
+        log.debug("equivfx: a graph keeps its code generator %s", type(codegen))
+    return False
 
 
 # ---------------------------------------------------------------------------------- pickling
