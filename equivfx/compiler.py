@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import io
 import logging
 import re
@@ -28,11 +30,15 @@ from equivfx.errors import (
 )
 from equivfx.groups import Action, CallableAction, FiniteGroup, check_action_law
 from equivfx.groups import group as as_group
-from equivfx.meta import annotated_output_action
+from equivfx.meta import RULE, annotated_output_action
 from equivfx.passes.annotate import AnnotateReps, BatchMixingWarning, opaque_leaves
 from equivfx.passes.channel_layout import KeepChannelLayout
 from equivfx.passes.chunks import chunked_module
-from equivfx.passes.codegen import direct_module_access, keep_state_through_copies
+from equivfx.passes.codegen import (
+    direct_module_access,
+    keep_state_through_copies,
+    with_direct_module_access,
+)
 from equivfx.passes.coset_lift import DeferLiftToCosets
 from equivfx.passes.dead_slots import EliminateDeadSlots
 from equivfx.passes.defer import DeferLift
@@ -49,7 +55,7 @@ from equivfx.passes.mixing import MixLayers, MixOptions, TiedWeightsWarning
 from equivfx.passes.modules import POOLS, READOUTS, Lift
 from equivfx.passes.options import LiftOptions
 from equivfx.passes.projection import FuseProjection
-from equivfx.passes.rules import describe_node
+from equivfx.passes.rules import OPAQUE_LEAF, describe_node
 from equivfx.passes.to_map import ToMap
 from equivfx.trace import (
     TraceResult,
@@ -302,7 +308,7 @@ MODE_LEAF_REASON = (
 
 def _trace_following_modes(
     model: nn.Module, examples: tuple | None, mode: str, G: FiniteGroup, in_action: Action
-) -> tuple[TraceResult, dict[str, bool], tuple[str, ...]]:
+) -> tuple[TraceResult, dict[str, bool], tuple[str, ...], frozenset[str]]:
     """``model`` traced (:func:`~equivfx.trace.trace`), its unread state restored and its
     training flags searched (:func:`~equivfx.trace.mode_dependent`, which makes the graph read
     at each call the flags that only chose constants). Tracing runs a branch on a flag once:
@@ -313,8 +319,9 @@ def _trace_following_modes(
     op rules, on each branch's graph: a leaf is checked on example inputs in eval mode only),
     in layer-wise mode it has no parameters (a leaf's layers do not mix), and the trace with it
     run whole falls back no further. Returns the result, the modules whose branch stays the
-    compile mode's (the model's own, and those whose flag other code reads) and the submodules
-    run whole. Warnings (fallbacks) are those of the trace kept."""
+    compile mode's (the model's own, and those whose flag other code reads), the submodules
+    run whole, and those of them whose code the op rules checked (they call no leaf without a
+    rule, in either branch). Warnings (fallbacks) are those of the trace kept."""
 
     def traced(leaves: dict[str, str]):
         with warnings.catch_warnings(record=True) as seen:
@@ -336,8 +343,9 @@ def _trace_following_modes(
     ]
     if mode == "layerwise":
         eligible = [n for n in eligible if next(model.get_submodule(n).parameters(), None) is None]
+    checked: frozenset[str] = frozenset()
     if eligible:
-        eligible = _folding_both_ways(model, result, eligible, G, in_action, examples)
+        eligible, checked = _folding_both_ways(model, result, eligible, G, in_action, examples)
     run_whole: list[str] = []
     given_up: set[str] = set()
     for _ in range(_MODE_LEAF_ROUNDS):
@@ -346,7 +354,8 @@ def _trace_following_modes(
         if not names:
             break
         again, again_modes, again_seen = traced(dict.fromkeys(names, MODE_LEAF_REASON))
-        if again.path != result.path or not set(_discovered(again)) <= set(_discovered(result)):
+        # (a leaf discovered inside one of them is gone: the path may lose its "+leaves")
+        if again.path == "opaque" or not set(_discovered(again)) <= set(_discovered(result)):
             break  # running them whole makes other code untraceable: keep the branches
         try:  # a value one of them left where other code reads it (a container it fills)
             again.gm.graph.lint()
@@ -359,7 +368,7 @@ def _trace_following_modes(
         given_up |= stuck  # their descendants may still be run whole
     for caught in seen:
         warnings.warn(caught.message, stacklevel=user_stacklevel())
-    return result, modes, tuple(run_whole)
+    return result, modes, tuple(run_whole), checked & set(run_whole)
 
 
 _MODE_LEAF_ROUNDS = 3
@@ -378,17 +387,18 @@ def _folding_both_ways(
     G: FiniteGroup,
     in_action: Action,
     examples: tuple | None,
-) -> list[str]:
+) -> tuple[list[str], frozenset[str]]:
     """The modules of ``names`` whose code, in either branch of their flag, returns one traced
     value and lets the op rules fold the slots into the batch (annotated as compile annotates:
     shapes propagated on ``examples`` where given; the graph as traced, and traced again with
     the module's flag flipped); none where the graph as traced does not annotate (compile
-    raises its error on it then)."""
-    from equivfx.trace import _retrace_with
+    raises its error on it then). And those of them whose branches call no leaf without an op
+    rule: the rules checked all of their code (run whole, they need no check on examples)."""
+    from equivfx.trace import _retrace_with, graph_module_of
 
     placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
-        return []
+        return [], frozenset()
     batch = None
     if examples is not None and examples[0].dim():
         batch = int(examples[0].shape[0])
@@ -396,7 +406,8 @@ def _folding_both_ways(
         group=G, input_action=in_action, acted_input=placeholders[0].target, example_batch=batch
     )
 
-    def folds(gm: fx.GraphModule) -> bool:
+    def folds(gm: fx.GraphModule) -> set[str] | None:
+        # None where it does not fold, else the modules holding a leaf without an op rule
         saved = {n: dict(n.meta) for n in gm.graph.nodes}  # the pipeline annotates afresh
         try:
             with warnings.catch_warnings():
@@ -404,35 +415,59 @@ def _folding_both_ways(
                 if examples is not None:
                     _propagate_shapes(gm, examples)
                 AnnotateReps(options)(gm)
+                return _holding_opaque_leaves(gm, names)
         except Exception:  # noqa: BLE001 - an error compile reports on the graph it keeps
-            return False
+            return None
         finally:
             for n, meta in saved.items():
                 n.meta.clear()
                 n.meta.update(meta)
-        return True
 
-    if not folds(result.gm):
-        return []
+    as_traced = folds(result.gm)
+    if as_traced is None:
+        return [], frozenset()
 
-    def other_branches_fold(flip: list[str]) -> bool:
+    def other_branches_fold(flip: list[str]) -> set[str] | None:
+        if frozenset(flip) in result.flipped:  # traced so by the flag search
+            graph, constants, not_one_value = result.flipped[frozenset(flip)]
+            if not_one_value & set(flip):
+                return None
+            return folds(graph_module_of(model, graph, constants))
         modules = [model.get_submodule(name) for name in flip]
         for module in modules:
             module.training = not module.training  # the other branch, traced and annotated so
         try:
             flipped, not_one_value = _retrace_with(model, result, as_module=True)
-            return not not_one_value & set(flip) and folds(flipped)
+            return None if not_one_value & set(flip) else folds(flipped)
         except Exception as err:  # noqa: BLE001 - the other branch does not trace: not whole
             log.debug("equivfx: the other branch of %s does not trace: %s", flip, err)
-            return False
+            return None
         finally:
             for module in modules:
                 module.training = not module.training
 
     # all at once (one trace, whatever their number), else one by one
-    if len(names) > 1 and other_branches_fold(names):
-        return list(names)
-    return [name for name in names if other_branches_fold([name])]
+    together = other_branches_fold(names) if len(names) > 1 else None
+    if together is not None:
+        both = {name: together for name in names}
+    else:
+        both = {name: other_branches_fold([name]) for name in names}
+        both = {name: held for name, held in both.items() if held is not None}
+    checked = frozenset(n for n, held in both.items() if n not in held and n not in as_traced)
+    return list(both), checked
+
+
+def _holding_opaque_leaves(gm: fx.GraphModule, names: list[str]) -> set[str]:
+    """The modules of ``names`` whose code calls (inside, at any depth) a leaf annotated without
+    an op rule; all of them where fx did not record which modules a leaf's call was made in."""
+    held: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.meta.get(RULE) == OPAQUE_LEAF:
+            stack = n.meta.get("nn_module_stack")
+            if not stack:
+                return set(names)
+            held.update(path for path, _ in stack.values())
+    return held
 
 
 def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
@@ -454,6 +489,29 @@ def _warn_mode_dependent(model: nn.Module, modes: dict[str, bool]) -> None:
     )
 
 
+def _collecting_after(fn: Callable) -> Callable:
+    """``fn`` with Python's cyclic garbage collector paused while it runs, and restored as it
+    was: tracing makes many objects, and each full collection walks every object the process
+    holds (the model, torch's own), a fifth to a quarter of compile's time (docs/benchmarks.md,
+    "After the run"). What the traces leave is collected once collection resumes (on a
+    10,000-node chain the peak resident memory grew by 5 %). torch's ``distributed.checkpoint``
+    pauses it the same way. A wrapper in this file, not a context manager's: warnings name the
+    first frame outside equivfx."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_collecting_after
 def compile(  # noqa: A001 - the public name is part of the API contract
     model: nn.Module,
     group: FiniteGroup | str,
@@ -648,13 +706,14 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    result, modes, run_whole = _trace_following_modes(model, examples, mode, G, in_action)
+    result, modes, run_whole, checked = _trace_following_modes(model, examples, mode, G, in_action)
     propagated = False
     if examples is not None:
         in_action.check(examples[0])
         unfaithful, propagated = _unfaithful(result, model, examples, modes)
         if unfaithful is not None:
             result, modes, run_whole = run_whole_model(model, unfaithful), {}, ()
+            checked = frozenset()
             propagated = False
     gm = result.gm
     if modes:
@@ -685,6 +744,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         pool=pool,
         output_action=out_action,
         example_batch=example_batch,
+        checked_leaves=checked,
     )
     if mode == "layerwise":
         twist_action = None
@@ -711,6 +771,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     else:
         mixer = None
         pipeline = global_pipeline(options, check=check, optimize=optimize)
+    with_direct_module_access(gm.graph)  # the code the pipeline's last pass generates
     try:
         gm = pipeline(gm).graph_module
     except EquivFXError as err:
@@ -738,7 +799,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         required=result.required,
         modes_run_whole=run_whole,
     )
-    leaves = opaque_leaves(gm)
+    leaves = tuple(leaf for leaf in opaque_leaves(gm) if leaf not in checked)
     mixing: dict[str, float] = {}
     unchecked = leaves  # without example inputs, chunk="auto" checks them at the first call
     if examples is not None:

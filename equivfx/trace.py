@@ -154,6 +154,9 @@ class TraceResult:
     not_one_value: frozenset[str] = frozenset()
     required: tuple[str, ...] = ()
     writers: frozenset[str] | None = None
+    # the flag search's trace with some flags negated, for compile to annotate without tracing
+    # again: frozenset of qualified names -> (graph, tensor constants, not_one_value)
+    flipped: dict = field(default_factory=dict, repr=False)
 
 
 class _Tracer(fx.Tracer):
@@ -982,22 +985,34 @@ def _retrace_with(
     stack_traces: bool = False,
     as_module: bool = False,
     tracer: _Tracer | None = None,
+    constants: dict | None = None,
 ):
     """:func:`_retrace`, with the tracer's ``not_one_value``; ``as_module``: a graph module
     (holding the tensor constants the trace made) instead of the graph; ``tracer``: one to
-    trace with (a :class:`_RegionTracer`), else a new :class:`_Tracer`."""
+    trace with (a :class:`_RegionTracer`), else a new :class:`_Tracer`; ``constants``: filled
+    with the tensor constants the trace made (for :func:`graph_module_of`)."""
     if tracer is None:
         tracer = _Tracer(dict(result.leaves))
     tracer.record_stack_traces = stack_traces
     fixed = getattr(result, "fixed", None) or {}
-    with warnings.catch_warnings(), _no_new_attributes(model):
+    with warnings.catch_warnings(), _no_new_attributes(model) as before:
         warnings.simplefilter("ignore")
         graph = tracer.trace(model, concrete_args=dict(fixed) or None)
         if not _normalised(graph, model, fixed, getattr(result, "required", ())):
             raise TraceError(f"equivfx: the fixed arguments {sorted(fixed)} were not found again")
         _mark_constants(graph, model)
+        if constants is not None:
+            constants.update({k: model.__dict__[k] for k in set(model.__dict__) - before})
         out = fx.GraphModule(model, graph) if as_module else graph
     return out, frozenset(tracer.not_one_value)
+
+
+def graph_module_of(model: nn.Module, graph: fx.Graph, constants: dict) -> fx.GraphModule:
+    """A graph module of ``graph``, a trace of ``model`` that made the tensor ``constants``
+    (:func:`_retrace_with`), leaving no attribute on ``model``."""
+    with _no_new_attributes(model):
+        model.__dict__.update(constants)
+        return fx.GraphModule(model, graph)
 
 
 def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
@@ -1197,8 +1212,10 @@ def _defines_training(cls: type) -> bool:
 class _Regions:
     """A graph traced by a :class:`_RegionTracer`, cut into its module calls' own nodes."""
 
-    def __init__(self, graph: fx.Graph, tracer: _RegionTracer):
+    def __init__(self, graph: fx.Graph, tracer: _RegionTracer, constants: dict):
         self.graph = graph
+        self.constants = constants  # the tensor constants the trace made
+        self.not_one_value = frozenset(tracer.not_one_value)
         self.reads = tracer.reads
         self.writers = frozenset(tracer.writers)
         self.through = frozenset(tracer.through) | {""}
@@ -1238,11 +1255,12 @@ def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Modu
     tracer = _RegionTracer(dict(result.leaves))
     names = {m: n for n, m in model.named_modules()}
     before = _module_state(model)
+    constants: dict = {}
     for m in flipped:
         m.training = not m.training
     try:
         with _reading_flags(tracer, model):
-            graph, _ = _retrace_with(model, result, tracer=tracer)
+            graph, _ = _retrace_with(model, result, tracer=tracer, constants=constants)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
         return None
@@ -1252,7 +1270,7 @@ def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Modu
         tracer.writers |= _set_by_trace(model, before, names)
         if result.writers is not None:  # every region trace adds what it saw set
             result.writers = result.writers | tracer.writers
-    return _Regions(graph, tracer)
+    return _Regions(graph, tracer, constants)
 
 
 def _region_changes(ours: _Regions, theirs: _Regions) -> dict | None:
@@ -1361,6 +1379,9 @@ def _mode_dependent_by_regions(
     changed: dict = {}
     if read:
         other = _traced_regions(model, result, read)
+        if other is not None:  # compile annotates the other branches of modules it runs whole
+            key = frozenset(names.get(m, "") for m in read)
+            result.flipped[key] = (other.graph, other.constants, other.not_one_value)
         if other is None or not owners_only(other):
             return None
         changed = _region_changes(as_is, other)  # even where the graphs are equal: flips cancel
@@ -1369,13 +1390,16 @@ def _mode_dependent_by_regions(
     dependent = {call[0] for call in changed}
     if not dependent <= {names[m] for m in read}:
         return None
-    # the other flags change nothing (read or not): those of the modules whose code ran (the
-    # model and the submodules traced through; a leaf's flag is read where it runs, a module
-    # not called is not read)
+    # the other flags change nothing: those of the modules whose code ran (the model and the
+    # submodules traced through; a leaf's flag is read where it runs, a module not called is
+    # not read), flipped together, and apart (flips that cancel in pairs). Only where one of
+    # them was read: the property holds every flag while a region trace runs, so a flag no code
+    # read cannot change what the code did (a read around the property fails the trace). With
+    # the read ones, the unread are flipped too: a read flag's other branch may read them.
     rest = [m for n, m in named if n in as_is.through and n not in dependent]
-    read_rest = [m for m in rest if m in as_is.reads]  # (a flag no code read cannot cancel)
-    for part in [rest] * bool(rest) + _flip_sets(read_rest)[1:]:  # together, and apart: flips
-        again = _traced_regions(model, result, part)  # that cancel in pairs
+    read_rest = [m for m in rest if m in as_is.reads]
+    for part in ([rest] + _flip_sets(read_rest)[1:]) if read_rest else []:
+        again = _traced_regions(model, result, part)
         if again is None or _graph_key(again.graph) != base or _region_changes(as_is, again):
             return None
     structure = {name for (name, _), found in changed.items() if found is None}

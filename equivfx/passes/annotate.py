@@ -141,7 +141,8 @@ class AnnotateReps(Pass):
                     raise missing_rule(node, key)
                 rep = self._opaque_leaf(node, ctx)
                 set_rep(node, rep, OPAQUE_LEAF)
-                opaque.append(f"{node.target!r} ({type(module).__name__})")
+                if node.target not in self.options.checked_leaves:
+                    opaque.append(f"{node.target!r} ({type(module).__name__})")
             else:
                 rep = rule.batch(ctx)
                 set_rep(node, rep, rule.name)

@@ -19,6 +19,9 @@ class LiftOptions:
         output_action: the output's action (equivariant readout), bound to ``group``.
         example_batch: batch size of the example inputs, when given (lets ``to-map`` rewrite literal
             batch sizes).
+        checked_leaves: leaf modules whose code the op rules checked, in every branch it takes
+            (compile runs whole the submodules that branch on their training flag): annotated
+            as leaves, without the warning that they are assumed to treat samples alone.
     """
 
     group: Any
@@ -28,3 +31,4 @@ class LiftOptions:
     pool: str = "mean"
     output_action: Any = None
     example_batch: int | None = None
+    checked_leaves: frozenset[str] = frozenset()
