@@ -65,6 +65,7 @@ from equivfx.trace import (
     run_whole_model,
     source_line,
     trace,
+    untouched,
 )
 
 __all__ = ["compile", "CompileInfo", "as_action", "global_pipeline", "layerwise_pipeline"]
@@ -706,15 +707,18 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    result, modes, run_whole, checked = _trace_following_modes(model, examples, mode, G, in_action)
-    propagated = False
-    if examples is not None:
-        in_action.check(examples[0])
-        unfaithful, propagated = _unfaithful(result, model, examples, modes)
-        if unfaithful is not None:
-            result, modes, run_whole = run_whole_model(model, unfaithful), {}, ()
-            checked = frozenset()
-            propagated = False
+    with untouched(model):  # what forward sets while traced and run on the examples
+        result, modes, run_whole, checked = _trace_following_modes(
+            model, examples, mode, G, in_action
+        )
+        propagated = False
+        if examples is not None:
+            in_action.check(examples[0])
+            unfaithful, propagated = _unfaithful(result, model, examples, modes)
+            if unfaithful is not None:
+                result, modes, run_whole = run_whole_model(model, unfaithful), {}, ()
+                checked = frozenset()
+                propagated = False
     gm = result.gm
     if modes:
         _warn_mode_dependent(model, modes)
@@ -735,7 +739,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             check_action_law(G, in_action, first.detach()[:1])
         example_batch = int(first.shape[0]) if first.dim() else None
         if not propagated:
-            _propagate_shapes(gm, copy_tensors(examples))
+            with untouched(model):
+                _propagate_shapes(gm, copy_tensors(examples))
     options = LiftOptions(
         group=G,
         input_action=in_action,
@@ -803,7 +808,8 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     mixing: dict[str, float] = {}
     unchecked = leaves  # without example inputs, chunk="auto" checks them at the first call
     if examples is not None:
-        mixing, unchecked = _test_run(gm, examples, leaves)
+        with untouched(model):
+            mixing, unchecked = _test_run(gm, examples, leaves)
         if mixing:
             chunk = _one_slot_per_pass(mixing, mode, chunk)
     gm.equivfx_info = replace(gm.equivfx_info, unchecked_leaves=tuple(unchecked))

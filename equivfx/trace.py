@@ -66,6 +66,7 @@ __all__ = [
     "register_leaf",
     "source_line",
     "trace",
+    "untouched",
 ]
 
 log = logging.getLogger(__name__)
@@ -1201,6 +1202,53 @@ def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
             held.clear()
             held.update(saved)
     return changed
+
+
+_CONTAINERS = (list, dict, set)
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module):
+    """Whatever ``model``'s code sets on its modules while this runs is put back after it:
+    attributes (``self.last = h``, a counter ``self.calls += 1``), registered parameters,
+    buffers and submodules, and the contents of the lists, dicts and sets its modules hold
+    (``self.history.append(h)``; one level deep), as they were, the same objects. Tracing
+    runs forward's Python with Proxies: without this, compile left them on the user's modules
+    (a Proxy in ``self.last``, one more in ``self.history`` per trace), and the checks that run
+    the model on the examples left their tensors. Tensors' values are not restored here (a
+    buffer a run writes in place: :func:`~equivfx.compiler.eval_mode` keeps those), nor is a
+    lazy module that had not materialised its parameters (a run on the examples does, as the
+    model's own first call would: torch's code, which also drops its hooks)."""
+    names = {m: n for n, m in model.named_modules()}
+    before = {m: state for m, state in _module_state(model).items() if not _uninitialized(m)}
+    held = [
+        (v, type(v)(v))
+        for state in before.values()
+        for v in state[0].values()
+        if type(v) in _CONTAINERS
+    ]
+    try:
+        yield
+    finally:
+        _set_by_trace(model, before, names)
+        for now, then in held:
+            if _same_contents(now, then):
+                continue
+            now.clear()
+            if type(now) is list:
+                now.extend(then)
+            else:
+                now.update(then)
+
+
+def _same_contents(a, b) -> bool:
+    """Two lists, dicts or sets holding the same objects (not ``==``: tensors compare
+    element-wise)."""
+    if type(a) is dict:
+        return _same_objects(a, b)
+    if type(a) is list:
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return {id(x) for x in a} == {id(x) for x in b}
 
 
 def _defines_training(cls: type) -> bool:

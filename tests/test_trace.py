@@ -370,6 +370,46 @@ def test_compile_does_not_warn_about_modes_for_models_without_switches():
     assert emodel.equivfx_info.mode_dependent == {}
 
 
+class _Records(nn.Module):
+    """Code that keeps what it saw: tracing ran it with Proxies."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.history, self.seen, self.tags = [], {}, set()
+        self.last, self.calls = None, 0
+
+    def forward(self, x):
+        h = self.conv(x)
+        self.last = h
+        self.history.append(h)
+        self.seen["h"] = h
+        self.tags.add(h)
+        self.calls += 1
+        return h
+
+
+@pytest.mark.parametrize("examples", [False, True])
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+def test_compile_leaves_nothing_the_models_code_set_while_traced_or_run(mode, examples):
+    # before: a Proxy in self.last, one more in self.history per trace, calls counted per trace,
+    # and the tensors of the checks' runs on the examples
+    model = nn.Sequential(_Records(), nn.ReLU(), nn.LazyLinear(3)).eval()
+    keep = (model[0].history, model[0].seen, model[0].tags)
+    x = torch.randn(2, 1, 6, 6)
+    if not examples:
+        model[2](torch.randn(1, 2, 6, 6))  # without examples compile cannot materialise it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        equivfx.compile(model, "C4", mode=mode, example_inputs=x if examples else None)
+    rec = model[0]
+    assert (rec.last, rec.calls) == (None, 0)
+    assert (rec.history, rec.seen, rec.tags) == ([], {}, set())
+    assert all(a is b for a, b in zip((rec.history, rec.seen, rec.tags), keep, strict=True))
+    assert not isinstance(model[2].weight, nn.parameter.UninitializedParameter)  # as torch does
+    assert type(model[2]) is nn.Linear
+
+
 def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
     import equivfx
 
