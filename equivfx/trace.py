@@ -1130,12 +1130,13 @@ def _recording_setattr(module, name, value):
 
 
 @contextlib.contextmanager
-def _reading_flags(tracer: _RegionTracer, model: nn.Module):
+def _reading_flags(tracer: _RegionTracer, model: nn.Module, hold: bool = True):
     """While tracing ``model``: each read of a module's ``training`` attribute in this thread is
     recorded in ``tracer.reads`` (module -> qualified names of the modules whose code read it,
     "" for the model's). A property on ``nn.Module`` while any thread traces so, which holds the
     flags of ``model``'s modules for that time: a read around it (``vars(self)["training"]``)
-    fails the trace (the search then bisects) rather than go unseen."""
+    fails the trace (the search then bisects) rather than go unseen. ``hold=False``: the flags
+    stay in the modules (reads around the property not seen; attribute writes recorded)."""
     tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
     moved: list[nn.Module] = []
     with _PROPERTY_LOCK:
@@ -1146,7 +1147,7 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module):
     tracers.append(tracer)
     try:
         with _PROPERTY_LOCK:
-            for m in model.modules():
+            for m in model.modules() if hold else ():
                 if "training" in m.__dict__ and id(m) not in _MOVED:
                     _MOVED[id(m)] = m.__dict__.pop("training")
                     moved.append(m)
@@ -1297,9 +1298,13 @@ def _as_nodes(value):
     return value
 
 
-def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
+def _traced_regions(
+    model: nn.Module, result: TraceResult, flipped: list[nn.Module], hold: bool = True
+):
     """``model`` traced again with the flags of ``flipped`` negated, cut into regions
-    (:class:`_Regions`); None where that trace fails."""
+    (:class:`_Regions`); None where that trace fails. ``hold=False``: the flags stay where
+    code around the property reads them (``vars(self)["training"]``), their reads not all seen:
+    for the attributes the trace sets only."""
     tracer = _RegionTracer(dict(result.leaves))
     names = {m: n for n, m in model.named_modules()}
     before = _module_state(model)
@@ -1307,7 +1312,7 @@ def _traced_regions(model: nn.Module, result: TraceResult, flipped: list[nn.Modu
     for m in flipped:
         m.training = not m.training
     try:
-        with _reading_flags(tracer, model):
+        with _reading_flags(tracer, model, hold):
             graph, _ = _retrace_with(model, result, tracer=tracer, constants=constants)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
@@ -1417,8 +1422,9 @@ def _mode_dependent_by_regions(
 
     result.writers = frozenset()
     as_is = _traced_regions(model, result, [])
-    if as_is is None:
-        result.writers = None  # not known
+    if as_is is None and _traced_regions(model, result, [], hold=False) is None:
+        result.writers = None  # not known (a trace that fails only with the flags held: the
+        # search bisects, and compile runs whole the modules that set nothing)
     if any(_defines_training(type(m)) for _, m in named):
         return None
     if as_is is None or _graph_key(as_is.graph) != base or not owners_only(as_is):

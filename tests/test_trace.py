@@ -1890,9 +1890,32 @@ def test_a_flag_read_around_the_property_is_still_found():
                 return x + torch.randn_like(x)
             return x
 
-    # the region trace fails on it (the property holds the flags while it runs), the search
-    # bisects, and the module is not run whole (what its code sets is not known): warned
+    # the region trace fails on it (the property holds the flags while it runs) and the search
+    # bisects; a trace with the flags left in place tells what its code sets (nothing), so it
+    # runs whole (it was kept in the compile mode's branch, with a warning: what it set was not
+    # known), and follows train() and eval()
     model = nn.Sequential(nn.Conv2d(1, 2, 3), Noisy()).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingModeWarning)
+        emodel = equivfx.compile(model, "C4")
+    assert emodel.equivfx_info.mode_dependent == {}
+    assert emodel.equivfx_info.modes_run_whole == ("1",)
+    with torch.no_grad():
+        assert not torch.equal(emodel(X1), emodel(X1))  # noise in training mode
+        model.eval()
+        emodel.eval()
+        torch.testing.assert_close(emodel(X1), _loop(model, X1))
+
+
+def test_a_module_read_around_the_property_that_sets_attributes_is_not_run_whole():
+    class NoisySets(nn.Module):
+        def forward(self, x):
+            self.scale = 2.0  # what others may read: as a leaf, its caller would not see it
+            if vars(self)["training"]:
+                return x + torch.randn_like(x)
+            return x
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), NoisySets()).train()
     with pytest.warns(TrainingModeWarning, match="'1'"):
         emodel = equivfx.compile(model, "C4")
     assert emodel.equivfx_info.mode_dependent == {"1": True}
