@@ -428,13 +428,23 @@ def _folding_both_ways(
     if as_traced is None:
         return [], frozenset()
 
+    canonical = {m: n for n, m in model.named_modules()}
+
     def other_branches_fold(flip: list[str]) -> set[str] | None:
-        if frozenset(flip) in result.flipped:  # traced so by the flag search
-            graph, constants, not_one_value = result.flipped[frozenset(flip)]
+        # their submodules' flags flipped too, as train() and eval() flip them: a submodule's
+        # other branch may call what the rules cannot check (a leaf without a rule)
+        modules = list({m: None for n in flip for m in model.get_submodule(n).modules()})
+        key = frozenset(canonical.get(m, "") for m in modules)
+        if key in result.flipped:  # traced so by the flag search
+            graph, constants, not_one_value = result.flipped[key]
             if not_one_value & set(flip):
                 return None
-            return folds(graph_module_of(model, graph, constants))
-        modules = [model.get_submodule(name) for name in flip]
+            try:  # (it may read an attribute its own trace made and took back)
+                module = graph_module_of(model, graph, constants)
+            except Exception as err:  # noqa: BLE001 - traced again below
+                log.debug("equivfx: the flag search's trace of %s: %s", flip, err)
+            else:
+                return folds(module)
         for module in modules:
             module.training = not module.training  # the other branch, traced and annotated so
         try:

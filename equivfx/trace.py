@@ -1096,8 +1096,32 @@ def _tracing_here():
     return tracer, tracer.stack[-1] if tracer.stack else ""
 
 
+class _Held:
+    """What a module's ``__dict__`` holds for its flag while :func:`_reading_flags` holds the
+    flag: code reading it around the property (``vars(self)["training"]``,
+    ``self.__dict__.get("training")``) fails the trace on it (the search then bisects) rather
+    than read a value the search does not see."""
+
+    def _fail(self, *args):
+        raise TraceError(
+            "equivfx: a training flag read around nn.Module.training (vars(self)['training']) "
+            "while the flag search holds the flags"
+        )
+
+    __bool__ = __eq__ = __ne__ = __int__ = __index__ = __float__ = _fail
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "<training flag held by equivfx's flag search>"
+
+
+_HELD = _Held()
+
+
 def _read_flag(module):
-    value = module.__dict__.get("training", _MOVED.get(id(module), _NOT_SET))
+    value = module.__dict__.get("training", _NOT_SET)
+    if value is _HELD or value is _NOT_SET:
+        value = _MOVED.get(id(module), _NOT_SET)
     if value is _NOT_SET:
         raise AttributeError("training")
     here = _tracing_here()
@@ -1108,7 +1132,7 @@ def _read_flag(module):
 
 
 def _write_flag(module, value):
-    if id(module) in _MOVED and "training" not in module.__dict__:
+    if id(module) in _MOVED and module.__dict__.get("training") is _HELD:
         _MOVED[id(module)] = value
     else:
         module.__dict__["training"] = value
@@ -1134,8 +1158,9 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module, hold: bool = True):
     """While tracing ``model``: each read of a module's ``training`` attribute in this thread is
     recorded in ``tracer.reads`` (module -> qualified names of the modules whose code read it,
     "" for the model's). A property on ``nn.Module`` while any thread traces so, which holds the
-    flags of ``model``'s modules for that time: a read around it (``vars(self)["training"]``)
-    fails the trace (the search then bisects) rather than go unseen. ``hold=False``: the flags
+    flags of ``model``'s modules for that time (their ``__dict__`` holds :data:`_HELD`): a read
+    around it (``vars(self)["training"]``, ``self.__dict__.get("training")``) fails the trace
+    (the search then bisects) rather than go unseen. ``hold=False``: the flags
     stay in the modules (reads around the property not seen; attribute writes recorded)."""
     tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
     moved: list[nn.Module] = []
@@ -1149,7 +1174,8 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module, hold: bool = True):
         with _PROPERTY_LOCK:
             for m in model.modules() if hold else ():
                 if "training" in m.__dict__ and id(m) not in _MOVED:
-                    _MOVED[id(m)] = m.__dict__.pop("training")
+                    _MOVED[id(m)] = m.__dict__["training"]
+                    m.__dict__["training"] = _HELD
                     moved.append(m)
         yield
     finally:
@@ -1205,51 +1231,70 @@ def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
     return changed
 
 
-_CONTAINERS = (list, dict, set)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _holds_proxy(value, depth: int = 3) -> bool:
+    """``value`` is an fx Proxy, or a list, tuple, dict or set holding one (``depth`` levels
+    down)."""
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth and type(value) in _CONTAINERS:
+        items = (*value.keys(), *value.values()) if type(value) is dict else value
+        return any(_holds_proxy(v, depth - 1) for v in items)
+    return False
 
 
 @contextlib.contextmanager
 def untouched(model: nn.Module):
-    """Whatever ``model``'s code sets on its modules while this runs is put back after it:
-    attributes (``self.last = h``, a counter ``self.calls += 1``), registered parameters,
-    buffers and submodules, and the contents of the lists, dicts and sets its modules hold
-    (``self.history.append(h)``; one level deep), as they were, the same objects. Tracing
-    runs forward's Python with Proxies: without this, compile left them on the user's modules
-    (a Proxy in ``self.last``, one more in ``self.history`` per trace), and the checks that run
-    the model on the examples left their tensors. Tensors' values are not restored here (a
-    buffer a run writes in place: :func:`~equivfx.compiler.eval_mode` keeps those), nor is a
-    lazy module that had not materialised its parameters (a run on the examples does, as the
-    model's own first call would: torch's code, which also drops its hooks)."""
-    names = {m: n for n, m in model.named_modules()}
-    before = {m: state for m, state in _module_state(model).items() if not _uninitialized(m)}
-    held = [
-        (v, type(v)(v))
-        for state in before.values()
-        for v in state[0].values()
-        if type(v) in _CONTAINERS
-    ]
+    """The Proxies ``model``'s code leaves on its modules while this runs are taken off after
+    it: an attribute set to one (``self.last = h``, or a tuple holding one) gets its value back,
+    and the lists, dicts and sets its modules held lose the entries that hold one
+    (``self.history.append(h)``; a dict entry replaced gets its value back). Tracing runs
+    forward's Python with Proxies, which mean nothing outside the trace: without this, compile
+    left them on the user's modules, one more in ``self.history`` per trace. What the code sets
+    to plain values stays, as after a call of the model: the compiled graph runs the user's
+    modules (leaves, modules run whole), which may need it (``self.act.negative_slope = s``
+    before calling it, a parameter made at the first call, a hook registered once)."""
+    before = {m: dict(m.__dict__) for m in model.modules()}
+    held = {
+        id(v): (v, type(v)(v))
+        for attrs in before.values()
+        for v in attrs.values()
+        if type(v) in (list, dict, set)
+    }
     try:
         yield
     finally:
-        _set_by_trace(model, before, names)
-        for now, then in held:
-            if _same_contents(now, then):
-                continue
-            now.clear()
-            if type(now) is list:
-                now.extend(then)
-            else:
-                now.update(then)
+        for m, attrs in before.items():
+            for key, value in list(m.__dict__.items()):
+                if id(value) in held and held[id(value)][0] is value:
+                    _drop_proxies(value, held[id(value)][1])
+                elif _holds_proxy(value):
+                    if key in attrs:
+                        m.__dict__[key] = attrs[key]
+                    else:
+                        del m.__dict__[key]
 
 
-def _same_contents(a, b) -> bool:
-    """Two lists, dicts or sets holding the same objects (not ``==``: tensors compare
-    element-wise)."""
-    if type(a) is dict:
-        return _same_objects(a, b)
-    if type(a) is list:
-        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-    return {id(x) for x in a} == {id(x) for x in b}
+def _drop_proxies(container, then) -> None:
+    """Take the entries holding a Proxy out of ``container`` (a list, dict or set that held
+    ``then``'s entries before a trace): a dict entry that was there before gets its value
+    back."""
+    if type(container) is list:
+        if any(_holds_proxy(v) for v in container):
+            container[:] = [v for v in container if not _holds_proxy(v)]
+    elif type(container) is dict:
+        for key, value in list(container.items()):
+            if _holds_proxy(value) or _holds_proxy(key):
+                if key in then and not _holds_proxy(key):
+                    container[key] = then[key]
+                else:
+                    del container[key]
+    elif any(_holds_proxy(v) for v in container):  # rebuilt: a Proxy's == makes a Proxy
+        kept = [v for v in container if not _holds_proxy(v)]
+        container.clear()
+        container.update(kept)
 
 
 def _defines_training(cls: type) -> bool:

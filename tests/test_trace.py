@@ -360,6 +360,87 @@ def test_a_run_whole_module_that_calls_a_leaf_without_a_rule_is_checked_on_the_e
         torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-5)
 
 
+class _BatchOp(nn.Module):  # registered as a leaf, no op rule: treats the batch together
+    def forward(self, x):
+        return torch.relu(x - x.mean(0, keepdim=True))
+
+
+class _TupleChild(nn.Module):  # returns a tuple (not run whole itself); its training branch
+    def __init__(self):  # calls the leaf without a rule
+        super().__init__()
+        self.op = _BatchOp()
+
+    def forward(self, x):
+        if self.training:
+            return self.op(x), None
+        return x, None
+
+
+class _RunsWhole(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = _TupleChild()
+
+    def forward(self, x):
+        if self.training:
+            x = x * 2.0
+        h, _ = self.child(x)
+        return h
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_a_run_whole_module_is_checked_with_its_submodules_flags_flipped_too(monkeypatch, examples):
+    # a review: its other branch was traced with its own flag flipped only; train() flips its
+    # child's too, whose other branch calls a leaf without an op rule: compile said the rules
+    # had checked it (no warning, not left for the first call's check)
+    from equivfx.trace import LEAF_MODULES
+
+    monkeypatch.setitem(LEAF_MODULES, _BatchOp, "a custom op")
+    x = torch.randn(2, 1, 8, 8)
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), _RunsWhole()).eval()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        emodel = equivfx.compile(model, "C4", example_inputs=x if examples else None)
+    assert emodel.equivfx_info.modes_run_whole == ("1",)
+    assert [w for w in seen if w.category is OpaqueLeafWarning]
+    assert emodel.equivfx_info.unchecked_leaves == (() if examples else ("1",))
+
+
+class _SharedStore(nn.Module):  # a review: its training branch registers a buffer on a module
+    def __init__(self, store):  # it shares (not its child)
+        super().__init__()
+        object.__setattr__(self, "store", store)
+
+    def forward(self, x):
+        if self.training:
+            if "noise" not in self.store._buffers:
+                self.store.register_buffer("noise", torch.full((1,), 0.1))
+            return x + self.store.noise
+        return x
+
+
+def test_the_flag_searchs_trace_reading_what_it_made_is_traced_again():
+    # the search's trace with the flag flipped read a buffer that trace made and took back:
+    # building its graph module again raised AttributeError out of compile
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.store = nn.Conv2d(1, 4, 1), nn.Module()
+            self.a = _SharedStore(self.store)
+
+        def forward(self, x):
+            return self.a(self.conv(x)).mean((2, 3))
+
+    x = torch.randn(2, 1, 8, 8)
+    model = Model().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.modes_run_whole == ("a",)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_compile_does_not_warn_about_modes_for_models_without_switches():
     import equivfx
 
@@ -389,25 +470,87 @@ class _Records(nn.Module):
         return h
 
 
+def _proxies_in(model: nn.Module) -> list[str]:
+    from equivfx.trace import _holds_proxy
+
+    return [
+        f"{n}.{k}" for n, m in model.named_modules() for k, v in vars(m).items() if _holds_proxy(v)
+    ]
+
+
 @pytest.mark.parametrize("examples", [False, True])
 @pytest.mark.parametrize("mode", ["global", "layerwise"])
-def test_compile_leaves_nothing_the_models_code_set_while_traced_or_run(mode, examples):
-    # before: a Proxy in self.last, one more in self.history per trace, calls counted per trace,
-    # and the tensors of the checks' runs on the examples
-    model = nn.Sequential(_Records(), nn.ReLU(), nn.LazyLinear(3)).eval()
+def test_compile_leaves_no_proxy_the_models_code_kept_while_traced(mode, examples):
+    # before: a Proxy in self.last, one more in self.history (and self.seen, self.tags) per trace
+    model = nn.Sequential(_Records(), nn.ReLU(), nn.Linear(6, 3)).eval()
     keep = (model[0].history, model[0].seen, model[0].tags)
     x = torch.randn(2, 1, 6, 6)
-    if not examples:
-        model[2](torch.randn(1, 2, 6, 6))  # without examples compile cannot materialise it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         equivfx.compile(model, "C4", mode=mode, example_inputs=x if examples else None)
     rec = model[0]
-    assert (rec.last, rec.calls) == (None, 0)
-    assert (rec.history, rec.seen, rec.tags) == ([], {}, set())
+    assert _proxies_in(model) == []
     assert all(a is b for a, b in zip((rec.history, rec.seen, rec.tags), keep, strict=True))
-    assert not isinstance(model[2].weight, nn.parameter.UninitializedParameter)  # as torch does
-    assert type(model[2]) is nn.Linear
+    # what the model's own runs on the examples kept (plain values) stays, as after a call
+    ran = [h for h in rec.history if isinstance(h, torch.Tensor)]
+    assert len(ran) == len(rec.history) and (len(ran) > 0) == examples
+    assert (rec.last is None) == (not examples) and set(rec.seen) == ({"h"} if examples else set())
+
+
+class _Configures(nn.Module):  # a review: forward sets up a leaf before calling it
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 1)
+        self.act = nn.LeakyReLU(0.01)
+        self.slope = 0.5
+
+    def forward(self, x):
+        self.act.negative_slope = self.slope
+        return self.act(self.conv(x)).mean((2, 3))
+
+
+class _MakesItsWeight(nn.Module):  # a review: a parameter made at the first call
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.weight = None
+
+    def forward(self, x):
+        if self.weight is None:
+            self.weight = nn.Parameter(torch.randn(3, 8))
+        return self.conv(x).mean((2, 3)) @ self.weight.t()
+
+
+class _HooksOnce(nn.Module):  # a review: a hook registered once, guarded by a flag
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.hooked, self.calls = False, []
+
+    def forward(self, x):
+        if not self.hooked:
+            self.conv.register_forward_hook(lambda m, i, o: self.calls.append(1))
+            self.hooked = True
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_what_forward_sets_to_plain_values_while_traced_stays(examples):
+    # the graph runs the user's modules: a setting, a parameter and a hook made by forward at
+    # the trace are what the model's own call would make (a review: putting them back gave
+    # the compiled model another slope, a parameter the model lacked, and a second hook)
+    x = torch.randn(2, 1, 8, 8)
+    for make in (_Configures, _MakesItsWeight, _HooksOnce):
+        torch.manual_seed(0)
+        model = make().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            emodel = equivfx.compile(model, "C4", example_inputs=x if examples else None)
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+        assert set(emodel.state_dict()) == set(model.state_dict())
+        if make is _HooksOnce:
+            assert model.hooked and len(model.conv._forward_hooks) == 1
 
 
 def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
@@ -1905,6 +2048,25 @@ def test_a_flag_read_around_the_property_is_still_found():
         model.eval()
         emodel.eval()
         torch.testing.assert_close(emodel(X1), _loop(model, X1))
+
+
+def test_a_flag_read_from_the_instance_dict_with_a_default_is_found():
+    class Drop(nn.Module):
+        def forward(self, x):
+            if self.__dict__.get("training"):  # a review: None while the search held the flags
+                return F.dropout(x, 0.5, True)
+            return x
+
+    # the search held the flags out of __dict__: .get() read None, nothing changed, and the
+    # compiled model never dropped in training mode (silently); now the stand-in the search
+    # leaves there fails the region trace, bisecting finds it, and it runs whole
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), Drop()).eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=X1)
+    assert emodel.equivfx_info.modes_run_whole == ("1",)
+    assert model[1].__dict__["training"] is False  # the flag, not the stand-in, after compile
+    emodel.train()
+    with torch.no_grad():
+        assert not torch.equal(emodel(X1), emodel(X1))
 
 
 def test_a_module_read_around_the_property_that_sets_attributes_is_not_run_whole():
