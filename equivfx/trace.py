@@ -181,6 +181,17 @@ class _Tracer(fx.Tracer):
                 return True
         return super().is_leaf_module(m, qualname)
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        # fx lists the submodules when the trace starts: one that forward installed (a layer
+        # made at the first call, ``self.proj = nn.Linear(...)``) is found by listing again
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            if not self.submodule_paths:
+                raise
+            self.submodule_paths = {m: name for name, m in self.root.named_modules()}
+            return super().path_of_module(mod)
+
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self.stack.append(qualname)
@@ -262,6 +273,9 @@ def trace(
                 "wrap the function in an nn.Module whose forward calls it",
             )
         )
+    if isinstance(model, torch.jit.ScriptModule):  # fx asserts on it
+        why = f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace"
+        return run_whole_model(model, why)
     fixable, origins = _fixable_arguments(model, example_inputs)
     with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
         leaves = dict(leaves or {})

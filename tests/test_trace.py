@@ -553,6 +553,54 @@ def test_what_forward_sets_to_plain_values_while_traced_stays(examples):
             assert model.hooked and len(model.conv._forward_hooks) == 1
 
 
+def test_a_layer_the_forward_makes_at_its_first_call_is_traced():
+    class Mean(nn.Module):
+        def forward(self, h):
+            return h.mean(-1)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = None
+
+        def forward(self, h):
+            if self.proj is None:  # a review: fx listed the submodules before it existed
+                self.proj = nn.Linear(8, 3)
+            return self.proj(h)
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Flatten(2), Mean(), Head()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4", example_inputs=x)
+    assert emodel.equivfx_info.trace_path == "symbolic_trace"
+    assert set(emodel.state_dict()) == set(model.state_dict()) >= {"3.proj.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+class _Scriptable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_a_torchscript_model_runs_whole(examples):
+    # a review: fx asserted on it (AssertionError out of compile)
+    scripted = torch.jit.script(_Scriptable().eval())
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.warns(FallbackWarning, match="TorchScript module"):
+        emodel = equivfx.compile(scripted, "C4", example_inputs=x if examples else None)
+    assert emodel.equivfx_info.trace_path == "opaque"
+    assert set(emodel.state_dict()) == set(scripted.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(scripted, x), rtol=1e-5, atol=1e-6)
+
+
 def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
     import equivfx
 
