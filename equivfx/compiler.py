@@ -395,7 +395,7 @@ def _folding_both_ways(
     the module's flag flipped); none where the graph as traced does not annotate (compile
     raises its error on it then). And those of them whose branches call no leaf without an op
     rule: the rules checked all of their code (run whole, they need no check on examples)."""
-    from equivfx.trace import _retrace_with, graph_module_of
+    from equivfx.trace import _retrace_with, graph_module_of, restored
 
     placeholders = [n for n in result.gm.graph.nodes if n.op == "placeholder"]
     if not placeholders:
@@ -448,7 +448,8 @@ def _folding_both_ways(
         for module in modules:
             module.training = not module.training  # the other branch, traced and annotated so
         try:
-            flipped, not_one_value = _retrace_with(model, result, as_module=True)
+            with restored(model):  # what the other branch sets is not the model's state
+                flipped, not_one_value = _retrace_with(model, result, as_module=True)
             return None if not_one_value & set(flip) else folds(flipped)
         except Exception as err:  # noqa: BLE001 - the other branch does not trace: not whole
             log.debug("equivfx: the other branch of %s does not trace: %s", flip, err)

@@ -1032,17 +1032,39 @@ def graph_module_of(model: nn.Module, graph: fx.Graph, constants: dict) -> fx.Gr
 
 def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
     """``model`` traced again (with ``result``'s leaves) with the training flags of ``flipped``
-    negated (restored after); None where that trace fails."""
+    negated (restored after, with whatever that trace set: :func:`restored`, added to
+    ``result.writers`` where those are known); None where that trace fails."""
+    changed: set[str] = set()
     for m in flipped:
         m.training = not m.training
     try:
-        return _retrace(model, result)
+        with restored(model) as changed:
+            return _retrace(model, result)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace: it differs
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
         return None
     finally:
         for m in flipped:
             m.training = not m.training
+        if getattr(result, "writers", None) is not None:  # what the other branches set
+            result.writers = result.writers | changed
+
+
+@contextlib.contextmanager
+def restored(model: nn.Module):
+    """Every attribute and registered parameter, buffer and submodule of ``model``'s modules
+    put back as it was after this (:func:`_set_by_trace`); yields the set of the modules' names
+    whose attributes changed, filled on the way out. For traces with flags flipped: what the
+    other branch sets (``self.scale = 2.0`` in training only) is not the model's state in its
+    own mode, and an earlier version left it on the model (its own eval forward then computed
+    something else)."""
+    names = {m: n for n, m in model.named_modules()}
+    before = _module_state(model)
+    changed: set[str] = set()
+    try:
+        yield changed
+    finally:
+        changed |= _set_by_trace(model, before, names)
 
 
 def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
@@ -1365,13 +1387,12 @@ def _traced_regions(
     code around the property reads them (``vars(self)["training"]``), their reads not all seen:
     for the attributes the trace sets only."""
     tracer = _RegionTracer(dict(result.leaves))
-    names = {m: n for n, m in model.named_modules()}
-    before = _module_state(model)
     constants: dict = {}
+    changed: set[str] = set()
     for m in flipped:
         m.training = not m.training
     try:
-        with _reading_flags(tracer, model, hold):
+        with restored(model) as changed, _reading_flags(tracer, model, hold):
             graph, _ = _retrace_with(model, result, tracer=tracer, constants=constants)
     except Exception as err:  # noqa: BLE001 - the other branch does not trace
         log.debug("equivfx: retrace with flipped training flags failed: %s", err)
@@ -1379,7 +1400,7 @@ def _traced_regions(
     finally:
         for m in flipped:
             m.training = not m.training
-        tracer.writers |= _set_by_trace(model, before, names)
+        tracer.writers |= changed
         if result.writers is not None:  # every region trace adds what it saw set
             result.writers = result.writers | tracer.writers
     return _Regions(graph, tracer, constants)

@@ -2132,6 +2132,39 @@ def test_a_module_read_around_the_property_that_sets_attributes_is_not_run_whole
     assert emodel.equivfx_info.modes_run_whole == ()
 
 
+def test_what_a_flipped_branch_sets_is_not_left_on_the_model_and_makes_a_writer():
+    class Scales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 1.0
+
+        def forward(self, x):
+            if vars(self)["training"]:  # the region traces fail: the search bisects
+                self.scale = 2.0  # in training only; its parent reads it
+                return F.dropout(x, 0.5, True)
+            return x
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.d = nn.Conv2d(1, 4, 1), Scales()
+
+        def forward(self, x):
+            return self.d(self.conv(x)).mean((2, 3)) * self.d.scale
+
+    # a review: the bisection's trace of the training branch left scale = 2.0 on the model, whose
+    # own eval forward then differed from its graph (the model ran whole); and as a leaf it would
+    # set what its parent read as a constant: it is not run whole (warned)
+    model = Parent().eval()
+    with pytest.warns(TrainingModeWarning, match="'d'"):
+        emodel = equivfx.compile(model, "C4", example_inputs=X1)
+    assert model.d.scale == 1.0
+    assert emodel.equivfx_info.trace_path == "symbolic_trace"
+    assert emodel.equivfx_info.modes_run_whole == ()
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X1), _loop(model, X1), rtol=1e-5, atol=1e-6)
+
+
 def test_a_forward_that_compiles_a_part_of_itself_does_not_hang():
     # a review: the flag property's lock was taken again by the compile inside the trace
     class Lazy(nn.Module):
