@@ -21,7 +21,9 @@ whenever a fallback was used.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import functools
 import hashlib
 import inspect
@@ -32,6 +34,7 @@ import operator
 import os
 import re
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1053,18 +1056,32 @@ def _flipped_graph(model: nn.Module, result: TraceResult, flipped: list[nn.Modul
 @contextlib.contextmanager
 def restored(model: nn.Module):
     """Every attribute and registered parameter, buffer and submodule of ``model``'s modules
-    put back as it was after this (:func:`_set_by_trace`); yields the set of the modules' names
+    put back as it was after this (:func:`_set_by_trace`), and the contents of the lists, dicts,
+    sets and deques they hold; yields the set of the modules' names
     whose attributes changed, filled on the way out. For traces with flags flipped: what the
     other branch sets (``self.scale = 2.0`` in training only) is not the model's state in its
     own mode, and an earlier version left it on the model (its own eval forward then computed
     something else)."""
     names = {m: n for n, m in model.named_modules()}
     before = _module_state(model)
+    held = [  # (most are empty: hooks)
+        (v, copy.copy(v) if v else None)
+        for state in before.values()
+        for v in state[0].values()
+        if isinstance(v, _MUTABLE)
+    ]
     changed: set[str] = set()
     try:
         yield changed
     finally:
         changed |= _set_by_trace(model, before, names)
+        for now, then in held:  # lists, dicts, sets filled in place (a copy of a module whose
+            if then is None:  # flag the trace held, one more log entry, a hook)
+                if now:
+                    now.clear()
+            elif not _same_contents(now, then):
+                now.clear()
+                (now.update if isinstance(now, (dict, set)) else now.extend)(then)
 
 
 def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
@@ -1132,32 +1149,8 @@ def _tracing_here():
     return tracer, tracer.stack[-1] if tracer.stack else ""
 
 
-class _Held:
-    """What a module's ``__dict__`` holds for its flag while :func:`_reading_flags` holds the
-    flag: code reading it around the property (``vars(self)["training"]``,
-    ``self.__dict__.get("training")``) fails the trace on it (the search then bisects) rather
-    than read a value the search does not see."""
-
-    def _fail(self, *args):
-        raise TraceError(
-            "equivfx: a training flag read around nn.Module.training (vars(self)['training']) "
-            "while the flag search holds the flags"
-        )
-
-    __bool__ = __eq__ = __ne__ = __int__ = __index__ = __float__ = _fail
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        return "<training flag held by equivfx's flag search>"
-
-
-_HELD = _Held()
-
-
 def _read_flag(module):
-    value = module.__dict__.get("training", _NOT_SET)
-    if value is _HELD or value is _NOT_SET:
-        value = _MOVED.get(id(module), _NOT_SET)
+    value = module.__dict__.get("training", _MOVED.get(id(module), _NOT_SET))
     if value is _NOT_SET:
         raise AttributeError("training")
     here = _tracing_here()
@@ -1168,7 +1161,7 @@ def _read_flag(module):
 
 
 def _write_flag(module, value):
-    if id(module) in _MOVED and module.__dict__.get("training") is _HELD:
+    if id(module) in _MOVED and "training" not in module.__dict__:
         _MOVED[id(module)] = value
     else:
         module.__dict__["training"] = value
@@ -1194,9 +1187,10 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module, hold: bool = True):
     """While tracing ``model``: each read of a module's ``training`` attribute in this thread is
     recorded in ``tracer.reads`` (module -> qualified names of the modules whose code read it,
     "" for the model's). A property on ``nn.Module`` while any thread traces so, which holds the
-    flags of ``model``'s modules for that time (their ``__dict__`` holds :data:`_HELD`): a read
-    around it (``vars(self)["training"]``, ``self.__dict__.get("training")``) fails the trace
-    (the search then bisects) rather than go unseen. ``hold=False``: the flags
+    flags of ``model``'s modules for that time: a read around it (``vars(self)["training"]``)
+    fails the trace (the search then bisects) rather than go unseen (not
+    ``self.__dict__.get("training")``, which reads None then; a stand-in that fails there was
+    tried and dropped: copies of a module made while tracing kept it). ``hold=False``: the flags
     stay in the modules (reads around the property not seen; attribute writes recorded)."""
     tracers = _FLAG_READS.__dict__.setdefault("tracers", [])
     moved: list[nn.Module] = []
@@ -1210,8 +1204,7 @@ def _reading_flags(tracer: _RegionTracer, model: nn.Module, hold: bool = True):
         with _PROPERTY_LOCK:
             for m in model.modules() if hold else ():
                 if "training" in m.__dict__ and id(m) not in _MOVED:
-                    _MOVED[id(m)] = m.__dict__["training"]
-                    m.__dict__["training"] = _HELD
+                    _MOVED[id(m)] = m.__dict__.pop("training")
                     moved.append(m)
         yield
     finally:
@@ -1267,70 +1260,109 @@ def _set_by_trace(model: nn.Module, before: dict, names: dict) -> set[str]:
     return changed
 
 
-_CONTAINERS = (list, tuple, dict, set, frozenset)
+_MUTABLE = (list, dict, set, collections.deque)  # and their subclasses (OrderedDict, ...)
+_MODULE_OWN = frozenset(vars(nn.Module()))  # what nn.Module keeps (hooks, flag, state dicts)
 
 
-def _holds_proxy(value, depth: int = 3) -> bool:
-    """``value`` is an fx Proxy, or a list, tuple, dict or set holding one (``depth`` levels
-    down)."""
+def _holds_proxy(value, depth: int = 6) -> bool:
+    """``value`` is an fx Proxy, or holds one (``depth`` levels down) in a list, tuple (a
+    namedtuple too), dict, set, deque or ``SimpleNamespace``."""
     if isinstance(value, fx.Proxy):
         return True
-    if depth and type(value) in _CONTAINERS:
-        items = (*value.keys(), *value.values()) if type(value) is dict else value
-        return any(_holds_proxy(v, depth - 1) for v in items)
-    return False
+    if not depth:
+        return False
+    if isinstance(value, dict):
+        items = (*value.keys(), *value.values())
+    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        items = value
+    elif isinstance(value, types.SimpleNamespace):
+        items = vars(value).values()
+    else:
+        return False
+    return any(_holds_proxy(v, depth - 1) for v in items)
 
 
 @contextlib.contextmanager
 def untouched(model: nn.Module):
     """The Proxies ``model``'s code leaves on its modules while this runs are taken off after
-    it: an attribute set to one (``self.last = h``, or a tuple holding one) gets its value back,
-    and the lists, dicts and sets its modules held lose the entries that hold one
-    (``self.history.append(h)``; a dict entry replaced gets its value back). Tracing runs
-    forward's Python with Proxies, which mean nothing outside the trace: without this, compile
-    left them on the user's modules, one more in ``self.history`` per trace. What the code sets
-    to plain values stays, as after a call of the model: the compiled graph runs the user's
-    modules (leaves, modules run whole), which may need it (``self.act.negative_slope = s``
-    before calling it, a parameter made at the first call, a hook registered once)."""
+    it: an attribute set to one (``self.last = h``, or a tuple holding one) gets its value back
+    (or goes, on a module made while tracing), and the lists, dicts, sets and deques its modules
+    held lose the entries that hold one (``self.history.append(h)``; a dict entry replaced gets
+    its value back). Tracing runs forward's Python with Proxies, which mean nothing outside the
+    trace: without this, compile left them on the user's modules, one more in ``self.history``
+    per trace, and the model could no longer be pickled. What the code sets to plain values
+    stays, as after a call of the model: the compiled graph runs the user's modules (leaves,
+    modules run whole), which may need it (``self.act.negative_slope = s`` before calling it, a
+    parameter made at the first call, a hook registered once). So does a plain value that
+    stands for work done on tensors (``self.initialized = True`` after an in-place update that
+    tracing only recorded): forward's side effects are not part of the graph."""
     before = {m: dict(m.__dict__) for m in model.modules()}
     held = {
-        id(v): (v, type(v)(v))
+        id(v): (v, copy.copy(v))
         for attrs in before.values()
-        for v in attrs.values()
-        if type(v) in (list, dict, set)
+        for k, v in attrs.items()
+        if k not in _MODULE_OWN and isinstance(v, _MUTABLE) and v
     }
     try:
         yield
     finally:
-        for m, attrs in before.items():
+        for m in model.modules():
+            attrs = before.get(m, {})
             for key, value in list(m.__dict__.items()):
-                if id(value) in held and held[id(value)][0] is value:
-                    _drop_proxies(value, held[id(value)][1])
-                elif _holds_proxy(value):
-                    if key in attrs:
-                        m.__dict__[key] = attrs[key]
-                    else:
-                        del m.__dict__[key]
-
-
-def _drop_proxies(container, then) -> None:
-    """Take the entries holding a Proxy out of ``container`` (a list, dict or set that held
-    ``then``'s entries before a trace): a dict entry that was there before gets its value
-    back."""
-    if type(container) is list:
-        if any(_holds_proxy(v) for v in container):
-            container[:] = [v for v in container if not _holds_proxy(v)]
-    elif type(container) is dict:
-        for key, value in list(container.items()):
-            if _holds_proxy(value) or _holds_proxy(key):
-                if key in then and not _holds_proxy(key):
-                    container[key] = then[key]
+                if key in _MODULE_OWN or not _holds_proxy(value):
+                    continue
+                if attrs.get(key, _NOT_SET) is value:  # the same container, filled in place
+                    then = held[id(value)][1] if id(value) in held else None
+                    _drop_proxies(value, then)
+                elif key in attrs:
+                    m.__dict__[key] = attrs[key]
                 else:
-                    del container[key]
-    elif any(_holds_proxy(v) for v in container):  # rebuilt: a Proxy's == makes a Proxy
-        kept = [v for v in container if not _holds_proxy(v)]
-        container.clear()
-        container.update(kept)
+                    del m.__dict__[key]
+
+
+def _same_contents(a, b) -> bool:
+    """Two lists, dicts, sets or deques holding the same objects (not ``==``: tensors compare
+    element-wise, Proxies make Proxies)."""
+    if isinstance(a, dict):
+        return _same_objects(a, b)
+    if isinstance(a, set):
+        return {id(x) for x in a} == {id(x) for x in b}
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _drop_proxies(container, then=None) -> None:
+    """Take the entries holding a Proxy out of ``container`` (a list, dict, set, deque or
+    ``SimpleNamespace``; ``then``: a copy of it from before a trace, or None): a dict entry that
+    was there before gets its value back, containers inside are cleaned in place (one that
+    cannot be, a tuple, goes). Sets are rebuilt (a Proxy's ``==`` makes a Proxy)."""
+    if isinstance(container, types.SimpleNamespace):
+        container = vars(container)
+    if isinstance(container, dict):
+        for key, value in list(container.items()):
+            if _holds_proxy(key):
+                del container[key]
+                continue
+            if not _holds_proxy(value):
+                continue
+            old = then.get(key, _NOT_SET) if isinstance(then, dict) else _NOT_SET
+            if old is not _NOT_SET and old is not value and not _holds_proxy(old):
+                container[key] = old
+            elif isinstance(value, (*_MUTABLE, types.SimpleNamespace)):
+                _drop_proxies(value)
+            else:
+                del container[key]
+        return
+    if not any(_holds_proxy(v) for v in container):
+        return
+    kept = []
+    for v in container:
+        if isinstance(v, (*_MUTABLE, types.SimpleNamespace)):
+            _drop_proxies(v)
+            kept.append(v)
+        elif not _holds_proxy(v):
+            kept.append(v)
+    container.clear()
+    (container.update if isinstance(container, set) else container.extend)(kept)
 
 
 def _defines_training(cls: type) -> bool:
