@@ -472,7 +472,12 @@ def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
+        schema = getattr(getattr(model, "forward", None), "schema", None)
+        if schema is None:
+            return None
+        # a torch.jit.trace'd module: its method has a TorchScript schema (self first)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return [inspect.Parameter(a.name, kind) for a in schema.arguments[1:]]
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return None
     return params

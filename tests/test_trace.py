@@ -659,10 +659,15 @@ class _Scriptable(nn.Module):
 
 
 @pytest.mark.parametrize("examples", [False, True])
-def test_a_torchscript_model_runs_whole(examples):
-    # a review: fx asserted on it (AssertionError out of compile)
-    scripted = torch.jit.script(_Scriptable().eval())
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_model_runs_whole(examples, how):
+    # a review: fx asserted on it (AssertionError out of compile); a traced one has no Python
+    # signature (ValueError): its forward's TorchScript schema names the inputs
     x = torch.randn(2, 1, 8, 8)
+    if how == "script":
+        scripted = torch.jit.script(_Scriptable().eval())
+    else:
+        scripted = torch.jit.trace(_Scriptable().eval(), x)
     with pytest.warns(FallbackWarning, match="TorchScript module"):
         emodel = equivfx.compile(scripted, "C4", example_inputs=x if examples else None)
     assert emodel.equivfx_info.trace_path == "opaque"
