@@ -69,7 +69,6 @@ __all__ = [
     "register_leaf",
     "source_line",
     "trace",
-    "untouched",
 ]
 
 log = logging.getLogger(__name__)
@@ -1085,8 +1084,7 @@ def restored(model: nn.Module):
                 if now:
                     now.clear()
             elif not _same_contents(now, then):
-                now.clear()
-                (now.update if isinstance(now, (dict, set)) else now.extend)(then)
+                _refill(now, then)
 
 
 def _flipped_key(model: nn.Module, result: TraceResult, flipped: list[nn.Module]):
@@ -1302,8 +1300,8 @@ def untouched(model: nn.Module):
     stands for work done on tensors (``self.initialized = True`` after an in-place update that
     tracing only recorded): forward's side effects are not part of the graph."""
     before = {m: dict(m.__dict__) for m in model.modules()}
-    held = {
-        id(v): (v, copy.copy(v))
+    held = {  # (``before`` keeps them alive: their ids stay theirs)
+        id(v): copy.copy(v)
         for attrs in before.values()
         for k, v in attrs.items()
         if k not in _MODULE_OWN and isinstance(v, _MUTABLE) and v
@@ -1317,8 +1315,7 @@ def untouched(model: nn.Module):
                 if key in _MODULE_OWN or not _holds_proxy(value):
                     continue
                 if attrs.get(key, _NOT_SET) is value:  # the same container, filled in place
-                    then = held[id(value)][1] if id(value) in held else None
-                    _drop_proxies(value, then)
+                    _drop_proxies(value, held.get(id(value)))
                 elif key in attrs:
                     m.__dict__[key] = attrs[key]
                 else:
@@ -1366,8 +1363,14 @@ def _drop_proxies(container, then=None) -> None:
             kept.append(v)
         elif not _holds_proxy(v):
             kept.append(v)
+    _refill(container, kept)
+
+
+def _refill(container, items) -> None:
+    """``container`` (a list, dict, set or deque, the same object) holding ``items`` (a dict's
+    for a dict) instead of what it holds."""
     container.clear()
-    (container.update if isinstance(container, set) else container.extend)(kept)
+    (container.update if isinstance(container, (dict, set)) else container.extend)(items)
 
 
 def _defines_training(cls: type) -> bool:
@@ -1384,7 +1387,6 @@ class _Regions:
         self.constants = constants  # the tensor constants the trace made
         self.not_one_value = frozenset(tracer.not_one_value)
         self.reads = tracer.reads
-        self.writers = frozenset(tracer.writers)
         self.through = frozenset(tracer.through) | {""}
         self.passed = tracer.passed
         self.returned = tracer.returned

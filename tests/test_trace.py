@@ -304,7 +304,8 @@ def test_stochastic_depth_follows_train_and_eval(mode):
     assert equivfx.verify(emodel, x).ok
 
 
-def test_run_whole_modules_the_rules_checked_are_not_run_again_per_slot(monkeypatch):
+def _counting_leaf_checks(monkeypatch) -> list:
+    """The leaves compile runs again per slot on the examples, as it checks them."""
     import equivfx.compiler as compiler
 
     checked = []
@@ -312,6 +313,11 @@ def test_run_whole_modules_the_rules_checked_are_not_run_again_per_slot(monkeypa
     monkeypatch.setattr(
         compiler, "per_slot_difference", lambda m, n, *a: checked.append(n.target) or real(m, n, *a)
     )
+    return checked
+
+
+def test_run_whole_modules_the_rules_checked_are_not_run_again_per_slot(monkeypatch):
+    checked = _counting_leaf_checks(monkeypatch)
     x = torch.randn(4, 2, 6, 6)
     model = nn.Sequential(Residual(), Residual(), nn.Dropout()).eval()
     with warnings.catch_warnings():
@@ -340,13 +346,7 @@ class _GatedDrop(nn.Module):
 def test_a_run_whole_module_that_calls_a_leaf_without_a_rule_is_checked_on_the_examples(
     monkeypatch,
 ):
-    import equivfx.compiler as compiler
-
-    checked = []
-    real = compiler.per_slot_difference
-    monkeypatch.setattr(
-        compiler, "per_slot_difference", lambda m, n, *a: checked.append(n.target) or real(m, n, *a)
-    )
+    checked = _counting_leaf_checks(monkeypatch)
     x = torch.randn(4, 1, 6, 6)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _GatedDrop()).eval()
     with warnings.catch_warnings(record=True) as seen:
