@@ -27,7 +27,12 @@
    compiled model (``chunk=None``), each in a fresh child process (the counts depend on what the
    process allocated before), under glibc's default allocator and with freed memory kept
    (``run_all.TUNED_MALLOC``): an fx graph frees each value right after its last use, earlier
-   than eager Python frees locals, which changes which blocks glibc returns to the system.
+   than eager Python frees locals, which changes which blocks glibc returns to the system. In the
+   same processes, the timing that follows from it for the ResNet under C4 at B = 8 (the
+   like-for-like miss of the 13:44 run, 2026-11-28): the base model as a plain fx trace, the
+   compiled model with its lift taken out (an identity) and the compiled model, all on the batch
+   built beforehand but the last, and the fold by hand, paired against the eager base model on
+   that batch: whether the compiled model's gap over the fold by hand is the lift's or fx's.
 
 7. The compiled model's own Python: (a) a model whose ops cost almost nothing (a flip, a cumsum
    and a sum of a (1, 8, 16) input under ShiftRev4), compiled (``chunk="auto"`` and
@@ -40,7 +45,7 @@
    however it is written; also the compiled model with fx's own generated code (submodules
    reached by ``getattr`` chains, as before :mod:`equivfx.passes.codegen`).
 
-Run: ``python benchmarks/diagnose_overhead.py [--threads 2]``
+Run: ``python benchmarks/diagnose_overhead.py [--threads 2] [--part6 | --python-only]``
 """
 
 from __future__ import annotations
@@ -364,6 +369,38 @@ def page_faults() -> dict:
     return {k: statistics.median(v) for k, v in faults.items()}
 
 
+def fx_against_eager() -> dict:
+    """Paired ratios over the eager base model on the batch built beforehand (see part 6)."""
+    factory, shape, specs = MODELS["resnet"]
+    torch.manual_seed(0)
+    model = factory().eval()
+    G = equivfx.group(specs["C4"])
+    x = torch.randn(8, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
+    unlifted = copy.deepcopy(emodel)
+    unlifted.equivfx_lift = torch.nn.Identity()
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        prebuilt = emodel.equivfx_lift(x).clone()
+
+        def by_hand():
+            xs = torch.cat([G.act(G.inverse(g), x) for g in G.elements])
+            return model(xs).unflatten(0, (G.order, -1)).mean(0)
+
+        return _paired_ratios(
+            {
+                "eager": lambda: model(prebuilt),
+                "fx trace": lambda: traced(prebuilt),
+                "compiled, lift taken out": lambda: unlifted(prebuilt),
+                "compiled": lambda: emodel(x),
+                "fold by hand": by_hand,
+            },
+            "eager",
+        )
+
+
 def _faults_line(faults: dict, label: str) -> str:
     return f"ResNet D4 B=8, minor page faults per forward ({label}): " + ", ".join(
         f"{k} {v:,.0f}" for k, v in faults.items()
@@ -374,16 +411,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--faults-only", action="store_true", help="only part 6, in this process")
+    ap.add_argument("--part6", action="store_true", help="only part 6, in six fresh processes")
     ap.add_argument("--python-only", action="store_true", help="only part 7")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.python_only:
         own_python_lines()
         return
+    if args.part6:
+        part6(args.threads)
+        return
     if args.faults_only:
         tuned = os.environ.get("MALLOC_TRIM_THRESHOLD_")
         label = "allocator keeps freed memory" if tuned else "default allocator"
         print(_faults_line(page_faults(), label), flush=True)
+        r = fx_against_eager()
+        print(
+            f"ResNet C4 B=8 ({label}), over the eager base model on the batch built beforehand "
+            "(paired): " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()),
+            flush=True,
+        )
         return
     k = kernel_time(args.threads)
     print(
@@ -420,11 +467,16 @@ def main() -> None:
         flush=True,
     )
     own_python_lines()
+    part6(args.threads)
+
+
+def part6(threads: int) -> None:
     from run_all import TUNED_MALLOC
 
-    for env in ({}, TUNED_MALLOC):  # fresh processes: the counts depend on the heap's history
+    # fresh processes, three of each: the counts and timings depend on the heap's history
+    for env in ({}, {}, {}, TUNED_MALLOC, TUNED_MALLOC, TUNED_MALLOC):
         subprocess.run(
-            [sys.executable, __file__, "--faults-only", "--threads", str(args.threads)],
+            [sys.executable, __file__, "--faults-only", "--threads", str(threads)],
             env={**os.environ, **env},
             check=True,
         )
