@@ -83,6 +83,8 @@ LEAF_MODULES: dict[type, str] = {
     nn.TransformerEncoder: "its nested-tensor fast path branches on the mask; run whole",
     nn.TransformerDecoder: "branches on its arguments; run whole",
     nn.Transformer: "branches on its arguments; run whole",
+    torch.jit.ScriptModule: "a TorchScript module (scripted or traced), which torch.fx cannot "
+    "trace into; run whole",
 }
 """Module types traced as single nodes, each with the reason. Extend with :func:`register_leaf`."""
 
@@ -195,7 +197,10 @@ class _Tracer(fx.Tracer):
             return super().path_of_module(mod)
 
     def call_module(self, m, forward, args, kwargs):
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # made inside forward and called there: ``nn.ReLU()(h)``
+            return _inline(m, forward, args, kwargs)
         self.stack.append(qualname)
         try:
             out = super().call_module(m, forward, args, kwargs)
@@ -209,9 +214,35 @@ class _Tracer(fx.Tracer):
         return out
 
 
+def _inline(m: nn.Module, forward, args, kwargs):
+    """Trace through ``m``, a module the traced code calls that is no submodule of the model
+    (made there, ``nn.ReLU()(h)``, or held outside the module tree): its ops join its caller's,
+    as if written there. One holding parameters or buffers is refused: made in forward, each
+    call makes them anew (new random weights, reset statistics); held outside, the compiled
+    model would not own them (no state_dict, no ``.to``)."""
+    state = [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()]
+    if state:
+        raise ModelTypeError(
+            explain(
+                f"the model's forward calls a {type(m).__name__} that is not one of its "
+                "submodules (made inside forward, or held outside the module tree) and holds "
+                "parameters or buffers, which the compiled model would not own",
+                state,
+                "modules called in forward that are not submodules to hold no parameters or "
+                "buffers (nn.ReLU(), nn.Flatten(), pools)",
+                f"make the {type(m).__name__} a submodule: create it in __init__ "
+                "(self.layer = ...) and call self.layer in forward",
+            )
+        )
+    return forward(*args, **kwargs)
+
+
 def _is_trace_failure(err: Exception) -> bool:
     # torch.fx.proxy.TraceError (control flow, iteration) and the TypeError/RuntimeError that
-    # Proxies raise when user code needs a concrete value.
+    # Proxies raise when user code needs a concrete value; not equivfx's refusal of the model
+    # (a ModelTypeError raised while tracing, see _inline), which no leaf would avoid.
+    if isinstance(err, ModelTypeError):
+        return False
     return isinstance(
         err,
         (
@@ -1114,7 +1145,10 @@ class _RegionTracer(_Tracer):
         self.through: set[str] = set()  # modules traced through (their code ran), not leaves
 
     def call_module(self, m, forward, args, kwargs):
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:  # made inside forward and called there: ``nn.ReLU()(h)``
+            return _inline(m, forward, args, kwargs)
         call = (qualname, self.counts.get(qualname, 0))
         self.counts[qualname] = call[1] + 1
         if not self.is_leaf_module(m, qualname):

@@ -676,6 +676,100 @@ def test_a_torchscript_model_runs_whole(examples, how):
         torch.testing.assert_close(emodel(x), _loop(scripted, x), rtol=1e-5, atol=1e-6)
 
 
+class _ScriptedInside(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        inner = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 1))
+        if how == "script":
+            self.inner = torch.jit.script(inner)
+        else:
+            self.inner = torch.jit.trace(inner, torch.randn(1, 4, 8, 8))
+
+    def forward(self, x):
+        return self.inner(self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["global", "layerwise"])
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_submodule_runs_whole_as_a_leaf(how, mode):
+    # was a MissingRuleError on 'Tensor.forward': fx traced into its compiled code's wrapper
+    x = torch.randn(2, 1, 8, 8)
+    model = _ScriptedInside(how).eval()
+    with pytest.warns(OpaqueLeafWarning, match="'inner'"):
+        emodel = equivfx.compile(model, "C4", mode=mode, example_inputs=x)
+    assert "TorchScript" in emodel.equivfx_info.leaves["inner"]
+    nodes = trace(model).gm.graph.nodes
+    assert [(n.op, n.target) for n in nodes if n.op in ("call_module", "call_method")] == [
+        ("call_module", "conv"),
+        ("call_module", "inner"),
+        ("call_method", "mean"),
+    ]
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+class _MakesItsLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = nn.ReLU()(self.conv(x))
+        return nn.Flatten()(nn.AdaptiveAvgPool2d(1)(_SHARED_ACT(h)))
+
+
+_SHARED_ACT = nn.Tanh()  # a module held outside the model's tree
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_modules_made_inside_forward_are_traced_through(examples):
+    # was a NameError out of compile (fx: "module is not installed as a submodule")
+    x = torch.randn(2, 1, 8, 8)
+    model = _MakesItsLayers().eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=x if examples else None)
+    info = emodel.equivfx_info
+    assert info.trace_path == "symbolic_trace" and info.leaves == {}
+    nodes = trace(model).gm.graph.nodes  # their ops, in the caller's
+    assert [n.target for n in nodes if n.op not in ("placeholder", "output")] == [
+        "conv",
+        F.relu,
+        torch.tanh,
+        F.adaptive_avg_pool2d,
+        "flatten",
+    ]
+    assert set(emodel.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
+class _MakesItsWeights(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.make = make
+
+    def forward(self, x, scale: float = 1.0):
+        return self.make()(self.conv(x).mean((2, 3))) * scale
+
+
+@pytest.mark.parametrize("examples", [False, True])
+@pytest.mark.parametrize(
+    "make, state",
+    [
+        (lambda: nn.Linear(4, 2), "'weight', 'bias'"),
+        (lambda: nn.BatchNorm1d(4, affine=False), "'running_mean'"),
+    ],
+)
+def test_a_module_made_in_forward_with_weights_or_statistics_is_refused(make, state, examples):
+    # new weights at each call: no graph holds them; the error names the module and its state
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ModelTypeError, match="not one of its submodules") as err:
+        equivfx.compile(_MakesItsWeights(make), "C4", example_inputs=x if examples else None)
+    assert state in str(err.value) and "create it in __init__" in str(err.value)
+
+
 def test_tracing_leaves_the_model_without_the_constants_fx_stores_on_it():
     import equivfx
 
@@ -2468,13 +2562,9 @@ def test_a_scripted_leaf_compiles():
         def forward(self, x):
             return self.head(self.conv(x).mean((2, 3))) * (2.0 if self.training else 1.0)
 
-    register_leaf(torch.jit.RecursiveScriptModule, "scripted: run whole")
-    try:
-        model = Net().eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            emodel = equivfx.compile(model, "C4")
-        with torch.no_grad():
-            torch.testing.assert_close(emodel(X1), _loop(model, X1))
-    finally:
-        del LEAF_MODULES[torch.jit.RecursiveScriptModule]
+    model = Net().eval()  # a leaf by default (LEAF_MODULES: torch.jit.ScriptModule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emodel = equivfx.compile(model, "C4")
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(X1), _loop(model, X1))
