@@ -1234,6 +1234,41 @@ def mha_rule(ctx: BatchCtx) -> Rep:
     return Folded(want, container=True, items=(Folded(want), Folded(0)))
 
 
+def embedding_bag_rule(ctx: BatchCtx) -> Rep:
+    """``nn.EmbeddingBag`` / ``F.embedding_bag`` on a 2D input (B, bag): one bag per sample,
+    the batch stays on axis 0 (``per_sample_weights`` alongside, folded alike). With
+    ``offsets`` the bags of the whole batch are packed into one 1D input: refused."""
+    functional = ctx.module is None
+    x = ctx.arg(0, "input")
+    offsets = ctx.arg(2 if functional else 1, "offsets")
+    weights = ctx.arg(8 if functional else 2, "per_sample_weights")
+    ax = ctx.axis(x)
+    if ax is None:
+        if ctx.folded_inputs():
+            raise ctx.mixing(
+                f"{_op_name(ctx)} takes a batch-carrying tensor as its weight or offsets",
+                "index with the batch-carrying tensor, weights from parameters only",
+            )
+        return Trivial()
+    if offsets is not None or ctx.rank(x) == 1:
+        raise ctx.mixing(
+            f"{_op_name(ctx)} with offsets packs the bags of the whole batch into one 1D input",
+            "pass a 2D input (batch, bag size) without offsets, one bag per sample",
+        )
+    if ax != 0:
+        raise ctx.mixing(
+            f"{_op_name(ctx)} expects the batch on axis 0, got axis {ax}",
+            "move the batch to axis 0 before this op",
+        )
+    others = [b for b, _ in ctx.folded_inputs() if b is not x and b is not weights]
+    if others or (isinstance(weights, fx.Node) and ctx.axis(weights) not in (None, 0)):
+        raise ctx.mixing(
+            f"{_op_name(ctx)} takes a batch-carrying tensor as a weight",
+            "compute the table from parameters only; per_sample_weights with the batch on axis 0",
+        )
+    return Folded(0)
+
+
 def _batch_first(m: nn.Module) -> bool:
     if hasattr(m, "batch_first"):
         return bool(m.batch_first)
@@ -2545,6 +2580,16 @@ _m(
     "embedding",
     first_axis(None),
     example=_mod(lambda: nn.Embedding(10, 4), (2, 5), kind="index", group="Shift5"),
+)
+_m(
+    [nn.EmbeddingBag],
+    "embedding_bag",
+    embedding_bag_rule,
+    example=_mod(lambda: nn.EmbeddingBag(10, 4), (2, 5), kind="index", group="Shift5"),
+)
+register(
+    [F.embedding_bag],
+    OpRule("F.embedding_bag", "layer", embedding_bag_rule),
 )
 _m(
     [nn.MultiheadAttention],

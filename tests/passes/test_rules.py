@@ -797,3 +797,56 @@ def test_einsum_refusals_say_what_to_do():
     with pytest.raises(BatchMixingError, match="unknown rank.*example_inputs="):
         equivfx.compile(Transposed(), "C4")  # no ranks without example inputs
     equivfx.compile(Transposed(), "C4", example_inputs=torch.randn(2, 1, 4, 4))
+
+
+class _Bags(nn.Module):
+    """A bag of tokens per sample: nn.EmbeddingBag, or F.embedding_bag with per-sample weights
+    handed beside the tokens (the group acts on the tokens only)."""
+
+    def __init__(self, functional: bool, mode: str):
+        super().__init__()
+        self.functional, self.mode = functional, mode
+        self.bag = nn.EmbeddingBag(20, 6, mode=mode)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens, weights=None):
+        if self.functional:
+            h = F.embedding_bag(tokens, self.bag.weight, per_sample_weights=weights, mode="sum")
+        else:
+            h = self.bag(tokens)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize(
+    "functional, mode, spec",
+    [(False, "mean", "Perm5@-1"), (False, "max", "Shift5"), (True, "sum", "Perm5@-1")],
+)
+def test_embedding_bags_of_one_sample_each_equal_the_loop_over_g(functional, mode, spec, examples):
+    # was a MissingRuleError: no rule for nn.EmbeddingBag
+    torch.manual_seed(0)
+    model = _Bags(functional, mode).eval()
+    tokens, weights = torch.randint(0, 20, (3, 5)), torch.rand(3, 5)
+    args = (tokens, weights) if functional else (tokens,)
+    G = equivfx.group(spec)
+    emodel = equivfx.compile(model, G, example_inputs=args if examples else None)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), tokens), *args[1:]) for g in G.elements])
+        torch.testing.assert_close(emodel(*args), loop.mean(0), rtol=1e-5, atol=1e-6)
+
+
+class _PackedBags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20, 6)
+
+    def forward(self, tokens):
+        flat = tokens.flatten()
+        return self.bag(flat, torch.arange(0, flat.numel(), tokens.shape[1]))
+
+
+def test_embedding_bags_packed_with_offsets_are_refused():
+    # the offsets cut one 1D input into the whole batch's bags: folding the slots would mix them
+    with pytest.raises(BatchMixingError, match="offsets packs the bags") as info:
+        equivfx.compile(_PackedBags(), "Perm5@-1", example_inputs=torch.randint(0, 20, (3, 5)))
+    assert "2D input (batch, bag size)" in str(info.value)
