@@ -523,6 +523,35 @@ def _collecting_after(fn: Callable) -> Callable:
     return paused
 
 
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Refuse the wrappers whose forward hands the call to machinery torch.fx cannot trace
+    (torch.compile's compiled code; DataParallel's replicas and scatter), naming the module
+    inside and how to wrap the compiled model instead.
+
+    Raises:
+        ModelTypeError: for a ``torch.compile``'d module, ``nn.DataParallel`` or
+            ``DistributedDataParallel``.
+    """
+    if type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        what, inner = "torch.compile", "model._orig_mod"
+        fix = "torch.compile(equivfx.compile(model._orig_mod, group))"
+    elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        what, inner = type(model).__name__, "model.module"
+        fix = f"{type(model).__name__}(equivfx.compile(model.module, group), ...)"
+    else:
+        return
+    raise ModelTypeError(
+        explain(
+            f"equivfx.compile got a model wrapped by {what}, whose forward torch.fx cannot trace",
+            type(model).__name__,
+            f"the plain nn.Module it wraps ({inner})",
+            f"compile that module and wrap the compiled model instead: {fix}",
+        )
+    )
+
+
 @_collecting_after
 def compile(  # noqa: A001 - the public name is part of the API contract
     model: nn.Module,
@@ -638,6 +667,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
                 "pass the model object (not its class, a function or a state_dict)",
             )
         )
+    _refuse_wrappers(model)
     G = as_group(group)
     if mode not in MODES:
         raise EquivFXError(explain("unknown mode", mode, f"one of {MODES}", "use mode='global'"))

@@ -326,6 +326,23 @@ def test_something_that_is_not_a_module(thing):
         equivfx.compile(thing, "C4")
 
 
+@pytest.mark.parametrize(
+    "wrap, inner",
+    [(torch.compile, "model._orig_mod"), (nn.DataParallel, "model.module")],
+    ids=["torch.compile", "DataParallel"],
+)
+def test_a_wrapped_model_is_refused_naming_the_module_inside(wrap, inner):
+    # was a TraceError about the wrapper's forward(*args, **kwargs), with no way out named
+    wrapped = wrap(small_cnn())
+    with pytest.raises(ModelTypeError, match="wrapped by") as info:
+        equivfx.compile(wrapped, "C4")
+    assert inner in str(info.value) and "wrap the compiled model instead" in str(info.value)
+    inside = wrapped._orig_mod if inner == "model._orig_mod" else wrapped.module
+    x = torch.randn(2, 1, 8, 8)
+    emodel = equivfx.compile(inside, "C4")  # what the message says to do
+    torch.testing.assert_close(emodel(x), emodel(torch.rot90(x, 1, (-2, -1))))
+
+
 def test_non_square_input_under_c4_is_a_clear_error():
     emodel = equivfx.compile(small_cnn(), "C4")
     with pytest.raises(InputShapeError, match=r"\(3, 1, 8, 9\)"):
