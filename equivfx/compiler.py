@@ -206,6 +206,9 @@ def as_example_inputs(example_inputs) -> tuple:
                     "the first example input must be a tensor",
                     type(example_inputs[0]).__name__ if example_inputs else None,
                     "a tensor G acts on",
+                    "pass the tensor G acts on first (a model that takes a dict or another "
+                    "container: compile a wrapper module whose forward takes that tensor first "
+                    "and builds the container)",
                 )
             )
         return tuple(example_inputs)

@@ -454,7 +454,9 @@ def _normalised(graph: fx.Graph, model: nn.Module, fixed: dict[str, Any], requir
     arguments' placeholders and checks (:func:`_fix_arguments`), namedtuple outputs, the checks
     of ``required`` tensors (:func:`_check_given`). False where fx did not make the
     placeholders expected for ``fixed``."""
-    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model)):
+    params = _forward_parameters(model) or []
+    keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    if fixed and not _fix_arguments(graph, fixed, _parameter_names(model), keyword_only):
         return False
     _output_namedtuples(graph)
     _check_given(graph, required)
@@ -544,11 +546,17 @@ def _fixable_arguments(
     return values, origins
 
 
-def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any], names: list[str] | None) -> bool:
+def _fix_arguments(
+    graph: fx.Graph,
+    fixed: dict[str, Any],
+    names: list[str] | None,
+    keyword_only: frozenset[str] | set[str] = frozenset(),
+) -> bool:
     """Rewrite a graph traced with ``concrete_args=fixed``: fx names each such placeholder
     ``<name>_1`` and checks its value with asserts of its own; give each placeholder its
     parameter's name back (keyword calls) and one :func:`expect_value` check instead. ``names``:
-    forward's parameters, one placeholder each, in order. False (the graph unchanged) where the
+    forward's parameters, one placeholder each, in order; ``keyword_only``: those of them no
+    example input can pass (the check's error says so). False (the graph unchanged) where the
     placeholders are not one per parameter."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if names is None or len(names) != len(placeholders):
@@ -570,7 +578,11 @@ def _fix_arguments(graph: fx.Graph, fixed: dict[str, Any], names: list[str] | No
             node._rename(name)  # the variable's name in the generated code (free here)
         node.meta[FIXED] = fixed[name]
     _checks_after_inputs(
-        graph, [(expect_value, (node, name, fixed[name])) for name, node in found.items()]
+        graph,
+        [
+            (expect_value, (node, name, fixed[name], *((True,) if name in keyword_only else ())))
+            for name, node in found.items()
+        ],
     )
     return True
 
@@ -586,12 +598,14 @@ def _checks_after_inputs(graph: fx.Graph, checks: list[tuple]) -> None:
             last = graph.call_function(function, args)
 
 
-def expect_value(value, name: str, expected):
+def expect_value(value, name: str, expected, keyword_only: bool = False):
     """The check at the top of a graph traced with ``name=expected`` fixed (see :func:`trace`):
-    raise :class:`~equivfx.errors.FixedArgumentError` where a call passes another value. Traced
-    (fx rebuilding a pickled module), it records itself."""
+    raise :class:`~equivfx.errors.FixedArgumentError` where a call passes another value
+    (``keyword_only``: forward takes ``name`` after a ``*``, where example inputs cannot pass
+    it). Traced (fx rebuilding a pickled module), it records itself."""
     if isinstance(value, fx.Proxy):
-        return value.tracer.create_proxy("call_function", expect_value, (value, name, expected), {})
+        args = (value, name, expected, *((True,) if keyword_only else ()))
+        return value.tracer.create_proxy("call_function", expect_value, args, {})
     if _same_value(value, expected):
         return None
     got = (
@@ -606,8 +620,17 @@ def expect_value(value, name: str, expected):
             f"branch once): got {got}",
             None,
             f"{name}={expected!r}",
-            f"compile with example_inputs that pass the {name} you run, positionally (a tensor "
-            "there is traced as a tensor input), once per value",
+            (
+                f"{name} is keyword-only (after * in forward), which example_inputs cannot "
+                f"pass: make {name} a positional parameter of forward, or compile a wrapper "
+                f"module whose forward takes it positionally, then compile with "
+                f"example_inputs that pass the {name} you run, once per value"
+            )
+            if keyword_only
+            else (
+                f"compile with example_inputs that pass the {name} you run, positionally (a "
+                "tensor there is traced as a tensor input), once per value"
+            ),
         )
     )
 

@@ -10,6 +10,7 @@ import equivfx
 from equivfx.errors import (
     BatchMixingError,
     EquivFXError,
+    FixedArgumentError,
     GroupSpecError,
     InputShapeError,
     ModelTypeError,
@@ -341,6 +342,63 @@ def test_a_wrapped_model_is_refused_naming_the_module_inside(wrap, inner):
     x = torch.randn(2, 1, 8, 8)
     emodel = equivfx.compile(inside, "C4")  # what the message says to do
     torch.testing.assert_close(emodel(x), emodel(torch.rot90(x, 1, (-2, -1))))
+
+
+class _TakesADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, batch):
+        return self.conv(batch["image"]).mean((2, 3)) * batch["scale"]
+
+
+class _Builds(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, scale):
+        return self.model({"image": x, "scale": scale})
+
+
+def test_a_model_taking_a_dict_is_refused_with_the_wrapper_that_works():
+    # was "indexing 'image' on the batch axis selects samples", a BatchMixingError
+    x, scale = torch.randn(2, 1, 8, 8), torch.rand(2, 1)
+    model = _TakesADict().eval()
+    with pytest.raises(ModelTypeError, match="input 'batch' is indexed with a key") as info:
+        equivfx.compile(model, "C4")
+    assert "def forward(self, x, **rest): return self.model({'image': x, **rest})" in str(
+        info.value
+    )
+    with pytest.raises(ModelTypeError, match="first example input must be a tensor.*Fix: pass"):
+        equivfx.compile(model, "C4", example_inputs=({"image": x, "scale": scale},))
+    emodel = equivfx.compile(_Builds(model), "C4", example_inputs=(x, scale))
+    G = equivfx.group("C4")
+    with torch.no_grad():
+        loop = [model({"image": G.act(G.inverse(g), x), "scale": scale}) for g in G.elements]
+        torch.testing.assert_close(emodel(x, scale), torch.stack(loop).mean(0))
+
+
+class _KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+
+    def forward(self, x, *, scale=None):
+        h = self.conv(x).mean((2, 3))
+        return h if scale is None else h * scale
+
+
+def test_a_keyword_only_argument_fixed_by_tracing_says_how_to_pass_it():
+    # the message said "pass the scale you run, positionally" in example_inputs, which a
+    # keyword-only parameter cannot be
+    emodel = equivfx.compile(_KeywordOnly(), "C4")
+    x = torch.randn(2, 1, 8, 8)
+    assert emodel(x, scale=None).shape == (2, 3)
+    with pytest.raises(FixedArgumentError, match="scale is keyword-only") as info:
+        emodel(x, scale=2.0)
+    assert "make scale a positional parameter of forward" in str(info.value)
 
 
 def test_non_square_input_under_c4_is_a_clear_error():

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from equivfx.errors import BatchMixingError, MissingRuleError, explain
+from equivfx.errors import BatchMixingError, MissingRuleError, ModelTypeError, explain
 from equivfx.groups.actions import ProductAction, RollAction
 from equivfx.meta import REP, BatchSize, CosetFolded, Folded, InputRep, Rep, Trivial
 from equivfx.trace import expect_given
@@ -953,6 +953,19 @@ def getitem_rule(ctx: BatchCtx) -> Rep:
         if ctx.folded_inputs():
             raise ctx.mixing("indexing with a batch-carrying index", "index with constants")
         return Trivial()
+    if isinstance(idx, str) and isinstance(src, fx.Node) and src.op == "placeholder":
+        raise ModelTypeError(  # batch["image"]: the acted input is a dict, not a tensor
+            explain(
+                f"the model's input {src.target!r} is indexed with a key, so it is a dict or "
+                "another container, but G acts on the first input as a tensor (it transforms "
+                "it and folds the slots into its batch axis)",
+                idx,
+                "a tensor as forward's first input",
+                "compile a wrapper module whose forward takes that tensor first and builds the "
+                f"container: def forward(self, x, **rest): return self.model({{{idx!r}: x, "
+                "**rest})",
+            )
+        )
     entries = _index_entries(idx)
     pos = 0  # input axis
     out = 0  # output axis
