@@ -338,15 +338,22 @@ def own_python_lines() -> None:
         )
 
 
-def page_faults() -> dict:
+def _resnet_folded(spec: str) -> tuple:
+    """The ResNet of ``bench_global.py`` at B = 8, its group, input and compiled model
+    (``chunk=None``: every slot folded)."""
     factory, shape, specs = MODELS["resnet"]
     torch.manual_seed(0)
     model = factory().eval()
-    G = equivfx.group(specs["D4"])
+    G = equivfx.group(specs[spec])
     x = torch.randn(8, *shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        emodel = equivfx.compile(model, G, example_inputs=x, chunk=None)
+        emodel = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
+    return model, G, x, emodel
+
+
+def page_faults() -> dict:
+    model, G, x, emodel = _resnet_folded("D4")
     traced = torch.fx.symbolic_trace(model)
     fns = {
         "base eager": lambda p: model(p),
@@ -371,14 +378,7 @@ def page_faults() -> dict:
 
 def fx_against_eager() -> dict:
     """Paired ratios over the eager base model on the batch built beforehand (see part 6)."""
-    factory, shape, specs = MODELS["resnet"]
-    torch.manual_seed(0)
-    model = factory().eval()
-    G = equivfx.group(specs["C4"])
-    x = torch.randn(8, *shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        emodel = equivfx.compile(model, G, example_inputs=x, chunk=None).eval()
+    model, G, x, emodel = _resnet_folded("C4")
     unlifted = copy.deepcopy(emodel)
     unlifted.equivfx_lift = torch.nn.Identity()
     traced = torch.fx.symbolic_trace(model)
