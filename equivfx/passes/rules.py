@@ -1029,9 +1029,54 @@ def size_rule(ctx: BatchCtx) -> Rep:
     return BatchSize((0,)) if nd == ax else BatchSize(())
 
 
+# the fields of torch.return_types (max/min/sort/topk/kthvalue/mode/median/cummax with a dim,
+# aminmax, frexp, linalg's factorisations...), each with its position in the tuple
+_RETURN_FIELDS = {
+    "values": 0,
+    "indices": 1,
+    "min": 0,
+    "max": 1,
+    "mantissa": 0,
+    "exponent": 1,
+    "eigenvalues": 0,
+    "eigenvectors": 1,
+    "U": 0,
+    "S": 1,
+    "V": 2,
+    "Vh": 2,
+    "Q": 0,
+    "R": 1,
+    "sign": 0,
+    "logabsdet": 1,
+    "L": 0,
+    "LU": 0,
+    "pivots": 1,
+    "info": -1,
+    "solution": 0,
+    "residuals": 1,
+    "rank": 2,
+    "singular_values": 3,
+    "inverse": 0,
+}
+# attributes of a tensor that hold no sample's values (metadata)
+_META_ATTRS = {"dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "grad_fn", "names"}
+_META_ATTRS |= {"itemsize", "output_nr", "_version"}
+
+
 def getattr_rule(ctx: BatchCtx) -> Rep:
     x, attr = ctx.node.args[0], ctx.node.args[1]
     ax = ctx.axis(x)
+    rep = ctx.rep(x)
+    if isinstance(rep, Folded) and rep.container:  # a named tuple's field: h.max(-1).values
+        if not rep.items:  # every entry on the tuple's batch axis (a leaf's output object too)
+            return Folded(rep.batch_axis)
+        i = _RETURN_FIELDS.get(attr)
+        if i is None or not -len(rep.items) <= i < len(rep.items):
+            raise ctx.mixing(
+                f"reading {attr!r} of a tuple whose entries carry the batch on different axes",
+                "index the tuple with a constant, or unpack it",
+            )
+        return rep.items[i]
     if attr == "shape":
         return BatchSize((ax,)) if ax is not None else BatchSize(())
     if attr in ("T", "mT", "mH", "H"):
@@ -1048,9 +1093,19 @@ def getattr_rule(ctx: BatchCtx) -> Rep:
         if r is not None and ax >= r - 2:
             raise ctx.mixing(".mT moves the batch axis", "transpose sample axes only")
         return Folded(ax)
-    if attr in ("real", "imag", "data"):
+    if attr in ("real", "imag", "data", "grad"):
         return Folded(ax) if ax is not None else Trivial()
-    return Trivial()  # dtype, device, ndim, is_cuda, requires_grad ...
+    if ax is None or attr in _META_ATTRS or attr.startswith("is_"):
+        return Trivial()  # dtype, device, ndim, is_cuda, requires_grad ...
+    if isinstance(x, fx.Node) and x.meta.get("equivfx.rule") == OPAQUE_LEAF:
+        return Folded(ax)  # a field of what a leaf returned (out.logits): per sample, as it is
+    # an attribute equivfx does not know, of a batch-carrying value: taking it for metadata
+    # would drop the batch (the output unpooled, |G| times too many rows)
+    raise ctx.mixing(
+        f"reading the attribute {attr!r} of a batch-carrying tensor, which equivfx does not know",
+        "compute it with a method or function equivfx has a rule for (x.max(-1)[0] for "
+        "x.max(-1).values), or register a leaf module that does",
+    )
 
 
 def _reads_batch_size(ctx: BatchCtx) -> bool:
@@ -1352,6 +1407,43 @@ def max_with_dim(ctx: BatchCtx) -> Rep:
         return reduction()(ctx)
     rep = reduction()(ctx)
     return Folded(rep.batch_axis, container=True) if isinstance(rep, Folded) else rep
+
+
+def values_indices(dim_pos: int | None, default: int | None, drops: bool = True) -> BatchFn:
+    """Ops returning (values, indices) along one dim (median, mode, kthvalue, cummax, aminmax
+    with a dim): refused along the batch axis; without a dim (``default`` None) they reduce
+    every axis, the batch's too, and are refused. ``dim_pos`` None: ``dim`` and ``keepdim``
+    are keyword-only."""
+
+    def fn(ctx: BatchCtx) -> Rep:
+        x = ctx.node.args[0]
+        ax = ctx.axis(x)
+        if ax is None:
+            return same_axis(ctx) if ctx.folded_inputs() else Trivial()
+        kw = ctx.node.kwargs
+        d = kw.get("dim", default) if dim_pos is None else ctx.arg(dim_pos, "dim", default)
+        if d is None:
+            raise ctx.mixing(
+                f"{_op_name(ctx)} without a dim reduces every axis, the batch axis too",
+                "pass dim= (a sample axis)",
+            )
+        d = ctx.norm_dim(d, x)
+        if d == ax:
+            raise ctx.mixing(
+                f"{_op_name(ctx)} acts along the batch axis {ax}", "apply it along a sample axis"
+            )
+        keepdim = kw.get("keepdim", False) if dim_pos is None else ctx.arg(dim_pos + 1, "keepdim")
+        keep = not drops or bool(keepdim)
+        if not keep and ax > 0 and d is None:
+            raise ctx.mixing(
+                f"{_op_name(ctx)} drops a negative dim of a tensor of unknown rank, so equivfx "
+                "cannot tell where the batch axis lands",
+                "compile with example_inputs=, or pass a non-negative dim",
+            )
+        out = ax - 1 if not keep and d is not None and d < ax else ax
+        return Folded(out, container=True)
+
+    return fn
 
 
 def pad_rule(ctx: BatchCtx) -> Rep:
@@ -1926,6 +2018,34 @@ register(
     [torch.max, torch.min, "Tensor.max", "Tensor.min"],
     OpRule("max", "reduction", max_with_dim, example=_ex(lambda x: torch.max(x, 1)[0])),
 )
+for _keys, _name, _fn, _f in [
+    (
+        [torch.median, "Tensor.median", torch.nanmedian, "Tensor.nanmedian"],
+        "median",
+        values_indices(1, None),
+        lambda x: torch.median(x, 1)[0],
+    ),
+    ([torch.mode, "Tensor.mode"], "mode", values_indices(1, -1), lambda x: torch.mode(x, 1)[0]),
+    (
+        [torch.kthvalue, "Tensor.kthvalue"],
+        "kthvalue",
+        values_indices(2, -1),
+        lambda x: torch.kthvalue(x, 2, 1)[0],
+    ),
+    (
+        [torch.cummax, "Tensor.cummax", torch.cummin, "Tensor.cummin"],
+        "cummax",
+        values_indices(1, None, drops=False),
+        lambda x: torch.cummax(x, 1)[0],
+    ),
+    (
+        [torch.aminmax, "Tensor.aminmax"],
+        "aminmax",
+        values_indices(None, None),
+        lambda x: torch.aminmax(x, dim=1)[1],
+    ),
+]:
+    register(_keys, OpRule(_name, "reduction", _fn, example=_ex(_f)))
 
 # reductions: (name, keys, example, dim position, keepdim position, symmetric)
 for _name, _keys, _f, _dpos, _kpos, _sym in [
