@@ -1373,12 +1373,22 @@ def rnn_rule(ctx: BatchCtx) -> Rep:
             f"{want}, got {ax}",
             "match batch_first to the layout",
         )
-    if len(ctx.node.args) > 1 and ctx.node.args[1] is not None:
-        raise ctx.mixing(
-            f"{type(m).__name__} with an initial state: the state's batch is not on "
-            "the folded axis",
-            "start from the default zero state",
-        )
+    hx = ctx.arg(1, "hx")
+    if hx is not None:  # (layers, B, H) whatever batch_first says; an LSTM's (h_0, c_0)
+        states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+        if isinstance(m, nn.LSTM) and isinstance(hx, fx.Node):
+            states = [hx]  # a previous LSTM's (h_n, c_n), passed on whole
+        for state in states:
+            if not isinstance(state, fx.Node) or ctx.axis(state) != 1:
+                where = ctx.axis(state) if isinstance(state, fx.Node) else None
+                raise ctx.mixing(
+                    f"{type(m).__name__}'s initial state must carry the batch on axis 1 "
+                    "(layers, batch, hidden), as one built from the input does; got "
+                    + ("a state that carries no batch" if where is None else f"axis {where}"),
+                    "build it from the input's batch size (torch.zeros(layers, x.size(0), "
+                    "hidden), a learned state .expand(-1, x.size(0), -1), another RNN's final "
+                    "state), or start from the default zero state",
+                )
     # (output, h_n), or (output, (h_n, c_n)) for an LSTM: the state is (layers, B, H) whatever
     # batch_first says
     state = Folded(1, container=True) if isinstance(m, nn.LSTM) else Folded(1)

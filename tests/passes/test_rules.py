@@ -954,3 +954,53 @@ def test_a_field_of_a_leafs_output_object_carries_the_batch(examples):
             torch.testing.assert_close(emodel(x), loop)
     finally:
         del LEAF_MODULES[_ReturnsAnObject]
+
+
+class _Seq2Seq(nn.Module):
+    """A decoder RNN started from a state built from the input: zeros of its batch size, a
+    learned state expanded to it, or an encoder's final state; ``constant``: a fixed batch."""
+
+    def __init__(self, kind: str, start: str):
+        super().__init__()
+        rnn = nn.GRU if kind == "gru" else nn.LSTM
+        self.kind, self.start = kind, start
+        self.enc = rnn(4, 8, batch_first=True)
+        self.dec = rnn(4, 8, batch_first=True)
+        self.h0 = nn.Parameter(torch.randn(1, 1, 8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.start == "encoder":
+            _, h = self.enc(x)
+        else:
+            if self.start == "zeros":
+                h = torch.zeros(1, x.size(0), 8)
+            elif self.start == "learned":
+                h = self.h0.expand(-1, x.size(0), -1)
+            else:
+                h = self.h0.expand(-1, 2, -1).contiguous()
+            h = h if self.kind == "gru" else (h, torch.zeros_like(h))
+        out, hn = self.dec(x.flip(1), h)
+        hn = hn if self.kind == "gru" else hn[0]
+        return self.fc(hn[-1] + out.mean(1))
+
+
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize("start", ["zeros", "learned", "encoder"])
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_an_rnn_started_from_a_state_built_from_the_input_equals_the_loop(kind, start, examples):
+    # every initial state was refused ("start from the default zero state")
+    torch.manual_seed(0)
+    model, x = _Seq2Seq(kind, start).eval(), torch.randn(2, 6, 4)
+    G = equivfx.group("Rev@-2")
+    emodel = equivfx.compile(model, G, example_inputs=x if examples else None)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_an_rnn_state_of_a_fixed_batch_is_refused_with_the_ways_to_build_one(kind):
+    with pytest.raises(BatchMixingError, match="carries no batch") as info:
+        equivfx.compile(_Seq2Seq(kind, "constant"), "Rev@-2", example_inputs=torch.randn(2, 6, 4))
+    assert "x.size(0)" in str(info.value)
