@@ -1166,6 +1166,7 @@ class _RegionTracer(_Tracer):
         self.reads: dict[nn.Module, set[str]] = {}
         self.writers: set[str] = set()  # modules whose attributes the trace set
         self.through: set[str] = set()  # modules traced through (their code ran), not leaves
+        self.module_ids: set[int] = set()  # ids of the model's modules (:func:`_in_model`)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -1238,8 +1239,17 @@ def _recording_setattr(module, name, value):
     here = _tracing_here()
     if here is not None and name != "training" and not _CONSTANT.fullmatch(name):
         tracer, writer = here
-        tracer.writers.add(writer)
+        if _in_model(tracer, module):  # not a module forward makes (nn.ReLU() sets inplace)
+            tracer.writers.add(writer)
     _SETATTR(module, name, value)
+
+
+def _in_model(tracer: _RegionTracer, module: nn.Module) -> bool:
+    """Whether ``module`` is one of the traced model's modules (listed again on a miss: forward
+    may have installed it)."""
+    if id(module) not in tracer.module_ids:
+        tracer.module_ids = {id(m) for m in tracer.root.modules()}
+    return id(module) in tracer.module_ids
 
 
 @contextlib.contextmanager

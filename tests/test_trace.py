@@ -744,6 +744,37 @@ def test_modules_made_inside_forward_are_traced_through(examples):
         torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
 
 
+class _GatesWithAFreshReLU(nn.Module):
+    def forward(self, h):
+        h = nn.ReLU()(h)  # its __init__ sets attributes: not a write to the model's state
+        return h * 0.5 if self.training else h
+
+
+class _HoldsAGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gate = _GatesWithAFreshReLU()
+
+    def forward(self, x):
+        return self.gate(self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_a_module_made_inside_a_flag_reading_forward_leaves_it_run_whole(examples):
+    # the flag search took the fresh ReLU's attributes for writes of 'gate', which then could
+    # not run whole: the compiled model kept the eval branch in training (off by 0.15)
+    x = torch.randn(2, 1, 8, 8)
+    model = _HoldsAGate().eval()
+    emodel = equivfx.compile(model, "C4", example_inputs=x if examples else None)
+    assert emodel.equivfx_info.modes_run_whole == ("gate",)
+    for train in (False, True):
+        model.train(train)
+        emodel.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(emodel(x), _loop(model, x), rtol=1e-5, atol=1e-6)
+
+
 class _MakesItsWeights(nn.Module):
     def __init__(self, make):
         super().__init__()
