@@ -164,6 +164,13 @@ class TraceResult:
     flipped: dict = field(default_factory=dict, repr=False)
 
 
+NO_GRAD = "equivfx.no_grad"
+"""``node.meta[NO_GRAD]``: the traced op ran with gradients off (forward's ``torch.no_grad()``,
+``@torch.no_grad()`` methods, ``set_grad_enabled(False)``, ``inference_mode``), which fx does
+not record: :func:`_detach_no_grad` keeps gradients from flowing out of such ops."""
+_COMPUTING = ("call_function", "call_method", "call_module")
+
+
 class _Tracer(fx.Tracer):
     """A tracer that honours the leaf registry and remembers which module it was inside."""
 
@@ -175,6 +182,18 @@ class _Tracer(fx.Tracer):
         self.stack: list[str] = []
         self.failed_in: str | None = None
         self.not_one_value: set[str] = set()  # modules a call of which returned no single Proxy
+
+    def trace(self, root, concrete_args=None):
+        # with gradients on, whatever the caller's mode: the ops of forward's own no_grad
+        # regions are then the ones made with them off (create_node)
+        with torch.enable_grad():
+            return super().trace(root, concrete_args)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind in _COMPUTING and not torch.is_grad_enabled():
+            node.meta[NO_GRAD] = True  # made in ``with torch.no_grad():`` or a @no_grad method
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.extra_leaves:
@@ -460,7 +479,26 @@ def _normalised(graph: fx.Graph, model: nn.Module, fixed: dict[str, Any], requir
         return False
     _output_namedtuples(graph)
     _check_given(graph, required)
+    _detach_no_grad(graph)
     return True
+
+
+def _detach_no_grad(graph: fx.Graph) -> None:
+    """fx records the ops of forward's no_grad regions as any others, so in the graph gradients
+    would flow through them. Detach each value such an op makes where an op outside the regions
+    (or the output) uses it: the values are the same, and, as in eager mode, nothing
+    differentiates through them. (An in-place update of a parameter inside a region is still
+    recorded as one, which autograd refuses in training: not handled.)"""
+    for node in list(graph.nodes):
+        if not node.meta.get(NO_GRAD):
+            continue
+        outside = [u for u in node.users if not u.meta.get(NO_GRAD)]
+        if not outside:
+            continue
+        with graph.inserting_after(node):
+            detached = graph.call_method("detach", (node,))
+        for user in outside:
+            user.replace_input_with(node, detached)
 
 
 def _output_namedtuples(graph: fx.Graph) -> None:
