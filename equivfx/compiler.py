@@ -60,12 +60,15 @@ from equivfx.passes.to_map import ToMap
 from equivfx.trace import (
     TraceResult,
     TrainingModeWarning,
+    kept_buffers,
     mode_dependent,
     restore_unused_state,
     run_whole_model,
     source_line,
     trace,
     untouched,
+    warn_buffer_updates,
+    warn_hooks,
 )
 
 __all__ = ["compile", "CompileInfo", "as_action", "global_pipeline", "layerwise_pipeline"]
@@ -751,10 +754,12 @@ def compile(  # noqa: A001 - the public name is part of the API contract
     out_action = as_action(output_action, G, "output_action") if output_action is not None else None
     examples = None if example_inputs is None else as_example_inputs(example_inputs)
 
-    with untouched(model):  # what forward sets while traced and run on the examples
+    # what forward sets while traced and run on the examples; the buffers it updates
+    with untouched(model), kept_buffers(model) as kept:
         result, modes, run_whole, checked = _trace_following_modes(
             model, examples, mode, G, in_action
         )
+        _updates_not_repeated(kept, result, run_whole)
         propagated = False
         if examples is not None:
             in_action.check(examples[0])
@@ -783,7 +788,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
             check_action_law(G, in_action, first.detach()[:1])
         example_batch = int(first.shape[0]) if first.dim() else None
         if not propagated:
-            with untouched(model):
+            with untouched(model), kept_buffers(model):
                 _propagate_shapes(gm, copy_tensors(examples))
     options = LiftOptions(
         group=G,
@@ -904,6 +909,25 @@ def _survive_deepcopy(gm: fx.GraphModule) -> None:
     """``copy.deepcopy`` of a GraphModule keeps only what its graph reads: keep ``equivfx_info``
     (fx's preserved attributes; chunked models keep ``equivfx_flat`` themselves)."""
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
+
+
+def _updates_not_repeated(kept, result: TraceResult, run_whole: tuple[str, ...]) -> None:
+    """Warn of the buffers the traces updated (:func:`~equivfx.trace.warn_buffer_updates`) and
+    put them back, and of the hooks of modules traced through (:func:`~equivfx.trace.
+    warn_hooks`), those of modules that run whole at each call left out (their code and hooks
+    run then)."""
+    whole = [*result.leaves, *run_whole]
+    written = {
+        name
+        for name in kept.written()
+        if result.path != "opaque" and not any(name.startswith(f"{w}.") for w in whole if w)
+    }
+    kept.restore()
+    if written:
+        warn_buffer_updates(written)
+    hooked = [h for h in result.hooked if not any(h == w or h.startswith(f"{w}.") for w in whole)]
+    if hooked and result.path != "opaque":
+        warn_hooks(hooked)
 
 
 def _propagate_shapes(gm: fx.GraphModule, examples: tuple):

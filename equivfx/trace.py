@@ -36,6 +36,7 @@ import re
 import threading
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,7 @@ from equivfx.meta import FIXED
 
 __all__ = [
     "FallbackWarning",
+    "SideEffectWarning",
     "LEAF_MODULES",
     "OPAQUE_ATTR",
     "MODE_SWITCH",
@@ -144,6 +146,8 @@ class TraceResult:
         not_one_value: submodules traced through a call of which returned something other
             than one traced value (a tuple, None): as a leaf, its caller's code would see a
             Proxy there instead.
+        hooked: submodules with hooks that the graph traced through: their hooks ran while
+            tracing, not at each call (:func:`warn_hooks`).
         writers: modules whose attributes tracing set (``self.k = ...``), found by
             :func:`mode_dependent` (None: not known): as a leaf, such a module would no longer
             set them while traced, and other code would read a stale value.
@@ -157,6 +161,7 @@ class TraceResult:
     fixed: dict[str, Any] = field(default_factory=dict)
     fixed_from: dict[str, str] = field(default_factory=dict)  # name -> "default" / "example"
     not_one_value: frozenset[str] = frozenset()
+    hooked: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     writers: frozenset[str] | None = None
     # the flag search's trace with some flags negated, for compile to annotate without tracing
@@ -169,6 +174,7 @@ NO_GRAD = "equivfx.no_grad"
 ``@torch.no_grad()`` methods, ``set_grad_enabled(False)``, ``inference_mode``), which fx does
 not record: :func:`_detach_no_grad` keeps gradients from flowing out of such ops."""
 _COMPUTING = ("call_function", "call_method", "call_module")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class _Tracer(fx.Tracer):
@@ -182,6 +188,7 @@ class _Tracer(fx.Tracer):
         self.stack: list[str] = []
         self.failed_in: str | None = None
         self.not_one_value: set[str] = set()  # modules a call of which returned no single Proxy
+        self.hooked: list[str] = []  # modules with hooks traced through (not leaves)
 
     def trace(self, root, concrete_args=None):
         # with gradients on, whatever the caller's mode: the ops of forward's own no_grad
@@ -202,7 +209,11 @@ class _Tracer(fx.Tracer):
             if isinstance(m, typ):
                 self.registry_leaves[qualname] = reason
                 return True
-        return super().is_leaf_module(m, qualname)
+        if super().is_leaf_module(m, qualname):
+            return True  # torch.nn's own: a call node, its hooks run at each call
+        if any(getattr(m, h, None) for h in _HOOKS):
+            self.hooked.append(qualname)  # traced through: its hooks run now only
+        return False
 
     def path_of_module(self, mod: nn.Module) -> str:
         # fx lists the submodules when the trace starts: one that forward installed (a layer
@@ -329,7 +340,8 @@ def trace(
         why = f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace"
         return run_whole_model(model, why)
     fixable, origins = _fixable_arguments(model, example_inputs)
-    with _no_new_attributes(model) as before:  # fx sets tensor constants on the model it traces
+    # fx sets tensor constants on the model it traces; forward may update buffers
+    with _no_new_attributes(model) as before, kept_buffers(model) as kept:
         leaves = dict(leaves or {})
         chosen = _capture(model, {}, before, leaves, strict=not fixable)
         if fixable:
@@ -350,6 +362,7 @@ def trace(
                     if _agree(trial, chosen, {name: fixable[name]}):
                         chosen = trial
         name = type(model).__name__
+        kept.restore()  # before the graph module takes the buffers the graph reads
         if chosen.graph is None:
             return _opaque(model, chosen.error, chosen.discovered)
         graph = chosen.graph
@@ -382,6 +395,7 @@ def trace(
         fixed=dict(chosen.fixed),
         fixed_from={k: origins[k] for k in chosen.fixed},
         not_one_value=chosen.not_one_value,
+        hooked=chosen.hooked,
     )
 
 
@@ -409,6 +423,113 @@ def _on_a_proxy(err: Exception | None) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_FX_DIR)
 
 
+class SideEffectWarning(UserWarning):
+    """Forward has side effects that tracing ran once and the compiled graph does not repeat:
+    buffer updates (:func:`warn_buffer_updates`), hooks of modules traced through
+    (:func:`warn_hooks`)."""
+
+
+class _Buffers:
+    """The model's buffers as they were: each object, its version counter and a copy of its
+    values (and whether it had no autograd history)."""
+
+    def __init__(self, model: nn.Module):
+        self.entries = [
+            (module, key, t, _version(t), None if t is None else (t.detach().clone(), leaf))
+            for module in model.modules()
+            if not isinstance(module, torch.jit.ScriptModule)  # state in TorchScript's objects
+            for key, t in module._buffers.items()
+            if t is None or not nn.parameter.is_lazy(t)  # a lazy module's, not yet made
+            for leaf in [t is None or t.grad_fn is None]
+        ]
+        self.names = {id(module): prefix for prefix, module in model.named_modules()}
+        self.seen: set[str] = set()  # written before a restore
+
+    def _name(self, module: nn.Module, key: str) -> str:
+        prefix = self.names.get(id(module), "")
+        return f"{prefix}.{key}" if prefix else key
+
+    def written(self) -> set[str]:
+        """The buffers set or updated in place since the snapshot (restores put them back)."""
+        return self.seen | {
+            self._name(module, key)
+            for module, key, t, version, _ in self.entries
+            if module._buffers.get(key) is not t or _version(t) != version
+        }
+
+    def restore(self) -> None:
+        """Put back each buffer set or updated in place, with its values."""
+        self.seen = self.written()
+        for i, (module, key, t, version, saved) in enumerate(self.entries):
+            if module._buffers.get(key) is not t:
+                module._buffers[key] = t  # (a buffer registered as None, set while traced)
+            if t is not None and t._version != version:
+                values, leaf = saved
+                with torch.no_grad():
+                    t.copy_(values)
+                if leaf and t.grad_fn is not None:  # updated from a parameter while traced
+                    t.detach_()
+                self.entries[i] = (module, key, t, t._version, saved)
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t._version
+
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _Buffers
+
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module):
+    """Leave ``model``'s buffers as they were once this ends (values, objects): tracing runs
+    forward's Python once, so an update of a buffer there (``self.steps += 1``,
+    ``self.ema.mul_(0.9)``) ran on the tensor itself, and compile advanced the user's model.
+    Re-entrant: the outermost snapshot serves. See :func:`warn_buffer_updates`."""
+    if model in _KEPT:
+        yield _KEPT[model]
+        return
+    kept = _KEPT[model] = _Buffers(model)
+    try:
+        yield kept
+    finally:
+        kept.restore()
+        del _KEPT[model]
+
+
+def warn_buffer_updates(names: set[str]) -> None:
+    """Say that forward updates the buffers ``names``: fx records no update of a buffer that
+    reads only buffers and constants (``self.steps += 1`` is run once, on the tensor itself,
+    while tracing), so the compiled graph does not repeat it (one reading a traced value,
+    ``self.ema.add_(h.mean())``, is recorded, beside what ran once)."""
+    listed = ", ".join(repr(n) for n in sorted(names))
+    warnings.warn(
+        f"equivfx: forward updates buffer(s) {listed} (in place or by setting them). Tracing "
+        "runs forward once and records only operations on traced values, so the compiled "
+        "graph does not repeat such updates (compile put the buffers back as they were). Fix: "
+        "make the module that updates them a leaf (equivfx.trace.register_leaf), which runs "
+        "whole at each call, or update them outside forward (in the training loop).",
+        SideEffectWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def warn_hooks(names: list[str]) -> None:
+    """Say that the submodules ``names`` have hooks, which ran while tracing went through them
+    and do not run at each call of the compiled model (fx records what a hook computes, as
+    part of the graph, not the hook)."""
+    listed = ", ".join(repr(n) for n in names)
+    warnings.warn(
+        f"equivfx: submodule(s) {listed} have hooks (forward or backward). Tracing went "
+        "through them: what a hook computes into the output is part of the compiled graph, but "
+        "the hooks themselves ran once, while tracing, and do not run at each call (an "
+        "activation a hook keeps is not kept). Fix: make those modules leaves "
+        "(equivfx.trace.register_leaf): they then run whole at each call, hooks included, on "
+        "the |G| folded slots.",
+        SideEffectWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 @dataclass
 class _Capture:
     """One run of the cascade's first two steps: the graph (None where the model's own forward
@@ -426,6 +547,7 @@ class _Capture:
     hard: bool = False
     unfixable: bool = False
     not_one_value: frozenset[str] = frozenset()
+    hooked: tuple[str, ...] = ()
 
 
 def _capture(
@@ -446,6 +568,7 @@ def _capture(
             graph = tracer.trace(model, concrete_args=dict(fixed) or None)
         except Exception as err:  # noqa: BLE001 - classify below
             _drop_new_attributes(model, before)  # the next attempt names constants anew
+
             if not _is_trace_failure(err):
                 if strict:
                     raise
@@ -464,6 +587,7 @@ def _capture(
     every = {**tracer.registry_leaves, **leaves, **discovered}
     capture = _Capture(graph, every, discovered, dict(fixed), constants)
     capture.not_one_value = frozenset(tracer.not_one_value)
+    capture.hooked = tuple(dict.fromkeys(tracer.hooked))
     return capture
 
 
@@ -492,13 +616,93 @@ def _detach_no_grad(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         if not node.meta.get(NO_GRAD):
             continue
+        first = node.args[0] if node.args else None
+        if in_place_op(node) and isinstance(first, fx.Node) and not first.meta.get(NO_GRAD):
+            # an update of a tensor from outside (a buffer, ``self.avg.mul_(0.9)``): made on an
+            # alias without history, as no_grad makes it, the tensor gains none
+            with graph.inserting_before(node):
+                alias = graph.call_method("detach", (first,))
+            alias.meta[NO_GRAD] = True
+            node.args = (alias, *node.args[1:])
         outside = [u for u in node.users if not u.meta.get(NO_GRAD)]
-        if not outside:
+        if not outside or _makes_no_tensor(node):
             continue
         with graph.inserting_after(node):
-            detached = graph.call_method("detach", (node,))
+            detached = graph.call_function(stop_gradient, (node,))
         for user in outside:
             user.replace_input_with(node, detached)
+
+
+def stop_gradient(value):
+    """``value`` detached: a tensor, or the tensors of a tuple (a named one too), list or dict;
+    anything else as it is (what a no_grad region hands on, see :func:`_detach_no_grad`)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        items = [stop_gradient(v) for v in value]
+        if hasattr(value, "_fields"):  # a namedtuple
+            return type(value)(*items)
+        return type(value)(items)  # tuple, list, torch.return_types
+    if isinstance(value, dict):
+        return type(value)((k, stop_gradient(v)) for k, v in value.items())
+    return value
+
+
+# methods and attributes that give no tensor (sizes, counts, flags): nothing to detach
+_NO_TENSOR_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "item"}
+_NO_TENSOR_METHODS |= {"tolist", "stride", "storage_offset", "is_contiguous", "data_ptr"}
+_NO_TENSOR_METHODS |= {"get_device", "is_floating_point", "is_complex", "__len__"}
+_TENSOR_ATTRIBUTES = {"data", "real", "imag", "T", "mT", "H", "mH", "grad"}
+
+
+def _makes_no_tensor(node: fx.Node) -> bool:
+    """``node`` gives a size, a count or a flag, or computes one from such values only (``B =
+    h.size(0)``, ``h.shape[1] * 2``): what a no_grad region hands on there needs no detaching."""
+    if node.op == "call_method":
+        return node.target in _NO_TENSOR_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] not in _TENSOR_ATTRIBUTES
+    if node.target is len or getattr(node.target, "__module__", None) == "math":
+        return True
+    inputs = node.all_input_nodes
+    return (
+        getattr(node.target, "__module__", None) in ("_operator", "operator")
+        and bool(inputs)
+        and all(_makes_no_tensor(a) for a in inputs)
+    )
+
+
+IN_PLACE_OPERATORS = frozenset(
+    {
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        operator.ifloordiv,
+        operator.imod,
+        operator.ipow,
+        operator.iand,
+        operator.ior,
+        operator.ixor,
+        operator.ilshift,
+        operator.irshift,
+        operator.setitem,
+    }
+)
+
+
+def in_place_op(node: fx.Node) -> bool:
+    """An in-place method or function call: ``add_``, ``torch.relu_``, ``x[i] = v``, ``+=``."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in IN_PLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("__")
+        )
+    return False
 
 
 def _output_namedtuples(graph: fx.Graph) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 
@@ -20,6 +21,7 @@ from equivfx.passes.annotate import OpaqueLeafWarning
 from equivfx.trace import (
     LEAF_MODULES,
     FallbackWarning,
+    SideEffectWarning,
     TrainingModeWarning,
     mode_dependent,
     register_leaf,
@@ -548,7 +550,6 @@ class _Snapshots(nn.Module):  # a review: copies and counters kept by forward
         self.snaps, self.log, self.calls = [], [], 0
 
     def forward(self, x):
-        import copy
 
         self.snaps.append(copy.deepcopy(self.conv))
         self.calls += 1
@@ -837,7 +838,6 @@ class ReadsChildFlag(nn.Module):
 
 
 def test_a_call_in_another_mode_than_compiled_warns_once_per_switch(tmp_path):
-    import copy
 
     import equivfx
 
@@ -1064,7 +1064,6 @@ def test_constants_chosen_by_training_flags_follow_train_and_eval(compiled_in, c
 
 
 def test_constants_follow_a_submodule_switched_alone_and_survive_copies(tmp_path):
-    import copy
 
     x = torch.randn(2, 1, 6, 6)
     model = Constants().eval()
@@ -1427,7 +1426,6 @@ def test_example_inputs_choose_the_values_a_non_tensor_argument_is_traced_with()
 
 
 def test_arguments_fixed_in_the_graph_survive_pickling_and_copies(tmp_path):
-    import copy
 
     from equivfx.errors import FixedArgumentError
 
@@ -1708,7 +1706,6 @@ class CachedNet(nn.Module):
 
 
 def test_state_the_models_hooks_leave_out_stays_out_when_a_leaf_holds_it(tmp_path):
-    import copy
 
     x = torch.randn(2, 1, 6, 6)
     model = CachedNet().eval()
@@ -2648,3 +2645,189 @@ def test_gradients_do_not_flow_through_forwards_no_grad_regions(how, mode, outer
     x.grad = None
     emodel(x).sum().backward()
     torch.testing.assert_close([model.conv.weight.grad, x.grad], want)
+
+
+class _Steps(nn.Module):
+    """Counts its calls in a buffer set anew (``+=`` on a long tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, h):
+        self.steps += 1
+        return h * 2
+
+
+class _Anneals(nn.Module):
+    """Updates buffers in place in training (a temperature, an average of a weight) and
+    counts its calls in a sub-module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.counter = _Steps()
+        self.register_buffer("temp", torch.ones(()))
+        self.register_buffer("avg", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.temp.mul_(0.5)
+            with torch.no_grad():
+                self.avg.mul_(0.9).add_(0.1 * self.fc.weight.mean(0))
+            self.calls = self.calls + 1
+        h = self.counter(torch.relu(self.conv(x))).mean((2, 3))
+        return self.fc(h + self.avg) / self.temp
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+@pytest.mark.parametrize("examples", [False, True])
+def test_buffers_forward_updates_are_put_back_and_named_in_a_warning(examples, start):
+    # tracing ran the updates once, on the user's tensors: compile advanced the model (calls
+    # 2, temp 0.25) and the graph, which lacks them, said nothing
+    torch.manual_seed(0)
+    model, x = _Anneals().train(start == "train"), torch.randn(2, 1, 8, 8)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    with pytest.warns(SideEffectWarning) as caught:
+        equivfx.compile(model, "C4", example_inputs=x if examples else None)
+    message = str(next(w.message for w in caught if w.category is SideEffectWarning))
+    # the flag search's trace of the other mode finds those updated in place there; not a
+    # buffer set anew there ('calls': that trace puts the module's state back first)
+    named = ("'calls'", "'temp'", "'avg'", "'counter.steps'")
+    for name in named if start == "train" else named[1:]:
+        assert name in message
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+        assert v.grad_fn is None
+
+
+def test_a_module_updating_buffers_made_a_leaf_updates_them_at_each_call():
+    # the warning's fix: run the module whole, so its code runs (on the folded slots) at each call
+    register_leaf(_Steps, "counts its calls")
+    try:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), _Steps(), nn.Flatten(1), nn.Linear(256, 2)
+        )
+        x = torch.randn(2, 1, 8, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SideEffectWarning)
+            warnings.simplefilter("ignore", OpaqueLeafWarning)
+            emodel = equivfx.compile(model, "C4", example_inputs=x, chunk=None)
+        assert model[1].steps.item() == 0
+        for _ in range(3):
+            emodel(x)
+        assert model[1].steps.item() == 3  # once a call, on the folded slots
+    finally:
+        del LEAF_MODULES[_Steps]
+
+
+def test_a_buffer_keeping_the_last_activations_is_put_back_and_named():
+    class Keeps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.register_buffer("last", torch.zeros(2, 4))
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            self.last = h.detach()  # the whole batch's rows, kept for later
+            return h
+
+    model = Keeps()
+    with pytest.warns(SideEffectWarning, match="'last'"):
+        emodel = equivfx.compile(model, "C4", example_inputs=torch.randn(2, 1, 8, 8))
+    assert torch.equal(model.last, torch.zeros(2, 4))  # not a stand-in of the trace
+    assert emodel(torch.randn(3, 1, 8, 8)).shape == (3, 4)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) + x
+
+
+def _hooked_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        _Residual(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
+
+
+@pytest.mark.parametrize("leaf", [False, True])
+@pytest.mark.parametrize("examples", [False, True])
+def test_hooks_of_a_module_traced_through_are_named_and_run_once_it_is_a_leaf(examples, leaf):
+    # fx runs a traced-through module's hooks while tracing only: an activation a hook kept was
+    # never kept at run time, and nothing said so; what a hook computes into the output stays
+    net, x = _hooked_net(), torch.randn(2, 1, 8, 8)
+    kept = []
+    net[1].register_forward_hook(lambda mod, inp, out: kept.append(out.shape))
+    net[1].register_forward_hook(lambda mod, inp, out: out * 2.0)
+    if leaf:
+        register_leaf(_Residual, "its hooks run at each call")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            emodel = equivfx.compile(net, "C4", example_inputs=x if examples else None, chunk=None)
+    finally:
+        LEAF_MODULES.pop(_Residual, None)
+    said = [str(w.message) for w in caught if w.category is SideEffectWarning]
+    assert said == [] if leaf else "submodule(s) '1' have hooks" in said[0]
+    kept.clear()
+    with torch.no_grad():
+        out = emodel(x)
+    assert kept == ([torch.Size([8, 4, 8, 8])] if leaf else [])  # on the |G| B folded slots
+    with torch.no_grad():
+        torch.testing.assert_close(out, _loop(net, x), rtol=1e-5, atol=1e-6)
+
+
+class _HandsOnNoTensor(nn.Module):
+    """A no_grad region handing on a size, a named tuple or a tuple of tensors (a review: each
+    was handed to ``detach``, which sizes and tuples lack)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        with torch.no_grad():
+            if self.how == "size":
+                b = h.size(0)
+            elif self.how == "max":
+                top = h.flatten(2).max(-1)
+            else:
+                parts = h.split(2, 1)
+        if self.how == "size":
+            return self.fc(h.reshape(b, 4, -1).mean(-1))
+        if self.how == "max":
+            return self.fc(h.mean((2, 3)) * top.values)
+        return self.fc(h.mean((2, 3)) * torch.cat(parts, 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("examples", [False, True])
+@pytest.mark.parametrize("how", ["size", "max", "split"])
+def test_no_grad_regions_handing_on_sizes_and_tuples(how, examples):
+    torch.manual_seed(0)
+    model, x = _HandsOnNoTensor(how).eval(), torch.randn(2, 1, 8, 8)
+    emodel = equivfx.compile(model, "C4", example_inputs=x if examples else None)
+    assert emodel.equivfx_info.trace_path == "symbolic_trace"
+    model.zero_grad()
+    _loop(model, x).sum().backward()
+    want = model.conv.weight.grad.clone()
+    model.zero_grad()
+    out = emodel(x)
+    out.sum().backward()
+    torch.testing.assert_close(model.conv.weight.grad, want)
+    with torch.no_grad():
+        torch.testing.assert_close(out, _loop(model, x), rtol=1e-5, atol=1e-6)

@@ -629,6 +629,7 @@ def _hazards(kept: dict, entries: dict, mixers: dict, modules, order: dict) -> s
     for n in sorted(kept, key=order.__getitem__):
         alias = (
             n in writes
+            or (n.op == "call_method" and n.target == "detach")  # shares its storage
             or type(modules.get(n.target)) in (nn.Identity, *DROPOUTS)
             or _eval_dropout(n)
             or _mode_dropout(n)

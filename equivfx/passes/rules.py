@@ -38,7 +38,7 @@ from torch import nn
 from equivfx.errors import BatchMixingError, MissingRuleError, ModelTypeError, explain
 from equivfx.groups.actions import ProductAction, RollAction
 from equivfx.meta import REP, BatchSize, CosetFolded, Folded, InputRep, Rep, Trivial
-from equivfx.trace import expect_given
+from equivfx.trace import expect_given, in_place_op, stop_gradient
 
 __all__ = [
     "OpRule",
@@ -387,25 +387,6 @@ def training_sensitive(node: fx.Node, module: nn.Module | None = None) -> bool:
     return node.op == "call_function" and node.target is F.batch_norm
 
 
-IN_PLACE_OPERATORS = frozenset(
-    {
-        operator.iadd,
-        operator.isub,
-        operator.imul,
-        operator.itruediv,
-        operator.ifloordiv,
-        operator.imod,
-        operator.ipow,
-        operator.iand,
-        operator.ior,
-        operator.ixor,
-        operator.ilshift,
-        operator.irshift,
-        operator.setitem,
-    }
-)
-
-
 OPAQUE_LEAF = "opaque-leaf"
 """``node.meta["equivfx.rule"]`` of a leaf module call with no op rule (``annotate-reps``)."""
 
@@ -415,13 +396,8 @@ def mutates(node: fx.Node, modules) -> bool:
     ``torch.relu_``, ``x[i] = v``, ``+=``), ``inplace=True``, or an ``out=`` argument."""
     if node.kwargs.get("inplace") is True or "out" in node.kwargs:
         return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in IN_PLACE_OPERATORS or (
-            name.endswith("_") and not name.startswith("__")
-        )
+    if node.op in ("call_method", "call_function"):
+        return in_place_op(node)
     if node.meta.get("equivfx.rule") == OPAQUE_LEAF:  # untraced: anything may happen inside
         return True
     if node.op == "call_module":
@@ -647,6 +623,15 @@ def cat_like(stack: bool = False) -> BatchFn:
     def fn(ctx: BatchCtx) -> Rep:
         tensors = ctx.arg(0, "tensors")
         dim = ctx.arg(1, "dim", 0)
+        if isinstance(tensors, fx.Node):  # a tuple one node made, joined whole: h.split(2, 1)
+            rep = ctx.rep(tensors)
+            items = rep.items if isinstance(rep, Folded) else None
+            if items and len({getattr(i, "batch_axis", None) for i in items}) != 1:
+                raise ctx.mixing(
+                    "joined tensors carry the batch on different axes, or some none",
+                    "align their batch axes first",
+                )
+            tensors = [tensors]
         nodes = [t for t in tensors if isinstance(t, fx.Node)]
         folded = [(t, ctx.axis(t)) for t in nodes if ctx.axis(t) is not None]
         if not folded:
@@ -2323,6 +2308,33 @@ register(
 )
 register(["Tensor.size"], OpRule("size", "size", size_rule, example=None))
 register([getattr], OpRule("getattr", "size", getattr_rule, example=None))
+
+
+register(
+    [stop_gradient],  # equivfx.trace: where a no_grad region hands a value on
+    OpRule("stop_gradient", "pointwise", lambda ctx: ctx.rep(ctx.node.args[0]), example=None),
+)
+
+
+def copy_rule(ctx: BatchCtx) -> Rep:
+    """``dst.copy_(src)``: ``dst`` keeps its batch axis; a batch-carrying ``src`` needs one on the
+    same axis (a buffer set from a batch-carrying value would hold every slot's rows)."""
+    dst, src = ctx.arg(0, "self"), ctx.arg(1, "src")
+    ad, as_ = ctx.axis(dst), ctx.axis(src)
+    if as_ is not None and as_ != ad:
+        raise ctx.mixing(
+            "copy_ writes a batch-carrying value into a tensor "
+            + (
+                "without the batch (a buffer forward sets from its input)"
+                if ad is None
+                else f"with the batch on axis {ad}, not {as_}"
+            ),
+            "keep per-sample values out of buffers (reduce over sample axes only), or return them",
+        )
+    return Folded(ad) if ad is not None else Trivial()
+
+
+register(["Tensor.copy_"], OpRule("copy_", "pointwise", copy_rule, example=None))
 register([len], OpRule("len", "size", len_rule, example=None))
 register(
     ["Tensor.dim", "Tensor.element_size", "Tensor.is_contiguous"],

@@ -647,6 +647,9 @@ def test_claims_under_interpolated_rotations_hold_numerically(module, commutes):
 
 
 _MASK_OPS = {  # what attention masks, padding and numerics code writes (a review's list)
+    # a tuple one node made, joined whole (was a TypeError: 'Node' object is not iterable)
+    "cat-of-split": lambda h: torch.cat(h.split(2, 1), 1),
+    "stack-of-unbind": lambda h: torch.stack(h.unbind(1), -3),
     "invert": lambda h: (~(h > 0)).float(),
     "and": lambda h: ((h > 0) & (h < 1)).float(),
     "or": lambda h: ((h > 0) | (h < -1)).float(),
