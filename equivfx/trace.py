@@ -450,20 +450,34 @@ class _Buffers:
         return f"{prefix}.{key}" if prefix else key
 
     def written(self) -> set[str]:
-        """The buffers set or updated in place since the snapshot (restores put them back)."""
+        """The buffers set or updated in place since the snapshot (restores put them back): set
+        to another object, or their values changed (not only their version: a copy of the same
+        values back, as ``eval_mode`` makes, is no update). A buffer registered as None and set
+        to a tensor is forward's setup at the first call (a lazy value), not an update."""
         return self.seen | {
             self._name(module, key)
-            for module, key, t, version, _ in self.entries
-            if module._buffers.get(key) is not t or _version(t) != version
+            for module, key, t, version, saved in self.entries
+            if self._changed(module._buffers.get(key), t, version, saved)
         }
+
+    @staticmethod
+    def _changed(now, t, version, saved) -> bool:
+        if t is None:
+            return isinstance(now, fx.Proxy)  # a stand-in of the trace, not a first-call value
+        if now is not t:
+            return True
+        if version is None or _version(t) == version:
+            return False
+        return t.shape != saved[0].shape or not torch.equal(t.detach(), saved[0])
 
     def restore(self) -> None:
         """Put back each buffer set or updated in place, with its values."""
         self.seen = self.written()
         for i, (module, key, t, version, saved) in enumerate(self.entries):
-            if module._buffers.get(key) is not t:
-                module._buffers[key] = t  # (a buffer registered as None, set while traced)
-            if t is not None and t._version != version:
+            now = module._buffers.get(key)
+            if now is not t and (t is not None or isinstance(now, fx.Proxy)):
+                module._buffers[key] = t  # (a buffer registered as None, set to a stand-in)
+            if t is not None and version is not None and t._version != version:
                 values, leaf = saved
                 with torch.no_grad():
                     t.copy_(values)
@@ -473,7 +487,10 @@ class _Buffers:
 
 
 def _version(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t._version
+    """``t``'s version counter; None for None and for inference tensors (they keep none)."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
 
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _Buffers
@@ -644,7 +661,10 @@ def stop_gradient(value):
             return type(value)(*items)
         return type(value)(items)  # tuple, list, torch.return_types
     if isinstance(value, dict):
-        return type(value)((k, stop_gradient(v)) for k, v in value.items())
+        out = copy.copy(value)  # its class and its own state (a defaultdict's factory)
+        for k, v in value.items():
+            out[k] = stop_gradient(v)
+        return out
     return value
 
 
@@ -652,7 +672,7 @@ def stop_gradient(value):
 _NO_TENSOR_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "item"}
 _NO_TENSOR_METHODS |= {"tolist", "stride", "storage_offset", "is_contiguous", "data_ptr"}
 _NO_TENSOR_METHODS |= {"get_device", "is_floating_point", "is_complex", "__len__"}
-_TENSOR_ATTRIBUTES = {"data", "real", "imag", "T", "mT", "H", "mH", "grad"}
+_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "names"}
 
 
 def _makes_no_tensor(node: fx.Node) -> bool:
@@ -662,8 +682,8 @@ def _makes_no_tensor(node: fx.Node) -> bool:
         return node.target in _NO_TENSOR_METHODS
     if node.op != "call_function":
         return False
-    if node.target is getattr:
-        return node.args[1] not in _TENSOR_ATTRIBUTES
+    if node.target is getattr:  # metadata; a field (.values of a max) is a tensor
+        return node.args[1] in _META_ATTRIBUTES or str(node.args[1]).startswith("is_")
     if node.target is len or getattr(node.target, "__module__", None) == "math":
         return True
     inputs = node.all_input_nodes

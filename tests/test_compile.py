@@ -40,15 +40,22 @@ def oracle_slots(model, G, x):
     return torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements], 1)
 
 
+def _same(got, want):
+    """The folded slots against the model run on each transformed input alone: bitwise on
+    this project's CI machine, but a CPU backend may pick another kernel for another batch size
+    (seen on the GPU machine's host, one thread: 1e-8 apart), so to float rounding."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("spec", ["C1", "C2", "C4", "D1", "D2", "D4"])
-def test_slots_equal_the_explicit_loop_bitwise(spec):
+def test_slots_equal_the_explicit_loop(spec):
     model = small_cnn().eval()
     G = equivfx.group(spec)
     emodel = equivfx.compile(model, spec, readout="slots", check=True)
     with torch.no_grad():
         got, want = emodel(X), oracle_slots(model, G, X)
     assert got.shape == (3, G.order, 5)
-    assert torch.equal(got, want)
+    _same(got, want)
 
 
 def test_slot_i_is_the_model_on_g_inverse_x():
@@ -56,8 +63,8 @@ def test_slot_i_is_the_model_on_g_inverse_x():
     model = small_cnn().eval()
     emodel = equivfx.compile(model, "C4", readout="slots")
     with torch.no_grad():
-        assert torch.equal(emodel(X)[:, 1], model(torch.rot90(X, -1, (-2, -1))))
-        assert torch.equal(emodel(X)[:, 0], model(X))
+        _same(emodel(X)[:, 1], model(torch.rot90(X, -1, (-2, -1))))
+        _same(emodel(X)[:, 0], model(X))
 
 
 @pytest.mark.parametrize("pool", ["mean", "max", "logsumexp"])
@@ -142,7 +149,7 @@ def test_lazy_modules_compile_run_save_and_load(examples):
     emodel = equivfx.compile(model, "C4", readout="slots", **kwargs)
     assert set(emodel.state_dict()) == set(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
+        _same(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
     assert set(emodel.state_dict()) == set(model.state_dict())
     fresh = equivfx.compile(LazyNet().eval(), "C4", readout="slots")
     fresh.load_state_dict(emodel.state_dict())  # materialises its lazy layers from the tensors
@@ -187,7 +194,7 @@ def test_lazy_buffers_and_lazy_modules_of_ones_own(examples):
     assert set(emodel.state_dict()) == set(model.state_dict())
     assert equivfx.verify(emodel, X).ok
     with torch.no_grad():
-        assert torch.equal(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
+        _same(emodel(X), oracle_slots(model, equivfx.group("C4"), X))
 
 
 def test_layerwise_mode_asks_for_lazy_weights_to_exist():
@@ -338,7 +345,8 @@ def test_a_wrapped_model_is_refused_naming_the_module_inside(wrap, inner):
     with pytest.raises(ModelTypeError, match="wrapped by") as info:
         equivfx.compile(wrapped, "C4")
     assert inner in str(info.value) and "wrap the compiled model instead" in str(info.value)
-    inside = wrapped._orig_mod if inner == "model._orig_mod" else wrapped.module
+    inside = (wrapped._orig_mod if inner == "model._orig_mod" else wrapped.module).cpu()
+    # (DataParallel moves its module to the first GPU where there is one)
     x = torch.randn(2, 1, 8, 8)
     emodel = equivfx.compile(inside, "C4")  # what the message says to do
     torch.testing.assert_close(emodel(x), emodel(torch.rot90(x, 1, (-2, -1))))

@@ -178,9 +178,12 @@ def test_leaf_mixing_samples_runs_one_slot_per_pass(how, whole):
     leaf = "equivfx_opaque" if whole else "mid"
     assert any(repr(leaf) in m for m in _mixing_warnings(caught)), [str(w.message) for w in caught]
     with torch.no_grad():
-        # the loop over g runs the model on batches of 3, as one slot per pass does (bitwise)
-        assert torch.equal(emodel(x), oracle_slots(model, G, x))
-        assert torch.equal(emodel(x[:1]), oracle_slots(model, G, x[:1]))  # len 1 vs len 4
+        # the loop over g runs the model on batches of 3, as one slot per pass does (bitwise
+        # on CI; another CPU may round another batch size otherwise)
+        torch.testing.assert_close(emodel(x), oracle_slots(model, G, x), **TOL)
+        torch.testing.assert_close(
+            emodel(x[:1]), oracle_slots(model, G, x[:1]), **TOL
+        )  # len 1 vs len 4
         # folding every slot would not (what the compiled model computed before this check)
         folded = emodel.equivfx_flat(x)
         assert (folded - oracle_slots(model, G, x)).abs().max() > 1e-2
@@ -230,7 +233,7 @@ def test_leaf_mixing_samples_with_chunk_1_is_not_refused():
     emodel, caught = _compiled(model, example_inputs=x, chunk=1)
     assert not _mixing_warnings(caught)  # what was asked for is exact: nothing to say
     with torch.no_grad():
-        assert torch.equal(emodel(x), oracle_slots(model, equivfx.group("C4"), x))
+        torch.testing.assert_close(emodel(x), oracle_slots(model, equivfx.group("C4"), x), **TOL)
 
 
 class _Leaf(torch.nn.Module):
@@ -490,7 +493,7 @@ def test_leaves_whose_shape_or_count_follows_the_batch():
     emodel, caught = _compiled(crop, example_inputs=x)  # was a crash joining the slots' crops
     assert any("'crop'" in m for m in _mixing_warnings(caught))
     with torch.no_grad():
-        assert torch.equal(emodel(x), oracle_slots(crop, G, x))
+        torch.testing.assert_close(emodel(x), oracle_slots(crop, G, x), **TOL)
     # a count holding the batch size cannot be cut per slot: the first call checks the model
     count, x = _CountNet().eval(), torch.randn(3, 2, 6, 6)
     emodel, caught = _compiled(count, example_inputs=x)
@@ -526,7 +529,7 @@ def test_a_leaf_returning_a_tuple_needs_example_inputs():
         _compiled(model)
     emodel, _ = _compiled(model, example_inputs=x)
     with torch.no_grad():
-        assert torch.equal(emodel(x), oracle_slots(model, equivfx.group("C4"), x))
+        torch.testing.assert_close(emodel(x), oracle_slots(model, equivfx.group("C4"), x), **TOL)
 
 
 def test_a_leaf_drawing_noise_is_not_taken_for_one_that_mixes_samples():
