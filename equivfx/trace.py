@@ -468,7 +468,10 @@ class _Buffers:
             return True
         if version is None or _version(t) == version:
             return False
-        return t.shape != saved[0].shape or not torch.equal(t.detach(), saved[0])
+        try:
+            return t.shape != saved[0].shape or not torch.equal(t.detach(), saved[0])
+        except (RuntimeError, NotImplementedError):  # values it cannot compare (meta, sparse)
+            return True
 
     def restore(self) -> None:
         """Put back each buffer set or updated in place, with its values."""
