@@ -574,7 +574,9 @@ def test_the_logsumexp_readout_keeps_the_digits_of_close_slots(chunk):
     with torch.no_grad():
         slots = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).double()
         want = torch.logsumexp(slots, 0) - math.log(G.order)
-        assert (emodel(x).double() - want).abs().max() < 1e-8  # the old formula: 2e-7 to 6e-7
+        # the old formula: 2e-7 to 6e-7; the folded slots' own rounding (another batch size
+        # than the loop's) took 1.6e-8 on the GPU machine's CPU, under 1e-8 here
+        assert (emodel(x).double() - want).abs().max() < 5e-8
     assert equivfx.verify(emodel, x).ok
 
 
