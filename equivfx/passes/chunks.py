@@ -71,7 +71,7 @@ from equivfx.passes.modules import (
 )
 from equivfx.passes.projection import READOUT_NAME
 from equivfx.passes.rules import BATCH_STAT_MODULES
-from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, hide_state, install_prefix_hooks
+from equivfx.trace import MODE_SWITCH, OPAQUE_ATTR, hide_state, install_prefix_hooks, kept_buffers
 
 __all__ = ["SlotChunks", "chunked_module", "run_chunks", "CHUNKS_NAME"]
 
@@ -336,7 +336,9 @@ class SlotChunks(nn.Module):
             if self.mixing_leaves:  # ... or found leaves that mix samples
                 return 1
             if key not in self.chosen:
-                with torch.no_grad():
+                # the timed passes run forward's recorded updates (and those of modules run
+                # whole) many times: put the buffers back, the call itself runs them once
+                with torch.no_grad(), kept_buffers(self.flat):
                     self.chosen[key] = self._measure(args)
                 log.info(
                     "equivfx: chunk='auto' chose %d of %d slots per pass for %s",
@@ -400,7 +402,11 @@ class SlotChunks(nn.Module):
             modes = [(m, m.training) for m in self.flat.modules()]
             try:
                 self.flat.eval()
-                with torch.no_grad(), Lift.watch_paused(self.flat.modules()):
+                with (
+                    torch.no_grad(),
+                    Lift.watch_paused(self.flat.modules()),
+                    kept_buffers(self.flat),
+                ):
                     one = self._run(args, 1)
                     folded, again = self._run(args, self.order), self._run(args, self.order)
                 self._leaves_mix(one, folded, again)

@@ -758,3 +758,34 @@ def test_the_logsumexp_readout_without_float64_still_avoids_the_cancellation(mon
         acc = acc.join(chunks._MeanExp.of(s[i : i + 8]))
     chunked = (acc.value().double() - want).abs().max()
     assert old > 4e-7 and new < old / 2 and chunked < old / 2, (old, new, chunked)
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, h):
+        self.calls += 1
+        return h
+
+
+@pytest.mark.parametrize("examples", [False, True])
+def test_the_first_calls_timing_passes_leave_a_run_whole_modules_state_alone(examples):
+    # a review: chunk="auto" timed 13 to 64 whole forwards at the first call (and the leaf check
+    # three more), each counting once more in a module run whole at each call
+    from equivfx.trace import LEAF_MODULES, register_leaf
+
+    register_leaf(_CountsCalls, "counts its calls")
+    try:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _CountsCalls(), nn.Flatten(1))
+        x = torch.randn(2, 1, 8, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            emodel = equivfx.compile(model.eval(), "C4", example_inputs=x if examples else None)
+        assert model[1].calls.item() == 0
+        for n in (1, 2):
+            emodel(x)
+            assert model[1].calls.item() == n
+    finally:
+        del LEAF_MODULES[_CountsCalls]
