@@ -169,6 +169,34 @@ class TraceResult:
     flipped: dict = field(default_factory=dict, repr=False)
 
 
+_SIZED = ("zeros", "ones", "empty", "rand", "randn")  # torch factories taking sizes as *args
+
+
+@contextlib.contextmanager
+def _sizes_packed():
+    """While tracing: ``torch.zeros(x.size(0), 4)`` (a traced size first among the sizes given
+    one by one) reads to torch as ``zeros(size, ...)`` with one argument too many (fx fails the
+    same); hand such sizes over as one tuple, as ``torch.zeros((x.size(0), 4))``."""
+    originals = {name: getattr(torch, name) for name in _SIZED}
+
+    def packing(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if len(args) > 1 and any(isinstance(a, fx.Proxy) for a in args):
+                return fn(tuple(args), **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(torch, name, packing(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 NO_GRAD = "equivfx.no_grad"
 """``node.meta[NO_GRAD]``: the traced op ran with gradients off (forward's ``torch.no_grad()``,
 ``@torch.no_grad()`` methods, ``set_grad_enabled(False)``, ``inference_mode``), which fx does
@@ -193,7 +221,7 @@ class _Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         # with gradients on, whatever the caller's mode: the ops of forward's own no_grad
         # regions are then the ones made with them off (create_node)
-        with torch.enable_grad():
+        with torch.enable_grad(), _sizes_packed():
             return super().trace(root, concrete_args)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):

@@ -488,3 +488,34 @@ def test_modes_survive_torch_save_and_load(tmp_path):
     torch.save(emodel, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert {m.training for m in loaded.modules()} == {False}  # the chunk runner's too
+
+
+class _Coupling(nn.Module):
+    """A flow's coupling layer: (z, log-determinant), the second invariant, one number each."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, 1)
+        st = self.net(x1)
+        scale = torch.tanh(st[:, :1])
+        return torch.cat([x1, x2 * scale.exp() + st[:, 1:]], 1), scale.flatten(1).sum(-1)
+
+
+def test_an_output_the_output_action_cannot_act_on_is_named_with_the_callable_fix():
+    # the error said the *input* lacked the axes, and to unsqueeze it
+    x = torch.randn(2, 2, 8, 8)
+    emodel = equivfx.compile(_Coupling().eval(), "C4", readout="equivariant", output_action="C4")
+    with pytest.raises(InputShapeError, match=r"cannot act on one of shape \(2,\)") as info:
+        emodel(x)
+    assert "output_action as a callable" in str(info.value)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(
+        _Coupling().eval(),
+        G,
+        readout="equivariant",
+        output_action=lambda g, y: y if y.dim() < 2 else G.act(g, y),  # the fix it names
+    )
+    assert equivfx.verify(emodel, x).ok

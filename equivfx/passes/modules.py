@@ -711,7 +711,21 @@ class Readout(nn.Module):
         if self.readout == "pose":
             return s.transpose(0, 1).flatten(1)
         act = self.output_action
-        out = torch.stack([act.apply(i, s[i]) for i in range(self.order)], 0).mean(0)
+        try:
+            out = torch.stack([act.apply(i, s[i]) for i in range(self.order)], 0).mean(0)
+        except InputShapeError as err:  # one output of several lacks the action's axes
+            raise InputShapeError(
+                explain(
+                    "readout='equivariant' applies output_action to every output of the model, "
+                    f"and it cannot act on one of shape {tuple(s.shape[1:])}, which lacks the "
+                    "axes it acts on",
+                    act.describe(),
+                    "every output shaped for output_action",
+                    "pass output_action as a callable (g, y) -> g.y that leaves outputs without "
+                    "those axes as they are (invariant ones: log-determinants, scores), or use "
+                    "readout='slots' and read them out yourself",
+                )
+            ) from err
         return out.movedim(0, batch_axis) if batch_axis else out
 
     def extra_repr(self) -> str:

@@ -1837,6 +1837,7 @@ _UNARY = {
     "logical_not": (torch.logical_not, torch.bitwise_not, operator.invert, "Tensor.bitwise_not"),
     "isnan": (torch.isnan, torch.isinf, torch.isfinite, "Tensor.isinf", "Tensor.isfinite"),
     "bool": ("Tensor.bool", "Tensor.long", "Tensor.int", "Tensor.short", "Tensor.byte"),
+    "fill": (torch.fill, "Tensor.zero_", torch.zero_),  # every entry one value: per sample
 }
 _UNARY_FN = {
     "log1p": lambda x: torch.log1p(x.abs()),
@@ -1855,6 +1856,7 @@ _UNARY_FN = {
     "sqrt": lambda x: torch.sqrt(x.abs()),
     "rsqrt": lambda x: torch.rsqrt(x.abs() + 1),
     "reciprocal": lambda x: torch.reciprocal(x.abs() + 1),
+    "fill": lambda x: x.clone().fill_(0.5) + x,
 }
 for _name, _fns in _UNARY.items():
     _f = _UNARY_FN.get(_name, _fns[0])
@@ -2313,6 +2315,60 @@ register([getattr], OpRule("getattr", "size", getattr_rule, example=None))
 register(
     [stop_gradient],  # equivfx.trace: where a no_grad region hands a value on
     OpRule("stop_gradient", "pointwise", lambda ctx: ctx.rep(ctx.node.args[0]), example=None),
+)
+
+
+def loss_rule(ctx: BatchCtx) -> Rep:
+    """Losses (``nn.CrossEntropyLoss``, ``F.mse_loss``...): per sample with ``reduction="none"``
+    (the batch on axis 0, as every torch loss takes it); any other reduction averages or sums
+    the whole batch, every slot's samples together: refused."""
+    folded = ctx.folded_inputs()
+    if not folded:
+        return Trivial()
+    if ctx.module is not None:
+        reduction = getattr(ctx.module, "reduction", "mean")
+    else:
+        reduction = ctx.node.kwargs.get("reduction", "mean")
+    if reduction != "none":
+        raise ctx.mixing(
+            f"{_op_name(ctx)} with reduction={reduction!r} reduces over the batch axis",
+            "pass reduction='none' (one loss per sample) and reduce over sample axes only, or "
+            "compute the loss outside the compiled model",
+        )
+    if {ax for _, ax in folded} != {0}:
+        raise ctx.mixing(
+            f"{_op_name(ctx)} takes the batch on axis 0, got axes "
+            f"{sorted({ax for _, ax in folded})}",
+            "move the batch to axis 0 first",
+        )
+    return Folded(0)
+
+
+register(
+    [
+        cls
+        for cls in vars(nn.modules.loss).values()
+        if isinstance(cls, type) and issubclass(cls, nn.modules.loss._Loss)
+    ]
+    + [
+        getattr(F, name)
+        for name in (
+            "cross_entropy",
+            "nll_loss",
+            "mse_loss",
+            "l1_loss",
+            "smooth_l1_loss",
+            "huber_loss",
+            "binary_cross_entropy",
+            "binary_cross_entropy_with_logits",
+            "kl_div",
+            "soft_margin_loss",
+            "poisson_nll_loss",
+            "gaussian_nll_loss",
+        )
+        if hasattr(F, name)
+    ],
+    OpRule("loss", "layer", loss_rule, example=None),
 )
 
 

@@ -1007,3 +1007,73 @@ def test_an_rnn_state_of_a_fixed_batch_is_refused_with_the_ways_to_build_one(kin
     with pytest.raises(BatchMixingError, match="carries no batch") as info:
         equivfx.compile(_Seq2Seq(kind, "constant"), "Rev@-2", example_inputs=torch.randn(2, 6, 4))
     assert "x.size(0)" in str(info.value)
+
+
+_SIZES_ONE_BY_ONE = {
+    "zeros": lambda x, h: torch.zeros(x.size(0), 4) + h,
+    "ones": lambda x, h: torch.ones(x.shape[0], 1) * h,
+    "empty-filled": lambda x, h: torch.empty(x.size(0), 4).fill_(2.0) * h,
+    "after-an-int": lambda x, h: torch.zeros(1, x.size(0), 4)[0] + h,
+}
+
+
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize("name", list(_SIZES_ONE_BY_ONE))
+def test_factories_given_the_batch_size_among_sizes_one_by_one_trace(name, examples):
+    # torch.zeros(x.size(0), 4) failed in fx ("zeros() takes 1 positional argument but 2 were
+    # given") and the whole model ran as one opaque node (no layer-wise mode, no cost passes)
+    body = _SIZES_ONE_BY_ONE[name]
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return body(x, self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = M().eval(), torch.randn(2, 1, 6, 6)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, example_inputs=x if examples else None)
+    assert emodel.equivfx_info.trace_path == "symbolic_trace"
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+    assert torch.zeros(2, 3).shape == (2, 3)  # torch's own factories are back
+
+
+class _LossInForward(nn.Module):
+    """A per-sample loss computed in forward from targets handed beside the input."""
+
+    def __init__(self, how: str, reduction: str):
+        super().__init__()
+        self.how, self.reduction = how, reduction
+        self.out = nn.Linear(3, 5)
+        self.crit = nn.CrossEntropyLoss(label_smoothing=0.1, reduction=reduction)
+
+    def forward(self, x, y):
+        logits = self.out(x).mean(1)
+        if self.how == "module":
+            return self.crit(logits, y)
+        ce = F.cross_entropy(logits, y, reduction=self.reduction)
+        mse = F.mse_loss(logits, torch.zeros(x.size(0), 5), reduction=self.reduction)
+        return ce + (mse.mean(1) if self.reduction == "none" else mse)
+
+
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize("how", ["module", "functional"])
+def test_losses_per_sample_compile_and_averaging_ones_are_refused(how, examples):
+    # a loss module averaging the batch was taken for a per-sample leaf: a raw unflatten error
+    # at the first call (or the leaf check's); the functional ones had no rule
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 3), torch.tensor([1, 3])
+    G = equivfx.group("Perm6@-2")
+    model = _LossInForward(how, "none")
+    emodel = equivfx.compile(model, G, example_inputs=(x, y) if examples else None)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x), y) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x, y), loop, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BatchMixingError, match="reduction='mean' reduces over the batch") as info:
+        equivfx.compile(_LossInForward(how, "mean"), G, example_inputs=(x, y) if examples else None)
+    assert "reduction='none'" in str(info.value)
