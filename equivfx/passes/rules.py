@@ -2174,6 +2174,62 @@ for _name, _keys, _f, _drops in [
         ),
     )
 register(
+    [torch.argsort, "Tensor.argsort"],
+    OpRule(
+        "argsort",
+        "along-dim",
+        along_dim(1, "dim", -1),
+        example=_ex(lambda x: torch.argsort(x, 1).to(x.dtype)),
+    ),
+)
+
+
+def cdist_rule(ctx: BatchCtx) -> Rep:
+    """``torch.cdist(x1, x2)``: distances between the rows of each batch entry's two point sets
+    (the last two axes); the batch may be any leading axis, on both where both carry it, or one
+    set shared (carrying none) when the other carries it on axis 0."""
+    x1, x2 = ctx.arg(0, "x1"), ctx.arg(1, "x2")
+    axes = [ctx.axis(a) for a in (x1, x2)]
+    carried = {a for a in axes if a is not None}
+    if not carried:
+        return Trivial()
+    ax = carried.pop()
+    ranks = [ctx.rank(a) for a in (x1, x2)]
+    if carried or (None in axes and ax != 0):
+        raise ctx.mixing(
+            "cdist's point sets carry the batch on different axes",
+            "give both sets the batch on axis 0, or one of them none",
+        )
+    if any(
+        r is not None and ax >= r - 2 for r, a in zip(ranks, axes, strict=True) if a is not None
+    ):
+        raise ctx.mixing(
+            "cdist takes the batch on an axis of its point sets (one of the last two)",
+            "put the points and their coordinates on the last two axes",
+        )
+    return Folded(ax)
+
+
+register(
+    [torch.cdist],
+    OpRule(
+        "cdist",
+        "layer",
+        cdist_rule,
+        example=_ex(lambda x: torch.cdist(x.flatten(2), x.flatten(2)).flatten(1)),
+    ),
+)
+register(
+    [F.unfold, F.fold],
+    OpRule(
+        "unfold",
+        "layer",
+        first_axis(0),
+        linear=True,
+        example=_ex(lambda x: F.unfold(x, 3, padding=1)),
+    ),
+)
+register(
     [torch.flip, "Tensor.flip"],
     OpRule(
         "flip",

@@ -1077,3 +1077,46 @@ def test_losses_per_sample_compile_and_averaging_ones_are_refused(how, examples)
     with pytest.raises(BatchMixingError, match="reduction='mean' reduces over the batch") as info:
         equivfx.compile(_LossInForward(how, "mean"), G, example_inputs=(x, y) if examples else None)
     assert "reduction='none'" in str(info.value)
+
+
+class _KnnPool(nn.Module):
+    """A point-cloud layer: each point's distances to the others (torch.cdist), its k nearest
+    (argsort), their features gathered and averaged; and a patch unfold for images."""
+
+    def __init__(self):
+        super().__init__()
+        self.phi = nn.Linear(3, 8)
+
+    def forward(self, pts):  # (B, N, 3)
+        d = torch.cdist(pts, pts)  # (B, N, N)
+        near = d.argsort(-1)[..., :3]  # (B, N, 3)
+        f = self.phi(pts)  # (B, N, 8)
+        picked = torch.gather(
+            f.unsqueeze(1).expand(-1, f.size(1), -1, -1), 2, near[..., None].expand(-1, -1, -1, 8)
+        )
+        anchors = torch.cdist(pts, torch.eye(3))  # a shared second set
+        return (picked.mean(2) + anchors.sum(-1, keepdim=True)).amax(1)
+
+
+@pytest.mark.parametrize("examples", [True, False])
+def test_pairwise_distances_and_argsort_of_a_set_equal_the_loop(examples):
+    # torch.cdist and argsort had no rule (MissingRuleError): kNN and graph layers were refused
+    torch.manual_seed(0)
+    model, pts = _KnnPool().eval(), torch.randn(2, 6, 3)
+    G = equivfx.group("Perm6@-2")
+    emodel = equivfx.compile(model, G, example_inputs=pts if examples else None)
+    with torch.no_grad():
+        torch.testing.assert_close(emodel(pts), model(pts), rtol=1e-5, atol=1e-5)  # invariant
+
+
+def test_patches_unfolded_per_sample_equal_the_loop():
+    class Patches(nn.Module):
+        def forward(self, x):
+            return F.unfold(x, 3, padding=1).abs().mean(-1)
+
+    model, x = Patches(), torch.randn(2, 3, 6, 6)
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
