@@ -2249,6 +2249,47 @@ register(  # roll(input, shifts, dims): without dims it rolls the flattened tens
         example=_ex(lambda x: torch.roll(x, 1, 1)),
     ),
 )
+
+
+def scatter_rule(ctx: BatchCtx) -> Rep:
+    """``target.index_add(dim, index, src)``, ``scatter_add``, ``scatter``, ``index_copy``...:
+    per sample where the target carries the batch on the axis every batch-carrying argument
+    does, and ``dim`` is another; into a target without the batch they would sum (or write) the
+    whole batch's values together: refused."""
+    x = ctx.node.args[0]
+    ax = ctx.axis(x)
+    folded = ctx.folded_inputs()
+    if ax is None:
+        if folded:
+            raise ctx.mixing(
+                f"{_op_name(ctx)} writes batch-carrying values into a tensor without the batch "
+                "(every sample's values into the same entries)",
+                "give the target the batch: torch.zeros(x.size(0), ...)",
+            )
+        return Trivial()
+    if any(a != ax for _, a in folded):
+        raise ctx.mixing(
+            f"{_op_name(ctx)}'s arguments carry the batch on different axes",
+            "align their batch axes first",
+        )
+    if ctx.norm_dim(ctx.arg(1, "dim"), x) == ax:
+        raise ctx.mixing(
+            f"{_op_name(ctx)} acts along the batch axis {ax}", "index a sample axis instead"
+        )
+    return Folded(ax)
+
+
+_SCATTERS = ["index_add", "index_copy", "index_fill", "scatter", "scatter_add", "scatter_reduce"]
+register(
+    [getattr(torch, n) for n in _SCATTERS if hasattr(torch, n)]
+    + [f"Tensor.{n}{u}" for n in _SCATTERS for u in ("", "_")],
+    OpRule(
+        "scatter",
+        "along-dim",
+        scatter_rule,
+        example=_ex(lambda x: x.index_add(1, torch.tensor([0, 0, 2]), x * 2)),
+    ),
+)
 register(
     [torch.gather, "Tensor.gather"],
     OpRule(

@@ -1120,3 +1120,43 @@ def test_patches_unfolded_per_sample_equal_the_loop():
     with torch.no_grad():
         loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
         torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+
+
+class _ScatterPool(nn.Module):
+    """Points pooled into cells per sample (index_add, scatter_add into a zeros target of the
+    batch's size), and one into a target of a batch size written in the code (refused)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.phi = nn.Linear(3, 4)
+        self.register_buffer("cell", torch.tensor([0, 1, 0, 2, 1, 2]))
+
+    def forward(self, pts):  # (B, 6, 3)
+        f = self.phi(pts)
+        if self.how == "index_add":
+            cells = torch.zeros(f.size(0), 3, 4).index_add(1, self.cell, f)
+        elif self.how == "scatter_add":
+            index = self.cell[None, :, None].expand(f.size(0), -1, 4)
+            cells = torch.zeros(f.size(0), 3, 4).scatter_add(1, index, f)
+        else:
+            cells = torch.zeros(2, 3, 4).index_add(1, self.cell, f)  # a batch size written in
+        return cells.flatten(1)
+
+
+@pytest.mark.parametrize("examples", [True, False])
+@pytest.mark.parametrize("how", ["index_add", "scatter_add"])
+def test_scatters_into_a_target_of_the_batch_equal_the_loop(how, examples):
+    # index_add / scatter_add had no rule (MissingRuleError)
+    torch.manual_seed(0)
+    model, pts = _ScatterPool(how).eval(), torch.randn(2, 6, 3)
+    emodel = equivfx.compile(model, "Shift3@-1", example_inputs=pts if examples else None)
+    G = equivfx.group("Shift3@-1")
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), pts)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(pts), loop, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scatter_into_a_target_without_the_batch_is_refused():
+    with pytest.raises(BatchMixingError, match="into a tensor without the batch"):
+        equivfx.compile(_ScatterPool("shared"), "Shift3@-1", example_inputs=torch.randn(2, 6, 3))
