@@ -58,6 +58,8 @@ from equivfx.passes.projection import FuseProjection
 from equivfx.passes.rules import OPAQUE_LEAF, describe_node
 from equivfx.passes.to_map import ToMap
 from equivfx.trace import (
+    HOOK_ATTRIBUTES,
+    SideEffectWarning,
     TraceResult,
     TrainingModeWarning,
     kept_buffers,
@@ -759,7 +761,7 @@ def compile(  # noqa: A001 - the public name is part of the API contract
         result, modes, run_whole, checked = _trace_following_modes(
             model, examples, mode, G, in_action
         )
-        _updates_not_repeated(kept, result, run_whole)
+        _updates_not_repeated(model, kept, result, run_whole)
         propagated = False
         if examples is not None:
             in_action.check(examples[0])
@@ -911,7 +913,9 @@ def _survive_deepcopy(gm: fx.GraphModule) -> None:
     gm.meta.setdefault("_user_preserved_attributes", {})["equivfx_info"] = gm.equivfx_info
 
 
-def _updates_not_repeated(kept, result: TraceResult, run_whole: tuple[str, ...]) -> None:
+def _updates_not_repeated(
+    model: nn.Module, kept, result: TraceResult, run_whole: tuple[str, ...]
+) -> None:
     """Warn of the buffers the traces updated (:func:`~equivfx.trace.warn_buffer_updates`) and
     put them back, and of the hooks of modules traced through (:func:`~equivfx.trace.
     warn_hooks`), those of modules that run whole at each call left out (their code and hooks
@@ -928,6 +932,15 @@ def _updates_not_repeated(kept, result: TraceResult, run_whole: tuple[str, ...])
     hooked = [h for h in result.hooked if not any(h == w or h.startswith(f"{w}.") for w in whole)]
     if hooked and result.path != "opaque":
         warn_hooks(hooked)
+    if result.path != "opaque" and any(getattr(model, h, None) for h in HOOK_ATTRIBUTES):
+        warnings.warn(  # the compiled model is another module: the model's own are not called
+            f"equivfx: the model ({type(model).__name__}) has hooks (forward or backward): the "
+            "compiled model is another module, whose calls do not run them. Fix: register them "
+            "on the compiled model (emodel.register_forward_hook(...)), which sees its input "
+            "and pooled output.",
+            SideEffectWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _propagate_shapes(gm: fx.GraphModule, examples: tuple):

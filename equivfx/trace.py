@@ -202,7 +202,7 @@ NO_GRAD = "equivfx.no_grad"
 ``@torch.no_grad()`` methods, ``set_grad_enabled(False)``, ``inference_mode``), which fx does
 not record: :func:`_detach_no_grad` keeps gradients from flowing out of such ops."""
 _COMPUTING = ("call_function", "call_method", "call_module")
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+HOOK_ATTRIBUTES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 class _Tracer(fx.Tracer):
@@ -239,7 +239,7 @@ class _Tracer(fx.Tracer):
                 return True
         if super().is_leaf_module(m, qualname):
             return True  # torch.nn's own: a call node, its hooks run at each call
-        if any(getattr(m, h, None) for h in _HOOKS):
+        if any(getattr(m, h, None) for h in HOOK_ATTRIBUTES):
             self.hooked.append(qualname)  # traced through: its hooks run now only
         return False
 

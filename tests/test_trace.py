@@ -2919,3 +2919,18 @@ def test_stop_gradient_keeps_containers_and_their_classes():
     assert not kept["a"].requires_grad and not kept["b"][0].requires_grad and kept["b"][1] == 3
     top = stop_gradient(t.max(0))
     assert type(top) is type(t.max(0)) and not top.values.requires_grad
+
+
+def test_hooks_on_the_model_itself_are_named_with_where_to_register_them():
+    # the compiled model is another module: a hook on the user's model never ran, silently
+    net, x = _hooked_net(), torch.randn(2, 1, 8, 8)
+    seen = []
+    net.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with pytest.warns(SideEffectWarning, match=r"the model \(Sequential\) has hooks") as caught:
+        emodel = equivfx.compile(net, "C4", example_inputs=x)
+    said = next(str(w.message) for w in caught if "the model (" in str(w.message))
+    assert "emodel.register_forward_hook" in said
+    seen.clear()
+    emodel.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))  # the fix
+    emodel(x)
+    assert seen == [torch.Size([2, 2])]
