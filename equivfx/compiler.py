@@ -920,19 +920,22 @@ def _updates_not_repeated(
     put them back, and of the hooks of modules traced through (:func:`~equivfx.trace.
     warn_hooks`), those of modules that run whole at each call left out (their code and hooks
     run then)."""
-    whole = [*result.leaves, *run_whole]
-    written = {
-        name
-        for name in kept.written()
-        if result.path != "opaque" and not any(name.startswith(f"{w}.") for w in whole if w)
-    }
+    written = kept.written()
     kept.restore()
+    if result.path == "opaque":  # the model runs whole at each call: its own code does all
+        return
+    whole = [w for w in (*result.leaves, *run_whole) if w]
+
+    def repeated(name: str) -> bool:  # in a module that runs whole at each call
+        return any(name == w or name.startswith(f"{w}.") for w in whole)
+
+    written = {name for name in written if not repeated(name)}
     if written:
         warn_buffer_updates(written)
-    hooked = [h for h in result.hooked if not any(h == w or h.startswith(f"{w}.") for w in whole)]
-    if hooked and result.path != "opaque":
+    hooked = [name for name in result.hooked if not repeated(name)]
+    if hooked:
         warn_hooks(hooked)
-    if result.path != "opaque" and any(getattr(model, h, None) for h in HOOK_ATTRIBUTES):
+    if any(getattr(model, h, None) for h in HOOK_ATTRIBUTES):
         warnings.warn(  # the compiled model is another module: the model's own are not called
             f"equivfx: the model ({type(model).__name__}) has hooks (forward or backward): the "
             "compiled model is another module, whose calls do not run them. Fix: register them "

@@ -616,7 +616,6 @@ def _capture(
             graph = tracer.trace(model, concrete_args=dict(fixed) or None)
         except Exception as err:  # noqa: BLE001 - classify below
             _drop_new_attributes(model, before)  # the next attempt names constants anew
-
             if not _is_trace_failure(err):
                 if strict:
                     raise
@@ -703,7 +702,11 @@ def stop_gradient(value):
 _NO_TENSOR_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "item"}
 _NO_TENSOR_METHODS |= {"tolist", "stride", "storage_offset", "is_contiguous", "data_ptr"}
 _NO_TENSOR_METHODS |= {"get_device", "is_floating_point", "is_complex", "__len__"}
-_META_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "names"}
+META_ATTRIBUTES = frozenset(
+    {"shape", "dtype", "device", "ndim", "layout", "requires_grad", "names", "is_leaf"}
+    | {"grad_fn", "itemsize", "output_nr", "_version"}
+)
+"""Attributes of a tensor that hold none of its samples' values (with those named ``is_*``)."""
 
 
 def _makes_no_tensor(node: fx.Node) -> bool:
@@ -714,7 +717,7 @@ def _makes_no_tensor(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     if node.target is getattr:  # metadata; a field (.values of a max) is a tensor
-        return node.args[1] in _META_ATTRIBUTES or str(node.args[1]).startswith("is_")
+        return node.args[1] in META_ATTRIBUTES or str(node.args[1]).startswith("is_")
     if node.target is len or getattr(node.target, "__module__", None) == "math":
         return True
     inputs = node.all_input_nodes
@@ -1459,7 +1462,6 @@ class _RegionTracer(_Tracer):
         self.reads: dict[nn.Module, set[str]] = {}
         self.writers: set[str] = set()  # modules whose attributes the trace set
         self.through: set[str] = set()  # modules traced through (their code ran), not leaves
-        self.module_ids: set[int] = set()  # ids of the model's modules (:func:`_in_model`)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -1538,11 +1540,13 @@ def _recording_setattr(module, name, value):
 
 
 def _in_model(tracer: _RegionTracer, module: nn.Module) -> bool:
-    """Whether ``module`` is one of the traced model's modules (listed again on a miss: forward
-    may have installed it)."""
-    if id(module) not in tracer.module_ids:
-        tracer.module_ids = {id(m) for m in tracer.root.modules()}
-    return id(module) in tracer.module_ids
+    """Whether ``module`` is one of the traced model's modules (:meth:`_Tracer.path_of_module`,
+    which lists them again on a miss: forward may have installed it)."""
+    try:
+        tracer.path_of_module(module)
+    except NameError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

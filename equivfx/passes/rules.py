@@ -38,7 +38,7 @@ from torch import nn
 from equivfx.errors import BatchMixingError, MissingRuleError, ModelTypeError, explain
 from equivfx.groups.actions import ProductAction, RollAction
 from equivfx.meta import REP, BatchSize, CosetFolded, Folded, InputRep, Rep, Trivial
-from equivfx.trace import expect_given, in_place_op, stop_gradient
+from equivfx.trace import META_ATTRIBUTES, expect_given, in_place_op, stop_gradient
 
 __all__ = [
     "OpRule",
@@ -1043,9 +1043,6 @@ _RETURN_FIELDS = {
     "singular_values": 3,
     "inverse": 0,
 }
-# attributes of a tensor that hold no sample's values (metadata)
-_META_ATTRS = {"dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "grad_fn", "names"}
-_META_ATTRS |= {"itemsize", "output_nr", "_version"}
 
 
 def getattr_rule(ctx: BatchCtx) -> Rep:
@@ -1080,7 +1077,7 @@ def getattr_rule(ctx: BatchCtx) -> Rep:
         return Folded(ax)
     if attr in ("real", "imag", "data", "grad"):
         return Folded(ax) if ax is not None else Trivial()
-    if ax is None or attr in _META_ATTRS or attr.startswith("is_"):
+    if ax is None or attr in META_ATTRIBUTES or attr.startswith("is_"):
         return Trivial()  # dtype, device, ndim, is_cuda, requires_grad ...
     if isinstance(x, fx.Node) and x.meta.get("equivfx.rule") == OPAQUE_LEAF:
         return Folded(ax)  # a field of what a leaf returned (out.logits): per sample, as it is
@@ -2432,10 +2429,10 @@ def loss_rule(ctx: BatchCtx) -> Rep:
             "pass reduction='none' (one loss per sample) and reduce over sample axes only, or "
             "compute the loss outside the compiled model",
         )
-    if {ax for _, ax in folded} != {0}:
+    axes = {ax for _, ax in folded}
+    if axes != {0}:
         raise ctx.mixing(
-            f"{_op_name(ctx)} takes the batch on axis 0, got axes "
-            f"{sorted({ax for _, ax in folded})}",
+            f"{_op_name(ctx)} takes the batch on axis 0, got axes {sorted(axes)}",
             "move the batch to axis 0 first",
         )
     return Folded(0)
@@ -2471,18 +2468,15 @@ register(
 
 def copy_rule(ctx: BatchCtx) -> Rep:
     """``dst.copy_(src)``: ``dst`` keeps its batch axis; a batch-carrying ``src`` needs one on the
-    same axis (a buffer set from a batch-carrying value would hold every slot's rows)."""
+    same axis (copied into a tensor without the batch, every slot's rows would meet)."""
     dst, src = ctx.arg(0, "self"), ctx.arg(1, "src")
     ad, as_ = ctx.axis(dst), ctx.axis(src)
     if as_ is not None and as_ != ad:
         raise ctx.mixing(
             "copy_ writes a batch-carrying value into a tensor "
-            + (
-                "without the batch (a buffer forward sets from its input)"
-                if ad is None
-                else f"with the batch on axis {ad}, not {as_}"
-            ),
-            "keep per-sample values out of buffers (reduce over sample axes only), or return them",
+            + ("without the batch" if ad is None else f"with the batch on axis {ad}, not {as_}"),
+            "copy into a tensor carrying the batch (torch.empty_like(h)), or reduce over sample "
+            "axes only first",
         )
     return Folded(ad) if ad is not None else Trivial()
 

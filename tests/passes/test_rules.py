@@ -1160,3 +1160,28 @@ def test_scatters_into_a_target_of_the_batch_equal_the_loop(how, examples):
 def test_a_scatter_into_a_target_without_the_batch_is_refused():
     with pytest.raises(BatchMixingError, match="into a tensor without the batch"):
         equivfx.compile(_ScatterPool("shared"), "Shift3@-1", example_inputs=torch.randn(2, 6, 3))
+
+
+class _CopiesInto(nn.Module):
+    def __init__(self, into: str):
+        super().__init__()
+        self.into = into
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        if self.into == "batch":
+            return torch.empty_like(h).copy_(h * 2)
+        return h.new_zeros(3, 4).copy_(h)  # a batch size written in the code
+
+
+def test_copy_into_a_tensor_of_the_batch_and_refused_into_one_without():
+    x = torch.randn(2, 1, 6, 6)
+    model = _CopiesInto("batch").eval()
+    G = equivfx.group("C4")
+    emodel = equivfx.compile(model, G, example_inputs=x)
+    with torch.no_grad():
+        loop = torch.stack([model(G.act(G.inverse(g), x)) for g in G.elements]).mean(0)
+        torch.testing.assert_close(emodel(x), loop, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BatchMixingError, match="copy_ writes a batch-carrying value"):
+        equivfx.compile(_CopiesInto("fixed"), G)
